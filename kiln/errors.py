@@ -1,0 +1,43 @@
+"""Named errors, one family per stage. Libraries raise them; the CLI prints them as one line."""
+
+
+class KilnError(Exception):
+    """Base of every error Kiln raises on purpose. `hint` is the command or fix to try next."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class ModelError(KilnError):
+    """A model folder is missing, incomplete or of an unsupported kind."""
+
+
+class ExportError(KilnError):
+    """ONNX export failed or its inputs are unusable."""
+
+
+class ParityError(ExportError):
+    """An exported model disagrees with its source beyond the stated tolerance."""
+
+
+class RepositoryError(KilnError):
+    """A Triton model repository cannot be built from the given inputs."""
+
+
+class ServeError(KilnError):
+    """The embedded Triton server could not start, stop or become ready."""
+
+
+class RequestError(KilnError):
+    """A generation request has a field out of range; names the field, the value and the range."""
+
+    def __init__(self, field: str, value, allowed: str):
+        super().__init__(f"{field}={value!r} is invalid: expected {allowed}")
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+
+
+class ClientError(KilnError):
+    """The server could not be reached or answered with an error."""

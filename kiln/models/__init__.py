@@ -1,0 +1,1 @@
+"""Stable Diffusion model folders: loading local diffusers folders and building the tiny test model."""
