@@ -1,0 +1,294 @@
+"""Export a Stable Diffusion folder to ONNX: one model per component spec, each checked against
+PyTorch at two shapes, keyed in a manifest so unchanged inputs reuse the artifacts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln import __version__
+from kiln.errors import ExportError
+from kiln.export import parity
+from kiln.export.manifest import (
+    MANIFEST_NAME,
+    file_sha256,
+    fingerprint,
+    library_versions,
+    read_manifest,
+    write_json_atomically,
+)
+from kiln.export.precision import PRECISIONS, convert, is_large, save_model
+from kiln.export.specs import (
+    COMPONENTS,
+    PRECISION_TOLERANCE,
+    ComponentSpec,
+    ModelDims,
+    dummy_inputs,
+    parity_points,
+)
+from kiln.models.folder import ModelInfo, hash_tree, inspect_model
+
+log = logging.getLogger("kiln.export")
+
+DEFAULT_OPSET = 17
+EXPORT_FORMAT = 1  # bump when the export code changes what it writes
+COPIED_FOLDERS = ("tokenizer", "scheduler")
+
+
+@dataclass
+class ComponentResult:
+    name: str
+    path: Path
+    reused: bool
+    precision: str
+    parity: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    components: list[ComponentResult]
+
+    @property
+    def manifest(self) -> Path:
+        return self.out_dir / MANIFEST_NAME
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids.to(torch.int64), return_dict=False)
+        return out[0], out[1]
+
+
+class _UNet(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _VaeDecoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class _VaeEncoder(torch.nn.Module):
+    """Returns the posterior's parameters (mean, log-variance) rather than a sample, so the
+    serving pipeline draws the noise from its own seeded generator."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        moments = self.vae.encoder(sample)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        return moments
+
+
+def load_torch_component(model_dir: Path, spec: ComponentSpec) -> torch.nn.Module:
+    """The fp32 PyTorch module whose forward matches the spec's inputs and outputs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = model_dir / spec.source
+    if spec.name == "text_encoder":
+        module = _TextEncoder(CLIPTextModel.from_pretrained(path, torch_dtype=torch.float32))
+    elif spec.name == "unet":
+        module = _UNet(UNet2DConditionModel.from_pretrained(path, torch_dtype=torch.float32))
+    elif spec.name == "vae_decoder":
+        module = _VaeDecoder(AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32))
+    elif spec.name == "vae_encoder":
+        module = _VaeEncoder(AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32))
+    else:
+        raise ExportError(f"no PyTorch loader for component {spec.name!r}")
+    return module.eval()
+
+
+def model_dims(model_dir: Path, info: ModelInfo) -> ModelDims:
+    unet = json.loads((model_dir / "unet" / "config.json").read_text())
+    text = json.loads((model_dir / "text_encoder" / "config.json").read_text())
+    return ModelDims.from_model(info, unet, text)
+
+
+def run_torch(module: torch.nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        out = module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
+    out = out if isinstance(out, tuple) else (out,)
+    return {name: t.numpy() for name, t in zip(spec.output_names, out)}
+
+
+def check_parity(module, spec: ComponentSpec, onnx_path: Path, dims: ModelDims, precision: str) -> list[dict]:
+    """Run ONNX Runtime and PyTorch at both parity shapes; raise ParityError beyond tolerance."""
+    from kiln.pipeline.onnx_session import ComponentSession
+
+    session = ComponentSession(spec, onnx_path)
+    tolerance = spec.tolerance if precision == "fp32" or not spec.reduced_precision else PRECISION_TOLERANCE[precision]
+    report = []
+    for i, point in enumerate(parity_points(dims)):
+        feeds = dummy_inputs(spec, point, dims, seed=i)
+        expected = run_torch(module, spec, feeds)
+        actual = session.run(feeds)
+        diffs = [parity.compare(name, actual[name], expected[name]) for name in spec.output_names]
+        parity.check(spec.name, diffs, tolerance)
+        report.append({"shape": asdict(point), "tolerance": asdict(tolerance), "tensors": [asdict(d) for d in diffs]})
+    return report
+
+
+def export_component(module, spec: ComponentSpec, dims: ModelDims, path: Path, opset: int) -> None:
+    feeds = dummy_inputs(spec, parity_points(dims)[1], dims)  # batch 2: no axis gets specialised to 1
+    args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    # Re-save so large models keep their weights in one model.onnx_data file, as optimum does.
+    import onnx
+
+    large = is_large(path)
+    model = onnx.load(str(path))
+    for stray in path.parent.iterdir():
+        stray.unlink()
+    save_model(model, path, large)
+
+
+def export_onnx(
+    model_dir: Path,
+    out_dir: Path,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    components: tuple[str, ...] = tuple(COMPONENTS),
+    force: bool = False,
+) -> ExportResult:
+    """Export (or reuse) every requested component of `model_dir` into `out_dir`."""
+    from tqdm import tqdm
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision={precision!r} is not one of {PRECISIONS}", hint="use --fp16 or --int8")
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ExportError(f"unknown components {unknown}: expected some of {list(COMPONENTS)}")
+    info = inspect_model(model_dir)
+    dims = model_dims(model_dir, info)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_manifest(out_dir).get("components", {})
+    versions = library_versions()
+    source_hashes: dict[str, str] = {}
+    entries, results = {}, []
+    for name in tqdm(components, desc="export onnx", unit="model"):
+        spec = COMPONENTS[name]
+        if spec.source not in source_hashes:
+            source_hashes[spec.source] = hash_tree(model_dir / spec.source)
+        component_precision = precision if spec.reduced_precision else "fp32"
+        key = fingerprint(
+            {
+                "source": source_hashes[spec.source],
+                "spec": asdict(spec),
+                "dims": asdict(dims),
+                "opset": opset,
+                "precision": component_precision,
+                "versions": versions,
+                "format": EXPORT_FORMAT,
+            }
+        )
+        path = out_dir / name / "model.onnx"
+        old = previous.get(name, {})
+        if not force and old.get("key") == key and path.is_file() and file_sha256(path) == old.get("sha256"):
+            log.info("%s: unchanged inputs, reusing %s", name, path)
+            entries[name] = old
+            results.append(ComponentResult(name, path, True, component_precision, old.get("parity", [])))
+            continue
+        start = time.perf_counter()
+        report = _build_component(model_dir, spec, dims, out_dir, opset, component_precision)
+        seconds = time.perf_counter() - start
+        entries[name] = {
+            "key": key,
+            "file": f"{name}/model.onnx",
+            "sha256": file_sha256(path),
+            "precision": component_precision,
+            "source_sha256": source_hashes[spec.source],
+            "inputs": [asdict(t) for t in spec.inputs],
+            "outputs": [asdict(t) for t in spec.outputs],
+            "parity": report,
+            "seconds": round(seconds, 2),
+        }
+        worst = max(t["max_abs"] for r in report for t in r["tensors"])
+        log.info("%s: exported to %s in %.1f s, parity max|diff| %.2e", name, path, seconds, worst)
+        results.append(ComponentResult(name, path, False, component_precision, report, seconds))
+    for folder in COPIED_FOLDERS:
+        _copy_folder(model_dir / folder, out_dir / folder)
+    write_json_atomically(
+        out_dir / MANIFEST_NAME,
+        {
+            "kiln_version": __version__,
+            "format": EXPORT_FORMAT,
+            "source": {"path": str(model_dir.resolve()), "sha256": source_hashes},
+            "model": {k: v for k, v in asdict(info).items() if k != "path"},
+            "dims": asdict(dims),
+            "opset": opset,
+            "precision": precision,
+            "libraries": versions,
+            "components": {**previous, **entries},
+        },
+    )
+    return ExportResult(out_dir, results)
+
+
+def _build_component(model_dir, spec, dims, out_dir, opset, precision) -> list[dict]:
+    """Export into a scratch folder, check it, then move it into place in one rename."""
+    module = load_torch_component(model_dir, spec)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out_dir))
+    try:
+        fp32_path = scratch / "fp32" / "model.onnx"
+        fp32_path.parent.mkdir()
+        export_component(module, spec, dims, fp32_path, opset)
+        final_path = fp32_path
+        if precision != "fp32":
+            final_path = scratch / precision / "model.onnx"
+            final_path.parent.mkdir()
+            convert(fp32_path, final_path, precision)
+        report = check_parity(module, spec, final_path, dims, precision)
+        target = out_dir / spec.name
+        if target.exists():
+            shutil.rmtree(target)
+        final_path.parent.rename(target)
+        return report
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
