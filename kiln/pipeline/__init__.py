@@ -1,0 +1,1 @@
+"""The denoising pipeline core shared by the Triton BLS model and the in-process reference."""

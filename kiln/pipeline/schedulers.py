@@ -1,0 +1,54 @@
+"""Scheduler names accepted on a request, mapped to diffusers' own scheduler classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.errors import RequestError
+
+
+@dataclass(frozen=True)
+class SchedulerChoice:
+    class_name: str
+    overrides: dict = field(default_factory=dict)
+
+
+SCHEDULERS: dict[str, SchedulerChoice] = {
+    "ddim": SchedulerChoice("DDIMScheduler"),
+    "ddpm": SchedulerChoice("DDPMScheduler"),
+    "pndm": SchedulerChoice("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": SchedulerChoice("EulerDiscreteScheduler"),
+    "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler"),
+    "heun": SchedulerChoice("HeunDiscreteScheduler"),
+    "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": SchedulerChoice(
+        "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}
+    ),
+    "unipc": SchedulerChoice("UniPCMultistepScheduler"),
+}
+DEFAULT = "default"  # the scheduler the model folder ships with
+_BY_CLASS = {choice.class_name.lower(): name for name, choice in SCHEDULERS.items() if not choice.overrides}
+_BY_CLASS.update({"pndmscheduler": "pndm", "dpmsolvermultistepscheduler": "dpmpp_2m"})
+
+
+def canonical_name(name: str) -> str:
+    """Accept Kiln's short names, diffusers' class names (any case) and 'default'."""
+    key = name.strip().lower()
+    if key == DEFAULT or key in SCHEDULERS:
+        return key
+    if key in _BY_CLASS:
+        return _BY_CLASS[key]
+    allowed = ", ".join([DEFAULT, *SCHEDULERS]) + " or a diffusers class name such as EulerDiscreteScheduler"
+    raise RequestError("scheduler", name, allowed)
+
+
+def make_scheduler(name: str, model_config: dict):
+    """A fresh scheduler instance (they hold per-run state) built from the model's own config,
+    as `Scheduler.from_config(pipe.scheduler.config)` does in diffusers."""
+    import diffusers
+
+    canonical = canonical_name(name)
+    if canonical == DEFAULT:
+        return getattr(diffusers, model_config["_class_name"]).from_config(model_config)
+    choice = SCHEDULERS[canonical]
+    return getattr(diffusers, choice.class_name).from_config(model_config, **choice.overrides)
