@@ -1,0 +1,1 @@
+"""Triton model repositories built from exported components."""

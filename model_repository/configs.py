@@ -1,0 +1,122 @@
+"""Triton model configs built as `model_config.proto` messages (the schema tritonclient ships) from
+the component specs and the txt2img request spec, then written as config.pbtxt."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from kiln.export.specs import ComponentSpec, ModelDims, config_dims
+from kiln.pipeline.request import TXT2IMG_INPUTS, TXT2IMG_OUTPUTS
+
+NUMPY_TO_TRITON = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64}
+WIRE_TO_TRITON = {
+    "BYTES": mc.TYPE_STRING,
+    "INT32": mc.TYPE_INT32,
+    "INT64": mc.TYPE_INT64,
+    "FP32": mc.TYPE_FP32,
+    "UINT8": mc.TYPE_UINT8,
+}
+TOKEN_IDS = ("prompt_ids", "negative_prompt_ids")  # tokenizer -> pipeline, shape (rows, sequence)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs the repository builder exposes; the defaults are what this machine runs best."""
+
+    max_batch_size: int = 16
+    max_queue_delay_us: int = 0  # paid at every denoising step of the BLS loop: keep near zero
+    component_instances: int = 1
+    pipeline_instances: int = 1
+    onnx_threads: int = 0  # 0: ONNX Runtime's own choice
+
+
+def _parameters(config: mc.ModelConfig, values: dict[str, str]) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = value
+
+
+def _tensor(message, name: str, data_type: int, dims: list[int], optional: bool = False):
+    message.name = name
+    message.data_type = data_type
+    if dims:
+        message.dims.extend(dims)
+    else:  # a per-item scalar: Triton wants [1] on the wire, the model sees [batch]
+        message.dims.append(1)
+        message.reshape.SetInParent()
+    if optional:
+        message.optional = True
+    return message
+
+
+def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, settings: dict) -> mc.ModelConfig:
+    """A Python-backend model running ONNX Runtime on one exported component."""
+    config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=tuning.max_batch_size)
+    for t in spec.inputs:
+        _tensor(config.input.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
+    for t in spec.outputs:
+        _tensor(config.output.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
+    config.dynamic_batching.max_queue_delay_microseconds = tuning.max_queue_delay_us
+    group = config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=tuning.component_instances)
+    del group
+    _parameters(config, {"kiln_model": "onnx_component", "kiln_settings": json.dumps(settings)})
+    return config
+
+
+def tokenizer_config() -> mc.ModelConfig:
+    config = mc.ModelConfig(name="tokenizer", backend="python", max_batch_size=0)
+    _tensor(config.input.add(), "prompt", mc.TYPE_STRING, [1])
+    _tensor(config.input.add(), "negative_prompt", mc.TYPE_STRING, [1], optional=True)
+    for name in TOKEN_IDS:
+        _tensor(config.output.add(), name, mc.TYPE_INT32, [-1, -1])
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _parameters(config, {"kiln_model": "tokenizer", "kiln_settings": json.dumps({"tokenizer": "tokenizer"})})
+    return config
+
+
+def pipeline_config(tuning: Tuning, settings: dict) -> mc.ModelConfig:
+    """The BLS model: the denoising loop around text_encoder, unet and vae_decoder."""
+    config = mc.ModelConfig(name="pipeline", backend="python", max_batch_size=0)
+    for name in TOKEN_IDS:
+        _tensor(config.input.add(), name, mc.TYPE_INT32, [-1, -1])
+    for field in TXT2IMG_INPUTS:  # the prompts too: the pipeline validates the whole request
+        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=field.optional)
+    for name, wire, shape in TXT2IMG_OUTPUTS:
+        _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], shape)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=tuning.pipeline_instances)
+    _parameters(config, {"kiln_model": "pipeline", "kiln_settings": json.dumps(settings)})
+    return config
+
+
+def txt2img_config() -> mc.ModelConfig:
+    """The public entry point: an ensemble of tokenizer -> pipeline."""
+    config = mc.ModelConfig(name="txt2img", platform="ensemble", max_batch_size=0)
+    for field in TXT2IMG_INPUTS:
+        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=field.optional)
+    for name, wire, shape in TXT2IMG_OUTPUTS:
+        _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], shape)
+    tokenize = config.ensemble_scheduling.step.add(model_name="tokenizer", model_version=-1)
+    tokenize.input_map["prompt"] = "prompt"
+    tokenize.input_map["negative_prompt"] = "negative_prompt"
+    for name in TOKEN_IDS:
+        tokenize.output_map[name] = name
+    denoise = config.ensemble_scheduling.step.add(model_name="pipeline", model_version=-1)
+    for name in TOKEN_IDS:
+        denoise.input_map[name] = name
+    for field in TXT2IMG_INPUTS:
+        denoise.input_map[field.name] = field.name
+    for name, _, _ in TXT2IMG_OUTPUTS:
+        denoise.output_map[name] = name
+    return config
+
+
+def to_pbtxt(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_pbtxt(text: str) -> mc.ModelConfig:
+    """Parse with Triton's own schema: unknown fields or wrong types raise ParseError."""
+    return text_format.Parse(text, mc.ModelConfig())

@@ -1,0 +1,1 @@
+"""The embedded Triton server: start, wait until ready, stop."""

@@ -1,0 +1,278 @@
+"""The embedded Triton server: the tritonserver binary shipped in the nvidia-pytriton wheel, run on
+127.0.0.1 against a Kiln model repository (no Docker)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kiln.errors import ServeError
+from kiln.models.folder import write_folder_atomically
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    def flags(self) -> dict[str, int]:
+        return {"--http-port": self.http, "--grpc-port": self.grpc, "--metrics-port": self.metrics}
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    pid: int
+    ports: Ports
+    repository: str
+    log_file: str
+
+    @property
+    def http_url(self) -> str:
+        return f"{HOST}:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.ports.metrics}/metrics"
+
+
+def kiln_home() -> Path:
+    return Path(os.environ.get("KILN_HOME", Path.home() / ".cache" / "kiln"))
+
+
+def _pytriton_dirs() -> tuple[Path, Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServeError("nvidia-pytriton is not installed", hint="make setup")
+    package = Path(spec.submodule_search_locations[0])
+    return package / "tritonserver", package.parent / "nvidia_pytriton.libs"
+
+
+def server_home() -> Path:
+    """A copy of the wheel's tritonserver with the Python-backend stub for this interpreter.
+
+    The stub runs the system's libpython in isolated mode, so PYTHONPATH is ignored and the
+    environment's packages are invisible to it. The copy's triton_python_backend_utils (the first
+    module the stub imports, before numpy) therefore opens with two lines that put this
+    environment's site-packages first. One copy per environment, keyed by its path.
+    """
+    source, _ = _pytriton_dirs()
+    site_packages = sysconfig.get_paths()["purelib"]
+    key = hashlib.sha256(f"{source}|{site_packages}".encode()).hexdigest()[:12]
+    home = kiln_home() / f"tritonserver-{key}"
+    if (home / "bin" / "tritonserver").is_file():
+        return home
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServeError(f"no Python-backend stub for Python {version} in {source}")
+    with write_folder_atomically(home) as tmp:
+        for part in ("bin", "backends", "caches"):
+            shutil.copytree(source / part, tmp / part)
+        shutil.copy2(stub, tmp / "backends" / "python" / stub.name)
+        utils = tmp / "backends" / "python" / "triton_python_backend_utils.py"
+        header = (
+            "# Added by Kiln: the stub's isolated interpreter must see this environment first.\n"
+            f"import site as _kiln_site, sys as _kiln_sys\n"
+            f"_kiln_sys.path.insert(0, {site_packages!r})\n"
+            f"_kiln_site.addsitedir({site_packages!r})\n"
+        )
+        utils.write_text(header + utils.read_text())
+    return home
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def state_file(ports: Ports) -> Path:
+    return kiln_home() / "run" / f"triton-{ports.http}.json"
+
+
+def command(repository: Path, ports: Ports, home: Path, log_file: Path | None = None) -> list[str]:
+    args = [
+        str(home / "bin" / "tritonserver"),
+        f"--model-repository={repository}",
+        f"--backend-directory={home / 'backends'}",
+        f"--cache-directory={home / 'caches'}",
+        f"--http-address={HOST}",
+        f"--grpc-address={HOST}",
+        f"--metrics-address={HOST}",
+        "--allow-gpu-metrics=false",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        "--exit-timeout-secs=10",
+    ]
+    args += [f"{flag}={port}" for flag, port in ports.flags().items()]
+    return args
+
+
+def _environment() -> dict[str, str]:
+    _, libs = _pytriton_dirs()
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    return env
+
+
+def _ready(ports: Ports) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{ports.http}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def triton_errors(log_text: str, limit: int = 12) -> str:
+    """Triton's own error lines from its log (E-lines, failed model states, fatal messages)."""
+    picked = []
+    for line in log_text.splitlines():
+        if re.match(r"^E\d{4}", line) or "UNAVAILABLE" in line or line.startswith("error:"):
+            picked.append(line.strip())
+    return "\n".join(picked[-limit:]) or "\n".join(log_text.splitlines()[-limit:])
+
+
+def start(
+    repository: Path,
+    ports: Ports = Ports(),
+    log_file: Path | None = None,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> tuple[subprocess.Popen, ServerInfo]:
+    """Start tritonserver in its own session and wait until every model is ready."""
+    repository = Path(repository).resolve()
+    if not (repository / "manifest.json").is_file():
+        raise ServeError(f"{repository} is not a Kiln model repository", hint="kiln repo build ONNX_DIR REPO_DIR")
+    for flag, port in ports.flags().items():
+        if not _port_free(port):
+            raise ServeError(
+                f"port {port} ({flag}) is already in use on {HOST}",
+                hint=f"choose another with {flag}, or stop the server holding it: kiln stop --http-port {ports.http}",
+            )
+    home = server_home()
+    log_file = Path(log_file or kiln_home() / "run" / f"triton-{ports.http}.log")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(
+            command(repository, ports, home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=_environment(),
+            start_new_session=True,
+        )
+    info = ServerInfo(process.pid, ports, str(repository), str(log_file))
+    deadline = time.monotonic() + timeout_s
+    while not _ready(ports):
+        if process.poll() is not None:
+            raise ServeError(
+                f"tritonserver exited with code {process.returncode} while loading {repository}:\n"
+                f"{triton_errors(log_file.read_text(errors='replace'))}",
+                hint=f"full log: {log_file}",
+            )
+        if time.monotonic() > deadline:
+            _terminate(process.pid)
+            raise ServeError(
+                f"tritonserver was not ready after {timeout_s:.0f} s:\n{triton_errors(log_file.read_text(errors='replace'))}",
+                hint=f"full log: {log_file}",
+            )
+        time.sleep(0.5)
+    from kiln.export.manifest import write_json_atomically
+
+    write_json_atomically(state_file(ports), {**asdict(info), "ports": asdict(ports)})
+    return process, info
+
+
+def read_state(ports: Ports) -> ServerInfo | None:
+    path = state_file(ports)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return ServerInfo(data["pid"], Ports(**data["ports"]), data["repository"], data["log_file"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _terminate(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the server's process group (its Python-backend stubs too), SIGKILL after a grace."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                finished, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                finished = 0 if _alive(pid) else pid
+            if finished == pid or not _alive(pid):
+                return
+            time.sleep(0.2)
+
+
+def stop(ports: Ports = Ports()) -> ServerInfo:
+    """Stop the background server started on these ports."""
+    info = read_state(ports)
+    if info is None:
+        raise ServeError(f"no Kiln server is recorded on HTTP port {ports.http}", hint="kiln serve REPO --background")
+    if _alive(info.pid):
+        _terminate(info.pid)
+    state_file(ports).unlink(missing_ok=True)
+    return info
+
+
+def serve_foreground(repository: Path, ports: Ports, on_ready) -> int:
+    """Run until Ctrl-C or until the server exits; returns the server's exit code."""
+    process, info = start(repository, ports)
+    on_ready(info)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        _terminate(process.pid)
+        return 0
+    finally:
+        state_file(ports).unlink(missing_ok=True)
