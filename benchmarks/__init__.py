@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that time the serving path and save their numbers."""

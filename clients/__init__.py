@@ -1,0 +1,1 @@
+"""Python client for the served pipeline, over HTTP and gRPC."""

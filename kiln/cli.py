@@ -1,0 +1,242 @@
+"""The `kiln` command: one subcommand group per stage of the data path."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from kiln.errors import KilnError
+
+# transformers warns on import that torchvision is absent (it cannot load beside the CPU torch);
+# Kiln never uses the image processors that need it.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+console = Console(stderr=True, soft_wrap=True)
+app = typer.Typer(help="Stable Diffusion from fine-tuning to a Triton deployment.", no_args_is_help=True)
+model_app = typer.Typer(help="Stable Diffusion model folders.", no_args_is_help=True)
+export_app = typer.Typer(help="Export components to ONNX, checked against PyTorch.", no_args_is_help=True)
+repo_app = typer.Typer(help="Triton model repositories.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(export_app, name="export")
+app.add_typer(repo_app, name="repo")
+
+HTTP_PORT = typer.Option(8000, "--http-port")
+GRPC_PORT = typer.Option(8001, "--grpc-port")
+METRICS_PORT = typer.Option(8002, "--metrics-port")
+URL = typer.Option(None, "--url", help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
+PROTOCOL = typer.Option("http", "--protocol", help="http or grpc")
+
+
+@model_app.command("tiny")
+def model_tiny(
+    out: Path,
+    prediction_type: str = typer.Option("epsilon", help="epsilon (SD 1.x style) or v_prediction (SD 2.x style)"),
+    seed: int = 0,
+):
+    """Write a tiny SD pipeline with random weights and the real CLIP tokenizer."""
+    from kiln.models.tiny import PREDICTION_TYPES, write_tiny_model
+
+    if prediction_type not in PREDICTION_TYPES:
+        raise KilnError(f"--prediction-type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+    write_tiny_model(out, prediction_type, seed)
+    console.print(f"tiny {prediction_type} model written to {out}")
+
+
+@model_app.command("info")
+def model_info(model_dir: Path):
+    """Describe a local Stable Diffusion folder without loading its weights."""
+    from kiln.models.folder import inspect_model
+
+    for key, value in vars(inspect_model(model_dir)).items():
+        typer.echo(f"{key}: {value}")
+
+
+@export_app.command("onnx")
+def export_onnx(
+    model_dir: Path,
+    out_dir: Path,
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 weights for text encoder and UNet (VAE stays fp32)"),
+    int8: bool = typer.Option(False, "--int8", help="dynamic int8 MatMuls for text encoder and UNet"),
+    opset: int = typer.Option(17, "--opset"),
+    force: bool = typer.Option(False, "--force", help="rebuild even when the manifest says nothing changed"),
+):
+    """Export text_encoder, unet, vae_decoder and vae_encoder to ONNX and check each against PyTorch."""
+    from kiln.export.onnx_export import export_onnx as run
+
+    if fp16 and int8:
+        raise KilnError("--fp16 and --int8 were both given", hint="choose one precision per export folder")
+    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    result = run(model_dir, out_dir, precision=precision, opset=opset, force=force)
+    for c in result.components:
+        worst = max((t["max_abs"] for r in c.parity for t in r["tensors"]), default=float("nan"))
+        state = "reused" if c.reused else f"exported in {c.seconds:.1f} s"
+        console.print(f"{c.name:<13} {c.precision:<5} {state:<20} parity max|diff| {worst:.2e}  {c.path}")
+    console.print(f"manifest: {result.manifest}")
+
+
+@repo_app.command("build")
+def repo_build(
+    onnx_dir: Path,
+    repo_dir: Path,
+    target: str = typer.Option("embedded", "--target", help="embedded: Python-backend models on ONNX Runtime"),
+    max_steps: int = typer.Option(150, "--max-steps"),
+    max_size: int = typer.Option(1024, "--max-size", help="largest height or width a request may ask for"),
+    max_batch_size: int = typer.Option(16, "--max-batch-size"),
+    pipeline_instances: int = typer.Option(1, "--pipeline-instances"),
+    onnx_threads: int = typer.Option(0, "--onnx-threads", help="ONNX Runtime threads per model (0: automatic)"),
+):
+    """Write a Triton model repository (tokenizer, components, BLS pipeline, txt2img ensemble)."""
+    from kiln.model_repository.builder import build_repository
+    from kiln.model_repository.configs import Tuning
+    from kiln.pipeline.request import Limits
+
+    limits = Limits(max_steps=max_steps, max_size=max_size)
+    tuning = Tuning(max_batch_size=max_batch_size, pipeline_instances=pipeline_instances, onnx_threads=onnx_threads)
+    build_repository(onnx_dir, repo_dir, target=target, limits=limits, tuning=tuning)
+    console.print(f"model repository written to {repo_dir}; serve it with: kiln serve {repo_dir}")
+
+
+def _print_endpoints(info) -> None:
+    console.print(f"Triton is ready (pid {info.pid}), serving {info.repository}")
+    console.print(f"  HTTP     {info.http_url}")
+    console.print(f"  gRPC     {info.grpc_url}")
+    console.print(f"  metrics  {info.metrics_url}")
+    console.print(f"  log      {info.log_file}")
+
+
+@app.command()
+def serve(
+    repo_dir: Path,
+    http_port: int = HTTP_PORT,
+    grpc_port: int = GRPC_PORT,
+    metrics_port: int = METRICS_PORT,
+    background: bool = typer.Option(False, "--background", help="return once ready; stop with kiln stop"),
+):
+    """Serve a model repository on the embedded Triton (127.0.0.1) until Ctrl-C."""
+    from kiln.serving import server
+
+    ports = server.Ports(http_port, grpc_port, metrics_port)
+    if background:
+        _, info = server.start(repo_dir, ports)
+        _print_endpoints(info)
+        console.print(f"stop it with: kiln stop --http-port {http_port}")
+        return
+    code = server.serve_foreground(repo_dir, ports, lambda info: (_print_endpoints(info), console.print("Ctrl-C stops it")))
+    console.print("server stopped")
+    raise typer.Exit(code)
+
+
+@app.command()
+def stop(http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT, metrics_port: int = METRICS_PORT):
+    """Stop the background server started with these ports."""
+    from kiln.serving import server
+
+    info = server.stop(server.Ports(http_port, grpc_port, metrics_port))
+    console.print(f"stopped the server (pid {info.pid}) on HTTP port {http_port}")
+
+
+@app.command()
+def generate(
+    prompt: str,
+    output: Path = typer.Option(Path("out.png"), "-o", "--output"),
+    url: Optional[str] = URL,
+    protocol: str = PROTOCOL,
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    guidance: Optional[float] = typer.Option(None, "--guidance"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    negative: Optional[str] = typer.Option(None, "--negative"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    width: Optional[int] = typer.Option(None, "--width"),
+):
+    """Generate an image through the served txt2img endpoint and save it as PNG."""
+    from kiln.clients.client import KilnClient
+
+    with KilnClient(url, protocol) as client:
+        result = client.generate(prompt, negative, seed, steps, guidance, height, width, scheduler)
+    paths = result.save(output)
+    console.print(f"{len(paths)} image(s) in {result.seconds:.2f} s over {protocol} (seeds {result.seeds}): "
+                  + ", ".join(map(str, paths)))
+
+
+@app.command()
+def health(url: Optional[str] = URL, protocol: str = PROTOCOL):
+    """Whether the server is live and ready (exit code 1 when not ready)."""
+    from kiln.clients.client import KilnClient
+
+    with KilnClient(url, protocol) as client:
+        state = client.health()
+    typer.echo(f"live: {state['live']}  ready: {state['ready']}")
+    raise typer.Exit(0 if state["ready"] else 1)
+
+
+@app.command()
+def models(url: Optional[str] = URL, protocol: str = PROTOCOL):
+    """List the served models and their state."""
+    from kiln.clients.client import KilnClient
+
+    with KilnClient(url, protocol) as client:
+        for m in client.models():
+            typer.echo(f"{m['name']:<14} {m['version'] or '-':<4} {m['state']}")
+
+
+@app.command()
+def deploy(
+    model: Optional[Path] = typer.Option(None, "--model", help="a local diffusers folder (default: the tiny model)"),
+    artifacts: Path = typer.Option(Path("artifacts"), "--artifacts"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8"),
+    http_port: int = HTTP_PORT,
+    grpc_port: int = GRPC_PORT,
+    metrics_port: int = METRICS_PORT,
+):
+    """Export, build the repository, serve it in the background and draw one smoke image."""
+    from kiln.deploy import deploy as run
+    from kiln.serving.server import Ports
+
+    d = run(model, artifacts, Ports(http_port, grpc_port, metrics_port), precision)
+    _print_endpoints(d.info)
+    console.print(f"model {d.model_dir} -> ONNX {d.onnx_dir} -> repository {d.repo_dir}")
+    console.print(f"smoke image: {d.smoke_png} ({d.smoke_seconds:.2f} s)")
+    console.print("try next:")
+    console.print(f'  kiln generate "a blue digit 3" -o out.png --url {d.info.http_url}')
+    console.print(f'  kiln generate "a blue digit 3" -o out.png --protocol grpc --url {d.info.grpc_url} --scheduler euler_a')
+    console.print(f"  kiln models --url {d.info.http_url}")
+    console.print(f"  kiln stop --http-port {http_port}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_log_handler()])
+    try:
+        app(standalone_mode=False)
+    except KilnError as e:
+        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        if e.hint:
+            console.print(f"next: {e.hint}", highlight=False)
+        sys.exit(1)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except Exception as e:  # click's usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+def _log_handler() -> logging.Handler:
+    from rich.logging import RichHandler
+
+    return RichHandler(console=console, show_path=False, show_time=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""`kiln deploy`: the main job on one machine, model folder -> ONNX -> repository -> embedded Triton
+-> a smoke image, reusing every artifact whose inputs did not change."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.export.onnx_export import export_onnx
+from kiln.model_repository.builder import build_repository
+from kiln.models.folder import inspect_model
+from kiln.models.tiny import write_tiny_model
+from kiln.serving import server
+
+log = logging.getLogger("kiln.deploy")
+
+
+@dataclass
+class Deployment:
+    model_dir: Path
+    onnx_dir: Path
+    repo_dir: Path
+    info: server.ServerInfo
+    smoke_png: Path
+    smoke_seconds: float
+
+
+def default_model(artifacts: Path) -> Path:
+    """The tiny random-weight model: built once, then reused."""
+    path = artifacts / "models" / "tiny"
+    if not (path / "model_index.json").is_file():
+        log.info("no MODEL given: building the tiny test model at %s", path)
+        write_tiny_model(path)
+    return path
+
+
+def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precision: str = "fp32", prompt: str = "a red digit 7 on a white background") -> Deployment:
+    from kiln.clients.client import KilnClient
+
+    artifacts = Path(artifacts)
+    model_dir = Path(model_dir) if model_dir else default_model(artifacts)
+    inspect_model(model_dir)
+    onnx_dir = artifacts / "onnx" / f"{model_dir.resolve().name}-{precision}"
+    export_onnx(model_dir, onnx_dir, precision=precision)
+    if server.read_state(ports) is not None:
+        log.info("stopping the server already running on HTTP port %d", ports.http)
+        server.stop(ports)
+    repo_dir = build_repository(onnx_dir, artifacts / "repository")
+    _, info = server.start(repo_dir, ports)
+    log.info("Triton is ready: HTTP %s, gRPC %s", info.http_url, info.grpc_url)
+    with KilnClient(info.http_url, "http") as client:
+        result = client.generate(prompt, seed=0)
+    smoke = artifacts / "smoke.png"
+    result.save(smoke)
+    return Deployment(model_dir, onnx_dir, repo_dir, info, smoke, result.seconds)
