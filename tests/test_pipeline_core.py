@@ -1,0 +1,96 @@
+"""Kiln's pipeline core (in-process, engines on ONNX Runtime) against diffusers' own pipeline."""
+
+import math
+
+import numpy as np
+import pytest
+
+from kiln.errors import RequestError
+from kiln.pipeline.onnx_pipeline import OnnxPipeline
+from kiln.pipeline.request import Defaults, GenerationRequest, Limits, parse_request
+from kiln.pipeline.schedulers import SCHEDULERS, canonical_name, make_scheduler
+
+MAX_DIFF = 2  # on the 0-255 scale
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("scheduler", ["default", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "unipc"])
+def test_onnx_pipeline_equals_diffusers(onnx_dir, tiny_model, reference_image, kind, scheduler):
+    request = GenerationRequest("a red digit 7", "blurry", 1234, 3, 7.5, 64, 80, scheduler)
+    image = OnnxPipeline(onnx_dir(kind))(request)
+    expected = reference_image(tiny_model(kind), scheduler, "a red digit 7", "blurry", 1234, 3, 7.5, 64, 80)
+    assert image.shape == expected.shape == (1, 64, 80, 3)
+    assert np.abs(image.astype(int) - expected).max() <= MAX_DIFF
+
+
+def test_the_comparison_can_fail(onnx_dir):
+    """Seed, prompt and guidance each move the image well beyond the parity bound."""
+    pipe = OnnxPipeline(onnx_dir("epsilon"))
+    base = GenerationRequest("a red digit 7", "", 1, 3, 7.5, 64, 64, "euler")
+    image = pipe(base)
+    for changed in (
+        GenerationRequest("a red digit 7", "", 2, 3, 7.5, 64, 64, "euler"),
+        GenerationRequest("a blue digit 3", "", 1, 3, 7.5, 64, 64, "euler"),
+        GenerationRequest("a red digit 7", "", 1, 3, 1.0, 64, 64, "euler"),
+    ):
+        assert np.abs(pipe(changed).astype(int) - image).max() > 3 * MAX_DIFF
+
+
+def test_scheduler_names_and_class_names():
+    assert canonical_name("Euler_A") == "euler_a"
+    assert canonical_name("EulerAncestralDiscreteScheduler") == "euler_a"
+    assert canonical_name("DPMSolverMultistepScheduler") == "dpmpp_2m"
+    assert canonical_name("pndmscheduler") == "pndm"
+    with pytest.raises(RequestError) as err:
+        canonical_name("lcm-turbo")
+    assert err.value.field == "scheduler" and "euler_a" in err.value.allowed
+
+
+def test_schedulers_keep_the_models_objective(tiny_model):
+    import json
+
+    config = json.loads((tiny_model("v_prediction") / "scheduler" / "scheduler_config.json").read_text())
+    for name in SCHEDULERS:
+        scheduler = make_scheduler(name, config)
+        assert scheduler.config.prediction_type == "v_prediction", name
+    assert make_scheduler("dpmpp_2m_karras", config).config.use_karras_sigmas
+
+
+def _raw(**values):
+    return {k: None if v is None else np.array([v.encode() if isinstance(v, str) else v]) for k, v in values.items()}
+
+
+def test_request_defaults_and_drawn_seed():
+    request = parse_request(_raw(prompt="a cat"), Defaults(height=64, width=64), Limits(), 16)
+    assert (request.steps, request.guidance_scale, request.height, request.scheduler) == (20, 7.5, 64, "default")
+    assert 0 <= request.seed < 2**31
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("prompt", "   ", "non-empty"),
+        ("steps", 0, "[1, 150]"),
+        ("steps", 151, "[1, 150]"),
+        ("guidance_scale", math.nan, "finite"),
+        ("guidance_scale", 31.0, "[0, 30.0]"),
+        ("height", 72, "multiple of 16"),
+        ("width", 2048, "[64, 1024]"),
+        ("seed", -5, "[-1,"),
+        ("scheduler", "nope", "euler_a"),
+    ],
+)
+def test_request_errors_name_field_value_and_range(field, value, allowed):
+    raw = _raw(prompt="a cat")
+    raw.update(_raw(**{field: value}))
+    with pytest.raises(RequestError) as err:
+        parse_request(raw, Defaults(height=64, width=64), Limits(), 16)
+    assert err.value.field == field
+    assert allowed in str(err.value)
+
+
+def test_request_rejects_wrong_shape_and_type():
+    with pytest.raises(RequestError, match="shape"):
+        parse_request({"prompt": np.array([b"a", b"b"])}, Defaults(), Limits(), 8)
+    with pytest.raises(RequestError, match="integer"):
+        parse_request({"prompt": np.array([b"a"]), "steps": np.array([2.5])}, Defaults(), Limits(), 8)
