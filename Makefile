@@ -1,0 +1,70 @@
+# Kiln: the operator's interface. `make help` lists the targets in pipeline order.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+# This machine has a CPU build of torch 2.13.0 on disk; on a Linux GPU host the same spec from
+# PyPI is the CUDA build (see README).
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?=
+ARTIFACTS ?= artifacts
+PRECISION ?= fp32
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PROMPT ?= a red digit 7 on a white background
+PYTEST_ARGS ?=
+
+KILN := $(VENV)/bin/kiln
+PORTS := --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+STAMP := $(VENV)/.kiln-installed
+MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/models/tiny)
+ONNX_DIR := $(ARTIFACTS)/onnx/$(notdir $(abspath $(MODEL_DIR)))-$(PRECISION)
+REPO_DIR := $(ARTIFACTS)/repository
+
+.PHONY: help setup model export repo serve deploy smoke stop test clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	# CLIP's BPE vocabulary ships in open-clip-torch; its own dependencies (torchvision) are not wanted.
+	$(VENV)/bin/pip install --quiet --no-deps open-clip-torch==3.3.0
+	touch $@
+
+setup: $(STAMP) ## create .venv and install Kiln (TORCH_SPEC picks the torch build)
+
+$(ARTIFACTS)/models/tiny/model_index.json: | $(STAMP)
+	$(KILN) model tiny $(ARTIFACTS)/models/tiny
+
+model: $(STAMP) $(if $(MODEL),,$(ARTIFACTS)/models/tiny/model_index.json) ## the model folder (MODEL=path, default: the tiny model)
+
+export: model ## export MODEL to ONNX, checked against PyTorch (PRECISION=fp32|fp16|int8)
+	$(KILN) export onnx $(MODEL_DIR) $(ONNX_DIR) $(if $(filter fp16,$(PRECISION)),--fp16) $(if $(filter int8,$(PRECISION)),--int8)
+
+repo: export ## build the Triton model repository
+	$(KILN) repo build $(ONNX_DIR) $(REPO_DIR) --target embedded
+
+serve: repo ## serve the repository in the foreground (Ctrl-C stops it)
+	$(KILN) serve $(REPO_DIR) $(PORTS)
+
+deploy: $(STAMP) ## set-up, export, repository, serve in the background, one smoke image
+	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) --artifacts $(ARTIFACTS) --precision $(PRECISION) $(PORTS)
+
+smoke: $(STAMP) ## generate one image from the running server over HTTP and gRPC
+	$(KILN) generate "$(PROMPT)" -o $(ARTIFACTS)/smoke-http.png --url 127.0.0.1:$(HTTP_PORT) --seed 0
+	$(KILN) generate "$(PROMPT)" -o $(ARTIFACTS)/smoke-grpc.png --protocol grpc --url 127.0.0.1:$(GRPC_PORT) --seed 0
+
+stop: $(STAMP) ## stop the background server
+	$(KILN) stop $(PORTS)
+
+test: $(STAMP) ## run the test suite (starts real Triton servers on free ports)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+clean: ## remove built artifacts (not the virtual environment)
+	rm -rf $(ARTIFACTS) .pytest_cache
