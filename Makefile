@@ -23,7 +23,7 @@ MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/models/tiny)
 ONNX_DIR := $(ARTIFACTS)/onnx/$(notdir $(abspath $(MODEL_DIR)))-$(PRECISION)
 REPO_DIR := $(ARTIFACTS)/repository
 
-.PHONY: help setup model export repo serve deploy smoke stop test clean
+.PHONY: help setup model export repo serve deploy smoke parity stop test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ deploy: $(STAMP) ## set-up, export, repository, serve in the background, one smo
 smoke: $(STAMP) ## generate one image from the running server over HTTP and gRPC
 	$(KILN) generate "$(PROMPT)" -o $(ARTIFACTS)/smoke-http.png --url 127.0.0.1:$(HTTP_PORT) --seed 0
 	$(KILN) generate "$(PROMPT)" -o $(ARTIFACTS)/smoke-grpc.png --protocol grpc --url 127.0.0.1:$(GRPC_PORT) --seed 0
+
+parity: model ## report served-vs-diffusers and ONNX-vs-PyTorch differences for MODEL
+	$(VENV)/bin/python -m kiln.benchmarks.parity $(MODEL_DIR) $(ARTIFACTS)/parity
 
 stop: $(STAMP) ## stop the background server
 	$(KILN) stop $(PORTS)

@@ -114,13 +114,13 @@ def load_torch_component(model_dir: Path, spec: ComponentSpec) -> torch.nn.Modul
 
     path = model_dir / spec.source
     if spec.name == "text_encoder":
-        module = _TextEncoder(CLIPTextModel.from_pretrained(path, torch_dtype=torch.float32))
+        module = _TextEncoder(CLIPTextModel.from_pretrained(path, dtype=torch.float32))
     elif spec.name == "unet":
-        module = _UNet(UNet2DConditionModel.from_pretrained(path, torch_dtype=torch.float32))
+        module = _UNet(UNet2DConditionModel.from_pretrained(path, dtype=torch.float32))
     elif spec.name == "vae_decoder":
-        module = _VaeDecoder(AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32))
+        module = _VaeDecoder(AutoencoderKL.from_pretrained(path, dtype=torch.float32))
     elif spec.name == "vae_encoder":
-        module = _VaeEncoder(AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32))
+        module = _VaeEncoder(AutoencoderKL.from_pretrained(path, dtype=torch.float32))
     else:
         raise ExportError(f"no PyTorch loader for component {spec.name!r}")
     return module.eval()

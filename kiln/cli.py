@@ -203,11 +203,26 @@ def deploy(
     _print_endpoints(d.info)
     console.print(f"model {d.model_dir} -> ONNX {d.onnx_dir} -> repository {d.repo_dir}")
     console.print(f"smoke image: {d.smoke_png} ({d.smoke_seconds:.2f} s)")
+    kiln = _kiln_command()
     console.print("try next:")
-    console.print(f'  kiln generate "a blue digit 3" -o out.png --url {d.info.http_url}')
-    console.print(f'  kiln generate "a blue digit 3" -o out.png --protocol grpc --url {d.info.grpc_url} --scheduler euler_a')
-    console.print(f"  kiln models --url {d.info.http_url}")
-    console.print(f"  kiln stop --http-port {http_port}")
+    console.print(f'  {kiln} generate "a blue digit 3" -o out.png --url {d.info.http_url}')
+    console.print(f'  {kiln} generate "a blue digit 3" -o out.png --protocol grpc --url {d.info.grpc_url} --scheduler euler_a')
+    console.print(f"  {kiln} models --url {d.info.http_url}")
+    console.print(f"  {kiln} stop --http-port {http_port}")
+
+
+def _kiln_command() -> str:
+    """How the user can type this command: `kiln` when it is on PATH, else its path."""
+    import shutil
+
+    here = Path(sys.argv[0]).resolve()
+    on_path = shutil.which("kiln")
+    if on_path and Path(on_path).resolve() == here:
+        return "kiln"
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)
 
 
 def main() -> None:

@@ -48,7 +48,6 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
         server.stop(ports)
     repo_dir = build_repository(onnx_dir, artifacts / "repository")
     _, info = server.start(repo_dir, ports)
-    log.info("Triton is ready: HTTP %s, gRPC %s", info.http_url, info.grpc_url)
     with KilnClient(info.http_url, "http") as client:
         result = client.generate(prompt, seed=0)
     smoke = artifacts / "smoke.png"

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from kiln.export.onnx_export import export_onnx
 from kiln.model_repository.builder import build_repository
 from kiln.models.tiny import write_tiny_model
-from kiln.pipeline.schedulers import make_scheduler
+from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
 from kiln.serving import server
 
 KINDS = ("epsilon", "v_prediction")
@@ -83,27 +82,14 @@ def triton(repo_dir):
         server.stop(info.ports)
 
 
-def diffusers_image(model_dir: Path, scheduler: str, prompt: str, negative: str, seed: int, steps: int,
-                    guidance: float, height: int, width: int) -> np.ndarray:
-    """What diffusers' StableDiffusionPipeline draws in-process, as (1, H, W, 3) uint8."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
-    images = pipe(
-        prompt,
-        negative_prompt=negative,
-        generator=torch.Generator().manual_seed(seed),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        height=height,
-        width=width,
-        output_type="np",
-    ).images
-    return (images * 255).round().astype(np.uint8)
-
-
 @pytest.fixture(scope="session")
 def reference_image():
-    return diffusers_image
+    """diffusers' in-process image for (model_dir, scheduler, prompt, negative, seed, steps, guidance, h, w)."""
+    pipes = {}
+
+    def draw(model_dir: Path, *args) -> np.ndarray:
+        if model_dir not in pipes:
+            pipes[model_dir] = load_diffusers_pipeline(model_dir)
+        return diffusers_image(pipes[model_dir], *args)
+
+    return draw
