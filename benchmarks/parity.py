@@ -7,7 +7,6 @@ for one model folder. Prints a table and saves JSON and markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path

@@ -4,7 +4,7 @@ ONNX layout for Stable Diffusion (text_encoder/, unet/, vae_decoder/, vae_encode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
