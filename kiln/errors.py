@@ -13,6 +13,22 @@ class ModelError(KilnError):
     """A model folder is missing, incomplete or of an unsupported kind."""
 
 
+class DatasetError(KilnError):
+    """A source folder or a filter's weights cannot be used."""
+
+
+class ConfigError(KilnError):
+    """A training or merge configuration is invalid; names the field, the value and the fix."""
+
+
+class TrainingError(KilnError):
+    """Training cannot start or continue (missing checkpoint, incompatible resume, ...)."""
+
+
+class MergeError(KilnError):
+    """Adapters cannot be fused into the base model."""
+
+
 class ExportError(KilnError):
     """ONNX export failed or its inputs are unusable."""
 

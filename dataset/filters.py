@@ -1,0 +1,116 @@
+"""Optional quality filters from local weights: CLIP image-text similarity and the LAION aesthetic
+score (an MLP on CLIP image embeddings). Nothing is downloaded: absent files are named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kiln.errors import DatasetError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_FILES = ("config.json", "model.safetensors | pytorch_model.bin", "vocab.json", "merges.txt")
+
+
+def _require_clip_folder(folder: Path) -> None:
+    folder = Path(folder)
+    weights = [folder / "model.safetensors", folder / "pytorch_model.bin"]
+    missing = [name for name in ("config.json", "vocab.json", "merges.txt") if not (folder / name).is_file()]
+    if not any(w.is_file() for w in weights):
+        missing.append("model.safetensors (or pytorch_model.bin)")
+    if missing:
+        raise DatasetError(
+            f"--clip-model {folder} lacks {missing}",
+            hint="give a local transformers CLIPModel folder (for example openai/clip-vit-large-patch14 saved with "
+            f"save_pretrained), holding {', '.join(CLIP_FILES)}",
+        )
+
+
+class ClipScorer:
+    """CLIPScore-style similarity: 100 x cosine(image embedding, caption embedding), floored at 0."""
+
+    def __init__(self, folder: Path):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        _require_clip_folder(folder)
+        self.model = CLIPModel.from_pretrained(str(folder)).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+        self.image_size = self.model.config.vision_config.image_size
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """CLIP's preprocessing: resize the short side, centre crop, normalise. (1, 3, S, S)"""
+        size = self.image_size
+        scale = size / min(image.size)
+        image = image.convert("RGB").resize(
+            (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC
+        )
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+        array = (array - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+        return torch.from_numpy(array.transpose(2, 0, 1)).unsqueeze(0)
+
+    @torch.inference_mode()
+    def image_embedding(self, image: Image.Image) -> torch.Tensor:
+        features = self.model.get_image_features(pixel_values=self.pixels(image))
+        features = getattr(features, "pooler_output", features)
+        return torch.nn.functional.normalize(features, dim=-1)  # (1, D)
+
+    @torch.inference_mode()
+    def text_embedding(self, text: str) -> torch.Tensor:
+        tokens = self.tokenizer([text], padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        features = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        features = getattr(features, "pooler_output", features)
+        return torch.nn.functional.normalize(features, dim=-1)
+
+    def score(self, image: Image.Image, caption: str) -> float:
+        return max(0.0, 100.0 * float((self.image_embedding(image) * self.text_embedding(caption)).sum()))
+
+
+class AestheticMlp(torch.nn.Module):
+    """The LAION improved aesthetic predictor head (sac+logos+ava1-l14-linearMSE.pth layout)."""
+
+    def __init__(self, input_size: int):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(input_size, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class AestheticScorer:
+    def __init__(self, weights: Path, clip: ClipScorer | None):
+        weights = Path(weights)
+        if clip is None:
+            raise DatasetError("--aesthetic-weights needs --clip-model: the score is computed on CLIP image embeddings",
+                               hint="pass the CLIP ViT-L/14 folder the predictor was trained on")
+        if not weights.is_file():
+            raise DatasetError(
+                f"--aesthetic-weights {weights} does not exist",
+                hint="give the LAION aesthetic predictor state dict, e.g. sac+logos+ava1-l14-linearMSE.pth "
+                "(keys layers.0.weight ... layers.7.bias)",
+            )
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            self.mlp = AestheticMlp(state["layers.0.weight"].shape[1])
+            self.mlp.load_state_dict(state)
+        except (KeyError, RuntimeError) as e:
+            raise DatasetError(f"{weights} is not an aesthetic predictor state dict: {e}") from None
+        self.mlp.eval()
+        self.clip = clip
+
+    @torch.inference_mode()
+    def score(self, image: Image.Image) -> float:
+        return float(self.mlp(self.clip.image_embedding(image)).squeeze())
