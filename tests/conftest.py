@@ -17,6 +17,11 @@ from kiln.model_repository.builder import build_repository
 from kiln.models.tiny import write_tiny_model
 from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
 from kiln.serving import server
+from kiln.dataset.prepare import PrepareOptions, prepare
+from kiln.training.run import run_training
+
+from images import write_folder
+from training_runs import METHOD_SETTINGS, train_settings
 
 KINDS = ("epsilon", "v_prediction")
 
@@ -93,3 +98,30 @@ def reference_image():
         return diffusers_image(pipes[model_dir], *args)
 
     return draw
+
+
+# Training runs shared by the training and merge tests: 15 steps of each method on the tiny model.
+@pytest.fixture(scope="session")
+def training_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    prepare(write_folder(root / "src", 8), root / "prepared", PrepareOptions(resolution=64))
+    return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model, training_data, tmp_path_factory):
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp(method)
+            extra = list(METHOD_SETTINGS[method])
+            if method == "dreambooth":
+                extra.append(f"dreambooth.class_data_dir={out / 'class'}")
+            summary = run_training(method, None, train_settings(tiny_model("epsilon"), training_data, out,
+                                                                "max_train_steps=15", "checkpointing_steps=100",
+                                                                "data.augment.enabled=false", *extra))
+            runs[method] = (out, summary)
+        return runs[method]
+
+    return get

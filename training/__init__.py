@@ -1,0 +1,1 @@
+"""Fine-tuning: LoRA, DreamBooth, Textual Inversion and full fine-tuning on diffusers, peft and accelerate."""

@@ -1,0 +1,93 @@
+"""Training images: a prepared folder (metadata.jsonl + images), read in a deterministic order that
+depends only on the seed and the step, so a resumed run reads exactly what an uninterrupted one would."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kiln.dataset.augment import Augmentations, build_augmentation
+from kiln.dataset.prepare import resize_for_training
+from kiln.errors import TrainingError
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    caption: str
+
+
+def read_examples(folder: Path, caption: str | None = None) -> list[Example]:
+    """Rows of metadata.jsonl; `caption` replaces every caption (DreamBooth's instance prompt), and
+    then a plain folder of images is accepted too."""
+    folder = Path(folder)
+    metadata = folder / "metadata.jsonl"
+    if metadata.is_file():
+        rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+        examples = [Example(folder / r["file_name"], caption or r.get("text") or r.get("caption") or "") for r in rows]
+    elif caption is not None:
+        from kiln.dataset.captions import IMAGE_SUFFIXES
+
+        examples = [Example(p, caption) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        raise TrainingError(f"{folder} has no metadata.jsonl", hint=f"kiln data prepare SRC {folder}")
+    if not examples:
+        raise TrainingError(f"{folder} holds no training images")
+    return examples
+
+
+@lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, count: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def stream_indices(seed: int, count: int, start: int, length: int) -> list[int]:
+    """Positions [start, start+length) of the endless stream of per-epoch shuffles of `count` items."""
+    return [int(_permutation(seed, p // count, count)[p % count]) for p in range(start, start + length)]
+
+
+class ImageBatches:
+    """Loads the micro-batch of one process for one accumulation step."""
+
+    def __init__(self, examples: list[Example], resolution: int, augment: Augmentations, seed: int,
+                 batch_size: int, num_processes: int, process_index: int, caption_dropout: float = 0.0):
+        self.examples = examples
+        self.resolution = resolution
+        self.augmentation = build_augmentation(augment, resolution)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.caption_dropout = caption_dropout
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """(3, R, R) in [0, 1]; decoded images are kept, the sets are small."""
+        if index not in self._cache:
+            with Image.open(self.examples[index].path) as image:
+                image = resize_for_training(image.convert("RGB"), self.resolution, "center")
+                array = np.asarray(image, dtype=np.float32) / 255.0
+            self._cache[index] = torch.from_numpy(array.transpose(2, 0, 1).copy())
+        return self._cache[index]
+
+    def indices(self, micro_step: int) -> list[int]:
+        per_step = self.batch_size * self.num_processes
+        start = micro_step * per_step + self.process_index * self.batch_size
+        return stream_indices(self.seed, len(self.examples), start, self.batch_size)
+
+    def load(self, indices: list[int], augment: bool = True) -> tuple[torch.Tensor, list[str]]:
+        """(B, 3, R, R) in [-1, 1] and the captions. Draws from torch's global RNG (seeded per step)."""
+        pixels = torch.stack([self.pixels(i) for i in indices])
+        if augment and self.augmentation is not None:
+            pixels = self.augmentation(pixels).clamp(0, 1)
+        captions = [self.examples[i].caption for i in indices]
+        if augment and self.caption_dropout:
+            keep = torch.rand(len(captions)) >= self.caption_dropout
+            captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        return pixels * 2 - 1, captions

@@ -1,0 +1,283 @@
+"""The training loop every method shares: accelerate set-up, deterministic data and noise per step,
+gradient accumulation, clipping, checkpoints and resume, logging, validation and the final save.
+A method contributes what differs: which parameters train and how the result is saved."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kiln.dataset.augment import Augmentations
+from kiln.errors import ConfigError, TrainingError
+from kiln.export.manifest import write_json_atomically
+from kiln.models.folder import inspect_model
+from kiln.training import checkpoints
+from kiln.training.config import TrainConfig
+from kiln.training.data import ImageBatches, read_examples
+from kiln.training.objective import diffusion_loss, sample_noise, target_for
+from kiln.training.run_log import CsvLog
+
+log = logging.getLogger("kiln.training")
+SUMMARY = "training_summary.json"
+
+
+@dataclass
+class Models:
+    model_dir: Path
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+
+@dataclass
+class MethodSetup:
+    """What a method hands the loop."""
+
+    trainable: list[str]  # attributes of Models that train: "unet" and/or "text_encoder"
+    parameters: list[torch.nn.Parameter]
+    save: Callable[[Models, Path], list[Path]]  # final artifacts, called on the main process
+    after_step: Callable[[Models], None] = lambda models: None
+    checkpoint_objects: list = field(default_factory=list)  # e.g. EMA, saved with the checkpoints
+    prior: ImageBatches | None = None  # DreamBooth class images, appended to every batch
+    caption: Callable[[str], str] = lambda text: text  # e.g. Textual Inversion's placeholder template
+
+
+def load_models(model_dir: Path) -> Models:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    inspect_model(model_dir)
+    model_dir = Path(model_dir)
+    models = Models(
+        model_dir=model_dir,
+        tokenizer=CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer")),
+        text_encoder=CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")),
+        vae=AutoencoderKL.from_pretrained(str(model_dir / "vae")),
+        unet=UNet2DConditionModel.from_pretrained(str(model_dir / "unet")),
+        # The training noise schedule: the model's own betas and objective (epsilon / v_prediction).
+        noise_scheduler=DDPMScheduler.from_pretrained(str(model_dir / "scheduler")),
+    )
+    for module in (models.text_encoder, models.vae, models.unet):
+        module.requires_grad_(False)
+    return models
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    cuda = torch.cuda.is_available()
+    if choice == "auto":
+        if not cuda:
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if choice == "fp16" and not cuda:
+        raise ConfigError("mixed_precision=fp16 needs a CUDA GPU", hint="use mixed_precision=auto (or no, or bf16)")
+    return choice
+
+
+def step_seed(seed: int, micro_step: int, process_index: int) -> int:
+    return int(np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1)[0])
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def compute_loss(models: Models, pixels: torch.Tensor, captions: list[str], config: TrainConfig,
+                 prior_count: int = 0, prior_weight: float = 1.0) -> torch.Tensor:
+    """One denoising loss on a batch; the last `prior_count` rows are DreamBooth's class images."""
+    vae_dtype = next(models.vae.parameters()).dtype
+    with torch.no_grad():
+        latents = models.vae.encode(pixels.to(vae_dtype)).latent_dist.sample()
+        latents = (latents * models.vae.config.scaling_factor).float()  # (B, 4, R/8, R/8)
+    noise = sample_noise(latents, config.noise_offset)
+    steps = models.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), dtype=torch.long)
+    noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    hidden = models.text_encoder(tokenize(models.tokenizer, captions).to(latents.device))[0]
+    prediction = models.unet(noisy, timesteps, hidden.to(noisy.dtype)).sample
+    target = target_for(models.noise_scheduler, latents, noise, timesteps)
+    if not prior_count:
+        return diffusion_loss(prediction, target, models.noise_scheduler, timesteps, config.snr_gamma)
+    n = latents.shape[0] - prior_count
+    instance = diffusion_loss(prediction[:n], target[:n], models.noise_scheduler, timesteps[:n], config.snr_gamma)
+    prior = diffusion_loss(prediction[n:], target[n:], models.noise_scheduler, timesteps[n:], config.snr_gamma)
+    return instance + prior_weight * prior
+
+
+@torch.no_grad()
+def fixed_batch_loss(models: Models, data: ImageBatches, config: TrainConfig, caption=lambda t: t,
+                     draws: int = 4) -> float:
+    """The loss on the first images with fixed noise and timesteps, no augmentation: comparable
+    before and after training."""
+    state = torch.random.get_rng_state()
+    modes = {m: m.training for m in (models.unet, models.text_encoder)}
+    for module in modes:
+        module.eval()
+    indices = list(range(min(4, len(data.examples))))
+    losses = []
+    for draw in range(draws):
+        torch.manual_seed(step_seed(config.seed, 10**6 + draw, 0))
+        pixels, captions = data.load(indices, augment=False)
+        losses.append(float(compute_loss(models, pixels, [caption(c) for c in captions], config)))
+    for module, training in modes.items():
+        module.train(training)
+    torch.random.set_rng_state(state)
+    return float(np.mean(losses))
+
+
+def make_optimizer(config: TrainConfig, parameters, scale: int):
+    lr = config.optim.learning_rate * (scale if config.optim.scale_lr else 1)
+    kwargs = dict(lr=lr, betas=(config.optim.adam_beta1, config.optim.adam_beta2),
+                  weight_decay=config.optim.adam_weight_decay, eps=config.optim.adam_epsilon)
+    if config.optim.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optim.use_8bit_adam=true needs bitsandbytes", hint="pip install bitsandbytes (CUDA hosts)") from None
+        return bnb.optim.AdamW8bit(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, **kwargs)
+
+
+def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetup], resume: str | None = None) -> dict:
+    """Run (or resume) one training job to `config.output_dir`; returns the summary it writes."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from tqdm import tqdm
+
+    output_dir = Path(config.output_dir)
+    mixed_precision = resolve_mixed_precision(config.mixed_precision)
+    resume_from = checkpoints.resolve_resume(output_dir, resume)
+    accelerator = Accelerator(
+        # Without CUDA, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo.
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with="tensorboard" if config.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    models = load_models(config.model)
+    setup = build(config, models)
+    if config.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if "text_encoder" in setup.trainable:
+            models.text_encoder.gradient_checkpointing_enable()
+    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
+    for name in ["vae"] + [n for n in ("unet", "text_encoder") if n not in setup.trainable]:
+        module = getattr(models, name).to(accelerator.device)
+        if frozen_dtype is not None:  # frozen weights in half precision; what trains stays fp32
+            module.to(dtype=frozen_dtype)
+
+    data = ImageBatches(
+        read_examples(config.data.path, config.dreambooth.instance_prompt if config.dreambooth else None),
+        config.data.resolution, Augmentations(**config.data.augment.model_dump()), config.seed,
+        config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.data.caption_dropout,
+    )
+    scale = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = make_optimizer(config, setup.parameters, scale)
+    # accelerate steps a prepared scheduler once per process, hence the factor (as diffusers' examples do)
+    lr_scheduler = get_scheduler(
+        config.optim.lr_scheduler, optimizer,
+        num_warmup_steps=config.optim.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    checkpoints.install_hooks(accelerator)
+    prepared = accelerator.prepare(*[getattr(models, n) for n in setup.trainable], optimizer, lr_scheduler)
+    for name, module in zip(setup.trainable, prepared):
+        setattr(models, name, module)
+    optimizer, lr_scheduler = prepared[-2], prepared[-1]
+    for obj in setup.checkpoint_objects:
+        accelerator.register_for_checkpointing(obj)
+
+    global_step = 0
+    if resume_from is not None:
+        global_step, path = resume_from
+        accelerator.load_state(str(path))
+        log.info("resumed from %s at step %d", path, global_step)
+    start_loss = fixed_batch_loss(models, data, config, setup.caption)
+    csv_log = CsvLog(output_dir / "logs" / "train_log.csv", global_step) if accelerator.is_main_process else None
+    if config.tensorboard:
+        accelerator.init_trackers("kiln", config={"method": config.method, "lr": config.optim.learning_rate,
+                                                  "batch": config.train_batch_size, "steps": config.max_train_steps})
+    log.info("training %s on %d images, %d process(es), mixed precision %s, %d steps from step %d",
+             config.method, len(data.examples), accelerator.num_processes, mixed_precision,
+             config.max_train_steps, global_step)
+    progress = tqdm(total=config.max_train_steps, initial=global_step, desc=f"train {config.method}",
+                    disable=not accelerator.is_local_main_process)
+    begun = time.perf_counter()
+    trainable_modules = [getattr(models, n) for n in setup.trainable]
+    for module in trainable_modules:
+        module.train()
+    while global_step < config.max_train_steps:
+        losses = []
+        for micro in range(config.gradient_accumulation_steps):
+            micro_step = global_step * config.gradient_accumulation_steps + micro
+            torch.manual_seed(step_seed(config.seed, micro_step, accelerator.process_index))
+            pixels, captions = data.load(data.indices(micro_step))
+            captions = [setup.caption(c) for c in captions]
+            prior_count = 0
+            if setup.prior is not None:
+                class_pixels, class_captions = setup.prior.load(setup.prior.indices(micro_step))
+                pixels, captions = torch.cat([pixels, class_pixels]), captions + class_captions
+                prior_count = len(class_captions)
+            with accelerator.accumulate(*trainable_modules):
+                loss = compute_loss(models, pixels.to(accelerator.device), captions, config, prior_count,
+                                    config.dreambooth.prior_loss_weight if config.dreambooth else 1.0)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(setup.parameters, config.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        setup.after_step(models)
+        global_step += 1
+        step_loss = float(accelerator.gather(torch.stack(losses).mean().reshape(1)).mean())
+        if not math.isfinite(step_loss):
+            raise TrainingError(f"loss became {step_loss} at step {global_step}",
+                                hint="lower optim.learning_rate or use mixed_precision=no")
+        lr = lr_scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        if csv_log is not None and global_step % config.logging_steps == 0:
+            csv_log.write(global_step, step_loss, lr, time.perf_counter() - begun)
+        if config.tensorboard:
+            accelerator.log({"loss": step_loss, "lr": lr}, step=global_step)
+        if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
+            checkpoints.save_checkpoint(accelerator, output_dir, global_step, config.checkpoints_total_limit)
+        if config.validation_steps and global_step % config.validation_steps == 0 and accelerator.is_main_process:
+            from kiln.training.validation import write_validation_images
+
+            write_validation_images(models, config, global_step, accelerator)
+    progress.close()
+    accelerator.wait_for_everyone()
+    end_loss = fixed_batch_loss(models, data, config, setup.caption)
+    for name in setup.trainable:
+        setattr(models, name, accelerator.unwrap_model(getattr(models, name)))
+    summary = {}
+    if accelerator.is_main_process:
+        artifacts = setup.save(models, output_dir)
+        summary = {
+            "method": config.method,
+            "steps": global_step,
+            "prediction_type": models.noise_scheduler.config.prediction_type,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": mixed_precision,
+            "fixed_batch_loss": {"start": start_loss, "end": end_loss},
+            "artifacts": [str(p) for p in artifacts],
+            "config": json.loads(config.model_dump_json()),
+        }
+        write_json_atomically(output_dir / SUMMARY, summary)
+        log.info("fixed-batch loss %.4f -> %.4f; artifacts: %s", start_loss, end_loss, ", ".join(summary["artifacts"]))
+    accelerator.end_training()
+    return summary

@@ -1,0 +1,52 @@
+"""LoRA through peft on the UNet's attention projections (and optionally the text encoder's).
+Saved in diffusers' format with the adapter metadata, so alpha survives a reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.training.config import LoraConfig, TrainConfig
+from kiln.training.loop import MethodSetup, Models
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(models: Models, spec: LoraConfig) -> list:
+    from peft import LoraConfig as PeftLoraConfig
+
+    alpha = spec.alpha if spec.alpha is not None else spec.rank
+    models.unet.add_adapter(PeftLoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.dropout,
+                                           init_lora_weights="gaussian", target_modules=list(spec.target_modules)))
+    if spec.text_encoder:
+        models.text_encoder.add_adapter(PeftLoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.dropout,
+                                                       init_lora_weights="gaussian",
+                                                       target_modules=list(spec.text_encoder_target_modules)))
+    trainable = ["unet"] + (["text_encoder"] if spec.text_encoder else [])
+    return trainable
+
+
+def save_lora(models: Models, output_dir: Path, spec: LoraConfig) -> Path:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def metadata(module):
+        return module.peft_config["default"].to_dict()
+
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
+    kwargs = {"unet_lora_layers": unet_layers, "unet_lora_adapter_metadata": metadata(models.unet)}
+    if spec.text_encoder:
+        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.text_encoder))
+        kwargs["text_encoder_lora_adapter_metadata"] = metadata(models.text_encoder)
+    StableDiffusionPipeline.save_lora_weights(str(output_dir), weight_name=WEIGHTS_NAME, **kwargs)
+    return Path(output_dir) / WEIGHTS_NAME
+
+
+def build(config: TrainConfig, models: Models) -> MethodSetup:
+    trainable = add_lora(models, config.lora)
+    parameters = [p for name in trainable for p in getattr(models, name).parameters() if p.requires_grad]
+    return MethodSetup(
+        trainable=trainable,
+        parameters=parameters,
+        save=lambda m, out: [save_lora(m, out, config.lora)],
+    )

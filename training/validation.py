@@ -1,0 +1,42 @@
+"""Validation images drawn with the weights being trained, saved per step and logged to TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def write_validation_images(models, config, step: int, accelerator) -> list[Path]:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    unet = accelerator.unwrap_model(models.unet)
+    text_encoder = accelerator.unwrap_model(models.text_encoder)
+    modes = {unet: unet.training, text_encoder: text_encoder.training}
+    unet.eval()
+    text_encoder.eval()
+    pipe = StableDiffusionPipeline(
+        vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer, unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    folder = Path(config.output_dir) / "validation" / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, arrays = [], []
+    state = torch.random.get_rng_state()
+    for i, prompt in enumerate(config.validation_prompts):
+        image = pipe(prompt, num_inference_steps=config.validation_inference_steps, height=config.data.resolution,
+                     width=config.data.resolution, generator=torch.Generator().manual_seed(config.seed + i)).images[0]
+        paths.append(folder / f"{i:02d}.png")
+        image.save(paths[-1])
+        arrays.append(np.asarray(image))
+    torch.random.set_rng_state(state)
+    for module, training in modes.items():
+        module.train(training)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack(arrays), step, dataformats="NHWC")
+    return paths
