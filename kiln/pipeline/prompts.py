@@ -13,10 +13,24 @@ def load_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
+def expand_multi_vector_tokens(text: str, tokenizer) -> str:
+    """A Textual Inversion token learned with several vectors stands for `tok tok_1 ... tok_n`, as
+    diffusers' `maybe_convert_prompt` expands it."""
+    added = tokenizer.get_added_vocab()
+    for token in dict.fromkeys(tokenizer.tokenize(text)):
+        if token in added and f"{token}_1" in added:
+            parts, i = [token], 1
+            while f"{token}_{i}" in added:
+                parts.append(f"{token}_{i}")
+                i += 1
+            text = text.replace(token, " ".join(parts))
+    return text
+
+
 def tokenize(tokenizer, texts: list[str]) -> np.ndarray:
     """(B, model_max_length) int32, padded to the full length and truncated there."""
     ids = tokenizer(
-        texts,
+        [expand_multi_vector_tokens(t, tokenizer) for t in texts],
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,

@@ -1,0 +1,1 @@
+"""Merge: adapters fused into a plain diffusers folder, with a manifest."""

@@ -1,0 +1,103 @@
+"""`kiln merge`: LoRA adapters fused and Textual Inversion tokens added into a plain diffusers
+folder, with a manifest of what went in. Export only ever sees such folders."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln import __version__
+from kiln.errors import MergeError
+from kiln.export.manifest import file_sha256, write_json_atomically
+from kiln.models.folder import hash_tree, inspect_model, write_folder_atomically
+
+log = logging.getLogger("kiln.merge")
+MANIFEST = "merge_manifest.json"
+
+
+@dataclass(frozen=True)
+class LoraInput:
+    path: Path
+    scale: float = 1.0
+
+
+def parse_lora(argument: str) -> LoraInput:
+    """`FILE` or `FILE:SCALE` (a trailing number after the last colon is the scale)."""
+    path, _, scale = argument.rpartition(":")
+    if path:
+        try:
+            return LoraInput(Path(path), float(scale))
+        except ValueError:
+            pass
+    return LoraInput(Path(argument))
+
+
+def _require(path: Path, flag: str) -> None:
+    if not Path(path).is_file():
+        raise MergeError(f"{flag} {path} does not exist", hint="give the .safetensors file training wrote")
+
+
+def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions: list[Path] = ()) -> Path:
+    """Fuse every adapter into `base` and write the result to `out` (atomically)."""
+    from diffusers import StableDiffusionPipeline
+
+    inspect_model(base)
+    if not loras and not textual_inversions:
+        raise MergeError("nothing to merge", hint="pass --lora FILE[:SCALE] and/or --textual-inversion FILE")
+    for lora in loras:
+        _require(lora.path, "--lora")
+    for ti in textual_inversions:
+        _require(ti, "--textual-inversion")
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
+    names = [f"lora_{i}" for i in range(len(loras))]
+    try:
+        for name, lora in zip(names, loras):
+            pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+            pipe.unload_lora_weights()
+        tokens = []
+        for ti in textual_inversions:
+            before = len(pipe.tokenizer)
+            pipe.load_textual_inversion(str(ti.parent), weight_name=ti.name)
+            tokens.append(pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer)))))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise MergeError(f"could not apply the adapters to {base}: {e}") from None
+    with write_folder_atomically(Path(out)) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _write_tokenizer(pipe.tokenizer, Path(base) / "tokenizer", tmp / "tokenizer")
+        write_json_atomically(
+            tmp / MANIFEST,
+            {
+                "kiln_version": __version__,
+                "base": {"path": str(Path(base).resolve()), "sha256": hash_tree(base)},
+                "adapters": [
+                    {"kind": "lora", "path": str(l.path.resolve()), "sha256": file_sha256(l.path), "scale": l.scale}
+                    for l in loras
+                ]
+                + [
+                    {"kind": "textual_inversion", "path": str(t.resolve()), "sha256": file_sha256(t), "tokens": tok}
+                    for t, tok in zip(textual_inversions, tokens)
+                ],
+                "libraries": {n: importlib.metadata.version(n) for n in ("diffusers", "peft", "transformers", "torch")},
+            },
+        )
+    log.info("merged %d LoRA and %d Textual Inversion file(s) into %s", len(loras), len(textual_inversions), out)
+    return Path(out)
+
+
+def _write_tokenizer(tokenizer, base_tokenizer: Path, target: Path) -> None:
+    """Keep the files other tools need (vocab.json, merges.txt; transformers 5 saves neither) beside
+    what save_pretrained wrote, and record added tokens in added_tokens.json."""
+    import json
+
+    for name in ("vocab.json", "merges.txt"):
+        if (base_tokenizer / name).is_file() and not (target / name).is_file():
+            shutil.copy2(base_tokenizer / name, target / name)
+    added = {token: index for token, index in tokenizer.get_added_vocab().items() if index >= 49408}
+    if added:
+        (target / "added_tokens.json").write_text(json.dumps(added, indent=2))
