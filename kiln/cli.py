@@ -20,9 +20,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 console = Console(stderr=True, soft_wrap=True)
 app = typer.Typer(help="Stable Diffusion from fine-tuning to a Triton deployment.", no_args_is_help=True)
 model_app = typer.Typer(help="Stable Diffusion model folders.", no_args_is_help=True)
+data_app = typer.Typer(help="Captioned image folders -> training sets.", no_args_is_help=True)
 export_app = typer.Typer(help="Export components to ONNX, checked against PyTorch.", no_args_is_help=True)
 repo_app = typer.Typer(help="Triton model repositories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 app.add_typer(repo_app, name="repo")
 
@@ -55,6 +57,61 @@ def model_info(model_dir: Path):
 
     for key, value in vars(inspect_model(model_dir)).items():
         typer.echo(f"{key}: {value}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    src: Path,
+    out: Path,
+    resolution: int = typer.Option(512, "--resolution"),
+    min_size: Optional[int] = typer.Option(None, "--min-size", help="drop images whose shorter side is below (default resolution/2)"),
+    dedup_distance: int = typer.Option(4, "--dedup-distance", help="perceptual-hash distance that counts as a duplicate"),
+    crop: str = typer.Option("center", "--crop", help="center (square) or none"),
+    clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="local CLIPModel folder for the similarity filter"),
+    min_clip_score: float = typer.Option(0.0, "--min-clip-score"),
+    aesthetic_weights: Optional[Path] = typer.Option(None, "--aesthetic-weights", help="LAION aesthetic predictor .pth"),
+    min_aesthetic: float = typer.Option(0.0, "--min-aesthetic"),
+):
+    """Keep usable, captioned, distinct images resized for training; report why others were dropped."""
+    from kiln.dataset.prepare import PrepareOptions, prepare
+
+    options = PrepareOptions(resolution, min_size, dedup_distance, crop, clip_model, min_clip_score,
+                             aesthetic_weights, min_aesthetic)
+    report = prepare(src, out, options)
+    dropped = ", ".join(f"{k}: {v}" for k, v in report.dropped.items()) or "none"
+    console.print(f"kept {report.kept} images, dropped {sum(report.dropped.values())} ({dropped}); "
+                  f"manifest: {out / 'manifest.json'}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    method: str = typer.Argument(..., help="lora, dreambooth, textual-inversion or full"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value settings over the config file"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML training config"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint folder"),
+):
+    """Fine-tune a model; runs under `accelerate launch` unchanged for several processes or machines."""
+    from kiln.training.run import run_training
+
+    summary = run_training(method, config, overrides or [], resume)
+    if summary:
+        loss = summary["fixed_batch_loss"]
+        console.print(f"{method}: {summary['steps']} steps, fixed-batch loss {loss['start']:.4f} -> {loss['end']:.4f}; "
+                      f"wrote {', '.join(summary['artifacts'])}")
+
+
+@app.command()
+def merge(
+    base: Path,
+    out: Path,
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help="FILE[:SCALE], repeatable"),
+    textual_inversion: Optional[list[Path]] = typer.Option(None, "--textual-inversion", help="FILE, repeatable"),
+):
+    """Fuse LoRA adapters and Textual Inversion tokens into a plain diffusers folder with a manifest."""
+    from kiln.merge.fuse import merge as run, parse_lora
+
+    run(base, out, [parse_lora(item) for item in lora or []], list(textual_inversion or []))
+    console.print(f"merged model written to {out}; export it with: kiln export onnx {out} ONNX_DIR")
 
 
 @export_app.command("onnx")
