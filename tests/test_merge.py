@@ -102,3 +102,18 @@ def test_merged_folder_exports_and_serves_unchanged(trained, tiny_model, tmp_pat
     image = OnnxPipeline(tmp_path / "onnx")(GenerationRequest(prompt, "", 3, 3, 7.5, 64, 64, "euler"))
     expected = reference_image(merged, "euler", prompt, "", 3, 3, 7.5, 64, 64)
     assert np.abs(image.astype(int) - expected).max() <= 2
+
+
+def test_several_loras_fuse_additively(trained, tiny_model, tmp_path):
+    lora = (trained("lora")[0] / "pytorch_lora_weights.safetensors", 0.7)
+    dreambooth = (trained("dreambooth")[0] / "pytorch_lora_weights.safetensors", 0.5)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    base = load_file(str(tiny_model("epsilon") / weights))
+    merged = {}
+    for name, inputs in {"a": [lora], "b": [dreambooth], "ab": [lora, dreambooth]}.items():
+        out = merge(tiny_model("epsilon"), tmp_path / name, [LoraInput(path, scale) for path, scale in inputs])
+        merged[name] = load_file(str(out / weights))
+    delta = lambda name, key: merged[name][key] - base[key]  # noqa: E731
+    error = max(float((delta("ab", k) - delta("a", k) - delta("b", k)).abs().max()) for k in base)
+    assert error < 1e-6
+    assert max(float(delta("b", k).abs().max()) for k in base) > 1e-4  # both adapters really contribute
