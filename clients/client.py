@@ -38,13 +38,15 @@ class Generation:
 
 
 class KilnClient:
-    def __init__(self, url: str | None = None, protocol: str = "http", model: str = PUBLIC_MODEL, timeout_s: float = 600.0):
+    def __init__(self, url: str | None = None, protocol: str = "http", model: str = PUBLIC_MODEL, timeout_s: float = 600.0,
+                 admin_key: str | None = None):
         if protocol not in PROTOCOLS:
             raise ClientError(f"protocol={protocol!r} is not supported: expected one of {PROTOCOLS}")
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.model = model
         self.timeout_s = timeout_s
+        self.admin_key = admin_key
         if protocol == "http":
             import tritonclient.http as module
 
@@ -82,7 +84,7 @@ class KilnClient:
                 continue
             field = known[name]
             if field.datatype == "BYTES":
-                array = np.array([str(value).encode("utf-8")], dtype=np.object_)
+                array = np.array([value if isinstance(value, bytes) else str(value).encode("utf-8")], dtype=np.object_)
             else:
                 array = np.array([value], dtype=NUMPY_DTYPES[field.datatype])
             tensor = self._module.InferInput(name, list(array.shape), field.datatype)
@@ -100,7 +102,13 @@ class KilnClient:
         height: int | None = None,
         width: int | None = None,
         scheduler: str | None = None,
+        num_images: int | None = None,
+        image: bytes | Path | None = None,
+        strength: float | None = None,
     ) -> Generation:
+        """txt2img, or img2img when `image` (encoded PNG/JPEG bytes or a file path) is given."""
+        if isinstance(image, (str, Path)):
+            image = Path(image).read_bytes()
         inputs = self.request_inputs(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -110,6 +118,9 @@ class KilnClient:
             height=height,
             width=width,
             scheduler=scheduler,
+            num_images=num_images,
+            init_image=image,
+            strength=strength,
         )
         outputs = [self._module.InferRequestedOutput(name) for name, _, _ in TXT2IMG_OUTPUTS]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
@@ -124,13 +135,31 @@ class KilnClient:
             "ready": bool(self._call("health", self._client.is_server_ready)),
         }
 
+    def _admin_headers(self) -> dict[str, str]:
+        from kiln.serving.server import ADMIN_HEADER
+
+        if not self.admin_key:
+            raise ClientError("the model-repository API needs the server's admin key",
+                              hint="pass --admin-key (kiln serve keeps it in ~/.cache/kiln/run/triton-PORT.admin-key)")
+        # Triton's gRPC front end prefixes restricted-protocol headers with triton-grpc-protocol-.
+        name = ADMIN_HEADER if self.protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}"
+        return {name: self.admin_key}
+
     def models(self) -> list[dict]:
-        """The repository index: name, version and state of every model."""
+        """The repository index: name, version and state of every model (a protected API)."""
+        headers = self._admin_headers()
         if self.protocol == "grpc":
-            index = self._call("models", self._client.get_model_repository_index, as_json=True).get("models", [])
+            index = self._call("models", self._client.get_model_repository_index, headers=headers, as_json=True)
+            index = index.get("models", [])
         else:
-            index = self._call("models", self._client.get_model_repository_index)
+            index = self._call("models", self._client.get_model_repository_index, headers=headers)
         return [{"name": m.get("name"), "version": m.get("version", ""), "state": m.get("state", "")} for m in index]
+
+    def load_model(self, name: str) -> None:
+        self._call(f"load {name}", self._client.load_model, name, headers=self._admin_headers())
+
+    def unload_model(self, name: str) -> None:
+        self._call(f"unload {name}", self._client.unload_model, name, headers=self._admin_headers())
 
     def close(self) -> None:
         self._client.close()

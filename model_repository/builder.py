@@ -75,7 +75,8 @@ def build_repository(
             files = {f.name: f for f in (onnx_dir / name).iterdir() if f.is_file()}
             settings = {"component": name, "onnx_threads": tuning.onnx_threads}
             _write_model(tmp, configs.component_config(COMPONENTS[name], dims, tuning, settings), files=files)
-        _write_model(tmp, configs.tokenizer_config(), folders={"tokenizer": onnx_dir / "tokenizer"})
+        _write_model(tmp, configs.tokenizer_config({"tokenizer": "tokenizer", "max_prompt_tokens": limits.max_prompt_tokens}),
+                     folders={"tokenizer": onnx_dir / "tokenizer"})
         pipeline_settings = {
             "constants": asdict(model_constants(manifest)),
             "defaults": asdict(model_defaults(manifest)),

@@ -20,7 +20,13 @@ WIRE_TO_TRITON = {
     "FP32": mc.TYPE_FP32,
     "UINT8": mc.TYPE_UINT8,
 }
-TOKEN_IDS = ("prompt_ids", "negative_prompt_ids")  # tokenizer -> pipeline, shape (rows, sequence)
+# tokenizer -> pipeline: 77-token chunks and per-token weights, shape (chunks, 77)
+TOKEN_TENSORS = {
+    "prompt_ids": mc.TYPE_INT32,
+    "prompt_weights": mc.TYPE_FP32,
+    "negative_prompt_ids": mc.TYPE_INT32,
+    "negative_prompt_weights": mc.TYPE_FP32,
+}
 
 
 @dataclass(frozen=True)
@@ -52,9 +58,14 @@ def _tensor(message, name: str, data_type: int, dims: list[int], optional: bool 
     return message
 
 
+CACHED_COMPONENTS = ("text_encoder",)  # identical prompts skip the encoder: Triton's response cache
+
+
 def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, settings: dict) -> mc.ModelConfig:
     """A Python-backend model running ONNX Runtime on one exported component."""
     config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=tuning.max_batch_size)
+    if spec.name in CACHED_COMPONENTS:
+        config.response_cache.enable = True
     for t in spec.inputs:
         _tensor(config.input.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
     for t in spec.outputs:
@@ -66,24 +77,25 @@ def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, setti
     return config
 
 
-def tokenizer_config() -> mc.ModelConfig:
+def tokenizer_config(settings: dict) -> mc.ModelConfig:
+    """Prompt text -> weighted 77-token chunks (see kiln.pipeline.prompt_weights)."""
     config = mc.ModelConfig(name="tokenizer", backend="python", max_batch_size=0)
-    _tensor(config.input.add(), "prompt", mc.TYPE_STRING, [1])
+    _tensor(config.input.add(), "prompt", mc.TYPE_STRING, [1], optional=True)  # required: checked by Kiln
     _tensor(config.input.add(), "negative_prompt", mc.TYPE_STRING, [1], optional=True)
-    for name in TOKEN_IDS:
-        _tensor(config.output.add(), name, mc.TYPE_INT32, [-1, -1])
+    for name, data_type in TOKEN_TENSORS.items():
+        _tensor(config.output.add(), name, data_type, [-1, -1])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-    _parameters(config, {"kiln_model": "tokenizer", "kiln_settings": json.dumps({"tokenizer": "tokenizer"})})
+    _parameters(config, {"kiln_model": "tokenizer", "kiln_settings": json.dumps(settings)})
     return config
 
 
 def pipeline_config(tuning: Tuning, settings: dict) -> mc.ModelConfig:
     """The BLS model: the denoising loop around text_encoder, unet and vae_decoder."""
     config = mc.ModelConfig(name="pipeline", backend="python", max_batch_size=0)
-    for name in TOKEN_IDS:
-        _tensor(config.input.add(), name, mc.TYPE_INT32, [-1, -1])
+    for name, data_type in TOKEN_TENSORS.items():
+        _tensor(config.input.add(), name, data_type, [-1, -1])
     for field in TXT2IMG_INPUTS:  # the prompts too: the pipeline validates the whole request
-        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=field.optional)
+        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=True)
     for name, wire, shape in TXT2IMG_OUTPUTS:
         _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], shape)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=tuning.pipeline_instances)
@@ -95,16 +107,16 @@ def txt2img_config() -> mc.ModelConfig:
     """The public entry point: an ensemble of tokenizer -> pipeline."""
     config = mc.ModelConfig(name="txt2img", platform="ensemble", max_batch_size=0)
     for field in TXT2IMG_INPUTS:
-        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=field.optional)
+        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=True)
     for name, wire, shape in TXT2IMG_OUTPUTS:
         _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], shape)
     tokenize = config.ensemble_scheduling.step.add(model_name="tokenizer", model_version=-1)
     tokenize.input_map["prompt"] = "prompt"
     tokenize.input_map["negative_prompt"] = "negative_prompt"
-    for name in TOKEN_IDS:
+    for name in TOKEN_TENSORS:
         tokenize.output_map[name] = name
     denoise = config.ensemble_scheduling.step.add(model_name="pipeline", model_version=-1)
-    for name in TOKEN_IDS:
+    for name in TOKEN_TENSORS:
         denoise.input_map[name] = name
     for field in TXT2IMG_INPUTS:
         denoise.input_map[field.name] = field.name

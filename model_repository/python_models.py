@@ -64,24 +64,31 @@ class OnnxComponentModel:
 
 
 class TokenizerModel:
+    """Prompt text -> weighted 77-token chunks, prompt and negative prompt padded to the same count."""
+
     def __init__(self, version_dir: Path, settings: dict):
         from kiln.pipeline.prompts import load_tokenizer
 
         self.tokenizer = load_tokenizer(version_dir / settings["tokenizer"])
+        self.max_tokens = int(settings.get("max_prompt_tokens", Limits().max_prompt_tokens))
 
     def run(self, prompt: np.ndarray | None, negative: np.ndarray | None) -> dict[str, np.ndarray]:
-        from kiln.pipeline.prompts import tokenize
+        from kiln.pipeline.prompt_weights import tokenize_pair
 
+        if prompt is None:
+            raise RequestError("prompt", None, "non-empty text (the prompt is required)")
         texts = {}
         for field, value in (("prompt", prompt), ("negative_prompt", negative)):
             try:
                 texts[field] = "" if value is None else value.reshape(-1)[0].decode("utf-8")
             except (UnicodeDecodeError, AttributeError, IndexError):
                 raise RequestError(field, "<undecodable>", "one UTF-8 string") from None
-        return {
-            "prompt_ids": tokenize(self.tokenizer, [texts["prompt"]]),
-            "negative_prompt_ids": tokenize(self.tokenizer, [texts["negative_prompt"]]),
-        }
+        first, second = tokenize_pair(self.tokenizer, texts["prompt"], texts["negative_prompt"])
+        for field, chunks in (("prompt", first), ("negative_prompt", second)):
+            if chunks.tokens > self.max_tokens:
+                raise RequestError(field, f"<{chunks.tokens} tokens>", f"at most {self.max_tokens} tokens")
+        return {"prompt_ids": first.ids, "prompt_weights": first.weights,
+                "negative_prompt_ids": second.ids, "negative_prompt_weights": second.weights}
 
     def execute(self, requests):
         from kiln.model_repository import triton_adapter as triton
@@ -111,29 +118,44 @@ class PipelineModel:
         self.engines = engines
 
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:
+        from kiln.pipeline.denoise import load_init_image
+        from kiln.pipeline.prompt_weights import TokenChunks
+
         request = parse_request(raw, self.defaults, self.limits, self.size_multiple)
-        prompt_ids, negative_ids = raw["prompt_ids"], raw["negative_prompt_ids"]
-        if prompt_ids is None or negative_ids is None:
-            raise RequestError("prompt_ids", None, "token ids from the tokenizer model")
+        chunks = {}
+        for side in ("prompt", "negative_prompt"):
+            ids, weights = raw.get(f"{side}_ids"), raw.get(f"{side}_weights")
+            if ids is None or weights is None or ids.shape != weights.shape or ids.ndim != 2:
+                raise RequestError(f"{side}_ids", None, "token ids and weights from the tokenizer model")
+            chunks[side] = TokenChunks(ids.astype(np.int32), weights.astype(np.float32))
+        init_image = None
+        if request.image is not None:
+            try:
+                init_image = load_init_image(request.image, request.height, request.width, self.size_multiple)
+            except Exception:
+                raise RequestError("init_image", f"<{len(request.image)} bytes>", "a PNG or JPEG file") from None
         images = generate(
             engines,
             make_scheduler(request.scheduler, self.scheduler_config),
             self.constants,
-            prompt_ids.astype(np.int32),
-            negative_ids.astype(np.int32),
-            seed=request.seed,
+            chunks["prompt"],
+            chunks["negative_prompt"],
+            seeds=request.seeds,
             steps=request.steps,
             guidance_scale=request.guidance_scale,
             height=request.height,
             width=request.width,
+            init_image=init_image,
+            strength=request.strength,
         )
-        return {"image": images, "seeds": np.array([request.seed], dtype=np.int64)}
+        return {"image": images, "seeds": np.array(request.seeds, dtype=np.int64)}
 
     def execute(self, requests):
         from kiln.model_repository import triton_adapter as triton
+        from kiln.model_repository.configs import TOKEN_TENSORS
 
         engines = self.engines or triton.BlsEngines()
-        names = ["prompt_ids", "negative_prompt_ids"] + [f.name for f in TXT2IMG_INPUTS]
+        names = list(TOKEN_TENSORS) + [f.name for f in TXT2IMG_INPUTS]
         responses = []
         for request in requests:
             try:

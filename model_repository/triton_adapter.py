@@ -62,3 +62,6 @@ class BlsEngines:
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         return infer("vae_decoder", {"latent_sample": latents}, ["sample"])["sample"]
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return infer("vae_encoder", {"sample": pixels}, ["latent_parameters"])["latent_parameters"]

@@ -25,6 +25,8 @@ from kiln.models.folder import write_folder_atomically
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
+CACHE_BYTES = 256 << 20  # Triton's local response cache (prompt embeddings)
+ADMIN_HEADER = "admin-key"  # model load/unload needs this header: Triton's restricted-API protection
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def state_file(ports: Ports) -> Path:
     return kiln_home() / "run" / f"triton-{ports.http}.json"
 
 
-def command(repository: Path, ports: Ports, home: Path, log_file: Path | None = None) -> list[str]:
+def command(repository: Path, ports: Ports, home: Path, admin_key: str) -> list[str]:
     args = [
         str(home / "bin" / "tritonserver"),
         f"--model-repository={repository}",
@@ -139,6 +141,10 @@ def command(repository: Path, ports: Ports, home: Path, log_file: Path | None = 
         "--model-control-mode=explicit",
         "--load-model=*",
         "--exit-timeout-secs=10",
+        f"--cache-config=local,size={CACHE_BYTES}",
+        # load/unload (and the repository index's control side) only with the key, over both protocols
+        f"--http-restricted-api=model-repository:{ADMIN_HEADER}={admin_key}",
+        f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={admin_key}",
     ]
     args += [f"{flag}={port}" for flag, port in ports.flags().items()]
     return args
@@ -168,11 +174,29 @@ def triton_errors(log_text: str, limit: int = 12) -> str:
     return "\n".join(picked[-limit:]) or "\n".join(log_text.splitlines()[-limit:])
 
 
+def admin_key_file(ports: Ports) -> Path:
+    return kiln_home() / "run" / f"triton-{ports.http}.admin-key"
+
+
+def _admin_key(ports: Ports, key: str | None) -> str:
+    """The given key, or a fresh random one; kept in a file only its owner can read."""
+    import secrets
+
+    key = key or os.environ.get("KILN_ADMIN_KEY") or secrets.token_urlsafe(24)
+    path = admin_key_file(ports)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key
+
+
 def start(
     repository: Path,
     ports: Ports = Ports(),
     log_file: Path | None = None,
     timeout_s: float = STARTUP_TIMEOUT_S,
+    admin_key: str | None = None,
 ) -> tuple[subprocess.Popen, ServerInfo]:
     """Start tritonserver in its own session and wait until every model is ready."""
     repository = Path(repository).resolve()
@@ -187,9 +211,10 @@ def start(
     home = server_home()
     log_file = Path(log_file or kiln_home() / "run" / f"triton-{ports.http}.log")
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    key = _admin_key(ports, admin_key)
     with open(log_file, "wb") as log:
         process = subprocess.Popen(
-            command(repository, ports, home),
+            command(repository, ports, home, key),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -262,6 +287,7 @@ def stop(ports: Ports = Ports()) -> ServerInfo:
     if _alive(info.pid):
         _terminate(info.pid)
     state_file(ports).unlink(missing_ok=True)
+    admin_key_file(ports).unlink(missing_ok=True)
     return info
 
 

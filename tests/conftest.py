@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people; failures print captured output
 
 from pathlib import Path
 

@@ -73,7 +73,9 @@ def test_request_defaults_and_drawn_seed():
         ("steps", 0, "[1, 150]"),
         ("steps", 151, "[1, 150]"),
         ("guidance_scale", math.nan, "finite"),
-        ("guidance_scale", 31.0, "[0, 30.0]"),
+        ("guidance_scale", 31.0, "[0, 30]"),
+        ("num_images", 9, "[1, 4]"),
+        ("strength", 0.0, "(0, 1]"),
         ("height", 72, "multiple of 16"),
         ("width", 2048, "[64, 1024]"),
         ("seed", -5, "[-1,"),
@@ -81,7 +83,7 @@ def test_request_defaults_and_drawn_seed():
     ],
 )
 def test_request_errors_name_field_value_and_range(field, value, allowed):
-    raw = _raw(prompt="a cat")
+    raw = _raw(prompt="a cat", init_image=b"\x89PNG" if field == "strength" else None)
     raw.update(_raw(**{field: value}))
     with pytest.raises(RequestError) as err:
         parse_request(raw, Defaults(height=64, width=64), Limits(), 16)

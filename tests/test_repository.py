@@ -53,7 +53,7 @@ def test_ensemble_is_wired_from_the_request_spec(repo_dir):
     config = _config(repo, "txt2img")
     assert config.platform == "ensemble"
     assert [(i.name, i.data_type, i.optional) for i in config.input] == [
-        (f.name, WIRE_TO_TRITON[f.datatype], f.optional) for f in TXT2IMG_INPUTS
+        (f.name, WIRE_TO_TRITON[f.datatype], True) for f in TXT2IMG_INPUTS
     ]
     assert [o.name for o in config.output] == [name for name, _, _ in TXT2IMG_OUTPUTS]
     available = {i.name for i in config.input}

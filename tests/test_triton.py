@@ -78,7 +78,9 @@ def test_invalid_request_gets_a_clear_error_and_server_stays_up(triton):
 
 
 def test_models_lists_every_model_ready(triton):
-    with client(triton("epsilon"), "grpc") as c:
+    info = triton("epsilon")
+    key = server.admin_key_file(info.ports).read_text()
+    with KilnClient(info.grpc_url, "grpc", admin_key=key) as c:
         states = {m["name"]: m["state"] for m in c.models()}
     assert states == {name: "READY" for name in
                       ("pipeline", "text_encoder", "tokenizer", "txt2img", "unet", "vae_decoder", "vae_encoder")}

@@ -1,9 +1,10 @@
 """The denoising loop in plain Python around single-step engines.
 
 The same function runs inside Triton's BLS model (engines called through Triton) and in-process
-(engines called through ONNX Runtime). It reproduces diffusers' StableDiffusionPipeline step for
-step: the same latent noise from a seeded torch.Generator, diffusers' own scheduler classes,
-classifier-free guidance, and the same VAE post-processing.
+(engines called through ONNX Runtime). It reproduces diffusers' StableDiffusionPipeline and
+StableDiffusionImg2ImgPipeline step for step: latent noise from seeded torch.Generators (one per
+image, so image i of a request equals a one-image request with seed i), diffusers' own scheduler
+classes, classifier-free guidance, and the same VAE pre- and post-processing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from kiln.pipeline.prompt_weights import TokenChunks, apply_weights
+
 
 class Engines(Protocol):
     """One call per component. Arrays in, arrays out, shapes as in the component specs."""
@@ -25,6 +28,8 @@ class Engines(Protocol):
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray: ...  # (B, 4, h, w) -> (B, 3, H, W) in [-1, 1]
 
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray: ...  # (B, 3, H, W) in [-1, 1] -> (B, 8, h, w)
+
 
 @dataclass(frozen=True)
 class ModelConstants:
@@ -33,7 +38,7 @@ class ModelConstants:
     scaling_factor: float
 
 
-def step_kwargs(scheduler, generator: torch.Generator) -> dict:
+def step_kwargs(scheduler, generator) -> dict:
     """The extra arguments diffusers' pipeline passes to `scheduler.step` (eta=0 for DDIM)."""
     params = inspect.signature(scheduler.step).parameters
     kwargs = {}
@@ -50,41 +55,96 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
+def encode_prompts(engines: Engines, prompt: TokenChunks, negative: TokenChunks | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Both prompts through the text encoder in one call; weights applied; (1, 77k, D) each."""
+    ids = prompt.ids if negative is None else np.concatenate([negative.ids, prompt.ids])
+    encoded = engines.encode_text(ids)  # (k or 2k, 77, D)
+    if negative is None:
+        return apply_weights(encoded, prompt.weights), None
+    k = negative.ids.shape[0]
+    return apply_weights(encoded[k:], prompt.weights), apply_weights(encoded[:k], negative.weights)
+
+
+def _generators(seeds: list[int]):
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return generators[0] if len(generators) == 1 else generators
+
+
 def generate(
     engines: Engines,
     scheduler,
     constants: ModelConstants,
-    prompt_ids: np.ndarray,
-    negative_ids: np.ndarray,
-    seed: int,
+    prompt: TokenChunks,
+    negative: TokenChunks,
+    seeds: list[int],
     steps: int,
     guidance_scale: float,
     height: int,
     width: int,
+    init_image: np.ndarray | None = None,
+    strength: float = 1.0,
     on_step: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Draw one image per prompt row; returns (B, H, W, 3) uint8."""
-    batch = prompt_ids.shape[0]
-    guided = guidance_scale > 1.0
-    ids = np.concatenate([negative_ids, prompt_ids]) if guided else prompt_ids  # (2B, 77) | (B, 77)
-    embeddings = engines.encode_text(ids)
+    """One image per seed; `init_image` (1, 3, H, W) in [-1, 1] makes it img2img. Returns (N, H, W, 3) uint8."""
+    from diffusers.utils.torch_utils import randn_tensor
 
-    generator = torch.Generator().manual_seed(seed)
+    count = len(seeds)
+    guided = guidance_scale > 1.0
+    if guided and prompt.ids.shape != negative.ids.shape:
+        raise ValueError(f"prompt chunks {prompt.ids.shape} and negative chunks {negative.ids.shape} differ: "
+                         "tokenize them with tokenize_pair")
+    cond, uncond = encode_prompts(engines, prompt, negative if guided else None)
+    embeddings = np.concatenate([np.repeat(uncond, count, 0), np.repeat(cond, count, 0)]) if guided \
+        else np.repeat(cond, count, 0)  # (2N, 77k, D) | (N, 77k, D)
+
+    generator = _generators(seeds)
     scheduler.set_timesteps(steps)
-    shape = (batch, constants.latent_channels, height // constants.vae_scale_factor, width // constants.vae_scale_factor)
-    latents = torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
-    extra = step_kwargs(scheduler, generator)
     timesteps = scheduler.timesteps
+    shape = (count, constants.latent_channels, height // constants.vae_scale_factor, width // constants.vae_scale_factor)
+    if init_image is None:
+        latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+    else:
+        # diffusers' img2img: skip the first (1 - strength) of the schedule, noise the encoded image to there
+        start = max(steps - min(int(steps * strength), steps), 0)
+        timesteps = timesteps[start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * scheduler.order)
+        parameters = torch.from_numpy(engines.encode_image(init_image.astype(np.float32)))  # (1, 2C, h, w)
+        mean, logvar = parameters.chunk(2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        per_image = generator if isinstance(generator, list) else [generator]
+        sampled = torch.cat([mean + std * randn_tensor(mean.shape, generator=g, dtype=mean.dtype) for g in per_image])
+        init_latents = constants.scaling_factor * sampled  # (N, C, h, w)
+        noise = randn_tensor(init_latents.shape, generator=generator, dtype=torch.float32)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(count))
+    extra = step_kwargs(scheduler, generator)
     for i, t in enumerate(timesteps):
-        model_input = torch.cat([latents] * 2) if guided else latents  # (2B, 4, h, w)
+        model_input = torch.cat([latents] * 2) if guided else latents  # (2N, C, h, w)
         model_input = scheduler.scale_model_input(model_input, t)
         timestep = np.full((model_input.shape[0],), float(t), dtype=np.float32)
-        noise = torch.from_numpy(engines.predict_noise(model_input.numpy(), timestep, embeddings))
+        noise_pred = torch.from_numpy(engines.predict_noise(model_input.numpy(), timestep, embeddings))
         if guided:
-            uncond, text = noise.chunk(2)
-            noise = uncond + guidance_scale * (text - uncond)
-        latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            noise_uncond, noise_text = noise_pred.chunk(2)
+            noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     images = engines.decode_latents((latents / constants.scaling_factor).numpy())
     return to_uint8(images)
+
+
+def load_init_image(data: bytes, height: int | None, width: int | None, multiple: int) -> np.ndarray:
+    """Encoded PNG/JPEG -> (1, 3, H, W) in [-1, 1], resized (Lanczos, as diffusers) to the requested
+    size or to its own size rounded down to `multiple`."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    image = image.convert("RGB")
+    target = (width or image.width // multiple * multiple, height or image.height // multiple * multiple)
+    if image.size != target:
+        image = image.resize(target, Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return (array * 2 - 1).transpose(2, 0, 1)[None]

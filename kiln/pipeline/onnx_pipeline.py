@@ -12,9 +12,10 @@ import numpy as np
 from kiln.errors import ModelError
 from kiln.export.manifest import read_manifest
 from kiln.export.specs import COMPONENTS
-from kiln.pipeline.denoise import ModelConstants, generate
+from kiln.pipeline.denoise import ModelConstants, generate, load_init_image
 from kiln.pipeline.onnx_session import ComponentSession
-from kiln.pipeline.prompts import load_tokenizer, tokenize
+from kiln.pipeline.prompt_weights import tokenize_pair
+from kiln.pipeline.prompts import load_tokenizer
 from kiln.pipeline.request import Defaults, GenerationRequest
 from kiln.pipeline.schedulers import make_scheduler
 
@@ -52,7 +53,8 @@ class OnnxEngines:
     def __init__(self, onnx_dir: Path, threads: int = 0):
         self.sessions = {
             name: ComponentSession(COMPONENTS[name], Path(onnx_dir) / name / "model.onnx", threads)
-            for name in ("text_encoder", "unet", "vae_decoder")
+            for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+            if (Path(onnx_dir) / name / "model.onnx").is_file()
         }
 
     def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
@@ -64,6 +66,11 @@ class OnnxEngines:
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         return self.sessions["vae_decoder"].run({"latent_sample": latents})["sample"]
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        if "vae_encoder" not in self.sessions:
+            raise ModelError("this export has no vae_encoder: img2img is unavailable")
+        return self.sessions["vae_encoder"].run({"sample": pixels})["latent_parameters"]
 
 
 class OnnxPipeline:
@@ -77,15 +84,21 @@ class OnnxPipeline:
         self.defaults = model_defaults(self.manifest)
 
     def __call__(self, request: GenerationRequest) -> np.ndarray:
+        prompt, negative = tokenize_pair(self.tokenizer, request.prompt, request.negative_prompt)
+        init_image = None
+        if request.image is not None:
+            init_image = load_init_image(request.image, request.height, request.width, size_multiple(self.manifest))
         return generate(
             self.engines,
             make_scheduler(request.scheduler, self.scheduler_config),
             self.constants,
-            tokenize(self.tokenizer, [request.prompt]),
-            tokenize(self.tokenizer, [request.negative_prompt]),
-            seed=request.seed,
+            prompt,
+            negative,
+            seeds=request.seeds,
             steps=request.steps,
             guidance_scale=request.guidance_scale,
             height=request.height,
             width=request.width,
+            init_image=init_image,
+            strength=request.strength,
         )

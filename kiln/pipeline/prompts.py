@@ -1,10 +1,9 @@
-"""Prompt text -> token ids, exactly as diffusers' StableDiffusionPipeline.encode_prompt tokenizes."""
+"""Tokenizer loading and Textual Inversion token expansion shared by every prompt path."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 
 def load_tokenizer(folder: Path):
@@ -25,15 +24,3 @@ def expand_multi_vector_tokens(text: str, tokenizer) -> str:
                 i += 1
             text = text.replace(token, " ".join(parts))
     return text
-
-
-def tokenize(tokenizer, texts: list[str]) -> np.ndarray:
-    """(B, model_max_length) int32, padded to the full length and truncated there."""
-    ids = tokenizer(
-        [expand_multi_vector_tokens(t, tokenizer) for t in texts],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="np",
-    ).input_ids
-    return ids.astype(np.int32)

@@ -14,13 +14,16 @@ from kiln.errors import RequestError
 
 @dataclass(frozen=True)
 class RequestField:
+    """Every input is optional on the wire, so that a missing one reaches Kiln's validation and gets
+    a clear error instead of Triton's ensemble "deadlock" message; `required` is enforced there."""
+
     name: str
     datatype: str  # Triton wire type: BYTES, INT32, INT64, FP32, UINT8
-    optional: bool = True
+    required: bool = False
 
 
 TXT2IMG_INPUTS: tuple[RequestField, ...] = (
-    RequestField("prompt", "BYTES", optional=False),
+    RequestField("prompt", "BYTES", required=True),
     RequestField("negative_prompt", "BYTES"),
     RequestField("seed", "INT64"),
     RequestField("steps", "INT32"),
@@ -28,6 +31,9 @@ TXT2IMG_INPUTS: tuple[RequestField, ...] = (
     RequestField("height", "INT32"),
     RequestField("width", "INT32"),
     RequestField("scheduler", "BYTES"),
+    RequestField("num_images", "INT32"),
+    RequestField("init_image", "BYTES"),  # img2img: an encoded PNG or JPEG
+    RequestField("strength", "FP32"),  # img2img: how much of the schedule re-draws the image
 )
 # image: (N, H, W, 3), one row per image; seeds: the seed each image was drawn with (drawn when absent).
 TXT2IMG_OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
@@ -48,6 +54,9 @@ class Limits:
     min_size: int = 64
     max_size: int = 1024
     max_prompt_chars: int = 4000
+    max_prompt_tokens: int = 300  # four 77-token chunks
+    max_images: int = 4
+    max_image_bytes: int = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class Defaults:
     height: int = 512
     width: int = 512
     scheduler: str = "default"
+    strength: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,14 @@ class GenerationRequest:
     height: int
     width: int
     scheduler: str
+    num_images: int = 1
+    image: bytes | None = None
+    strength: float = 1.0
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image i is drawn with seed + i: each reproducible alone."""
+        return [self.seed + i for i in range(self.num_images)]
 
 
 def _scalar(raw: dict, name: str):
@@ -108,31 +126,58 @@ def _integer(raw: dict, name: str, default: int, low: int, high: int, multiple: 
     return value
 
 
+def _number(raw: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = _scalar(raw, name)
+    if value is None:
+        return default
+    bracket = "(" if low_open else "["
+    allowed = f"a finite number in {bracket}{low:g}, {high:g}]"
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (float, int, np.floating, np.integer)):
+        raise RequestError(name, value, allowed)
+    value = float(value)
+    if not math.isfinite(value) or not (low < value if low_open else low <= value) or value > high:
+        raise RequestError(name, value, allowed)
+    return value
+
+
+def _image(raw: dict, limits: Limits) -> bytes | None:
+    value = raw.get("init_image")
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.size != 1 or not isinstance(array.reshape(-1)[0], bytes):
+        raise RequestError("init_image", f"shape {list(array.shape)}", "one encoded PNG or JPEG file (BYTES, shape [1])")
+    data = array.reshape(-1)[0]
+    if not data or len(data) > limits.max_image_bytes:
+        raise RequestError("init_image", f"<{len(data)} bytes>", f"a PNG or JPEG file of 1 to {limits.max_image_bytes} bytes")
+    return data
+
+
 def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: int) -> GenerationRequest:
     """Validate a request's raw tensors (name -> array, absent inputs missing or None)."""
     from kiln.pipeline.schedulers import canonical_name
 
+    if raw.get("prompt") is None:
+        raise RequestError("prompt", None, "non-empty text (the prompt is required)")
     prompt = _text(raw, "prompt", "", limits)
     if not prompt.strip():
         raise RequestError("prompt", prompt, "non-empty text")
-    seed = _integer(raw, "seed", RANDOM_SEED, RANDOM_SEED, MAX_SEED)
+    num_images = _integer(raw, "num_images", 1, 1, limits.max_images)
+    seed = _integer(raw, "seed", RANDOM_SEED, RANDOM_SEED, MAX_SEED - limits.max_images)
     if seed == RANDOM_SEED:
         seed = secrets.randbelow(2**31)
-    guidance = _scalar(raw, "guidance_scale")
-    if guidance is None:
-        guidance = defaults.guidance_scale
-    if not isinstance(guidance, (float, int, np.floating, np.integer)) or not math.isfinite(float(guidance)) or not (
-        0.0 <= float(guidance) <= limits.max_guidance
-    ):
-        raise RequestError("guidance_scale", guidance, f"a finite number in [0, {limits.max_guidance}]")
     low_size = max(limits.min_size, size_multiple)
+    image = _image(raw, limits)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=_text(raw, "negative_prompt", "", limits),
         seed=seed,
         steps=_integer(raw, "steps", defaults.steps, 1, limits.max_steps),
-        guidance_scale=float(guidance),
+        guidance_scale=_number(raw, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance),
         height=_integer(raw, "height", defaults.height, low_size, limits.max_size, size_multiple),
         width=_integer(raw, "width", defaults.width, low_size, limits.max_size, size_multiple),
         scheduler=canonical_name(_text(raw, "scheduler", defaults.scheduler, limits)),
+        num_images=num_images,
+        image=image,
+        strength=_number(raw, "strength", defaults.strength, 0.0, 1.0, low_open=True) if image is not None else 1.0,
     )

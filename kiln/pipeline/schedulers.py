@@ -49,6 +49,16 @@ def make_scheduler(name: str, model_config: dict):
 
     canonical = canonical_name(name)
     if canonical == DEFAULT:
-        return getattr(diffusers, model_config["_class_name"]).from_config(model_config)
-    choice = SCHEDULERS[canonical]
-    return getattr(diffusers, choice.class_name).from_config(model_config, **choice.overrides)
+        cls, overrides = getattr(diffusers, model_config["_class_name"]), {}
+    else:
+        choice = SCHEDULERS[canonical]
+        cls, overrides = getattr(diffusers, choice.class_name), dict(choice.overrides)
+    scheduler = cls.from_config(model_config, **overrides)
+    # The corrections diffusers' Stable Diffusion pipelines make to an old scheduler config when they
+    # are built (clip_sample off, steps_offset 1), so every path draws what those pipelines draw.
+    fixes = {}
+    if getattr(scheduler.config, "clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    return cls.from_config(model_config, **overrides, **fixes) if fixes else scheduler
