@@ -8,6 +8,7 @@ VENV ?= .venv
 # PyPI is the CUDA build (see README).
 TORCH_SPEC ?= torch==2.13.0
 MODEL ?=
+DEMO ?=
 ARTIFACTS ?= artifacts
 PRECISION ?= fp32
 HTTP_PORT ?= 8000
@@ -23,7 +24,7 @@ MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/models/tiny)
 ONNX_DIR := $(ARTIFACTS)/onnx/$(notdir $(abspath $(MODEL_DIR)))-$(PRECISION)
 REPO_DIR := $(ARTIFACTS)/repository
 
-.PHONY: help setup model export repo serve deploy smoke parity stop test clean
+.PHONY: help setup model export repo serve deploy smoke parity eval stop test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -54,7 +55,7 @@ serve: repo ## serve the repository in the foreground (Ctrl-C stops it)
 	$(KILN) serve $(REPO_DIR) $(PORTS)
 
 deploy: $(STAMP) ## set-up, export, repository, serve in the background, one smoke image
-	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) --artifacts $(ARTIFACTS) --precision $(PRECISION) $(PORTS)
+	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) $(if $(DEMO),--demo) --artifacts $(ARTIFACTS) --precision $(PRECISION) $(PORTS)
 
 smoke: $(STAMP) ## generate one image from the running server over HTTP and gRPC
 	$(KILN) generate "$(PROMPT)" -o $(ARTIFACTS)/smoke-http.png --url 127.0.0.1:$(HTTP_PORT) --seed 0
@@ -62,6 +63,9 @@ smoke: $(STAMP) ## generate one image from the running server over HTTP and gRPC
 
 parity: model ## report served-vs-diffusers and ONNX-vs-PyTorch differences for MODEL
 	$(VENV)/bin/python -m kiln.benchmarks.parity $(MODEL_DIR) $(ARTIFACTS)/parity
+
+eval: $(STAMP) ## measure the glyph demo's untrained, base and merged models through Triton (work in progress)
+	$(KILN) eval --demo --artifacts $(ARTIFACTS) --out $(ARTIFACTS)/eval
 
 stop: $(STAMP) ## stop the background server
 	$(KILN) stop $(PORTS)

@@ -83,6 +83,22 @@ def data_prepare(
                   f"manifest: {out / 'manifest.json'}")
 
 
+@data_app.command("glyphs")
+def data_glyphs(
+    out: Path,
+    count: int = typer.Option(5000, "--count"),
+    seed: int = typer.Option(0, "--seed"),
+    size: int = typer.Option(32, "--size", help="pixels"),
+    colours: Optional[str] = typer.Option(None, "--colours", help="comma-separated subset, e.g. red,green,blue"),
+):
+    """Render captioned digits from the fonts on this machine (deterministic for a seed)."""
+    from kiln.dataset.glyphs import COLOURS, write_glyphs
+
+    chosen = tuple(c.strip() for c in colours.split(",")) if colours else tuple(COLOURS)
+    write_glyphs(out, count, seed, size, chosen)
+    console.print(f"{count} glyphs ({', '.join(chosen)}) written to {out}")
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     method: str = typer.Argument(..., help="lora, dreambooth, textual-inversion or full"),
@@ -90,8 +106,25 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML training config"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint folder"),
 ):
-    """Fine-tune a model; runs under `accelerate launch` unchanged for several processes or machines."""
+    """Fine-tune a model (or `base`: train the demo model from scratch on a glyph folder, DATA OUT).
+    Runs under `accelerate launch` unchanged for several processes or machines."""
     from kiln.training.run import run_training
+
+    if method == "base":
+        from kiln.training.base import BaseSpec, train_base
+
+        if not overrides or len(overrides) < 2:
+            raise KilnError("kiln train base needs DATA_DIR OUT_DIR", hint="kiln data glyphs data/glyphs first")
+        settings = dict(item.split("=", 1) for item in overrides[2:])
+        fields = BaseSpec.__dataclass_fields__
+        unknown = set(settings) - set(fields)
+        if unknown:
+            raise KilnError(f"unknown base settings {sorted(unknown)}: expected some of {sorted(fields)}")
+        parse = {"int": int, "float": float}
+        spec = BaseSpec(**{k: parse[fields[k].type](v) for k, v in settings.items()})
+        model = train_base(Path(overrides[0]), Path(overrides[1]), spec)
+        console.print(f"base model written to {model}")
+        return
 
     summary = run_training(method, config, overrides or [], resume)
     if summary:
@@ -211,12 +244,17 @@ def generate(
     negative: Optional[str] = typer.Option(None, "--negative"),
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
+    num_images: Optional[int] = typer.Option(None, "--num-images", help="image i uses seed + i"),
+    image: Optional[Path] = typer.Option(None, "--image", help="img2img: a PNG or JPEG to start from"),
+    strength: Optional[float] = typer.Option(None, "--strength", help="img2img: 0 keeps the image, 1 redraws it"),
 ):
-    """Generate an image through the served txt2img endpoint and save it as PNG."""
+    """Generate images through the served txt2img endpoint and save them as PNG.
+    Prompts take weights: (word), [word], (word:1.5); BREAK starts a new 77-token chunk."""
     from kiln.clients.client import KilnClient
 
     with KilnClient(url, protocol) as client:
-        result = client.generate(prompt, negative, seed, steps, guidance, height, width, scheduler)
+        result = client.generate(prompt, negative, seed, steps, guidance, height, width, scheduler, num_images, image,
+                                 strength)
     paths = result.save(output)
     console.print(f"{len(paths)} image(s) in {result.seconds:.2f} s over {protocol} (seeds {result.seeds}): "
                   + ", ".join(map(str, paths)))
@@ -233,12 +271,28 @@ def health(url: Optional[str] = URL, protocol: str = PROTOCOL):
     raise typer.Exit(0 if state["ready"] else 1)
 
 
+def _local_admin_key(url: Optional[str], protocol: str) -> Optional[str]:
+    """The key `kiln serve` wrote for a server on this machine, found by its port."""
+    from kiln.serving import server
+
+    port = int((url or ("127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001")).rsplit(":", 1)[1])
+    for path in (server.kiln_home() / "run").glob("triton-*.json"):
+        import json
+
+        state = json.loads(path.read_text())
+        if port in state["ports"].values():
+            key_file = server.admin_key_file(server.Ports(**state["ports"]))
+            return key_file.read_text() if key_file.is_file() else None
+    return None
+
+
 @app.command()
-def models(url: Optional[str] = URL, protocol: str = PROTOCOL):
-    """List the served models and their state."""
+def models(url: Optional[str] = URL, protocol: str = PROTOCOL,
+           admin_key: Optional[str] = typer.Option(None, "--admin-key", help="default: the key kiln serve kept for that port")):
+    """List the served models and their state (a protected API: needs the admin key)."""
     from kiln.clients.client import KilnClient
 
-    with KilnClient(url, protocol) as client:
+    with KilnClient(url, protocol, admin_key=admin_key or _local_admin_key(url, protocol)) as client:
         for m in client.models():
             typer.echo(f"{m['name']:<14} {m['version'] or '-':<4} {m['state']}")
 
@@ -246,6 +300,7 @@ def models(url: Optional[str] = URL, protocol: str = PROTOCOL):
 @app.command()
 def deploy(
     model: Optional[Path] = typer.Option(None, "--model", help="a local diffusers folder (default: the tiny model)"),
+    demo: bool = typer.Option(False, "--demo", help="build (or reuse) and deploy the glyph demo model"),
     artifacts: Path = typer.Option(Path("artifacts"), "--artifacts"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8"),
     http_port: int = HTTP_PORT,
@@ -256,10 +311,12 @@ def deploy(
     from kiln.deploy import deploy as run
     from kiln.serving.server import Ports
 
-    d = run(model, artifacts, Ports(http_port, grpc_port, metrics_port), precision)
+    d = run(model, artifacts, Ports(http_port, grpc_port, metrics_port), precision, demo=demo)
     _print_endpoints(d.info)
     console.print(f"model {d.model_dir} -> ONNX {d.onnx_dir} -> repository {d.repo_dir}")
     console.print(f"smoke image: {d.smoke_png} ({d.smoke_seconds:.2f} s)")
+    if d.samples_png:
+        console.print(f"sample grid (digits 0-9 in red, green, blue, yellow and the LoRA-taught purple): {d.samples_png}")
     kiln = _kiln_command()
     console.print("try next:")
     console.print(f'  {kiln} generate "a blue digit 3" -o out.png --url {d.info.http_url}')
@@ -280,6 +337,43 @@ def _kiln_command() -> str:
         return str(here.relative_to(Path.cwd()))
     except ValueError:
         return str(here)
+
+
+@app.command("eval")
+def evaluate(
+    endpoint: Optional[list[str]] = typer.Option(None, "--endpoint", help="LABEL=HOST:PORT, repeatable; the first is the reference"),
+    demo: bool = typer.Option(False, "--demo", help="serve and measure the demo's untrained, base and merged models"),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", help="glyph classifier folder (kiln eval --demo builds one)"),
+    real: Optional[Path] = typer.Option(None, "--real", help="folder of real renders FID is measured against"),
+    out: Path = typer.Option(Path("artifacts/eval"), "--out"),
+    artifacts: Path = typer.Option(Path("artifacts"), "--artifacts"),
+    protocol: str = PROTOCOL,
+    seeds: int = typer.Option(8, "--seeds"),
+    steps: int = typer.Option(20, "--steps"),
+    guidance: float = typer.Option(4.0, "--guidance"),
+    clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="local CLIP folder for CLIP score"),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="standard FID Inception weights"),
+):
+    """FID, KID, IS, LPIPS, CLIP score and prompt accuracy of served models; writes a report."""
+    from kiln.evaluation.report import EvalSpec, evaluate as run
+
+    if demo:
+        from kiln.demo import DemoSpec, evaluate_demo
+
+        spec = DemoSpec()
+        report = evaluate_demo(artifacts, out, spec, EvalSpec(seeds=seeds, steps=steps, guidance_scale=guidance,
+                                                              colours=spec.base_colours, focus_colour=spec.taught_colour),
+                               protocol)
+    else:
+        if not endpoint or classifier is None or real is None:
+            raise KilnError("kiln eval needs --endpoint LABEL=HOST:PORT, --classifier DIR and --real DIR (or --demo)")
+        endpoints = dict(item.split("=", 1) for item in endpoint)
+        report = run(endpoints, protocol, classifier, real, out, EvalSpec(seeds=seeds, steps=steps, guidance_scale=guidance),
+                     clip_model, inception_weights)
+    from kiln.evaluation.report import to_markdown
+
+    typer.echo(to_markdown(report))
+    console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; grids: {out}/grid-*.png")
 
 
 def main() -> None:

@@ -24,22 +24,54 @@ class Deployment:
     info: server.ServerInfo
     smoke_png: Path
     smoke_seconds: float
+    samples_png: Path | None = None
 
 
-def default_model(artifacts: Path) -> Path:
+def tiny_model(artifacts: Path) -> Path:
     """The tiny random-weight model: built once, then reused."""
     path = artifacts / "models" / "tiny"
     if not (path / "model_index.json").is_file():
-        log.info("no MODEL given: building the tiny test model at %s", path)
+        log.info("building the tiny test model at %s", path)
         write_tiny_model(path)
     return path
 
 
-def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precision: str = "fp32", prompt: str = "a red digit 7 on a white background") -> Deployment:
+SAMPLE_COLOURS = ("red", "green", "blue", "yellow", "purple")
+
+
+def sample_grid(url: str, out: Path, seed: int = 0) -> Path:
+    """Digits 0-9 (columns) in each colour (rows), drawn through the server."""
+    import numpy as np
+
+    from kiln.clients.client import KilnClient
+    from kiln.evaluation.report import grid
+
+    images = []
+    with KilnClient(url, "http") as client:
+        for row, colour in enumerate(SAMPLE_COLOURS):
+            background = ("white", "black", "gray")[row % 3]
+            for digit in range(10):
+                prompt = f"a {colour} digit {digit} on a {background} background"
+                images.append(client.generate(prompt, seed=seed + digit, steps=20, guidance_scale=4.0,
+                                              scheduler="euler").images[0])
+    grid(np.stack(images), 10, scale=4).save(out)
+    return out
+
+
+def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precision: str = "fp32",
+           prompt: str = "a red digit 7 on a white background", demo: bool = False) -> Deployment:
+    """MODEL, or the glyph demo model with `demo` (built or reused), or else the tiny random model."""
     from kiln.clients.client import KilnClient
 
     artifacts = Path(artifacts)
-    model_dir = Path(model_dir) if model_dir else default_model(artifacts)
+    if model_dir:
+        model_dir = Path(model_dir)
+    elif demo:
+        from kiln.demo import build_demo
+
+        model_dir = build_demo(artifacts).merged
+    else:
+        model_dir = tiny_model(artifacts)
     inspect_model(model_dir)
     onnx_dir = artifacts / "onnx" / f"{model_dir.resolve().name}-{precision}"
     export_onnx(model_dir, onnx_dir, precision=precision)
@@ -52,4 +84,5 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
         result = client.generate(prompt, seed=0)
     smoke = artifacts / "smoke.png"
     result.save(smoke)
-    return Deployment(model_dir, onnx_dir, repo_dir, info, smoke, result.seconds)
+    samples = sample_grid(info.http_url, artifacts / "samples.png") if demo else None
+    return Deployment(model_dir, onnx_dir, repo_dir, info, smoke, result.seconds, samples)

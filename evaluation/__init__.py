@@ -1,0 +1,1 @@
+"""Evaluation: a glyph classifier trained on renders, and FID, KID, IS, CLIP score, LPIPS and prompt accuracy."""

@@ -1,0 +1,154 @@
+"""`kiln eval`: generate a fixed prompt set through served endpoints, measure each, write a report
+(JSON, a markdown table, sample grids per prompt set, and a before/after grid)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kiln.dataset.glyphs import BACKGROUNDS, COLOURS, DIGITS, Glyph
+from kiln.evaluation import metrics
+from kiln.evaluation.classifier import load_classifier
+from kiln.export.manifest import write_json_atomically
+
+log = logging.getLogger("kiln.evaluation")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    seeds: int = 8
+    steps: int = 20
+    guidance_scale: float = 4.0
+    scheduler: str = "euler"
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")  # the prompt set for digit accuracy
+    focus_colour: str | None = "purple"  # what the fine-tune taught: its own prompt set
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+
+
+@dataclass
+class PromptSet:
+    name: str
+    glyphs: list[Glyph]
+    seeds: list[int]
+
+
+def prompt_sets(spec: EvalSpec) -> list[PromptSet]:
+    """10 digits x `seeds` seeds per set; colours and backgrounds cycle so every combination shows up."""
+    sets = [("digits", spec.colours)] + ([("focus", (spec.focus_colour,))] if spec.focus_colour else [])
+    out = []
+    for name, colours in sets:
+        glyphs, seeds = [], []
+        for seed in range(spec.seeds):
+            for digit in DIGITS:
+                k = seed * len(DIGITS) + digit
+                glyphs.append(Glyph(digit, colours[k % len(colours)], spec.backgrounds[(k // len(colours)) % len(spec.backgrounds)]))
+                seeds.append(seed)
+        out.append(PromptSet(name, glyphs, seeds))
+    return out
+
+
+def generate(url: str, protocol: str, prompts: PromptSet, spec: EvalSpec) -> np.ndarray:
+    from tqdm import tqdm
+
+    from kiln.clients.client import KilnClient
+
+    images = []
+    with KilnClient(url, protocol) as client:
+        for glyph, seed in tqdm(list(zip(prompts.glyphs, prompts.seeds)), desc=f"generate {prompts.name} @ {url}", unit="image"):
+            images.append(client.generate(glyph.caption, seed=seed, steps=spec.steps, guidance_scale=spec.guidance_scale,
+                                          scheduler=spec.scheduler).images[0])
+    return np.stack(images)
+
+
+def grid(images: np.ndarray, columns: int, scale: int = 3) -> Image.Image:
+    """Images in rows of `columns`, enlarged without smoothing so pixels stay visible."""
+    n, h, w, _ = images.shape
+    rows = (n + columns - 1) // columns
+    canvas = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = image
+    return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+
+
+@dataclass
+class ModelResult:
+    label: str
+    url: str
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    fid: float | None = None
+    kid: tuple[float, float] | None = None
+    inception_score: tuple[float, float] | None = None
+    clip_score: float | None = None
+    grids: dict[str, str] = field(default_factory=dict)
+
+
+def real_images(folder: Path, limit: int = 400) -> np.ndarray:
+    rows = [json.loads(line) for line in (Path(folder) / "metadata.jsonl").read_text().splitlines()][:limit]
+    return np.stack([np.asarray(Image.open(Path(folder) / r["file_name"]).convert("RGB")) for r in rows])
+
+
+def evaluate(endpoints: dict[str, str], protocol: str, classifier_dir: Path, real_dir: Path, out_dir: Path,
+             spec: EvalSpec = EvalSpec(), clip_model: Path | None = None, inception_weights: Path | None = None) -> dict:
+    """Measure every endpoint on the same prompts and seeds; the first is the reference for LPIPS."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classifier = load_classifier(classifier_dir)
+    extractor = metrics.feature_extractor(classifier, inception_weights)
+    real = real_images(real_dir)
+    sets = prompt_sets(spec)
+    results, drawn = [], {}
+    for label, url in endpoints.items():
+        result = ModelResult(label, url)
+        for prompts in sets:
+            images = generate(url, protocol, prompts, spec)
+            drawn[(label, prompts.name)] = images
+            predictions = metrics.predict(images, classifier)
+            result.accuracy[prompts.name] = metrics.prompt_accuracy(
+                predictions, [g.digit for g in prompts.glyphs], [g.colour for g in prompts.glyphs])
+            path = out_dir / f"grid-{label}-{prompts.name}.png"
+            grid(images, len(DIGITS)).save(path)
+            result.grids[prompts.name] = str(path)
+        digits = drawn[(label, "digits")]
+        result.fid = metrics.fid(real, digits, extractor)
+        result.kid = metrics.kid(real, digits, extractor)
+        result.inception_score = metrics.inception_score(digits, classifier)
+        if clip_model is not None:
+            result.clip_score = metrics.clip_score(digits, [g.caption for g in sets[0].glyphs], clip_model)
+        results.append(result)
+        log.info("%s: digit accuracy %.3f, FID %.2f", label, result.accuracy["digits"]["digit"], result.fid)
+    labels = list(endpoints)
+    lpips = {}
+    for other in labels[1:]:
+        for prompts in sets:
+            lpips[f"{labels[0]} vs {other} ({prompts.name})"] = float(
+                metrics.glyph_lpips(drawn[(labels[0], prompts.name)], drawn[(other, prompts.name)], classifier).mean())
+    if len(labels) > 1 and spec.focus_colour:
+        pairs = np.concatenate([drawn[(label, "focus")][: len(DIGITS)] for label in labels])
+        grid(pairs, len(DIGITS)).save(out_dir / "before-after-focus.png")
+    report = {"spec": asdict(spec), "real_images": len(real), "results": [asdict(r) for r in results], "lpips": lpips,
+              "feature_extractor": "inception" if inception_weights else "glyph classifier"}
+    write_json_atomically(out_dir / "report.json", report)
+    (out_dir / "report.md").write_text(to_markdown(report))
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["| model | digit acc. | colour acc. | focus colour acc. | FID | KID | IS | CLIP score |",
+             "|---|---|---|---|---|---|---|---|"]
+    def number(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for r in report["results"]:
+        digits = r["accuracy"]["digits"]
+        focus = r["accuracy"].get("focus", {}).get("colour")
+        lines.append(f"| {r['label']} | {digits['digit']:.3f} | {digits['colour']:.3f} | {number(focus, 3)} | "
+                     f"{r['fid']:.2f} | {r['kid'][0]:.4f} | {r['inception_score'][0]:.2f} | {number(r['clip_score'], 2)} |")
+    lines += ["", f"Features for FID/KID/IS: {report['feature_extractor']}; real images: {report['real_images']}.", ""]
+    lines += [f"- LPIPS (glyph features) {k}: {v:.4f}" for k, v in report["lpips"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,120 @@
+"""The demo model: glyph data -> base model trained from scratch -> LoRA teaching a colour the base
+never saw -> merged folder, each stage cached by the hash of what produced it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kiln.dataset.glyphs import COLOURS
+from kiln.export.manifest import fingerprint
+from kiln.training.base import BaseSpec
+
+log = logging.getLogger("kiln.demo")
+DEMO_FORMAT = 1  # bump when a stage's code changes what it produces
+DONE = ".kiln-stage-done"
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    seed: int = 0
+    taught_colour: str = "purple"  # held out of the base data; the LoRA teaches it
+    base_images: int = 6000
+    lora_images: int = 1000
+    real_images: int = 400  # held-out renders FID is measured against
+    base: BaseSpec = field(default_factory=BaseSpec)
+    lora_steps: int = 600
+    lora_rank: int = 8
+    lora_learning_rate: float = 1e-3
+    classifier_steps: int = 600
+
+    @property
+    def base_colours(self) -> tuple[str, ...]:
+        return tuple(c for c in COLOURS if c != self.taught_colour)
+
+
+@dataclass
+class DemoModels:
+    base_data: Path
+    lora_data: Path
+    real_data: Path
+    classifier: Path
+    untrained: Path  # the base architecture before UNet training (trained VAE, random UNet)
+    base: Path
+    lora: Path
+    merged: Path
+
+
+def _stage(root: Path, name: str, inputs: dict, build: Callable[[Path], None]) -> Path:
+    """Run `build` into root/name-<hash> unless a finished copy exists; returns the folder."""
+    folder = root / f"{name}-{fingerprint({'inputs': inputs, 'format': DEMO_FORMAT})[:12]}"
+    if (folder / DONE).is_file():
+        log.info("%s: reusing %s", name, folder)
+        return folder
+    log.info("%s: building %s", name, folder)
+    build(folder)
+    (folder / DONE).write_text("")
+    return folder
+
+
+def build_demo(artifacts: Path, spec: DemoSpec = DemoSpec()) -> DemoModels:
+    from kiln.dataset.glyphs import write_glyphs
+    from kiln.evaluation.classifier import train_classifier
+    from kiln.merge.fuse import LoraInput, merge
+    from kiln.training.base import train_base
+    from kiln.training.run import run_training
+
+    root = Path(artifacts) / "demo"
+    size = spec.base.resolution
+    base_data = _stage(root, "glyphs-base", {"n": spec.base_images, "seed": spec.seed, "c": spec.base_colours, "s": size},
+                       lambda out: write_glyphs(out, spec.base_images, spec.seed, size, spec.base_colours))
+    lora_data = _stage(root, "glyphs-lora", {"n": spec.lora_images, "seed": spec.seed + 1, "c": spec.taught_colour, "s": size},
+                       lambda out: write_glyphs(out, spec.lora_images, spec.seed + 1, size, (spec.taught_colour,)))
+    real_data = _stage(root, "glyphs-real", {"n": spec.real_images, "seed": spec.seed + 2, "c": spec.base_colours, "s": size},
+                       lambda out: write_glyphs(out, spec.real_images, spec.seed + 2, size, spec.base_colours))
+    classifier = _stage(root, "classifier", {"steps": spec.classifier_steps, "seed": spec.seed},
+                        lambda out: train_classifier(out, steps=spec.classifier_steps, seed=spec.seed))
+    base_run = _stage(root, "base", {"data": base_data.name, "spec": asdict(spec.base)},
+                      lambda out: train_base(base_data, out, spec.base))
+    lora_run = _stage(root, "lora", {"base": base_run.name, "data": lora_data.name, "steps": spec.lora_steps,
+                                     "rank": spec.lora_rank, "lr": spec.lora_learning_rate},
+                      lambda out: run_training("lora", None, [
+                          f"model={base_run / 'model'}", f"data.path={lora_data}", f"output_dir={out}",
+                          f"data.resolution={size}", "data.augment.enabled=false", "data.caption_dropout=0.1",
+                          f"max_train_steps={spec.lora_steps}", f"train_batch_size={spec.base.batch_size}",
+                          f"optim.learning_rate={spec.lora_learning_rate}", f"lora.rank={spec.lora_rank}",
+                          f"lora.alpha={spec.lora_rank}", "tensorboard=false", f"checkpointing_steps={spec.lora_steps}",
+                          "checkpoints_total_limit=1", f"seed={spec.seed}"]))
+    lora_file = lora_run / "pytorch_lora_weights.safetensors"
+    merged = _stage(root, "merged", {"base": base_run.name, "lora": lora_run.name},
+                    lambda out: merge(base_run / "model", out / "model", [LoraInput(lora_file)]))
+    return DemoModels(base_data, lora_data, real_data, classifier, base_run / "untrained-unet", base_run / "model",
+                      lora_file, merged / "model")
+
+
+def evaluate_demo(artifacts: Path, out_dir: Path, spec: DemoSpec = DemoSpec(), eval_spec=None, protocol: str = "http") -> dict:
+    """Serve the untrained, base and merged models side by side on free ports and measure each
+    through its Triton endpoint on the same prompts and seeds."""
+    from kiln.evaluation.report import EvalSpec, evaluate
+    from kiln.export.onnx_export import export_onnx
+    from kiln.model_repository.builder import build_repository
+    from kiln.serving import server
+
+    models = build_demo(artifacts, spec)
+    eval_spec = eval_spec or EvalSpec(colours=spec.base_colours, focus_colour=spec.taught_colour)
+    endpoints, running = {}, []
+    try:
+        for label, folder in (("merged", models.merged), ("base", models.base), ("untrained", models.untrained)):
+            onnx_dir = Path(artifacts) / "onnx" / f"demo-{label}"
+            export_onnx(folder, onnx_dir)
+            repo = build_repository(onnx_dir, Path(artifacts) / "eval-repositories" / label)
+            ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
+            _, info = server.start(repo, ports)
+            running.append(ports)
+            endpoints[label] = info.http_url if protocol == "http" else info.grpc_url
+        return evaluate(endpoints, protocol, models.classifier, models.real_data, out_dir, eval_spec)
+    finally:
+        for ports in running:
+            server.stop(ports)
