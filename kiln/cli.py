@@ -179,6 +179,7 @@ def repo_build(
     max_size: int = typer.Option(1024, "--max-size", help="largest height or width a request may ask for"),
     max_batch_size: int = typer.Option(16, "--max-batch-size"),
     pipeline_instances: int = typer.Option(1, "--pipeline-instances"),
+    max_queue: int = typer.Option(16, "--max-queue", help="generations allowed to wait; more are refused at once"),
     onnx_threads: int = typer.Option(0, "--onnx-threads", help="ONNX Runtime threads per model (0: automatic)"),
 ):
     """Write a Triton model repository (tokenizer, components, BLS pipeline, txt2img ensemble)."""
@@ -187,7 +188,8 @@ def repo_build(
     from kiln.pipeline.request import Limits
 
     limits = Limits(max_steps=max_steps, max_size=max_size)
-    tuning = Tuning(max_batch_size=max_batch_size, pipeline_instances=pipeline_instances, onnx_threads=onnx_threads)
+    tuning = Tuning(max_batch_size=max_batch_size, pipeline_instances=pipeline_instances, onnx_threads=onnx_threads,
+                    max_queue=max_queue)
     build_repository(onnx_dir, repo_dir, target=target, limits=limits, tuning=tuning)
     console.print(f"model repository written to {repo_dir}; serve it with: kiln serve {repo_dir}")
 

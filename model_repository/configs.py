@@ -37,6 +37,7 @@ class Tuning:
     max_queue_delay_us: int = 0  # paid at every denoising step of the BLS loop: keep near zero
     component_instances: int = 1
     pipeline_instances: int = 1
+    max_queue: int = 16  # generations waiting beyond this are refused at once ("Exceeds maximum queue size")
     onnx_threads: int = 0  # 0: ONNX Runtime's own choice
 
 
@@ -90,8 +91,15 @@ def tokenizer_config(settings: dict) -> mc.ModelConfig:
 
 
 def pipeline_config(tuning: Tuning, settings: dict) -> mc.ModelConfig:
-    """The BLS model: the denoising loop around text_encoder, unet and vae_decoder."""
-    config = mc.ModelConfig(name="pipeline", backend="python", max_batch_size=0)
+    """The BLS model: the denoising loop around text_encoder, unet and vae_decoder.
+
+    Batch size 1 only so that it may have a queue policy: requests beyond `max_queue` waiting for an
+    instance are rejected rather than left to pile up. Triton adds a leading 1 to its inputs."""
+    config = mc.ModelConfig(name="pipeline", backend="python", max_batch_size=1)
+    config.dynamic_batching.max_queue_delay_microseconds = 0
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = tuning.max_queue
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
     for name, data_type in TOKEN_TENSORS.items():
         _tensor(config.input.add(), name, data_type, [-1, -1])
     for field in TXT2IMG_INPUTS:  # the prompts too: the pipeline validates the whole request

@@ -125,6 +125,8 @@ class PipelineModel:
         chunks = {}
         for side in ("prompt", "negative_prompt"):
             ids, weights = raw.get(f"{side}_ids"), raw.get(f"{side}_weights")
+            if ids is not None and weights is not None and ids.ndim == 3 and ids.shape[0] == 1:
+                ids, weights = ids[0], weights[0]  # the batch dimension Triton adds
             if ids is None or weights is None or ids.shape != weights.shape or ids.ndim != 2:
                 raise RequestError(f"{side}_ids", None, "token ids and weights from the tokenizer model")
             chunks[side] = TokenChunks(ids.astype(np.int32), weights.astype(np.float32))

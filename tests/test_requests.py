@@ -254,3 +254,39 @@ def test_a_client_that_disconnects_mid_generation_does_not_disturb_others(triton
     with client(info) as c:
         assert c.health() == {"live": True, "ready": True}
         assert np.abs(c.generate("a green digit 2", seed=9, steps=3).images.astype(int) - expected).max() <= MAX_DIFF
+
+
+def test_a_full_queue_refuses_at_once_and_the_rest_still_draw_right(onnx_dir, tmp_path):
+    """One pipeline instance and a queue of one: of four simultaneous long generations one runs,
+    one waits, and the others are refused with Triton's queue error instead of piling up."""
+    from kiln.model_repository.builder import build_repository
+    from kiln.model_repository.configs import Tuning
+
+    repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo", tuning=Tuning(max_queue=1))
+    ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
+    _, info = server.start(repo, ports)
+    try:
+        with client(info) as c:
+            expected = c.generate("a red digit 7", seed=1, steps=60).images
+        outcomes = {}
+
+        def work(i):
+            try:
+                with client(info, ("http", "grpc")[i % 2]) as c:
+                    outcomes[i] = c.generate("a red digit 7", seed=1, steps=60).images
+            except ClientError as e:
+                outcomes[i] = e
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        refused = [o for o in outcomes.values() if isinstance(o, ClientError)]
+        drawn = [o for o in outcomes.values() if not isinstance(o, ClientError)]
+        assert len(refused) >= 1 and all("Exceeds maximum queue size" in str(e) for e in refused)
+        assert len(drawn) >= 2 and all(np.array_equal(d, expected) for d in drawn)
+        with client(info) as c:
+            assert c.health() == {"live": True, "ready": True}
+    finally:
+        server.stop(ports)
