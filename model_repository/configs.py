@@ -100,6 +100,7 @@ def pipeline_config(tuning: Tuning, settings: dict) -> mc.ModelConfig:
     policy = config.dynamic_batching.default_queue_policy
     policy.max_queue_size = tuning.max_queue
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.allow_timeout_override = True  # a client may bound its own wait (request timeout)
     for name, data_type in TOKEN_TENSORS.items():
         _tensor(config.input.add(), name, data_type, [-1, -1])
     for field in TXT2IMG_INPUTS:  # the prompts too: the pipeline validates the whole request
