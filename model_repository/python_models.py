@@ -11,9 +11,8 @@ import numpy as np
 
 from kiln.errors import RequestError
 from kiln.export.specs import COMPONENTS, ComponentSpec
-from kiln.pipeline.denoise import Engines, ModelConstants, generate
+from kiln.pipeline.denoise import Engines, ModelConstants, generate_request
 from kiln.pipeline.request import TXT2IMG_INPUTS, Defaults, Limits, parse_request
-from kiln.pipeline.schedulers import make_scheduler
 
 log = logging.getLogger("kiln.model_repository")
 
@@ -118,7 +117,6 @@ class PipelineModel:
         self.engines = engines
 
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:
-        from kiln.pipeline.denoise import load_init_image
         from kiln.pipeline.prompt_weights import TokenChunks
 
         request = parse_request(raw, self.defaults, self.limits, self.size_multiple)
@@ -130,26 +128,8 @@ class PipelineModel:
             if ids is None or weights is None or ids.shape != weights.shape or ids.ndim != 2:
                 raise RequestError(f"{side}_ids", None, "token ids and weights from the tokenizer model")
             chunks[side] = TokenChunks(ids.astype(np.int32), weights.astype(np.float32))
-        init_image = None
-        if request.image is not None:
-            try:
-                init_image = load_init_image(request.image, request.height, request.width, self.size_multiple)
-            except Exception:
-                raise RequestError("init_image", f"<{len(request.image)} bytes>", "a PNG or JPEG file") from None
-        images = generate(
-            engines,
-            make_scheduler(request.scheduler, self.scheduler_config),
-            self.constants,
-            chunks["prompt"],
-            chunks["negative_prompt"],
-            seeds=request.seeds,
-            steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            height=request.height,
-            width=request.width,
-            init_image=init_image,
-            strength=request.strength,
-        )
+        images = generate_request(engines, request, self.scheduler_config, self.constants, chunks["prompt"],
+                                  chunks["negative_prompt"], self.size_multiple)
         return {"image": images, "seeds": np.array(request.seeds, dtype=np.int64)}
 
     def execute(self, requests):

@@ -148,3 +148,31 @@ def load_init_image(data: bytes, height: int | None, width: int | None, multiple
         image = image.resize(target, Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return (array * 2 - 1).transpose(2, 0, 1)[None]
+
+
+def generate_request(engines: Engines, request, scheduler_config: dict, constants: ModelConstants,
+                     prompt: TokenChunks, negative: TokenChunks, size_multiple: int) -> np.ndarray:
+    """A validated GenerationRequest through `generate`: scheduler built, init image decoded."""
+    from kiln.errors import RequestError
+    from kiln.pipeline.schedulers import make_scheduler
+
+    init_image = None
+    if request.image is not None:
+        try:
+            init_image = load_init_image(request.image, request.height, request.width, size_multiple)
+        except Exception:
+            raise RequestError("init_image", f"<{len(request.image)} bytes>", "a PNG or JPEG file") from None
+    return generate(
+        engines,
+        make_scheduler(request.scheduler, scheduler_config),
+        constants,
+        prompt,
+        negative,
+        seeds=request.seeds,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        height=request.height,
+        width=request.width,
+        init_image=init_image,
+        strength=request.strength,
+    )

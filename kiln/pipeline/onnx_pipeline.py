@@ -12,12 +12,11 @@ import numpy as np
 from kiln.errors import ModelError
 from kiln.export.manifest import read_manifest
 from kiln.export.specs import COMPONENTS
-from kiln.pipeline.denoise import ModelConstants, generate, load_init_image
+from kiln.pipeline.denoise import ModelConstants, generate_request
 from kiln.pipeline.onnx_session import ComponentSession
 from kiln.pipeline.prompt_weights import tokenize_pair
 from kiln.pipeline.prompts import load_tokenizer
 from kiln.pipeline.request import Defaults, GenerationRequest
-from kiln.pipeline.schedulers import make_scheduler
 
 
 def read_export(onnx_dir: Path) -> dict:
@@ -85,20 +84,5 @@ class OnnxPipeline:
 
     def __call__(self, request: GenerationRequest) -> np.ndarray:
         prompt, negative = tokenize_pair(self.tokenizer, request.prompt, request.negative_prompt)
-        init_image = None
-        if request.image is not None:
-            init_image = load_init_image(request.image, request.height, request.width, size_multiple(self.manifest))
-        return generate(
-            self.engines,
-            make_scheduler(request.scheduler, self.scheduler_config),
-            self.constants,
-            prompt,
-            negative,
-            seeds=request.seeds,
-            steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            height=request.height,
-            width=request.width,
-            init_image=init_image,
-            strength=request.strength,
-        )
+        return generate_request(self.engines, request, self.scheduler_config, self.constants, prompt, negative,
+                                size_multiple(self.manifest))
