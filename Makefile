@@ -16,6 +16,8 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PROMPT ?= a red digit 7 on a white background
 PYTEST_ARGS ?=
+USERS ?= 4
+DURATION ?= 120
 
 KILN := $(VENV)/bin/kiln
 PORTS := --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
@@ -24,7 +26,7 @@ MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/models/tiny)
 ONNX_DIR := $(ARTIFACTS)/onnx/$(notdir $(abspath $(MODEL_DIR)))-$(PRECISION)
 REPO_DIR := $(ARTIFACTS)/repository
 
-.PHONY: help setup model export repo serve deploy smoke parity eval stop test clean
+.PHONY: help setup model export repo serve deploy smoke parity eval loadtest stop test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -66,6 +68,10 @@ parity: model ## report served-vs-diffusers and ONNX-vs-PyTorch differences for 
 
 eval: $(STAMP) ## measure the glyph demo's untrained, base and merged models through Triton (work in progress)
 	$(KILN) eval --demo --artifacts $(ARTIFACTS) --out $(ARTIFACTS)/eval
+
+loadtest: $(STAMP) ## Locust against the running server (USERS, DURATION seconds)
+	$(KILN) loadtest --users $(USERS) --spawn-rate $(USERS) --duration $(DURATION) --http-url 127.0.0.1:$(HTTP_PORT) \
+		--grpc-url 127.0.0.1:$(GRPC_PORT) --metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics --out $(ARTIFACTS)/loadtest
 
 stop: $(STAMP) ## stop the background server
 	$(KILN) stop $(PORTS)

@@ -378,10 +378,35 @@ def evaluate(
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; grids: {out}/grid-*.png")
 
 
+@app.command()
+def loadtest(
+    users: int = typer.Option(4, "--users"),
+    spawn_rate: float = typer.Option(4.0, "--spawn-rate"),
+    duration: int = typer.Option(60, "--duration", help="seconds"),
+    http_url: str = typer.Option("127.0.0.1:8000", "--http-url"),
+    grpc_url: str = typer.Option("127.0.0.1:8001", "--grpc-url"),
+    metrics_url: str = typer.Option("http://127.0.0.1:8002/metrics", "--metrics-url"),
+    protocols: str = typer.Option("http,grpc", "--protocols", help="which Locust users: http, grpc or both"),
+    steps: int = typer.Option(4, "--steps"),
+    slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms"),
+    min_rps: Optional[float] = typer.Option(None, "--min-rps"),
+    out: Path = typer.Option(Path("artifacts/loadtest"), "--out"),
+):
+    """Locust, headless, against a running server; exits 1 when a request fails or a level is missed."""
+    from kiln.benchmarks.loadtest import run, to_markdown
+
+    report = run(http_url, grpc_url, metrics_url, out, users, spawn_rate, duration, protocols, steps, slo_p95_ms, min_rps)
+    typer.echo(to_markdown(report))
+    console.print(f"CSV, HTML and JSON in {out}")
+    raise typer.Exit(1 if report.violations else 0)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_log_handler()])
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns typer.Exit's code instead of raising
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KilnError as e:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         if e.hint:
