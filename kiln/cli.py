@@ -50,6 +50,18 @@ def model_tiny(
     console.print(f"tiny {prediction_type} model written to {out}")
 
 
+@model_app.command("sd15")
+def model_sd15(out: Path, width: str = typer.Option("half", "--width", help="full (SD 1.5 exactly) or half"),
+               seed: int = 0):
+    """Write SD 1.5's architecture with random weights, for benchmarks at real size."""
+    from kiln.models.benchmark import WIDTHS, write_sd15_model
+
+    if width not in WIDTHS:
+        raise KilnError(f"--width {width!r} is not one of {list(WIDTHS)}")
+    write_sd15_model(out, width, seed)
+    console.print(f"SD 1.5 architecture ({width} width, random weights) written to {out}")
+
+
 @model_app.command("info")
 def model_info(model_dir: Path):
     """Describe a local Stable Diffusion folder without loading its weights."""
@@ -178,7 +190,7 @@ def repo_build(
     max_steps: int = typer.Option(150, "--max-steps"),
     max_size: int = typer.Option(1024, "--max-size", help="largest height or width a request may ask for"),
     max_batch_size: int = typer.Option(16, "--max-batch-size"),
-    pipeline_instances: int = typer.Option(1, "--pipeline-instances"),
+    pipeline_instances: int = typer.Option(4, "--pipeline-instances", help="BLS denoising loops feeding the batched models"),
     max_queue: int = typer.Option(16, "--max-queue", help="generations allowed to wait; more are refused at once"),
     onnx_threads: int = typer.Option(0, "--onnx-threads", help="ONNX Runtime threads per model (0: automatic)"),
 ):
@@ -376,6 +388,27 @@ def evaluate(
 
     typer.echo(to_markdown(report))
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; grids: {out}/grid-*.png")
+
+
+@app.command()
+def bench(
+    model_dir: Path,
+    onnx_dir: Path,
+    out: Path = typer.Option(Path("artifacts/bench"), "--out"),
+    steps: int = typer.Option(10, "--steps"),
+    size: Optional[int] = typer.Option(None, "--size", help="pixels (default: the model's native size)"),
+    runs: int = typer.Option(5, "--runs"),
+    pipeline_instances: int = typer.Option(4, "--pipeline-instances", help="BLS denoising loops feeding the batched models"),
+    onnx_threads: int = typer.Option(0, "--onnx-threads"),
+):
+    """Latency per stage and end to end: diffusers PyTorch, Kiln ONNX Runtime, Triton HTTP and gRPC."""
+    from kiln.benchmarks.latency import BenchSpec, run, to_markdown
+    from kiln.model_repository.configs import Tuning
+
+    report = run(model_dir, onnx_dir, out, BenchSpec(steps=steps, size=size, runs=runs),
+                 Tuning(pipeline_instances=pipeline_instances, onnx_threads=onnx_threads))
+    typer.echo(to_markdown(report))
+    console.print(f"saved {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
 
 
 @app.command()

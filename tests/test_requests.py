@@ -262,7 +262,7 @@ def test_a_full_queue_refuses_at_once_and_the_rest_still_draw_right(onnx_dir, tm
     from kiln.model_repository.builder import build_repository
     from kiln.model_repository.configs import Tuning
 
-    repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo", tuning=Tuning(max_queue=1))
+    repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo", tuning=Tuning(max_queue=1, pipeline_instances=1))
     ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
     _, info = server.start(repo, ports)
     try:

@@ -1,0 +1,208 @@
+"""`kiln bench`: per-stage and end-to-end latency for the same model, steps, size and seed through
+diffusers' PyTorch pipeline, Kiln's ONNX Runtime pipeline (in-process), and Kiln through Triton
+over HTTP and gRPC, measured in one run. Medians after warm-up; JSON, markdown and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+PROMPT = "a red digit 7 on a white background"
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    steps: int = 10
+    size: int | None = None  # pixels; default the model's native size
+    runs: int = 5
+    warmup: int = 1
+    scheduler: str = "euler"
+    seed: int = 0
+
+
+def timed(fn: Callable[[], object], runs: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return {"median_ms": 1000 * statistics.median(samples), "min_ms": 1000 * min(samples), "max_ms": 1000 * max(samples)}
+
+
+def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate through torch (the ceiling a UNet step can reach)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    result = timed(lambda: a @ b, runs, 1)
+    return 2 * n**3 / (result["median_ms"] / 1000) / 1e9
+
+
+def unet_flops(unet, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        unet(sample, timestep, hidden)
+    return float(counter.get_total_flops())
+
+
+def stage_inputs(info, size: int, hidden: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    latent = size // info["vae_scale_factor"]
+    return {
+        "input_ids": rng.integers(0, 49000, (2, 77)).astype(np.int32),
+        "sample": rng.standard_normal((2, info["latent_channels"], latent, latent)).astype(np.float32),
+        "timestep": np.full((2,), 500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, hidden)).astype(np.float32),
+        "latent_sample": rng.standard_normal((1, info["latent_channels"], latent, latent)).astype(np.float32),
+    }
+
+
+def bench_pytorch(model_dir: Path, spec: BenchSpec, size: int, x: dict) -> dict:
+    from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
+
+    pipe = load_diffusers_pipeline(model_dir)
+    t = {k: torch.from_numpy(v) for k, v in x.items()}
+    with torch.inference_mode():
+        stages = {
+            "text_encoder": timed(lambda: pipe.text_encoder(t["input_ids"].long()), spec.runs, spec.warmup),
+            "unet_step": timed(lambda: pipe.unet(t["sample"], t["timestep"], t["encoder_hidden_states"]), spec.runs, spec.warmup),
+            "vae_decode": timed(lambda: pipe.vae.decode(t["latent_sample"]), spec.runs, spec.warmup),
+        }
+        flops = unet_flops(pipe.unet, t["sample"], t["timestep"], t["encoder_hidden_states"])
+    end = timed(lambda: diffusers_image(pipe, spec.scheduler, PROMPT, "", spec.seed, spec.steps, 7.5, size, size),
+                max(1, spec.runs // 2), spec.warmup)
+    return {"stages": stages, "end_to_end": end, "unet_gflop": flops / 1e9}
+
+
+def bench_onnx(onnx_dir: Path, spec: BenchSpec, size: int, x: dict) -> dict:
+    from kiln.pipeline.onnx_pipeline import OnnxPipeline
+    from kiln.pipeline.request import GenerationRequest
+
+    pipe = OnnxPipeline(onnx_dir)
+    e = pipe.engines
+    stages = {
+        "text_encoder": timed(lambda: e.encode_text(x["input_ids"]), spec.runs, spec.warmup),
+        "unet_step": timed(lambda: e.predict_noise(x["sample"], x["timestep"], x["encoder_hidden_states"]), spec.runs, spec.warmup),
+        "vae_decode": timed(lambda: e.decode_latents(x["latent_sample"]), spec.runs, spec.warmup),
+    }
+    request = GenerationRequest(PROMPT, "", spec.seed, spec.steps, 7.5, size, size, spec.scheduler)
+    return {"stages": stages, "end_to_end": timed(lambda: pipe(request), max(1, spec.runs // 2), spec.warmup)}
+
+
+def bench_triton(url: str, protocol: str, spec: BenchSpec, size: int, x: dict) -> dict:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from kiln.clients.client import KilnClient
+
+    module = httpclient if protocol == "http" else grpcclient
+    raw = module.InferenceServerClient(url)
+
+    def call(model: str, feeds: dict[str, np.ndarray]):
+        inputs = []
+        for name, array in feeds.items():
+            array = array.reshape(-1, 1) if array.ndim == 1 else array
+            tensor = module.InferInput(name, list(array.shape), {"float32": "FP32", "int32": "INT32"}[str(array.dtype)])
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return raw.infer(model, inputs)
+
+    stages = {
+        # distinct ids each call: the response cache must not answer for the encoder
+        "text_encoder": timed(lambda: call("text_encoder", {"input_ids": np.random.randint(0, 49000, (2, 77)).astype(np.int32)}),
+                              spec.runs, spec.warmup),
+        "unet_step": timed(lambda: call("unet", {k: x[k] for k in ("sample", "timestep", "encoder_hidden_states")}), spec.runs, spec.warmup),
+        "vae_decode": timed(lambda: call("vae_decoder", {"latent_sample": x["latent_sample"]}), spec.runs, spec.warmup),
+    }
+    with KilnClient(url, protocol) as client:
+        end = timed(lambda: client.generate(PROMPT, seed=spec.seed, steps=spec.steps, height=size, width=size,
+                                            scheduler=spec.scheduler), max(1, spec.runs // 2), spec.warmup)
+    return {"stages": stages, "end_to_end": end}
+
+
+def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchSpec(), tuning=None) -> dict:
+    from kiln.export.manifest import read_manifest, write_json_atomically
+    from kiln.model_repository.builder import build_repository
+    from kiln.model_repository.configs import Tuning
+    from kiln.serving import server
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(onnx_dir)
+    info = manifest["model"]
+    size = spec.size or info["default_size"]
+    x = stage_inputs(info, size, manifest["dims"]["hidden_size"])
+    tuning = tuning or Tuning()
+    results = {"pytorch": bench_pytorch(model_dir, spec, size, x), "onnxruntime": bench_onnx(onnx_dir, spec, size, x)}
+    repo = build_repository(onnx_dir, out_dir / "repository", tuning=tuning)
+    ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
+    _, served = server.start(repo, ports)
+    try:
+        results["triton_http"] = bench_triton(served.http_url, "http", spec, size, x)
+        results["triton_grpc"] = bench_triton(served.grpc_url, "grpc", spec, size, x)
+    finally:
+        server.stop(ports)
+    end = {k: v["end_to_end"]["median_ms"] for k, v in results.items()}
+    unet_ms = results["onnxruntime"]["stages"]["unet_step"]["median_ms"]
+    gflop = results["pytorch"]["unet_gflop"]
+    report = {
+        "spec": asdict(spec), "size": size, "tuning": asdict(tuning), "results": results,
+        "ratios": {
+            "onnxruntime_speedup_vs_pytorch": end["pytorch"] / end["onnxruntime"],
+            "triton_http_overhead": end["triton_http"] / end["onnxruntime"] - 1,
+            "triton_grpc_overhead": end["triton_grpc"] / end["onnxruntime"] - 1,
+        },
+        "unet_step": {"gflop": gflop, "onnxruntime_gflops": gflop / (unet_ms / 1000), "matmul_gflops": matmul_gflops()},
+    }
+    write_json_atomically(out_dir / "bench.json", report)
+    (out_dir / "bench.md").write_text(to_markdown(report))
+    plot(report, out_dir / "bench.png")
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"size {report['size']}px, {report['spec']['steps']} steps, {report['spec']['scheduler']}, medians of "
+             f"{report['spec']['runs']} runs (ms)", "",
+             "| path | text encoder | UNet step (batch 2) | VAE decode | end to end |", "|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        s = r["stages"]
+        lines.append(f"| {name} | {s['text_encoder']['median_ms']:.1f} | {s['unet_step']['median_ms']:.1f} | "
+                     f"{s['vae_decode']['median_ms']:.1f} | {r['end_to_end']['median_ms']:.1f} |")
+    r, u = report["ratios"], report["unet_step"]
+    lines += ["", f"- ONNX Runtime vs PyTorch end to end: {r['onnxruntime_speedup_vs_pytorch']:.2f}x",
+              f"- Triton overhead vs in-process: HTTP {100 * r['triton_http_overhead']:+.1f} %, gRPC {100 * r['triton_grpc_overhead']:+.1f} %",
+              f"- UNet step: {u['gflop']:.1f} GFLOP, {u['onnxruntime_gflops']:.1f} GFLOP/s on ONNX Runtime "
+              f"vs {u['matmul_gflops']:.1f} GFLOP/s float32 matmul on this machine"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["results"])
+    stages = ["text_encoder", "unet_step", "vae_decode"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.2
+    for i, name in enumerate(names):
+        values = [report["results"][name]["stages"][s]["median_ms"] for s in stages]
+        axes[0].bar(np.arange(len(stages)) + i * width, values, width, label=name)
+    axes[0].set_xticks(np.arange(len(stages)) + 1.5 * width, stages)
+    axes[0].set_ylabel("ms (median)")
+    axes[0].set_title("per stage")
+    axes[0].legend()
+    axes[1].bar(names, [report["results"][n]["end_to_end"]["median_ms"] for n in names], color="tab:gray")
+    axes[1].set_title(f"end to end, {report['spec']['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on the tiny model and save what they promise. (Timings are
+reported by the scripts, never asserted here.)"""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.triton
+
+
+def test_bench_writes_json_markdown_and_plot(tiny_model, onnx_dir, tmp_path):
+    from kiln.benchmarks.latency import BenchSpec, run
+
+    report = run(tiny_model("epsilon"), onnx_dir("epsilon"), tmp_path, BenchSpec(steps=2, runs=2))
+    assert set(report["results"]) == {"pytorch", "onnxruntime", "triton_http", "triton_grpc"}
+    for result in report["results"].values():
+        assert set(result["stages"]) == {"text_encoder", "unet_step", "vae_decode"}
+        assert result["end_to_end"]["median_ms"] > 0
+    assert report["unet_step"]["gflop"] > 0 and report["unet_step"]["matmul_gflops"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text())["ratios"]
+    assert (tmp_path / "bench.png").stat().st_size > 1000 and "ONNX Runtime vs PyTorch" in (tmp_path / "bench.md").read_text()
+
+
+def test_concurrent_generations_through_several_loops_match_lone_ones(onnx_dir, tmp_path):
+    """Four BLS loops feeding one dynamically batched UNet: each image equals its one-at-a-time twin."""
+    from kiln.benchmarks.throughput import measure
+    from kiln.model_repository.builder import build_repository
+    from kiln.model_repository.configs import Tuning
+    from kiln.serving import server
+
+    repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo", tuning=Tuning(pipeline_instances=4))
+    ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
+    _, info = server.start(repo, ports)
+    try:
+        result = measure(info.grpc_url, requests=8, steps=3, rounds=1, levels=(4,))
+    finally:
+        server.stop(ports)
+    assert result["concurrent"][4]["max_abs_diff_vs_alone"] == 0
