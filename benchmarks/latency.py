@@ -78,7 +78,7 @@ def bench_pytorch(model_dir: Path, spec: BenchSpec, size: int, x: dict) -> dict:
         }
         flops = unet_flops(pipe.unet, t["sample"], t["timestep"], t["encoder_hidden_states"])
     end = timed(lambda: diffusers_image(pipe, spec.scheduler, PROMPT, "", spec.seed, spec.steps, 7.5, size, size),
-                max(1, spec.runs // 2), spec.warmup)
+                spec.runs, spec.warmup)
     return {"stages": stages, "end_to_end": end, "unet_gflop": flops / 1e9}
 
 
@@ -94,7 +94,7 @@ def bench_onnx(onnx_dir: Path, spec: BenchSpec, size: int, x: dict) -> dict:
         "vae_decode": timed(lambda: e.decode_latents(x["latent_sample"]), spec.runs, spec.warmup),
     }
     request = GenerationRequest(PROMPT, "", spec.seed, spec.steps, 7.5, size, size, spec.scheduler)
-    return {"stages": stages, "end_to_end": timed(lambda: pipe(request), max(1, spec.runs // 2), spec.warmup)}
+    return {"stages": stages, "end_to_end": timed(lambda: pipe(request), spec.runs, spec.warmup)}
 
 
 def bench_triton(url: str, protocol: str, spec: BenchSpec, size: int, x: dict) -> dict:
@@ -124,7 +124,7 @@ def bench_triton(url: str, protocol: str, spec: BenchSpec, size: int, x: dict) -
     }
     with KilnClient(url, protocol) as client:
         end = timed(lambda: client.generate(PROMPT, seed=spec.seed, steps=spec.steps, height=size, width=size,
-                                            scheduler=spec.scheduler), max(1, spec.runs // 2), spec.warmup)
+                                            scheduler=spec.scheduler), spec.runs, spec.warmup)
     return {"stages": stages, "end_to_end": end}
 
 
