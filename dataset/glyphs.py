@@ -53,20 +53,17 @@ def _matplotlib_fonts() -> list[Path]:
 
 @lru_cache(maxsize=1)
 def available_fonts() -> tuple[Path, ...]:
-    """Fonts that draw every digit: DejaVu's, then matplotlib's bundled ones (math/symbol fonts skipped)."""
-    found = []
-    for folder in FONT_DIRS:
-        found += sorted(folder.glob("DejaVu*.ttf")) if folder.is_dir() else []
-    found += _matplotlib_fonts()
-    fonts = []
-    for path in dict.fromkeys(found):
-        name = path.name.lower()
-        if any(skip in name for skip in ("math", "symbol", "cmex", "cmsy", "stix", "display", "extralight")):
+    """The DejaVu faces that draw digits plainly, from the system (fonts-dejavu) or, where it is
+    absent, the copies matplotlib bundles: the same set either way, so renders match across machines."""
+    by_name: dict[str, Path] = {}
+    for path in [p for folder in FONT_DIRS if folder.is_dir() for p in sorted(folder.glob("DejaVu*.ttf"))] + _matplotlib_fonts():
+        name = path.name
+        if not name.startswith("DejaVu") or any(skip in name for skip in ("Math", "ExtraLight", "Display")):
             continue
-        fonts.append(path)
-    if not fonts:
-        raise DatasetError("no TrueType fonts found", hint="apt-get install fonts-dejavu-core (or pip install matplotlib)")
-    return tuple(fonts)
+        by_name.setdefault(name, path)
+    if not by_name:
+        raise DatasetError("no DejaVu TrueType fonts found", hint="apt-get install fonts-dejavu-core (or pip install matplotlib)")
+    return tuple(by_name[name] for name in sorted(by_name))
 
 
 @lru_cache(maxsize=256)
