@@ -12,6 +12,7 @@ import numpy as np
 from kiln.errors import RequestError
 from kiln.export.specs import COMPONENTS, ComponentSpec
 from kiln.pipeline.denoise import Engines, ModelConstants, generate_request
+from kiln.pipeline.schedulers import make_scheduler
 from kiln.pipeline.request import TXT2IMG_INPUTS, Defaults, Limits, parse_request
 
 log = logging.getLogger("kiln.model_repository")
@@ -115,6 +116,18 @@ class PipelineModel:
         self.limits = Limits(**settings["limits"])
         self.size_multiple = int(settings["size_multiple"])
         self.engines = engines
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Do at load what a first request would otherwise pay for: import every scheduler class and
+        run torch's first random draw (each of several loop instances would pay it once)."""
+        import torch
+
+        from kiln.pipeline.schedulers import SCHEDULERS
+
+        for name in ("default", *SCHEDULERS):
+            make_scheduler(name, self.scheduler_config).set_timesteps(2)
+        torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
 
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:
         from kiln.pipeline.prompt_weights import TokenChunks
