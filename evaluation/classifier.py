@@ -70,16 +70,6 @@ def render_batch(count: int, rng: np.random.Generator, colours=tuple(COLOURS)):
     return to_input(images), digits, colour_ids
 
 
-def degrade(x: torch.Tensor) -> torch.Tensor:
-    """Random blur and noise, so the classifier reads soft, noisy generated glyphs as it reads crisp
-    renders (it still never sees a generated image)."""
-    import kornia.filters
-
-    sigma = float(torch.empty(1).uniform_(0.1, 1.3))
-    x = kornia.filters.gaussian_blur2d(x, (5, 5), (sigma, sigma))
-    return (x + torch.randn_like(x) * float(torch.empty(1).uniform_(0.0, 0.06))).clamp(0, 1)
-
-
 @dataclass
 class ClassifierReport:
     path: Path

@@ -27,44 +27,34 @@ from training_runs import METHOD_SETTINGS, train_settings
 KINDS = ("epsilon", "v_prediction")
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
+def _per_kind(build):
+    """A getter that builds the artifact for a model kind once per session."""
     cache = {}
 
     def get(kind: str = "epsilon") -> Path:
         if kind not in cache:
-            cache[kind] = write_tiny_model(root / kind, kind)
+            cache[kind] = build(kind)
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return _per_kind(lambda kind: write_tiny_model(root / kind, kind))
 
 
 @pytest.fixture(scope="session")
 def onnx_dir(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
-    cache = {}
-
-    def get(kind: str = "epsilon") -> Path:
-        if kind not in cache:
-            export_onnx(tiny_model(kind), root / kind)
-            cache[kind] = root / kind
-        return cache[kind]
-
-    return get
+    return _per_kind(lambda kind: export_onnx(tiny_model(kind), root / kind).out_dir)
 
 
 @pytest.fixture(scope="session")
 def repo_dir(onnx_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("repos")
-    cache = {}
-
-    def get(kind: str = "epsilon") -> Path:
-        if kind not in cache:
-            cache[kind] = build_repository(onnx_dir(kind), root / kind)
-        return cache[kind]
-
-    return get
+    return _per_kind(lambda kind: build_repository(onnx_dir(kind), root / kind))
 
 
 def free_ports() -> server.Ports:

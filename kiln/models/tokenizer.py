@@ -8,7 +8,6 @@ ids equal those of the tokenizer shipped with every Stable Diffusion checkpoint.
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 import importlib.util
 import json
 from functools import lru_cache
@@ -86,12 +85,3 @@ def write_clip_tokenizer(out_dir: Path, pad_token: str = EOS) -> Path:
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return out_dir
-
-
-def open_clip_version() -> str | None:
-    for dist in ("open_clip_torch", "clip-anytorch"):
-        try:
-            return f"{dist} {importlib.metadata.version(dist)}"
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
