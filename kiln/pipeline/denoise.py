@@ -20,7 +20,11 @@ from kiln.pipeline.prompt_weights import TokenChunks, apply_weights
 
 
 class Engines(Protocol):
-    """One call per component. Arrays in, arrays out, shapes as in the component specs."""
+    """One call per component. Arrays in, arrays out, shapes as in the component specs.
+
+    An engine object with a `device` attribute (a torch device) gets and returns torch tensors on that
+    device in predict_noise, decode_latents and encode_image, so latents stay there between steps;
+    encode_text takes and returns numpy either way (once per request)."""
 
     def encode_text(self, input_ids: np.ndarray) -> np.ndarray: ...  # (B, 77) int32 -> (B, 77, D)
 
@@ -96,41 +100,55 @@ def generate(
     cond, uncond = encode_prompts(engines, prompt, negative if guided else None)
     embeddings = np.concatenate([np.repeat(uncond, count, 0), np.repeat(cond, count, 0)]) if guided \
         else np.repeat(cond, count, 0)  # (2N, 77k, D) | (N, 77k, D)
+    # Engines with a `device` take and return torch tensors there (the GPU target keeps latents on the
+    # GPU between steps); the others take numpy. Noise is drawn on the CPU either way, as diffusers does
+    # with CPU generators, so both paths draw the same images.
+    device = getattr(engines, "device", None)
+    if device is not None:
+        embeddings = torch.from_numpy(embeddings).to(device)
 
     generator = _generators(seeds)
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
     shape = (count, constants.latent_channels, height // constants.vae_scale_factor, width // constants.vae_scale_factor)
     if init_image is None:
-        latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+        latents = randn_tensor(shape, generator=generator, dtype=torch.float32, device=device) * scheduler.init_noise_sigma
     else:
         # diffusers' img2img: skip the first (1 - strength) of the schedule, noise the encoded image to there
         start = max(steps - min(int(steps * strength), steps), 0)
         timesteps = timesteps[start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start * scheduler.order)
-        parameters = torch.from_numpy(engines.encode_image(init_image.astype(np.float32)))  # (1, 2C, h, w)
+        pixels = init_image.astype(np.float32)
+        parameters = engines.encode_image(torch.from_numpy(pixels).to(device)) if device is not None \
+            else torch.from_numpy(engines.encode_image(pixels))  # (1, 2C, h, w)
         mean, logvar = parameters.chunk(2, dim=1)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
         per_image = generator if isinstance(generator, list) else [generator]
-        sampled = torch.cat([mean + std * randn_tensor(mean.shape, generator=g, dtype=mean.dtype) for g in per_image])
+        sampled = torch.cat([mean + std * randn_tensor(mean.shape, generator=g, dtype=mean.dtype, device=device)
+                             for g in per_image])
         init_latents = constants.scaling_factor * sampled  # (N, C, h, w)
-        noise = randn_tensor(init_latents.shape, generator=generator, dtype=torch.float32)
+        noise = randn_tensor(init_latents.shape, generator=generator, dtype=torch.float32, device=device)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(count))
     extra = step_kwargs(scheduler, generator)
     for i, t in enumerate(timesteps):
         model_input = torch.cat([latents] * 2) if guided else latents  # (2N, C, h, w)
         model_input = scheduler.scale_model_input(model_input, t)
-        timestep = np.full((model_input.shape[0],), float(t), dtype=np.float32)
-        noise_pred = torch.from_numpy(engines.predict_noise(model_input.numpy(), timestep, embeddings))
+        if device is not None:
+            timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32, device=device)
+            noise_pred = engines.predict_noise(model_input, timestep, embeddings)
+        else:
+            timestep = np.full((model_input.shape[0],), float(t), dtype=np.float32)
+            noise_pred = torch.from_numpy(engines.predict_noise(model_input.numpy(), timestep, embeddings))
         if guided:
             noise_uncond, noise_text = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps))
-    images = engines.decode_latents((latents / constants.scaling_factor).numpy())
-    return to_uint8(images)
+    if device is not None:
+        return to_uint8(engines.decode_latents(latents / constants.scaling_factor).cpu().numpy())
+    return to_uint8(engines.decode_latents((latents / constants.scaling_factor).numpy()))
 
 
 def load_init_image(data: bytes, height: int | None, width: int | None, multiple: int) -> np.ndarray:
