@@ -8,7 +8,7 @@ VENV ?= .venv
 # PyPI is the CUDA build (see README).
 TORCH_SPEC ?= torch==2.13.0
 MODEL ?=
-DEMO ?=
+TINY ?=
 ARTIFACTS ?= artifacts
 PRECISION ?= fp32
 HTTP_PORT ?= 8000
@@ -16,6 +16,10 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PROMPT ?= a red digit 7 on a white background
 PYTEST_ARGS ?=
+TARGET ?= embedded
+IMAGE ?= kiln-triton:latest
+K8S_REPOSITORY ?= s3://models/kiln/repository
+GPU_CHECK_OUT ?= $(ARTIFACTS)/gpu-check
 USERS ?= 4
 DURATION ?= 120
 
@@ -26,10 +30,10 @@ MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/models/tiny)
 ONNX_DIR := $(ARTIFACTS)/onnx/$(notdir $(abspath $(MODEL_DIR)))-$(PRECISION)
 REPO_DIR := $(ARTIFACTS)/repository
 
-.PHONY: help setup model export repo serve deploy smoke parity eval loadtest stop test clean
+.PHONY: help setup model export repo serve deploy deploy-k8s smoke parity eval loadtest gpu-check stop test clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,8 +60,18 @@ repo: export ## build the Triton model repository
 serve: repo ## serve the repository in the foreground (Ctrl-C stops it)
 	$(KILN) serve $(REPO_DIR) $(PORTS)
 
-deploy: $(STAMP) ## set-up, export, repository, serve in the background, one smoke image
-	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) $(if $(DEMO),--demo) --artifacts $(ARTIFACTS) --precision $(PRECISION) $(PORTS)
+ifeq ($(TARGET),k8s)
+deploy: deploy-k8s ## set-up, export, repository, serve in the background, sample images (TARGET=k8s: cluster manifests)
+else
+deploy: $(STAMP)
+	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) $(if $(TINY),--tiny) --artifacts $(ARTIFACTS) --precision $(PRECISION) $(PORTS)
+endif
+
+deploy-k8s: export ## NGC repository + Kubernetes manifests (IMAGE, K8S_REPOSITORY), validated offline
+	$(KILN) repo build $(ONNX_DIR) $(ARTIFACTS)/repository-ngc --target ngc --backend onnxruntime
+	$(KILN) cluster render $(ARTIFACTS)/k8s --image $(IMAGE) --repository $(K8S_REPOSITORY)
+	@echo "next: docker build -f deploy/Dockerfile -t $(IMAGE) . && docker push $(IMAGE)"
+	@echo "      upload $(ARTIFACTS)/repository-ngc to $(K8S_REPOSITORY), then kubectl apply -k $(ARTIFACTS)/k8s"
 
 smoke: $(STAMP) ## generate one image from the running server over HTTP and gRPC
 	$(KILN) generate "$(PROMPT)" -o $(ARTIFACTS)/smoke-http.png --url 127.0.0.1:$(HTTP_PORT) --seed 0
@@ -66,12 +80,15 @@ smoke: $(STAMP) ## generate one image from the running server over HTTP and gRPC
 parity: model ## report served-vs-diffusers and ONNX-vs-PyTorch differences for MODEL
 	$(VENV)/bin/python -m kiln.benchmarks.parity $(MODEL_DIR) $(ARTIFACTS)/parity
 
-eval: $(STAMP) ## measure the glyph demo's untrained, base and merged models through Triton (work in progress)
+eval: $(STAMP) ## measure the glyph demo's untrained, base and merged models through Triton, against the quality bars
 	$(KILN) eval --demo --artifacts $(ARTIFACTS) --out $(ARTIFACTS)/eval
 
 loadtest: $(STAMP) ## Locust against the running server (USERS, DURATION seconds)
 	$(KILN) loadtest --users $(USERS) --spawn-rate $(USERS) --duration $(DURATION) --http-url 127.0.0.1:$(HTTP_PORT) \
 		--grpc-url 127.0.0.1:$(GRPC_PORT) --metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics --out $(ARTIFACTS)/loadtest
+
+gpu-check: $(STAMP) ## on a GPU host: fp16 TensorRT engines for full SD 1.5, parity and timings vs ORT CUDA and PyTorch
+	$(VENV)/bin/python -m kiln.benchmarks.gpu_check $(GPU_CHECK_OUT)
 
 stop: $(STAMP) ## stop the background server
 	$(KILN) stop $(PORTS)

@@ -27,6 +27,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 app.add_typer(repo_app, name="repo")
+cluster_app = typer.Typer(help="Kubernetes manifests for NVIDIA's Triton container.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
 
 HTTP_PORT = typer.Option(8000, "--http-port")
 GRPC_PORT = typer.Option(8001, "--grpc-port")
@@ -128,13 +130,14 @@ def train(
         if not overrides or len(overrides) < 2:
             raise KilnError("kiln train base needs DATA_DIR OUT_DIR", hint="kiln data glyphs data/glyphs first")
         settings = dict(item.split("=", 1) for item in overrides[2:])
+        vae_data = settings.pop("vae_data", None)  # the autoencoder's own image set (default: DATA_DIR)
         fields = BaseSpec.__dataclass_fields__
         unknown = set(settings) - set(fields)
         if unknown:
-            raise KilnError(f"unknown base settings {sorted(unknown)}: expected some of {sorted(fields)}")
+            raise KilnError(f"unknown base settings {sorted(unknown)}: expected vae_data or some of {sorted(fields)}")
         parse = {"int": int, "float": float}
         spec = BaseSpec(**{k: parse[fields[k].type](v) for k, v in settings.items()})
-        model = train_base(Path(overrides[0]), Path(overrides[1]), spec)
+        model = train_base(Path(overrides[0]), Path(overrides[1]), spec, Path(vae_data) if vae_data else None)
         console.print(f"base model written to {model}")
         return
 
@@ -182,11 +185,71 @@ def export_onnx(
     console.print(f"manifest: {result.manifest}")
 
 
+@export_app.command("trt")
+def export_trt(
+    onnx_dir: Path,
+    out_dir: Path,
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 engines (the VAE and attention softmax stay fp32)"),
+    int8: bool = typer.Option(False, "--int8", help="int8 from a ModelOpt-quantised ONNX export (Q/DQ nodes)"),
+    profile: list[str] = typer.Option([], "--profile", help="IMAGESxSIZE:IMAGESxSIZE:IMAGESxSIZE (min:opt:max); "
+                                      "repeat for several optimisation profiles. Default 1..4 images, half to 1.5x the native size"),
+    plan_only: bool = typer.Option(False, "--plan", help="print the engine plan (shapes, precision) and stop: no GPU needed"),
+):
+    """Build TensorRT engines (on the GPU that will run them), checked against ONNX Runtime."""
+    import json
+
+    from kiln.export.tensorrt import Runtime, check_engines, export_engines, plan_engines, trt_parity_check
+
+    if fp16 and int8:
+        raise KilnError("--fp16 and --int8 were both given", hint="--int8 implies fp16 fallbacks; pass one")
+    plan = plan_engines(onnx_dir, "int8" if int8 else "fp16" if fp16 else "fp32", profile or None)
+    if plan_only:
+        console.print_json(json.dumps(plan.to_json()))
+        return
+    export_engines(onnx_dir, out_dir, plan, trt_parity_check)
+    manifest = check_engines(out_dir, Runtime.detect(), plan.export_key)
+    for name, info in manifest["parity"].items():
+        console.print(f"{name}: {info}")
+    console.print(f"engines written to {out_dir}; serve them with: kiln repo build {onnx_dir} REPO --target ngc "
+                  f"--backend tensorrt --engines {out_dir}")
+
+
+@cluster_app.command("render")
+def cluster_render(
+    out_dir: Path,
+    image: str = typer.Option("kiln-triton:latest", "--image", help="built from deploy/Dockerfile, in your registry"),
+    repository: str = typer.Option("s3://models/kiln/repository", "--repository",
+                                   help="s3://BUCKET/PATH, gs://BUCKET/PATH or pvc:CLAIM holding a --target ngc repository"),
+    namespace: str = typer.Option("kiln", "--namespace"),
+    min_replicas: int = typer.Option(1, "--min-replicas"),
+    max_replicas: int = typer.Option(8, "--max-replicas"),
+    gpus_per_pod: int = typer.Option(1, "--gpus-per-pod", help="1: one Triton per GPU; the node's GPU count: one per node"),
+    queue_target_ms: float = typer.Option(50.0, "--queue-target-ms", help="scale out above this mean queue time per generation"),
+):
+    """Render and validate (offline, against the Kubernetes schemas) the cluster manifests."""
+    from kiln.serving.kubernetes import ClusterSpec, render
+
+    spec = ClusterSpec(image=image, repository=repository, namespace=namespace, min_replicas=min_replicas,
+                       max_replicas=max_replicas, gpus_per_pod=gpus_per_pod, queue_target_ms=queue_target_ms)
+    paths = render(spec, out_dir)
+    console.print(f"{len(paths)} manifests validated and written to {out_dir}: {', '.join(sorted(paths))}")
+    console.print(f"apply with: kubectl create namespace {namespace}; "
+                  f"kubectl -n {namespace} create secret generic {spec.admin_secret} --from-literal=key=$(openssl rand -hex 16); "
+                  f"kubectl apply -k {out_dir}")
+
+
 @repo_app.command("build")
 def repo_build(
     onnx_dir: Path,
     repo_dir: Path,
-    target: str = typer.Option("embedded", "--target", help="embedded: Python-backend models on ONNX Runtime"),
+    target: str = typer.Option("embedded", "--target", help="embedded: Python-backend models on ONNX Runtime (CPU); "
+                               "ngc: NVIDIA's Triton container, native backends on the GPU"),
+    backend: str = typer.Option("onnxruntime", "--backend", help="ngc target: onnxruntime or tensorrt"),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="--backend tensorrt: the kiln export trt folder"),
+    ort_accelerator: str = typer.Option("cuda", "--ort-accelerator", help="ngc + onnxruntime: cuda or tensorrt"),
+    name: str = typer.Option("base", "--name", help="with --also: the first model's ensemble name"),
+    also: list[str] = typer.Option([], "--also", help="NAME=ONNX_DIR[,ENGINE_DIR]: another model served side by side "
+                                   "(identical components are stored and loaded once)"),
     max_steps: int = typer.Option(150, "--max-steps"),
     max_size: int = typer.Option(1024, "--max-size", help="largest height or width a request may ask for"),
     max_batch_size: int = typer.Option(16, "--max-batch-size"),
@@ -195,15 +258,32 @@ def repo_build(
     onnx_threads: int = typer.Option(0, "--onnx-threads", help="ONNX Runtime threads per model (0: automatic)"),
 ):
     """Write a Triton model repository (tokenizer, components, BLS pipeline, txt2img ensemble)."""
-    from kiln.model_repository.builder import build_repository
+    from kiln.model_repository.builder import PUBLIC_MODEL, build_models_repository
     from kiln.model_repository.configs import Tuning
     from kiln.pipeline.request import Limits
 
+    if ort_accelerator not in ("cuda", "tensorrt"):
+        raise KilnError(f"--ort-accelerator {ort_accelerator!r} is invalid: expected cuda or tensorrt")
     limits = Limits(max_steps=max_steps, max_size=max_size)
     tuning = Tuning(max_batch_size=max_batch_size, pipeline_instances=pipeline_instances, onnx_threads=onnx_threads,
-                    max_queue=max_queue)
-    build_repository(onnx_dir, repo_dir, target=target, limits=limits, tuning=tuning)
-    console.print(f"model repository written to {repo_dir}; serve it with: kiln serve {repo_dir}")
+                    max_queue=max_queue, ort_accelerator=ort_accelerator)
+    models = {name if also else PUBLIC_MODEL: onnx_dir}
+    engine_dirs = {name if also else PUBLIC_MODEL: engines} if engines else {}
+    for item in also:
+        other, sep, paths = item.partition("=")
+        if not sep or not other or not paths:
+            raise KilnError(f"--also {item!r} is invalid: expected NAME=ONNX_DIR or NAME=ONNX_DIR,ENGINE_DIR")
+        if other in models:
+            raise KilnError(f"--also {item!r}: the name {other!r} is used twice")
+        onnx_path, _, engine_path = paths.partition(",")
+        models[other] = Path(onnx_path)
+        if engine_path:
+            engine_dirs[other] = Path(engine_path)
+    build_models_repository(models, repo_dir, target=target, backend=backend, limits=limits, tuning=tuning,
+                            engines=engine_dirs)
+    names = ", ".join(PUBLIC_MODEL if not also else n for n in models)
+    console.print(f"model repository ({target}, {backend}) for {names} written to {repo_dir}; "
+                  + (f"serve it with: kiln serve {repo_dir}" if target == "embedded" else "serve it with NVIDIA's Triton container (see deploy/)"))
 
 
 def _print_endpoints(info) -> None:
@@ -261,12 +341,14 @@ def generate(
     num_images: Optional[int] = typer.Option(None, "--num-images", help="image i uses seed + i"),
     image: Optional[Path] = typer.Option(None, "--image", help="img2img: a PNG or JPEG to start from"),
     strength: Optional[float] = typer.Option(None, "--strength", help="img2img: 0 keeps the image, 1 redraws it"),
+    model: str = typer.Option("txt2img", "--model", help="the ensemble to call: txt2img, or a model's name in a "
+                              "repository serving several"),
 ):
     """Generate images through the served txt2img endpoint and save them as PNG.
     Prompts take weights: (word), [word], (word:1.5); BREAK starts a new 77-token chunk."""
     from kiln.clients.client import KilnClient
 
-    with KilnClient(url, protocol) as client:
+    with KilnClient(url, protocol, model=model) as client:
         result = client.generate(prompt, negative, seed, steps, guidance, height, width, scheduler, num_images, image,
                                  strength)
     paths = result.save(output)
@@ -313,8 +395,9 @@ def models(url: Optional[str] = URL, protocol: str = PROTOCOL,
 
 @app.command()
 def deploy(
-    model: Optional[Path] = typer.Option(None, "--model", help="a local diffusers folder (default: the tiny model)"),
-    demo: bool = typer.Option(False, "--demo", help="build (or reuse) and deploy the glyph demo model"),
+    model: Optional[Path] = typer.Option(None, "--model", help="a local diffusers folder (default: the glyph demo model, "
+                                         "built or reused)"),
+    tiny: bool = typer.Option(False, "--tiny", help="the tiny random-weight model instead (seconds; draws noise)"),
     artifacts: Path = typer.Option(Path("artifacts"), "--artifacts"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8"),
     http_port: int = HTTP_PORT,
@@ -325,12 +408,15 @@ def deploy(
     from kiln.deploy import deploy as run
     from kiln.serving.server import Ports
 
-    d = run(model, artifacts, Ports(http_port, grpc_port, metrics_port), precision, demo=demo)
+    if model and tiny:
+        raise KilnError("--model and --tiny were both given", hint="pass one")
+    d = run(model, artifacts, Ports(http_port, grpc_port, metrics_port), precision, demo=not (model or tiny))
     _print_endpoints(d.info)
     console.print(f"model {d.model_dir} -> ONNX {d.onnx_dir} -> repository {d.repo_dir}")
     console.print(f"smoke image: {d.smoke_png} ({d.smoke_seconds:.2f} s)")
     if d.samples_png:
-        console.print(f"sample grid (digits 0-9 in red, green, blue, yellow and the LoRA-taught purple): {d.samples_png}")
+        console.print(f"sample grid, drawn through Triton (digits 0-9 in red, green, blue, yellow and the LoRA-taught "
+                      f"purple): {d.samples_png}")
     kiln = _kiln_command()
     console.print("try next:")
     console.print(f'  {kiln} generate "a blue digit 3" -o out.png --url {d.info.http_url}')
@@ -364,7 +450,7 @@ def evaluate(
     protocol: str = PROTOCOL,
     seeds: int = typer.Option(8, "--seeds"),
     steps: int = typer.Option(20, "--steps"),
-    guidance: float = typer.Option(4.0, "--guidance"),
+    guidance: float = typer.Option(5.0, "--guidance"),
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="local CLIP folder for CLIP score"),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="standard FID Inception weights"),
 ):
@@ -388,6 +474,13 @@ def evaluate(
 
     typer.echo(to_markdown(report))
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; grids: {out}/grid-*.png")
+    failed = [b["bar"] for b in report.get("bars", []) if not b["passed"]]
+    if report.get("bars"):
+        from kiln.demo import bars_markdown
+
+        typer.echo(bars_markdown(report["bars"]))
+    if failed:
+        raise KilnError(f"quality bars missed: {', '.join(failed)}", hint=f"see {out / 'report.md'}")
 
 
 @app.command()

@@ -1,14 +1,23 @@
-"""`kiln repo build`: a Triton model repository from a Kiln ONNX export.
+"""`kiln repo build`: a Triton model repository from one or several Kiln ONNX exports.
 
-Embedded target (the tritonserver in the nvidia-pytriton wheel, which has no ONNX Runtime backend):
-every component is a Python-backend model running ONNX Runtime; `pipeline` is the BLS denoising
-loop; `tokenizer` turns text into ids; `txt2img` is the ensemble clients call.
+Targets:
+- embedded (the tritonserver in the nvidia-pytriton wheel, which has no ONNX Runtime backend):
+  every component is a Python-backend model running ONNX Runtime on the CPU;
+- ngc (NVIDIA's Triton container): components on the native backends, `onnxruntime_onnx` (CUDA, or
+  its TensorRT accelerator) or `tensorrt_plan` engines from `kiln export trt`, GPU instance groups,
+  and a BLS loop that keeps latents on the GPU (DLPack).
+
+Either way `pipeline` is the BLS denoising loop (one pipeline core for both targets), `tokenizer`
+turns text into ids and an ensemble is what clients call: `txt2img` for one model. With several
+models, each gets its own ensemble named after it, and components whose weights are identical (same
+SHA-256) are stored and loaded once, shared by every pipeline that uses them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict
 from importlib import resources
@@ -16,7 +25,7 @@ from pathlib import Path
 
 from kiln import __version__
 from kiln.errors import RepositoryError
-from kiln.export.manifest import MANIFEST_NAME, fingerprint, write_json_atomically
+from kiln.export.manifest import MANIFEST_NAME, file_sha256, fingerprint, read_manifest, write_json_atomically
 from kiln.export.specs import COMPONENTS, ModelDims
 from kiln.model_repository import configs
 from kiln.models.folder import write_folder_atomically
@@ -25,9 +34,12 @@ from kiln.pipeline.request import Limits
 
 log = logging.getLogger("kiln.model_repository")
 
-TARGETS = ("embedded",)
+TARGETS = ("embedded", "ngc")
+BACKENDS = {"embedded": ("onnxruntime",), "ngc": ("onnxruntime", "tensorrt")}
 SERVED_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PUBLIC_MODEL = "txt2img"
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
+RESERVED = {"tokenizer", "pipeline", *SERVED_COMPONENTS}
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -56,52 +68,139 @@ def _write_model(repo: Path, config, files: dict[str, Path] | None = None, folde
         shutil.copytree(src, version / name)
 
 
-def build_repository(
-    onnx_dir: Path,
+def folder_sha256(folder: Path) -> str:
+    """The weights' identity: SHA-256 over every file of a component folder (model.onnx and any
+    external data), names included."""
+    return fingerprint({p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()})
+
+
+def _component_files(onnx_dir: Path, engine_dir: Path | None, name: str, backend: str) -> dict[str, Path]:
+    if backend == "tensorrt":
+        from kiln.export.tensorrt import ENGINE_NAME
+
+        plan = engine_dir / name / ENGINE_NAME
+        if not plan.is_file():
+            raise RepositoryError(f"{engine_dir} has no {name}/{ENGINE_NAME}", hint=f"kiln export trt {onnx_dir} {engine_dir}")
+        return {ENGINE_NAME: plan}
+    return {f.name: f for f in (onnx_dir / name).iterdir() if f.is_file()}
+
+
+def check_models(models: dict[str, Path]) -> None:
+    if not models:
+        raise RepositoryError("no model given", hint="kiln repo build ONNX_DIR REPO_DIR, or --model NAME=ONNX_DIR ...")
+    if len(models) > 1:
+        for name in models:
+            if not MODEL_NAME.fullmatch(name) or name in RESERVED:
+                raise RepositoryError(f"model name {name!r} is invalid: expected lower-case letters, digits and _ "
+                                      f"(starting with a letter), none of {sorted(RESERVED)}")
+
+
+def build_models_repository(
+    models: dict[str, Path],
     repo_dir: Path,
     target: str = "embedded",
+    backend: str = "onnxruntime",
     limits: Limits = Limits(),
     tuning: configs.Tuning = configs.Tuning(),
+    engines: dict[str, Path] | None = None,
+    bls_device: str | None = None,
 ) -> Path:
-    """Write the whole repository into a scratch folder, then swap it into place."""
-    onnx_dir, repo_dir = Path(onnx_dir), Path(repo_dir)
+    """Write the whole repository into a scratch folder, then swap it into place.
+
+    `models` maps a model name to its ONNX export (one model: its ensemble is `txt2img`); `engines`
+    maps a model name to its TensorRT engine folder (backend tensorrt). `bls_device` makes the BLS loop
+    exchange torch tensors through DLPack on that device (the ngc target: cuda)."""
+    repo_dir = Path(repo_dir)
     if target not in TARGETS:
         raise RepositoryError(f"--target {target!r} is not supported: expected one of {TARGETS}")
-    manifest = read_export(onnx_dir)
-    dims = ModelDims(**manifest["dims"])
-    components = [c for c in SERVED_COMPONENTS if (onnx_dir / c / "model.onnx").is_file()]
+    if backend not in BACKENDS[target]:
+        raise RepositoryError(f"--backend {backend!r} is not available for --target {target}: expected one of {BACKENDS[target]}")
+    check_models(models)
+    engines = engines or {}
+    if backend == "tensorrt":
+        missing = [n for n in models if n not in engines]
+        if missing:
+            raise RepositoryError(f"--backend tensorrt needs engines for {missing}", hint="kiln export trt ONNX_DIR ENGINE_DIR, then --engines ENGINE_DIR")
+    single = len(models) == 1
+    device = bls_device if bls_device is not None else ("cuda" if target == "ngc" else None)
+    manifests = {name: read_export(Path(d)) for name, d in models.items()}
+    written: dict[str, str] = {}  # Triton model name -> what it holds
+    summary = {}
     with write_folder_atomically(repo_dir) as tmp:
-        for name in components:
-            files = {f.name: f for f in (onnx_dir / name).iterdir() if f.is_file()}
-            settings = {"component": name, "onnx_threads": tuning.onnx_threads}
-            _write_model(tmp, configs.component_config(COMPONENTS[name], dims, tuning, settings), files=files)
-        _write_model(tmp, configs.tokenizer_config({"tokenizer": "tokenizer", "max_prompt_tokens": limits.max_prompt_tokens}),
-                     folders={"tokenizer": onnx_dir / "tokenizer"})
-        pipeline_settings = {
-            "constants": asdict(model_constants(manifest)),
-            "defaults": asdict(model_defaults(manifest)),
-            "limits": asdict(limits),
-            "size_multiple": size_multiple(manifest),
-        }
-        _write_model(
-            tmp,
-            configs.pipeline_config(tuning, pipeline_settings),
-            folders={"scheduler": onnx_dir / "scheduler"},
-        )
-        _write_model(tmp, configs.txt2img_config())
+        for name, onnx_dir in models.items():
+            onnx_dir = Path(onnx_dir)
+            manifest = manifests[name]
+            dims = ModelDims(**manifest["dims"])
+            component_models = {}
+            for component in [c for c in SERVED_COMPONENTS if (onnx_dir / c / "model.onnx").is_file()]:
+                source = engines[name] / component if backend == "tensorrt" else onnx_dir / component
+                digest = folder_sha256(source)
+                model_name = component if single else f"{component}_{digest[:12]}"
+                component_models[component] = model_name
+                if model_name in written:
+                    continue  # identical weights: stored and loaded once
+                files = _component_files(onnx_dir, engines.get(name), component, backend)
+                spec = COMPONENTS[component]
+                if target == "embedded":
+                    settings = {"component": component, "onnx_threads": tuning.onnx_threads}
+                    config = configs.component_config(spec, dims, tuning, settings)
+                else:
+                    config = configs.ngc_component_config(spec, dims, tuning, backend)
+                config.name = model_name
+                _write_model(tmp, config, files=files)
+                written[model_name] = digest
+            tokenizer_digest = folder_sha256(onnx_dir / "tokenizer")
+            tokenizer_name = "tokenizer" if single else f"tokenizer_{tokenizer_digest[:12]}"
+            if tokenizer_name not in written:
+                config = configs.tokenizer_config({"tokenizer": "tokenizer", "max_prompt_tokens": limits.max_prompt_tokens})
+                config.name = tokenizer_name
+                _write_model(tmp, config, folders={"tokenizer": onnx_dir / "tokenizer"})
+                written[tokenizer_name] = tokenizer_digest
+            pipeline_name = "pipeline" if single else f"pipeline_{name}"
+            pipeline_settings = {
+                "constants": asdict(model_constants(manifest)),
+                "defaults": asdict(model_defaults(manifest)),
+                "limits": asdict(limits),
+                "size_multiple": size_multiple(manifest),
+                "models": component_models,
+                "device": device,
+            }
+            config = configs.pipeline_config(tuning, pipeline_settings, gpu=target == "ngc")
+            config.name = pipeline_name
+            _write_model(tmp, config, folders={"scheduler": onnx_dir / "scheduler"})
+            ensemble = PUBLIC_MODEL if single else name
+            _write_model(tmp, configs.txt2img_config(ensemble, tokenizer_name, pipeline_name))
+            summary[ensemble] = {"source": {"onnx_dir": str(onnx_dir.resolve()), "export_key": fingerprint(manifest["components"])},
+                                 "model": manifest["model"], "precision": manifest["precision"],
+                                 "components": component_models, "tokenizer": tokenizer_name, "pipeline": pipeline_name}
         write_json_atomically(
             tmp / MANIFEST_NAME,
             {
                 "kiln_version": __version__,
                 "target": target,
-                "public_model": PUBLIC_MODEL,
-                "source": {"onnx_dir": str(onnx_dir.resolve()), "export_key": fingerprint(manifest["components"])},
-                "model": manifest["model"],
-                "precision": manifest["precision"],
+                "backend": backend,
+                "public_model": PUBLIC_MODEL if single else sorted(summary),
+                "ensembles": summary,
                 "limits": asdict(limits),
                 "tuning": asdict(tuning),
-                "models": sorted([*components, "tokenizer", "pipeline", PUBLIC_MODEL]),
+                "models": sorted([*written, *(s["pipeline"] for s in summary.values()), *summary]),
+                "weights": written,
             },
         )
-    log.info("model repository for target %s written to %s", target, repo_dir)
+    references = sum(len(s["components"]) for s in summary.values())
+    unique = len({m for s in summary.values() for m in s["components"].values()})
+    log.info("model repository (target %s, backend %s, %d model(s), %d components, %d shared) written to %s",
+             target, backend, len(models), unique, references - unique, repo_dir)
     return repo_dir
+
+
+def build_repository(onnx_dir: Path, repo_dir: Path, target: str = "embedded", limits: Limits = Limits(),
+                     tuning: configs.Tuning = configs.Tuning(), backend: str = "onnxruntime",
+                     engine_dir: Path | None = None) -> Path:
+    """One model: its ensemble is `txt2img`."""
+    return build_models_repository({PUBLIC_MODEL: Path(onnx_dir)}, repo_dir, target, backend, limits, tuning,
+                                   engines={PUBLIC_MODEL: Path(engine_dir)} if engine_dir else None)
+
+
+def repository_manifest(repo_dir: Path) -> dict:
+    return read_manifest(Path(repo_dir))

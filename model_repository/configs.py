@@ -39,6 +39,7 @@ class Tuning:
     pipeline_instances: int = 4  # BLS loops: measured best on 2 cores (4 concurrent: 1.6x their sequential rate)
     max_queue: int = 16  # generations waiting beyond this are refused at once ("Exceeds maximum queue size")
     onnx_threads: int = 0  # 0: ONNX Runtime's own choice
+    ort_accelerator: str = "cuda"  # ngc target, onnxruntime backend: cuda | tensorrt (ORT's TensorRT provider)
 
 
 def _parameters(config: mc.ModelConfig, values: dict[str, str]) -> None:
@@ -78,6 +79,34 @@ def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, setti
     return config
 
 
+NGC_PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
+
+
+def ngc_component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, backend: str) -> mc.ModelConfig:
+    """One component on the NGC container's native backend, on the GPU, batched across requests.
+
+    onnxruntime: the CUDA execution provider, with TensorRT as its accelerator when `tuning.ort_accelerator`
+    is "tensorrt" (fp16, engine cache on disk); tensorrt: a `kiln export trt` engine."""
+    platform, filename = NGC_PLATFORMS[backend]
+    config = mc.ModelConfig(name=spec.name, platform=platform, max_batch_size=tuning.max_batch_size,
+                            default_model_filename=filename)
+    if spec.name in CACHED_COMPONENTS:
+        config.response_cache.enable = True
+    for t in spec.inputs:
+        _tensor(config.input.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
+    for t in spec.outputs:
+        _tensor(config.output.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
+    config.dynamic_batching.max_queue_delay_microseconds = tuning.max_queue_delay_us
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=tuning.component_instances)
+    if backend == "onnxruntime" and tuning.ort_accelerator == "tensorrt":
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters["precision_mode"] = "FP16" if spec.reduced_precision else "FP32"
+        accelerator.parameters["max_workspace_size_bytes"] = str(4 << 30)
+        accelerator.parameters["trt_engine_cache_enable"] = "1"
+        accelerator.parameters["trt_engine_cache_path"] = f"/tmp/kiln-trt-cache/{spec.name}"
+    return config
+
+
 def tokenizer_config(settings: dict) -> mc.ModelConfig:
     """Prompt text -> weighted 77-token chunks (see kiln.pipeline.prompt_weights)."""
     config = mc.ModelConfig(name="tokenizer", backend="python", max_batch_size=0)
@@ -90,11 +119,13 @@ def tokenizer_config(settings: dict) -> mc.ModelConfig:
     return config
 
 
-def pipeline_config(tuning: Tuning, settings: dict) -> mc.ModelConfig:
+def pipeline_config(tuning: Tuning, settings: dict, gpu: bool = False) -> mc.ModelConfig:
     """The BLS model: the denoising loop around text_encoder, unet and vae_decoder.
 
     Batch size 1 only so that it may have a queue policy: requests beyond `max_queue` waiting for an
-    instance are rejected rather than left to pile up. Triton adds a leading 1 to its inputs."""
+    instance are rejected rather than left to pile up. Triton adds a leading 1 to its inputs.
+    On the GPU its instances sit on the GPU and BLS outputs stay there (FORCE_CPU_ONLY_INPUT_TENSORS
+    off): the loop hands latents to the UNet through DLPack without copies to the host."""
     config = mc.ModelConfig(name="pipeline", backend="python", max_batch_size=1)
     config.dynamic_batching.max_queue_delay_microseconds = 0
     policy = config.dynamic_batching.default_queue_policy
@@ -107,24 +138,28 @@ def pipeline_config(tuning: Tuning, settings: dict) -> mc.ModelConfig:
         _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=True)
     for name, wire, shape in TXT2IMG_OUTPUTS:
         _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], shape)
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=tuning.pipeline_instances)
-    _parameters(config, {"kiln_model": "pipeline", "kiln_settings": json.dumps(settings)})
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=tuning.pipeline_instances)
+    parameters = {"kiln_model": "pipeline", "kiln_settings": json.dumps(settings)}
+    if settings.get("device"):
+        parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    _parameters(config, parameters)
     return config
 
 
-def txt2img_config() -> mc.ModelConfig:
+def txt2img_config(name: str = "txt2img", tokenizer: str = "tokenizer", pipeline: str = "pipeline") -> mc.ModelConfig:
     """The public entry point: an ensemble of tokenizer -> pipeline."""
-    config = mc.ModelConfig(name="txt2img", platform="ensemble", max_batch_size=0)
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
     for field in TXT2IMG_INPUTS:
         _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=True)
     for name, wire, shape in TXT2IMG_OUTPUTS:
         _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], shape)
-    tokenize = config.ensemble_scheduling.step.add(model_name="tokenizer", model_version=-1)
+    tokenize = config.ensemble_scheduling.step.add(model_name=tokenizer, model_version=-1)
     tokenize.input_map["prompt"] = "prompt"
     tokenize.input_map["negative_prompt"] = "negative_prompt"
     for name in TOKEN_TENSORS:
         tokenize.output_map[name] = name
-    denoise = config.ensemble_scheduling.step.add(model_name="pipeline", model_version=-1)
+    denoise = config.ensemble_scheduling.step.add(model_name=pipeline, model_version=-1)
     for name in TOKEN_TENSORS:
         denoise.input_map[name] = name
     for field in TXT2IMG_INPUTS:

@@ -116,6 +116,8 @@ class PipelineModel:
         self.limits = Limits(**settings["limits"])
         self.size_multiple = int(settings["size_multiple"])
         self.engines = engines
+        self.component_models = settings.get("models") or {}
+        self.device = settings.get("device")
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -149,7 +151,7 @@ class PipelineModel:
         from kiln.model_repository import triton_adapter as triton
         from kiln.model_repository.configs import TOKEN_TENSORS
 
-        engines = self.engines or triton.BlsEngines()
+        engines = self.engines or triton.BlsEngines(self.component_models, self.device)
         names = list(TOKEN_TENSORS) + [f.name for f in TXT2IMG_INPUTS]
         responses = []
         for request in requests:
@@ -173,4 +175,7 @@ def create(args: dict):
     config = json.loads(args["model_config"])
     parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     version_dir = Path(args["model_repository"]) / args["model_version"]
-    return KINDS[parameters["kiln_model"]](version_dir, json.loads(parameters.get("kiln_settings", "{}")))
+    settings = json.loads(parameters.get("kiln_settings", "{}"))
+    if settings.get("device") == "cuda" and args.get("model_instance_kind") == "GPU":
+        settings["device"] = f"cuda:{args.get('model_instance_device_id', 0)}"  # this instance's GPU
+    return KINDS[parameters["kiln_model"]](version_dir, settings)

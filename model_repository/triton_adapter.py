@@ -37,31 +37,56 @@ def fail(exc: BaseException):
     return pb_utils.InferenceResponse(error=_error(message, invalid))
 
 
-def infer(model_name: str, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-    """A synchronous BLS call; raises BlsError carrying the callee's own message."""
+def _to_triton(name: str, value):
+    """numpy -> a host tensor; torch -> shared through DLPack (stays on its device)."""
+    if isinstance(value, np.ndarray):
+        return pb_utils.Tensor(name, np.ascontiguousarray(value))
+    from torch.utils.dlpack import to_dlpack
+
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+
+
+def _from_triton(tensor, device):
+    if device is None:
+        return tensor.as_numpy()
+    import torch
+    from torch.utils.dlpack import from_dlpack
+
+    return from_dlpack(tensor.to_dlpack()).to(torch.device(device))
+
+
+def infer(model_name: str, inputs: dict, output_names: list[str], device: str | None = None) -> dict:
+    """A synchronous BLS call; raises BlsError carrying the callee's own message. With `device`, the
+    outputs come back as torch tensors there (DLPack, no host copy when Triton left them on the GPU)."""
     request = pb_utils.InferenceRequest(
         model_name=model_name,
         requested_output_names=output_names,
-        inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
+        inputs=[_to_triton(k, v) for k, v in inputs.items()],
     )
     response = request.exec()
     if response.has_error():
         raise BlsError(f"{model_name}: {response.error().message()}")
-    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in output_names}
+    return {name: _from_triton(pb_utils.get_output_tensor_by_name(response, name), device) for name in output_names}
 
 
 class BlsEngines:
-    """The pipeline core's engines, each one call to a model in the same Triton server."""
+    """The pipeline core's engines, each one call to a model in the same Triton server. `models` maps
+    a component to the Triton model serving it (shared between pipelines when the weights are the same);
+    with `device` the core hands torch tensors on that device (see kiln.pipeline.denoise.Engines)."""
+
+    def __init__(self, models: dict[str, str] | None = None, device: str | None = None):
+        self.models = {c: c for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder")} | (models or {})
+        self.device = device
 
     def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
-        return infer("text_encoder", {"input_ids": input_ids}, ["last_hidden_state"])["last_hidden_state"]
+        return infer(self.models["text_encoder"], {"input_ids": input_ids}, ["last_hidden_state"])["last_hidden_state"]
 
-    def predict_noise(self, sample, timestep, embeddings) -> np.ndarray:
+    def predict_noise(self, sample, timestep, embeddings):
         feeds = {"sample": sample, "timestep": timestep.reshape(-1, 1), "encoder_hidden_states": embeddings}
-        return infer("unet", feeds, ["out_sample"])["out_sample"]
+        return infer(self.models["unet"], feeds, ["out_sample"], self.device)["out_sample"]
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        return infer("vae_decoder", {"latent_sample": latents}, ["sample"])["sample"]
+    def decode_latents(self, latents):
+        return infer(self.models["vae_decoder"], {"latent_sample": latents}, ["sample"], self.device)["sample"]
 
-    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        return infer("vae_encoder", {"sample": pixels}, ["latent_parameters"])["latent_parameters"]
+    def encode_image(self, pixels):
+        return infer(self.models["vae_encoder"], {"sample": pixels}, ["latent_parameters"], self.device)["latent_parameters"]

@@ -1,0 +1,349 @@
+"""`kiln export trt ONNX_DIR OUT_DIR`: TensorRT engines from a Kiln ONNX export (GPU only).
+
+The plan is pure and tested on the CPU: optimisation profiles come from the component specs (batch
+doubled for classifier-free guidance, latent sides from the pixel range), precision per component
+(fp16 keeps the VAE and the attention softmax in fp32; int8 comes from a ModelOpt-quantised ONNX),
+and a manifest that records TensorRT's version, the GPU and the profiles. An engine whose manifest
+does not match the runtime (another TensorRT, another GPU, another export) is refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import ExportError
+from kiln.export.manifest import fingerprint, read_manifest, write_json_atomically
+from kiln.export.specs import COMPONENTS, ComponentSpec, ModelDims, concrete_shape, ShapePoint
+
+log = logging.getLogger("kiln.export")
+
+ENGINE_FORMAT = 1  # bump when the build code changes what it writes
+ENGINE_NAME = "model.plan"
+TIMING_CACHE = "timing.cache"
+TRT_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# ONNX node-name patterns TensorRT keeps in fp32 under --fp16: softmax inside attention overflows
+# in half precision on long sequences (the TensorRT demo and diffusers both keep it fp32).
+FP32_LAYER_PATTERNS = (r"[Ss]oftmax",)
+
+
+@dataclass(frozen=True)
+class ProfilePoint:
+    """Images per request and pixel sides, before classifier-free guidance doubles the batch."""
+
+    images: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    min: ProfilePoint
+    opt: ProfilePoint
+    max: ProfilePoint
+
+
+PROFILE_SYNTAX = "IMAGESxSIZE:IMAGESxSIZE:IMAGESxSIZE (min:opt:max), SIZE as SIDE or HEIGHTxWIDTH, e.g. 1x256:1x512:4x768"
+
+
+def parse_profile(text: str, multiple: int) -> Profile:
+    """`1x256:1x512:4x768` (images x square side) or `1x256x256:1x512x512:2x512x768`."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ExportError(f"--profile {text!r} is invalid: expected {PROFILE_SYNTAX}")
+    points = []
+    for part in parts:
+        match = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?", part.strip())
+        if not match:
+            raise ExportError(f"--profile {text!r} is invalid: {part!r} is not IMAGESxSIZE; expected {PROFILE_SYNTAX}")
+        images, height = int(match[1]), int(match[2])
+        width = int(match[3]) if match[3] else height
+        for name, side in (("height", height), ("width", width)):
+            if side <= 0 or side % multiple:
+                raise ExportError(f"--profile {text!r}: {name} {side} is not a positive multiple of {multiple}",
+                                  hint=f"image sides must be multiples of {multiple} for this model")
+        if images < 1:
+            raise ExportError(f"--profile {text!r}: images must be at least 1")
+        points.append(ProfilePoint(images, height, width))
+    lo, opt, hi = points
+    for attr in ("images", "height", "width"):
+        if not getattr(lo, attr) <= getattr(opt, attr) <= getattr(hi, attr):
+            raise ExportError(f"--profile {text!r}: {attr} must satisfy min <= opt <= max")
+    return Profile(lo, opt, hi)
+
+
+def default_profile(dims: ModelDims, max_images: int = 4) -> Profile:
+    """Batch 1 to `max_images`, sides from half to 1.5x the native size, optimised for one native image."""
+    native = dims.default_latent * dims.vae_scale_factor
+    multiple = dims.vae_scale_factor * dims.unet_factor
+    lo = max(multiple, native // 2 // multiple * multiple)
+    hi = max(native, (native * 3 // 2) // multiple * multiple)
+    return Profile(ProfilePoint(1, lo, lo), ProfilePoint(1, native, native), ProfilePoint(max_images, hi, hi))
+
+
+def component_batch(component: str, images: int, guidance: bool = True) -> int:
+    """The batch a component sees for `images` images: the UNet and the text encoder see the
+    prompt and the negative prompt together; the VAE sees each image once."""
+    return images * 2 if guidance and component in ("unet", "text_encoder") else images
+
+
+def _point(component: str, p: ProfilePoint, dims: ModelDims, guidance: bool) -> ShapePoint:
+    f = dims.vae_scale_factor
+    return ShapePoint(component_batch(component, p.images, guidance), p.height // f, p.width // f)
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    component: str
+    precision: str  # fp32 | fp16 | int8
+    shapes: dict[str, list[list[int]]]  # input -> [min, opt, max] concrete shapes
+    fp32_layers: tuple[str, ...] = ()  # name patterns kept fp32 under reduced precision
+
+
+def plan_component(spec: ComponentSpec, dims: ModelDims, profile: Profile, precision: str,
+                   guidance: bool = True) -> ComponentPlan:
+    points = [_point(spec.name, p, dims, guidance) for p in (profile.min, profile.opt, profile.max)]
+    shapes = {t.name: [list(concrete_shape(t, pt, dims)) for pt in points] for t in spec.inputs}
+    if precision == "fp32" or not spec.reduced_precision:  # the VAE: fp16 VAEs decode to black (overflow)
+        return ComponentPlan(spec.name, "fp32", shapes)
+    return ComponentPlan(spec.name, precision, shapes, fp32_layers=FP32_LAYER_PATTERNS)
+
+
+@dataclass
+class EnginePlan:
+    precision: str
+    profiles: list[Profile]
+    components: list[ComponentPlan] = field(default_factory=list)
+    export_key: str = ""
+    workspace_gib: float = 8.0
+
+    def to_json(self) -> dict:
+        return {"precision": self.precision, "profiles": [asdict(p) for p in self.profiles],
+                "components": [asdict(c) for c in self.components], "export_key": self.export_key,
+                "workspace_gib": self.workspace_gib}
+
+
+def plan_engines(onnx_dir: Path, precision: str = "fp16", profiles: list[str] | None = None,
+                 components: tuple[str, ...] = TRT_COMPONENTS) -> EnginePlan:
+    """Read the export manifest and derive every engine's profiles and precision. No GPU needed."""
+    from kiln.pipeline.onnx_pipeline import read_export
+
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ExportError(f"precision {precision!r} is invalid: expected fp32, fp16 or int8")
+    manifest = read_export(Path(onnx_dir))
+    if manifest.get("precision", "fp32") != "fp32":
+        raise ExportError(f"{onnx_dir} is a {manifest['precision']} ONNX export; TensorRT builds from the fp32 export",
+                          hint="kiln export onnx MODEL ONNX_DIR (without --fp16/--int8), then kiln export trt")
+    dims = ModelDims(**manifest["dims"])
+    multiple = dims.vae_scale_factor * dims.unet_factor
+    parsed = [parse_profile(p, multiple) for p in profiles] if profiles else [default_profile(dims)]
+    plan = EnginePlan(precision, parsed, export_key=fingerprint(manifest["components"]))
+    for name in components:
+        if not (Path(onnx_dir) / name / "model.onnx").is_file():
+            continue
+        for i, profile in enumerate(parsed):
+            c = plan_component(COMPONENTS[name], dims, profile, precision)
+            if i == 0:
+                plan.components.append(c)
+            else:  # one engine per component, one TensorRT optimisation profile per --profile
+                for tensor, shapes in c.shapes.items():
+                    plan.components[-1].shapes.setdefault(f"{tensor}@profile{i}", shapes)
+    if not plan.components:
+        raise ExportError(f"{onnx_dir} holds none of the components {list(components)}")
+    return plan
+
+
+# ---------------------------------------------------------------- runtime identity and manifests
+
+
+@dataclass(frozen=True)
+class Runtime:
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+
+    @classmethod
+    def detect(cls) -> "Runtime":
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            raise ExportError("TensorRT is not installed", hint="pip install tensorrt (on a machine with an NVIDIA GPU), "
+                              "or serve ONNX Runtime: kiln repo build ... --target ngc --backend onnxruntime") from exc
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ExportError("no CUDA GPU is visible: TensorRT engines are built on the GPU that will run them")
+        major, minor = torch.cuda.get_device_capability(0)
+        return cls(trt.__version__, torch.cuda.get_device_name(0), f"{major}.{minor}")
+
+
+def engine_manifest(plan: EnginePlan, runtime: Runtime, parity: dict) -> dict:
+    return {"format": ENGINE_FORMAT, "runtime": asdict(runtime), "plan": plan.to_json(), "parity": parity,
+            "key": fingerprint({"plan": plan.to_json(), "runtime": asdict(runtime), "format": ENGINE_FORMAT})}
+
+
+def check_engines(engine_dir: Path, runtime: Runtime, export_key: str | None = None) -> dict:
+    """Refuse engines built by another TensorRT, for another GPU, or from another export."""
+    manifest = read_manifest(Path(engine_dir))
+    if not manifest:
+        raise ExportError(f"{engine_dir} has no engine manifest", hint="kiln export trt ONNX_DIR ENGINE_DIR")
+    if manifest.get("format") != ENGINE_FORMAT:
+        raise ExportError(f"{engine_dir} was written by another Kiln engine format ({manifest.get('format')})",
+                          hint="rebuild: kiln export trt ONNX_DIR ENGINE_DIR")
+    built = manifest["runtime"]
+    for key, now in asdict(runtime).items():
+        if built.get(key) != now:
+            raise ExportError(f"stale engines in {engine_dir}: built with {key} {built.get(key)!r}, this machine has {now!r}",
+                              hint="TensorRT engines are tied to the TensorRT version and the GPU; rebuild them here")
+    if export_key is not None and manifest["plan"]["export_key"] != export_key:
+        raise ExportError(f"stale engines in {engine_dir}: built from another ONNX export",
+                          hint="rebuild: kiln export trt ONNX_DIR ENGINE_DIR")
+    return manifest
+
+
+# ---------------------------------------------------------------- building and checking (GPU)
+
+# fp16 engine vs fp32 ONNX Runtime: relative L2 per output (the VAE is built fp32)
+TRT_TOLERANCE = {"text_encoder": 2e-2, "unet": 2e-2, "vae_decoder": 1e-2, "vae_encoder": 1e-2}
+
+
+
+def _fp32_layers(network, patterns) -> list[str]:
+    import tensorrt as trt
+
+    kept = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if any(re.search(p, layer.name) for p in patterns) or layer.type == trt.LayerType.SOFTMAX:
+            layer.precision = trt.float32
+            for k in range(layer.num_outputs):
+                layer.set_output_type(k, trt.float32)
+            kept.append(layer.name)
+    return kept
+
+
+def build_engine(onnx_path: Path, out_path: Path, plan: ComponentPlan, cache_path: Path, workspace_gib: float) -> dict:
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    kept = []
+    if plan.precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        kept = _fp32_layers(network, plan.fp32_layers)
+    if plan.precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ nodes from the ModelOpt-quantised ONNX
+    by_profile: dict[int, dict[str, list]] = {}
+    for key, shapes in plan.shapes.items():
+        tensor, _, suffix = key.partition("@profile")
+        by_profile.setdefault(int(suffix or 0), {})[tensor] = shapes
+    for shapes in by_profile.values():
+        profile = builder.create_optimization_profile()
+        for tensor, (lo, opt, hi) in shapes.items():
+            profile.set_shape(tensor, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build {plan.component}")
+    tmp = out_path.with_suffix(".partial")
+    tmp.write_bytes(bytes(serialized))
+    tmp.replace(out_path)
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {"fp32_layers": len(kept), "bytes": out_path.stat().st_size}
+
+
+class TrtRunner:
+    """A deserialised engine run on torch CUDA tensors (one optimisation profile)."""
+
+    def __init__(self, engine_path: Path):
+        import tensorrt as trt
+        import torch
+
+        self.torch = torch
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self.context = self.engine.create_execution_context()
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.trt = trt
+
+    def __call__(self, feeds: dict) -> dict:
+        torch, trt = self.torch, self.trt
+        stream = torch.cuda.current_stream()
+        inputs = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))).cuda().contiguous()
+                  for k, v in feeds.items()}
+        for name, tensor in inputs.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.names:
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                dtype = {trt.float32: torch.float32, trt.float16: torch.float16}[self.engine.get_tensor_dtype(name)]
+                outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
+        self.context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return outputs
+
+
+def _rel_l2(a, b) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def trt_parity_check(component: str, onnx_path: Path, engine_path: Path) -> dict:
+    """The engine against ONNX Runtime (fp32, CPU) at the profile's opt shape; raises ParityError."""
+    import onnxruntime as ort
+
+    from kiln.errors import ParityError
+    from kiln.export.specs import COMPONENTS, ModelDims, ShapePoint, dummy_inputs
+    from kiln.pipeline.onnx_pipeline import read_export
+
+    manifest = read_export(onnx_path.parent.parent)
+    dims = ModelDims(**manifest["dims"])
+    batch = 2 if component in ("unet", "text_encoder") else 1
+    feeds = dummy_inputs(COMPONENTS[component], ShapePoint(batch, dims.default_latent, dims.default_latent), dims)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    got = TrtRunner(engine_path)(feeds)
+    out = {}
+    for name, ref in reference.items():
+        value = got[name].float().cpu().numpy()
+        out[name] = {"max_abs": float(np.abs(value - ref).max()), "rel_l2": _rel_l2(value, ref),
+                     "finite": bool(np.isfinite(value).all())}
+        if not out[name]["finite"] or out[name]["rel_l2"] > TRT_TOLERANCE[component]:
+            raise ParityError(f"{component}.{name}: TensorRT vs ONNX Runtime rel L2 {out[name]['rel_l2']:.2e} "
+                              f"(finite: {out[name]['finite']}) exceeds {TRT_TOLERANCE[component]:.0e}")
+    return out
+
+
+def export_engines(onnx_dir: Path, out_dir: Path, plan: EnginePlan, parity_check=None) -> Path:
+    """Build every planned engine into out_dir/<component>/model.plan, check each against ONNX
+    Runtime with `parity_check(component, onnx_path, engine_path) -> dict`, then write the manifest."""
+    from tqdm import tqdm
+
+    runtime = Runtime.detect()
+    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parity = {}
+    for c in tqdm(plan.components, desc="build TensorRT engines", unit="engine"):
+        (out_dir / c.component).mkdir(exist_ok=True)
+        source = onnx_dir / c.component / "model.onnx"
+        info = build_engine(source, out_dir / c.component / ENGINE_NAME, c, out_dir / TIMING_CACHE, plan.workspace_gib)
+        parity[c.component] = {**info, **(parity_check(c.component, source, out_dir / c.component / ENGINE_NAME)
+                                           if parity_check else {})}
+        log.info("%s engine built (%s, %d layers kept fp32)", c.component, c.precision, info["fp32_layers"])
+    write_json_atomically(out_dir / "manifest.json", engine_manifest(plan, runtime, parity))
+    return out_dir

@@ -1,0 +1,248 @@
+"""`kiln cluster render` / `make deploy TARGET=k8s`: Kubernetes manifests for Kiln on NVIDIA's Triton
+container: one Triton per GPU (a Deployment whose pods each ask for `gpus_per_pod` GPUs), a Service,
+readiness, liveness and startup probes on Triton's health endpoints, the model repository from
+object storage (Triton reads s3:// and gs:// itself) or a volume claim, and autoscaling on Triton's
+queue time per request through Prometheus (a ServiceMonitor and a prometheus-adapter rule).
+
+The manifests are validated offline against the Kubernetes JSON schemas (kubernetes-validate);
+the two monitoring.coreos.com / adapter pieces are CRD-shaped and checked for their required keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kiln.errors import ServeError
+
+log = logging.getLogger("kiln.serving")
+
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # the base of deploy/Dockerfile
+KUBERNETES_VERSION = "1.30.0"  # schemas the manifests are validated against
+QUEUE_METRIC = "kiln_queue_ms_per_request"
+NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+class ClusterError(ServeError):
+    """A cluster setting is invalid, or a rendered manifest fails the Kubernetes schema."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    image: str = "kiln-triton:latest"  # built from deploy/Dockerfile and pushed to your registry
+    repository: str = "s3://models/kiln/repository"  # s3://..., gs://... or pvc:CLAIM (a volume with the repository)
+    name: str = "kiln"
+    namespace: str = "kiln"
+    min_replicas: int = 1
+    max_replicas: int = 8
+    gpus_per_pod: int = 1  # one Triton per GPU; set to the node's GPU count for one Triton per node
+    queue_target_ms: float = 50.0  # scale out when the mean queue time per generation exceeds this
+    admin_secret: str = "kiln-admin-key"  # Secret with key `key`: the model-control API's admin key
+    storage_secret: str = "kiln-object-store"  # Secret with the object store's credentials (s3/gs)
+    cpu: str = "8"
+    memory: str = "32Gi"
+
+    def validate(self) -> "ClusterSpec":
+        if not self.image.strip():
+            raise ClusterError("image is empty", hint="--image REGISTRY/kiln-triton:TAG (built from deploy/Dockerfile)")
+        if not re.match(r"^(s3://|gs://|pvc:)\S+$", self.repository):
+            raise ClusterError(f"repository={self.repository!r} is invalid: expected s3://BUCKET/PATH, gs://BUCKET/PATH or pvc:CLAIM")
+        for field in ("name", "namespace", "admin_secret", "storage_secret"):
+            value = getattr(self, field)
+            if not NAME.fullmatch(value) or len(value) > 63:
+                raise ClusterError(f"{field}={value!r} is invalid: expected a DNS label (lower-case letters, digits, -)")
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ClusterError(f"min_replicas={self.min_replicas}, max_replicas={self.max_replicas} are invalid: "
+                               "expected 1 <= min <= max")
+        if self.gpus_per_pod < 1:
+            raise ClusterError(f"gpus_per_pod={self.gpus_per_pod} is invalid: expected at least 1")
+        if not self.queue_target_ms > 0:
+            raise ClusterError(f"queue_target_ms={self.queue_target_ms} is invalid: expected a positive number")
+        return self
+
+
+def _labels(spec: ClusterSpec) -> dict:
+    return {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/part-of": "kiln"}
+
+
+def _meta(spec: ClusterSpec, name: str | None = None) -> dict:
+    return {"name": name or spec.name, "namespace": spec.namespace, "labels": _labels(spec)}
+
+
+def triton_args(spec: ClusterSpec) -> list[str]:
+    repository = "/models" if spec.repository.startswith("pvc:") else spec.repository
+    return [
+        "tritonserver",
+        f"--model-repository={repository}",
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        "--http-restricted-api=model-repository:admin-key=$(KILN_ADMIN_KEY)",
+        "--grpc-restricted-protocol=model-repository:admin-key=$(KILN_ADMIN_KEY)",
+        "--cache-config=local,size=268435456",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=true",
+        "--metrics-port=8002",
+        "--exit-on-error=true",
+    ]
+
+
+def deployment(spec: ClusterSpec) -> dict:
+    env = [{"name": "KILN_ADMIN_KEY", "valueFrom": {"secretKeyRef": {"name": spec.admin_secret, "key": "key"}}}]
+    volumes, mounts = [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}], [{"name": "shm", "mountPath": "/dev/shm"}]
+    if spec.repository.startswith("pvc:"):
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.repository[4:], "readOnly": True}})
+        mounts.append({"name": "models", "mountPath": "/models", "readOnly": True})
+    else:  # Triton reads object storage itself; credentials from the storage Secret
+        env.extend({"name": var, "valueFrom": {"secretKeyRef": {"name": spec.storage_secret, "key": var, "optional": True}}}
+                   for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                               "GOOGLE_APPLICATION_CREDENTIALS"))
+    container = {
+        "name": "triton",
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": triton_args(spec),
+        "env": env,
+        "ports": [{"name": "http", "containerPort": 8000}, {"name": "grpc", "containerPort": 8001},
+                  {"name": "metrics", "containerPort": 8002}],
+        "resources": {"limits": {"nvidia.com/gpu": spec.gpus_per_pod, "cpu": spec.cpu, "memory": spec.memory},
+                      "requests": {"nvidia.com/gpu": spec.gpus_per_pod, "cpu": spec.cpu, "memory": spec.memory}},
+        # loading (and on first start, TensorRT's accelerator builds) takes minutes: the startup probe allows 20
+        "startupProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 10, "failureThreshold": 120},
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
+        "volumeMounts": mounts,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(spec),
+        "spec": {
+            "replicas": spec.min_replicas,
+            "selector": {"matchLabels": _labels(spec)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": _labels(spec),
+                             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "8002"}},
+                "spec": {
+                    "containers": [container],
+                    "volumes": volumes,
+                    "terminationGracePeriodSeconds": 60,
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                                   "labelSelector": {"matchLabels": _labels(spec)}}],
+                },
+            },
+        },
+    }
+
+
+def service(spec: ClusterSpec) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(spec),
+        "spec": {"selector": _labels(spec), "type": "ClusterIP",
+                 "ports": [{"name": n, "port": p, "targetPort": n} for n, p in (("http", 8000), ("grpc", 8001), ("metrics", 8002))]},
+    }
+
+
+def autoscaler(spec: ClusterSpec) -> dict:
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(spec),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.name},
+            "minReplicas": spec.min_replicas,
+            "maxReplicas": spec.max_replicas,
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": QUEUE_METRIC},
+                                                  "target": {"type": "AverageValue", "averageValue": f"{spec.queue_target_ms:g}"}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+        },
+    }
+
+
+def disruption_budget(spec: ClusterSpec) -> dict:
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(spec),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _labels(spec)}}}
+
+
+def adapter_rules(spec: ClusterSpec) -> dict:
+    """prometheus-adapter rule: Triton's cumulative queue time over successful requests of the BLS
+    pipeline(s), per pod, in milliseconds per generation over the last minute."""
+    rule = f"""rules:
+- seriesQuery: 'nv_inference_queue_duration_us{{namespace!="",pod!="",model=~"pipeline.*"}}'
+  resources:
+    overrides:
+      namespace: {{resource: "namespace"}}
+      pod: {{resource: "pod"}}
+  name:
+    as: "{QUEUE_METRIC}"
+  metricsQuery: 'sum(rate(nv_inference_queue_duration_us{{<<.LabelMatchers>>,model=~"pipeline.*"}}[1m])) by (<<.GroupBy>>) / clamp_min(sum(rate(nv_inference_request_success{{<<.LabelMatchers>>,model=~"pipeline.*"}}[1m])) by (<<.GroupBy>>), 1e-9) / 1000'
+"""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, f"{spec.name}-prometheus-adapter-rules"),
+            "data": {"config.yaml": rule}}
+
+
+def service_monitor(spec: ClusterSpec) -> dict:
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": _meta(spec),
+            "spec": {"selector": {"matchLabels": _labels(spec)}, "endpoints": [{"port": "metrics", "interval": "15s"}]}}
+
+
+def manifests(spec: ClusterSpec) -> dict[str, dict]:
+    spec.validate()
+    return {
+        "deployment.yaml": deployment(spec),
+        "service.yaml": service(spec),
+        "hpa.yaml": autoscaler(spec),
+        "pdb.yaml": disruption_budget(spec),
+        "prometheus-adapter-rules.yaml": adapter_rules(spec),
+        "servicemonitor.yaml": service_monitor(spec),
+    }
+
+
+CRD_REQUIRED = {"ServiceMonitor": ("spec.selector", "spec.endpoints")}
+
+
+def validate_manifest(manifest: dict, version: str = KUBERNETES_VERSION) -> str:
+    """Kubernetes' own schema (strict: unknown fields are errors); CRDs: their required keys."""
+    import kubernetes_validate
+
+    kind = manifest.get("kind")
+    if kind in CRD_REQUIRED:
+        for path in CRD_REQUIRED[kind]:
+            node = manifest
+            for key in path.split("."):
+                if not isinstance(node, dict) or key not in node:
+                    raise ClusterError(f"{kind} {manifest['metadata']['name']}: {path} is missing")
+                node = node[key]
+        return "crd"
+    try:
+        kubernetes_validate.validate(manifest, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        raise ClusterError(f"{kind} {manifest['metadata']['name']} fails the Kubernetes {version} schema: "
+                           f"{exc.message} at {'/'.join(map(str, exc.path))}") from None
+    return "schema"
+
+
+def render(spec: ClusterSpec, out_dir: Path) -> dict[str, Path]:
+    """Write every manifest (validated first) and a kustomization listing them; returns the paths."""
+    import yaml
+
+    from kiln.models.folder import write_folder_atomically
+
+    rendered = manifests(spec)
+    for manifest in rendered.values():
+        validate_manifest(manifest)
+    with write_folder_atomically(Path(out_dir)) as tmp:
+        for name, manifest in rendered.items():
+            (tmp / name).write_text(yaml.safe_dump(manifest, sort_keys=False))
+        kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                         "namespace": spec.namespace, "resources": list(rendered)}
+        (tmp / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+        (tmp / "cluster.json").write_text(__import__("json").dumps(asdict(spec), indent=2) + "\n")
+    log.info("Kubernetes manifests for %s written to %s", spec.image, out_dir)
+    return {name: Path(out_dir) / name for name in rendered}

@@ -1,0 +1,265 @@
+"""The GPU and cluster target, checked on the CPU: NGC configs against Triton's schema, TensorRT
+engine planning and stale-engine refusal, several models in one repository with shared components
+(served for real), the DLPack path of the BLS loop (served for real, device cpu)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from kiln.clients.client import KilnClient
+from kiln.errors import ExportError, RepositoryError
+from kiln.export.specs import COMPONENTS, ModelDims
+from kiln.export.tensorrt import Runtime, check_engines, engine_manifest, parse_profile, plan_engines
+from kiln.export.manifest import write_json_atomically
+from kiln.model_repository import configs
+from kiln.model_repository.builder import build_models_repository, build_repository
+from kiln.serving import server
+
+REQUEST = dict(prompt="a red digit 7", negative_prompt="blurry", seed=3, steps=4, guidance_scale=6.0, height=64, width=64,
+               scheduler="euler_a")
+
+
+def _config(repo, name):
+    return configs.parse_pbtxt((repo / name / "config.pbtxt").read_text())
+
+
+def _ports():
+    return server.Ports(server.free_port(), server.free_port(), server.free_port())
+
+
+# ------------------------------------------------------------------ NGC configs
+
+
+@pytest.mark.parametrize("accelerator", ["cuda", "tensorrt"])
+def test_ngc_onnxruntime_configs(onnx_dir, tmp_path, accelerator):
+    repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo", target="ngc",
+                            tuning=configs.Tuning(ort_accelerator=accelerator))
+    manifest = json.loads((repo / "manifest.json").read_text())
+    assert manifest["target"] == "ngc" and manifest["backend"] == "onnxruntime"
+    for name in manifest["models"]:
+        assert _config(repo, name).name == name  # every file parses with Triton's schema
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        config = _config(repo, name)
+        assert config.platform == "onnxruntime_onnx" and not config.backend
+        assert config.default_model_filename == "model.onnx" and (repo / name / "1" / "model.onnx").is_file()
+        assert [g.kind for g in config.instance_group] == [configs.mc.ModelInstanceGroup.KIND_GPU]
+        assert [i.name for i in config.input] == COMPONENTS[name].input_names
+        accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+        if accelerator == "tensorrt":
+            assert [a.name for a in accelerators] == ["tensorrt"]
+            # the VAE stays fp32 (fp16 VAEs decode to black); the others run fp16
+            expected = "FP32" if name.startswith("vae") else "FP16"
+            assert accelerators[0].parameters["precision_mode"] == expected
+        else:
+            assert not accelerators
+    pipeline = _config(repo, "pipeline")
+    assert pipeline.backend == "python"
+    assert pipeline.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert [g.kind for g in pipeline.instance_group] == [configs.mc.ModelInstanceGroup.KIND_GPU]
+    assert json.loads(pipeline.parameters["kiln_settings"].string_value)["device"] == "cuda"
+
+
+def test_ngc_tensorrt_configs_take_the_engines(onnx_dir, tmp_path):
+    engines = tmp_path / "engines"
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        (engines / name).mkdir(parents=True)
+        (engines / name / "model.plan").write_bytes(name.encode())  # placeholder bytes: configs only
+    repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo", target="ngc", backend="tensorrt", engine_dir=engines)
+    config = _config(repo, "unet")
+    assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+    assert (repo / "unet" / "1" / "model.plan").read_bytes() == b"unet"
+    with pytest.raises(RepositoryError, match="needs engines"):
+        build_repository(onnx_dir("epsilon"), tmp_path / "r2", target="ngc", backend="tensorrt")
+    with pytest.raises(RepositoryError, match="--backend 'tensorrt' is not available for --target embedded"):
+        build_repository(onnx_dir("epsilon"), tmp_path / "r3", backend="tensorrt", engine_dir=engines)
+
+
+# ------------------------------------------------------------------ TensorRT planning
+
+
+def test_engine_profiles_derive_from_the_specs(onnx_dir):
+    plan = plan_engines(onnx_dir("epsilon"), "fp16", ["1x32:1x64:4x96"])
+    dims = ModelDims(**json.loads((onnx_dir("epsilon") / "manifest.json").read_text())["dims"])
+    f = dims.vae_scale_factor
+    by_name = {c.component: c for c in plan.components}
+    unet = by_name["unet"]
+    # classifier-free guidance doubles the UNet's batch; latents are pixels / vae_scale_factor
+    assert unet.shapes["sample"] == [[2, dims.latent_channels, 32 // f, 32 // f], [2, dims.latent_channels, 64 // f, 64 // f],
+                                     [8, dims.latent_channels, 96 // f, 96 // f]]
+    assert unet.shapes["encoder_hidden_states"][2] == [8, dims.sequence, dims.hidden_size]
+    assert unet.shapes["timestep"] == [[2], [2], [8]]
+    assert by_name["text_encoder"].shapes["input_ids"] == [[2, dims.sequence], [2, dims.sequence], [8, dims.sequence]]
+    assert by_name["vae_decoder"].shapes["latent_sample"][2] == [4, dims.latent_channels, 96 // f, 96 // f]
+    assert by_name["vae_encoder"].shapes["sample"][0] == [1, 3, 32, 32]
+    # fp16 keeps the VAE in fp32 and the attention softmax in fp32
+    assert unet.precision == "fp16" and unet.fp32_layers
+    assert by_name["vae_decoder"].precision == "fp32"
+    two = plan_engines(onnx_dir("epsilon"), "fp16", ["1x32:1x64:1x64", "2x64:4x64:4x96"])
+    assert len([k for k in {c.component: c for c in two.components}["unet"].shapes if k.startswith("sample")]) == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1x64:1x64", "expected IMAGESxSIZE"),
+    ("1x60:1x64:1x64", "not a positive multiple"),
+    ("4x64:1x64:1x64", "min <= opt <= max"),
+    ("1xbig:1x64:1x64", "is not IMAGESxSIZE"),
+])
+def test_bad_profiles_name_the_fix(text, message):
+    with pytest.raises(ExportError, match=message):
+        parse_profile(text, 16)
+
+
+def test_stale_engines_are_refused(onnx_dir, tmp_path):
+    plan = plan_engines(onnx_dir("epsilon"), "fp16")
+    built = Runtime("10.3.0", "NVIDIA H100 80GB HBM3", "9.0")
+    write_json_atomically(tmp_path / "manifest.json", engine_manifest(plan, built, {}))
+    assert check_engines(tmp_path, built, plan.export_key)["runtime"]["gpu"] == built.gpu
+    with pytest.raises(ExportError, match="built with gpu 'NVIDIA H100 80GB HBM3'"):
+        check_engines(tmp_path, Runtime("10.3.0", "NVIDIA A100-SXM4-80GB", "8.0"))
+    with pytest.raises(ExportError, match="built with tensorrt '10.3.0'"):
+        check_engines(tmp_path, Runtime("10.5.0", built.gpu, "9.0"))
+    with pytest.raises(ExportError, match="another ONNX export"):
+        check_engines(tmp_path, built, "0" * 64)
+    with pytest.raises(ExportError, match="no engine manifest"):
+        check_engines(tmp_path / "nothing", built)
+
+
+# ------------------------------------------------------------------ several models, served
+
+
+@pytest.fixture(scope="module")
+def two_models(onnx_dir, tmp_path_factory):
+    """`base` and `tuned`: the same export except the UNet (a fine-tune that touched only the UNet)."""
+    from kiln.export.onnx_export import export_onnx
+    from kiln.models.tiny import write_tiny_model
+
+    root = tmp_path_factory.mktemp("two")
+    other = export_onnx(write_tiny_model(root / "other", "epsilon", seed=1), root / "other-onnx").out_dir
+    tuned = root / "tuned"
+    shutil.copytree(onnx_dir("epsilon"), tuned)
+    shutil.rmtree(tuned / "unet")
+    shutil.copytree(other / "unet", tuned / "unet")
+    return {"base": onnx_dir("epsilon"), "tuned": tuned}
+
+
+def test_identical_components_are_stored_once(two_models, tmp_path):
+    repo = build_models_repository(two_models, tmp_path / "repo")
+    manifest = json.loads((repo / "manifest.json").read_text())
+    base, tuned = manifest["ensembles"]["base"], manifest["ensembles"]["tuned"]
+    for component in ("text_encoder", "vae_decoder", "vae_encoder"):
+        assert base["components"][component] == tuned["components"][component]
+    assert base["components"]["unet"] != tuned["components"]["unet"]
+    assert base["tokenizer"] == tuned["tokenizer"]
+    stored = sorted(p.parent.parent.name for p in repo.glob("*/1/model.onnx"))
+    assert len(stored) == 5  # 3 shared components + 2 UNets
+    for name in manifest["models"]:
+        assert _config(repo, name).name == name
+    with pytest.raises(RepositoryError, match="model name 'unet' is invalid"):
+        build_models_repository({"unet": two_models["base"], "b": two_models["tuned"]}, tmp_path / "bad")
+
+
+def test_several_models_served_side_by_side_and_swapped_at_run_time(two_models, repo_dir, tmp_path):
+    repo = build_models_repository(two_models, tmp_path / "repo")
+    single_ports, multi_ports = _ports(), _ports()
+    try:
+        _, single = server.start(repo_dir("epsilon"), single_ports)
+        _, multi = server.start(repo, multi_ports)
+        with KilnClient(single.http_url) as client:
+            alone = client.generate(**REQUEST).images
+        with KilnClient(multi.http_url, model="base") as client:
+            assert np.array_equal(client.generate(**REQUEST).images, alone)
+        with KilnClient(multi.grpc_url, "grpc", model="tuned") as client:
+            tuned = client.generate(**REQUEST).images
+        assert np.abs(tuned.astype(int) - alone).max() > 10  # another UNet draws another image
+        admin = server.admin_key_file(multi_ports).read_text().strip()
+        with KilnClient(multi.http_url, model="tuned", admin_key=admin) as client:
+            client.unload_model("tuned")
+            states = {m["name"]: m["state"] for m in client.models()}
+            assert states["tuned"] == "UNAVAILABLE" and states["base"] == "READY"
+            with pytest.raises(Exception, match="tuned"):
+                client.generate(**REQUEST)
+            client.load_model("tuned")
+            assert np.array_equal(client.generate(**REQUEST).images, tuned)
+        with KilnClient(multi.http_url, model="base") as client:
+            assert np.array_equal(client.generate(**REQUEST).images, alone)
+    finally:
+        server.stop(single_ports)
+        server.stop(multi_ports)
+
+
+def test_dlpack_bls_path_draws_the_same_images(onnx_dir, repo_dir, triton, tmp_path):
+    """The GPU target's loop (torch tensors through DLPack, FORCE_CPU_ONLY_INPUT_TENSORS off), run
+    here on device cpu: the same images as the numpy loop."""
+    repo = build_models_repository({"txt2img": onnx_dir("epsilon")}, tmp_path / "repo", bls_device="cpu")
+    assert _config(repo, "pipeline").parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    ports = _ports()
+    try:
+        _, info = server.start(repo, ports)
+        with KilnClient(triton("epsilon").http_url) as client:
+            expected = client.generate(**REQUEST, num_images=2).images
+        with KilnClient(info.http_url) as client:
+            assert np.array_equal(client.generate(**REQUEST, num_images=2).images, expected)
+    finally:
+        server.stop(ports)
+
+
+# ------------------------------------------------------------------ Kubernetes
+
+
+def test_cluster_manifests_pass_the_kubernetes_schemas(tmp_path):
+    import yaml
+
+    from kiln.serving.kubernetes import ClusterSpec, render, validate_manifest
+
+    paths = render(ClusterSpec(image="registry.example/kiln-triton:1", repository="pvc:kiln-models", gpus_per_pod=2,
+                               max_replicas=4), tmp_path / "k8s")
+    docs = {name: yaml.safe_load(path.read_text()) for name, path in paths.items()}
+    assert {d["kind"] for d in docs.values()} == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                                                  "ConfigMap", "ServiceMonitor"}
+    checked = {d["kind"]: validate_manifest(d) for d in docs.values()}  # from the files, as kubectl would read them
+    assert checked["Deployment"] == "schema" and checked["ServiceMonitor"] == "crd"
+    container = docs["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert "--model-repository=/models" in container["args"]
+    assert any(a.startswith("--http-restricted-api=model-repository:admin-key=") for a in container["args"])
+    hpa = docs["hpa.yaml"]["spec"]
+    assert hpa["maxReplicas"] == 4 and hpa["metrics"][0]["pods"]["metric"]["name"] == "kiln_queue_ms_per_request"
+    assert "nv_inference_queue_duration_us" in docs["prometheus-adapter-rules.yaml"]["data"]["config.yaml"]
+    kustomization = yaml.safe_load((tmp_path / "k8s" / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(paths)
+    s3 = render(ClusterSpec(repository="s3://bucket/kiln"), tmp_path / "s3")
+    args = yaml.safe_load(s3["deployment.yaml"].read_text())["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--model-repository=s3://bucket/kiln" in args
+
+
+def test_the_schema_check_can_fail():
+    from kiln.serving.kubernetes import ClusterError, ClusterSpec, manifests, validate_manifest
+
+    deployment = manifests(ClusterSpec())["deployment.yaml"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "eight thousand"
+    with pytest.raises(ClusterError, match="containerPort"):
+        validate_manifest(deployment)
+    service = manifests(ClusterSpec())["service.yaml"]
+    service["spec"]["sessionAffinityTypo"] = "ClientIP"  # strict: unknown fields are errors
+    with pytest.raises(ClusterError, match="Service kiln fails"):
+        validate_manifest(service)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("repository", "http://x/models", "repository='http://x/models' is invalid"),
+    ("namespace", "Kiln_Prod", "namespace='Kiln_Prod' is invalid"),
+    ("min_replicas", 5, "expected 1 <= min <= max"),
+    ("image", " ", "image is empty"),
+])
+def test_cluster_settings_are_checked_before_rendering(field, value, message, tmp_path):
+    from dataclasses import replace
+
+    from kiln.serving.kubernetes import ClusterError, ClusterSpec, render
+
+    with pytest.raises(ClusterError, match=message):
+        render(replace(ClusterSpec(max_replicas=4), **{field: value}), tmp_path / "k8s")
+    assert not (tmp_path / "k8s").exists()
