@@ -117,3 +117,27 @@ def test_several_loras_fuse_additively(trained, tiny_model, tmp_path):
     error = max(float((delta("ab", k) - delta("a", k) - delta("b", k)).abs().max()) for k in base)
     assert error < 1e-6
     assert max(float(delta("b", k).abs().max()) for k in base) > 1e-4  # both adapters really contribute
+
+
+def test_text_encoder_lora_trains_and_merges(tiny_model, training_data, tmp_path):
+    """lora.text_encoder: the text encoder's attention gets adapters too; they are saved beside the
+    UNet's, and the merged folder equals diffusers loading the file."""
+    from kiln.training.run import run_training
+    from training_runs import METHOD_SETTINGS, train_settings
+
+    out = tmp_path / "run"
+    run_training("lora", None, train_settings(tiny_model("epsilon"), training_data, out, "max_train_steps=6",
+                                              "checkpointing_steps=100", "data.augment.enabled=false",
+                                              "lora.text_encoder=true", *METHOD_SETTINGS["lora"]))
+    lora_file = out / "pytorch_lora_weights.safetensors"
+    keys = load_file(str(lora_file)).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    merged = merge(tiny_model("epsilon"), tmp_path / "merged", [LoraInput(lora_file, 1.0)])
+    base = load_diffusers_pipeline(tiny_model("epsilon"))
+    fused = load_diffusers_pipeline(merged)
+    moved = max((a - b).abs().max().item() for a, b in zip(fused.text_encoder.parameters(), base.text_encoder.parameters()))
+    assert moved > 1e-4  # the text encoder's adapters were trained and fused
+    reference = load_diffusers_pipeline(tiny_model("epsilon"))
+    reference.load_lora_weights(str(out), weight_name=lora_file.name, adapter_name="a")
+    prompt = "a red square"
+    assert np.abs(draw(fused, prompt) - draw(reference, prompt)).max() <= MERGE_TOLERANCE

@@ -18,9 +18,13 @@ def add_lora(models: Models, spec: LoraConfig) -> list:
     models.unet.add_adapter(PeftLoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.dropout,
                                            init_lora_weights="gaussian", target_modules=list(spec.target_modules)))
     if spec.text_encoder:
-        models.text_encoder.add_adapter(PeftLoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.dropout,
-                                                       init_lora_weights="gaussian",
-                                                       target_modules=list(spec.text_encoder_target_modules)))
+        from peft import inject_adapter_in_model
+
+        # peft directly: transformers 5's add_adapter demands a peft release newer than any published
+        config = PeftLoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.dropout, init_lora_weights="gaussian",
+                                target_modules=list(spec.text_encoder_target_modules))
+        inject_adapter_in_model(config, models.text_encoder, adapter_name="default")
+        models.text_encoder.kiln_lora_config = config
     trainable = ["unet"] + (["text_encoder"] if spec.text_encoder else [])
     return trainable
 
@@ -31,7 +35,8 @@ def save_lora(models: Models, output_dir: Path, spec: LoraConfig) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     def metadata(module):
-        return module.peft_config["default"].to_dict()
+        config = getattr(module, "kiln_lora_config", None) or module.peft_config["default"]
+        return config.to_dict()
 
     unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
     kwargs = {"unet_lora_layers": unet_layers, "unet_lora_adapter_metadata": metadata(models.unet)}
