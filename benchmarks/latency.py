@@ -4,7 +4,6 @@ over HTTP and gRPC, measured in one run. Medians after warm-up; JSON, markdown a
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass

@@ -4,12 +4,10 @@ times scraped around the run, and a verdict against service levels."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
