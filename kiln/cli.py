@@ -450,7 +450,7 @@ def evaluate(
     protocol: str = PROTOCOL,
     seeds: int = typer.Option(8, "--seeds"),
     steps: int = typer.Option(20, "--steps"),
-    guidance: float = typer.Option(5.0, "--guidance"),
+    guidance: float = typer.Option(4.0, "--guidance"),
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="local CLIP folder for CLIP score"),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="standard FID Inception weights"),
 ):

@@ -73,7 +73,7 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
     else:
         model_dir = tiny_model(artifacts)
     inspect_model(model_dir)
-    onnx_dir = artifacts / "onnx" / f"{model_dir.resolve().name}-{precision}"
+    onnx_dir = artifacts / "onnx" / f"{'demo' if demo else model_dir.resolve().name}-{precision}"
     export_onnx(model_dir, onnx_dir, precision=precision)
     if server.read_state(ports) is not None:
         log.info("stopping the server already running on HTTP port %d", ports.http)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from kiln.dataset.glyphs import COLOURS, Glyph, available_fonts, render, write_glyphs
+from kiln.dataset.glyphs import COLOURS, FONT_FACES, Glyph, available_fonts, render, sample_glyphs, write_glyphs
 from kiln.evaluation import metrics
 from kiln.evaluation.classifier import GlyphFeatures, load_classifier, render_batch, train_classifier
 
@@ -23,8 +23,16 @@ def test_glyph_folder_is_deterministic_and_prepare_compatible(tmp_path):
     assert report.kept + report.dropped.get("duplicate", 0) == 30
 
 
+def test_colour_weights_shape_the_mix():
+    glyphs = sample_glyphs(4000, np.random.default_rng(0), colours=("purple", "red", "blue"), colour_weights=(2, 1, 1))
+    share = sum(g.colour == "purple" for g in glyphs) / len(glyphs)
+    assert 0.47 < share < 0.53
+    with pytest.raises(Exception, match="colour weights"):
+        sample_glyphs(10, np.random.default_rng(0), colours=("purple", "red"), colour_weights=(1,))
+
+
 def test_renders_use_the_requested_colour(tmp_path):
-    assert len(available_fonts()) >= 10
+    assert sorted(p.name for p in available_fonts()) == sorted(FONT_FACES)
     rng = np.random.default_rng(0)
     image = np.asarray(render(Glyph(8, "blue", "white"), 32, rng)).reshape(-1, 3).astype(int)
     background = np.abs(image - np.array([245, 245, 240])).sum(1) < 30
@@ -66,7 +74,7 @@ def test_metrics_on_known_inputs(classifier):
     assert metrics.kid(real, noise, features)[0] > 10 * abs(metrics.kid(real, other, features)[0])
     is_real, _ = metrics.inception_score(real, model)
     is_noise, _ = metrics.inception_score(noise, model)
-    assert is_real > 4 and is_noise < is_real / 2  # at most 10: ten balanced digits read with certainty
+    assert is_real > 3 and is_noise < is_real / 2  # at most 10: ten balanced digits read with certainty
     assert np.allclose(metrics.glyph_lpips(real[:20], real[:20], model), 0, atol=1e-6)
     assert metrics.glyph_lpips(real[:20], noise[:20], model).mean() > metrics.glyph_lpips(real[:20], other[:20], model).mean()
 

@@ -3,8 +3,8 @@
 Same component classes as SD (AutoencoderKL, UNet2DConditionModel, CLIPTextModel with CLIP's
 tokenizer), reduced widths: 32x32 images, a 4x VAE (8x8x4 latents). No pretrained CLIP exists
 here, so the small text encoder trains with the UNet. The VAE is trained first (reconstruction +
-a small KL term), its latent scale measured, then the UNet and text encoder through Kiln's own
-training loop (method `full`).
+a small KL term, on its own image set), its latent scale measured, then the UNet and text encoder
+through Kiln's own training loop (method `full`).
 """
 
 from __future__ import annotations
@@ -96,15 +96,19 @@ def train_vae(vae, data_dir: Path, spec: BaseSpec) -> float:
     return float(1.0 / latents.std())
 
 
-def train_base(data_dir: Path, out_dir: Path, spec: BaseSpec = BaseSpec()) -> Path:
-    """glyph folder -> trained diffusers folder at `out_dir/model` (VAE, then UNet)."""
+def train_base(data_dir: Path, out_dir: Path, spec: BaseSpec = BaseSpec(), vae_data_dir: Path | None = None) -> Path:
+    """glyph folder -> trained diffusers folder at `out_dir/model` (VAE, then UNet and text encoder).
+
+    `vae_data_dir` (default: `data_dir`) is what the autoencoder learns to reconstruct. Like SD's VAE,
+    which was trained on far broader images than any fine-tune's subject, it may hold what the UNet
+    never sees: an autoencoder that cannot reconstruct a colour leaves no fine-tune able to draw it."""
     from kiln.training import full
     from kiln.training.config import load_config
     from kiln.training.loop import train
 
     out_dir = Path(out_dir)
     pipe = untrained_pipeline(spec)
-    scaling = train_vae(pipe.vae, data_dir, spec)
+    scaling = train_vae(pipe.vae, vae_data_dir or data_dir, spec)
     pipe.vae.register_to_config(scaling_factor=scaling)
     log.info("VAE trained; latent scaling factor %.4f", scaling)
     start = out_dir / "untrained-unet"
