@@ -19,7 +19,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 COLOURS = ("red", "green", "blue", "yellow")
 
 
-def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps: int = 20, guidance: float = 7.5) -> dict:
+def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps: int = 20, guidance: float = 4.0) -> dict:
     from kiln.dataset.glyphs import Glyph
     from kiln.evaluation import metrics
     from kiln.evaluation.classifier import load_classifier
