@@ -49,6 +49,9 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users and containers
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
