@@ -162,6 +162,12 @@ def merge(
     console.print(f"merged model written to {out}; export it with: kiln export onnx {out} ONNX_DIR")
 
 
+def _precision(fp16: bool, int8: bool) -> str:
+    if fp16 and int8:
+        raise KilnError("--fp16 and --int8 were both given", hint="choose one precision per export folder")
+    return "fp16" if fp16 else "int8" if int8 else "fp32"
+
+
 @export_app.command("onnx")
 def export_onnx(
     model_dir: Path,
@@ -174,10 +180,7 @@ def export_onnx(
     """Export text_encoder, unet, vae_decoder and vae_encoder to ONNX and check each against PyTorch."""
     from kiln.export.onnx_export import export_onnx as run
 
-    if fp16 and int8:
-        raise KilnError("--fp16 and --int8 were both given", hint="choose one precision per export folder")
-    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
-    result = run(model_dir, out_dir, precision=precision, opset=opset, force=force)
+    result = run(model_dir, out_dir, precision=_precision(fp16, int8), opset=opset, force=force)
     for c in result.components:
         worst = max((t["max_abs"] for r in c.parity for t in r["tensors"]), default=float("nan"))
         state = "reused" if c.reused else f"exported in {c.seconds:.1f} s"
@@ -200,9 +203,7 @@ def export_trt(
 
     from kiln.export.tensorrt import Runtime, check_engines, export_engines, plan_engines, trt_parity_check
 
-    if fp16 and int8:
-        raise KilnError("--fp16 and --int8 were both given", hint="--int8 implies fp16 fallbacks; pass one")
-    plan = plan_engines(onnx_dir, "int8" if int8 else "fp16" if fp16 else "fp32", profile or None)
+    plan = plan_engines(onnx_dir, _precision(fp16, int8), profile or None)
     if plan_only:
         console.print_json(json.dumps(plan.to_json()))
         return

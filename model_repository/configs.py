@@ -63,9 +63,9 @@ def _tensor(message, name: str, data_type: int, dims: list[int], optional: bool 
 CACHED_COMPONENTS = ("text_encoder",)  # identical prompts skip the encoder: Triton's response cache
 
 
-def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, settings: dict) -> mc.ModelConfig:
-    """A Python-backend model running ONNX Runtime on one exported component."""
-    config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=tuning.max_batch_size)
+def _component(config: mc.ModelConfig, spec: ComponentSpec, dims: ModelDims, tuning: Tuning, kind: int) -> mc.ModelConfig:
+    """What every target's component model shares: tensors from the spec, the embedding cache,
+    dynamic batching and the instance group."""
     if spec.name in CACHED_COMPONENTS:
         config.response_cache.enable = True
     for t in spec.inputs:
@@ -73,8 +73,14 @@ def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, setti
     for t in spec.outputs:
         _tensor(config.output.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
     config.dynamic_batching.max_queue_delay_microseconds = tuning.max_queue_delay_us
-    group = config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=tuning.component_instances)
-    del group
+    config.instance_group.add(kind=kind, count=tuning.component_instances)
+    return config
+
+
+def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, settings: dict) -> mc.ModelConfig:
+    """A Python-backend model running ONNX Runtime on one exported component."""
+    config = _component(mc.ModelConfig(name=spec.name, backend="python", max_batch_size=tuning.max_batch_size),
+                        spec, dims, tuning, mc.ModelInstanceGroup.KIND_CPU)
     _parameters(config, {"kiln_model": "onnx_component", "kiln_settings": json.dumps(settings)})
     return config
 
@@ -88,16 +94,8 @@ def ngc_component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, b
     onnxruntime: the CUDA execution provider, with TensorRT as its accelerator when `tuning.ort_accelerator`
     is "tensorrt" (fp16, engine cache on disk); tensorrt: a `kiln export trt` engine."""
     platform, filename = NGC_PLATFORMS[backend]
-    config = mc.ModelConfig(name=spec.name, platform=platform, max_batch_size=tuning.max_batch_size,
-                            default_model_filename=filename)
-    if spec.name in CACHED_COMPONENTS:
-        config.response_cache.enable = True
-    for t in spec.inputs:
-        _tensor(config.input.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
-    for t in spec.outputs:
-        _tensor(config.output.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
-    config.dynamic_batching.max_queue_delay_microseconds = tuning.max_queue_delay_us
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=tuning.component_instances)
+    config = _component(mc.ModelConfig(name=spec.name, platform=platform, max_batch_size=tuning.max_batch_size,
+                                       default_model_filename=filename), spec, dims, tuning, mc.ModelInstanceGroup.KIND_GPU)
     if backend == "onnxruntime" and tuning.ort_accelerator == "tensorrt":
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters["precision_mode"] = "FP16" if spec.reduced_precision else "FP32"
