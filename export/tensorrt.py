@@ -100,14 +100,19 @@ def _point(component: str, p: ProfilePoint, dims: ModelDims, guidance: bool) -> 
 class ComponentPlan:
     component: str
     precision: str  # fp32 | fp16 | int8
-    shapes: dict[str, list[list[int]]]  # input -> [min, opt, max] concrete shapes
+    profiles: list[dict[str, list[list[int]]]]  # per optimisation profile: input -> [min, opt, max] shapes
     fp32_layers: tuple[str, ...] = ()  # name patterns kept fp32 under reduced precision
 
 
-def plan_component(spec: ComponentSpec, dims: ModelDims, profile: Profile, precision: str,
-                   guidance: bool = True) -> ComponentPlan:
+def profile_shapes(spec: ComponentSpec, dims: ModelDims, profile: Profile, guidance: bool = True) -> dict[str, list[list[int]]]:
     points = [_point(spec.name, p, dims, guidance) for p in (profile.min, profile.opt, profile.max)]
-    shapes = {t.name: [list(concrete_shape(t, pt, dims)) for pt in points] for t in spec.inputs}
+    return {t.name: [list(concrete_shape(t, pt, dims)) for pt in points] for t in spec.inputs}
+
+
+def plan_component(spec: ComponentSpec, dims: ModelDims, profiles: list[Profile], precision: str,
+                   guidance: bool = True) -> ComponentPlan:
+    """One engine per component, one TensorRT optimisation profile per `profiles` entry."""
+    shapes = [profile_shapes(spec, dims, p, guidance) for p in profiles]
     if precision == "fp32" or not spec.reduced_precision:  # the VAE: fp16 VAEs decode to black (overflow)
         return ComponentPlan(spec.name, "fp32", shapes)
     return ComponentPlan(spec.name, precision, shapes, fp32_layers=FP32_LAYER_PATTERNS)
@@ -142,16 +147,8 @@ def plan_engines(onnx_dir: Path, precision: str = "fp16", profiles: list[str] | 
     multiple = dims.vae_scale_factor * dims.unet_factor
     parsed = [parse_profile(p, multiple) for p in profiles] if profiles else [default_profile(dims)]
     plan = EnginePlan(precision, parsed, export_key=fingerprint(manifest["components"]))
-    for name in components:
-        if not (Path(onnx_dir) / name / "model.onnx").is_file():
-            continue
-        for i, profile in enumerate(parsed):
-            c = plan_component(COMPONENTS[name], dims, profile, precision)
-            if i == 0:
-                plan.components.append(c)
-            else:  # one engine per component, one TensorRT optimisation profile per --profile
-                for tensor, shapes in c.shapes.items():
-                    plan.components[-1].shapes.setdefault(f"{tensor}@profile{i}", shapes)
+    plan.components = [plan_component(COMPONENTS[name], dims, parsed, precision) for name in components
+                       if (Path(onnx_dir) / name / "model.onnx").is_file()]
     if not plan.components:
         raise ExportError(f"{onnx_dir} holds none of the components {list(components)}")
     return plan
@@ -247,11 +244,7 @@ def build_engine(onnx_path: Path, out_path: Path, plan: ComponentPlan, cache_pat
         kept = _fp32_layers(network, plan.fp32_layers)
     if plan.precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ nodes from the ModelOpt-quantised ONNX
-    by_profile: dict[int, dict[str, list]] = {}
-    for key, shapes in plan.shapes.items():
-        tensor, _, suffix = key.partition("@profile")
-        by_profile.setdefault(int(suffix or 0), {})[tensor] = shapes
-    for shapes in by_profile.values():
+    for shapes in plan.profiles:
         profile = builder.create_optimization_profile()
         for tensor, (lo, opt, hi) in shapes.items():
             profile.set_shape(tensor, lo, opt, hi)

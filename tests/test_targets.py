@@ -86,18 +86,19 @@ def test_engine_profiles_derive_from_the_specs(onnx_dir):
     by_name = {c.component: c for c in plan.components}
     unet = by_name["unet"]
     # classifier-free guidance doubles the UNet's batch; latents are pixels / vae_scale_factor
-    assert unet.shapes["sample"] == [[2, dims.latent_channels, 32 // f, 32 // f], [2, dims.latent_channels, 64 // f, 64 // f],
+    assert unet.profiles[0]["sample"] == [[2, dims.latent_channels, 32 // f, 32 // f], [2, dims.latent_channels, 64 // f, 64 // f],
                                      [8, dims.latent_channels, 96 // f, 96 // f]]
-    assert unet.shapes["encoder_hidden_states"][2] == [8, dims.sequence, dims.hidden_size]
-    assert unet.shapes["timestep"] == [[2], [2], [8]]
-    assert by_name["text_encoder"].shapes["input_ids"] == [[2, dims.sequence], [2, dims.sequence], [8, dims.sequence]]
-    assert by_name["vae_decoder"].shapes["latent_sample"][2] == [4, dims.latent_channels, 96 // f, 96 // f]
-    assert by_name["vae_encoder"].shapes["sample"][0] == [1, 3, 32, 32]
+    assert unet.profiles[0]["encoder_hidden_states"][2] == [8, dims.sequence, dims.hidden_size]
+    assert unet.profiles[0]["timestep"] == [[2], [2], [8]]
+    assert by_name["text_encoder"].profiles[0]["input_ids"] == [[2, dims.sequence], [2, dims.sequence], [8, dims.sequence]]
+    assert by_name["vae_decoder"].profiles[0]["latent_sample"][2] == [4, dims.latent_channels, 96 // f, 96 // f]
+    assert by_name["vae_encoder"].profiles[0]["sample"][0] == [1, 3, 32, 32]
     # fp16 keeps the VAE in fp32 and the attention softmax in fp32
     assert unet.precision == "fp16" and unet.fp32_layers
     assert by_name["vae_decoder"].precision == "fp32"
     two = plan_engines(onnx_dir("epsilon"), "fp16", ["1x32:1x64:1x64", "2x64:4x64:4x96"])
-    assert len([k for k in {c.component: c for c in two.components}["unet"].shapes if k.startswith("sample")]) == 2
+    two_unet = {c.component: c for c in two.components}["unet"]
+    assert len(two_unet.profiles) == 2 and two_unet.profiles[1]["sample"][2] == [8, dims.latent_channels, 96 // f, 96 // f]
 
 
 @pytest.mark.parametrize("text, message", [
