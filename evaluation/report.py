@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -94,8 +95,10 @@ def real_images(folder: Path, limit: int = 400) -> np.ndarray:
 
 
 def evaluate(endpoints: dict[str, str], protocol: str, classifier_dir: Path, real_dir: Path, out_dir: Path,
-             spec: EvalSpec = EvalSpec(), clip_model: Path | None = None, inception_weights: Path | None = None) -> dict:
-    """Measure every endpoint on the same prompts and seeds; the first is the reference for LPIPS."""
+             spec: EvalSpec = EvalSpec(), clip_model: Path | None = None, inception_weights: Path | None = None,
+             bars: Callable[[dict], list[dict]] | None = None) -> dict:
+    """Measure every endpoint on the same prompts and seeds; the first is the reference for LPIPS.
+    `bars` turns the report into quality bars ({bar, value, need, passed}), written with it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(classifier_dir)
@@ -133,6 +136,8 @@ def evaluate(endpoints: dict[str, str], protocol: str, classifier_dir: Path, rea
         grid(pairs, len(DIGITS)).save(out_dir / "before-after-focus.png")
     report = {"spec": asdict(spec), "real_images": len(real), "results": [asdict(r) for r in results], "lpips": lpips,
               "feature_extractor": "inception" if inception_weights else "glyph classifier"}
+    if bars is not None:
+        report["bars"] = bars(report)
     write_json_atomically(out_dir / "report.json", report)
     (out_dir / "report.md").write_text(to_markdown(report))
     return report
@@ -151,4 +156,8 @@ def to_markdown(report: dict) -> str:
                      f"{r['fid']:.2f} | {r['kid'][0]:.4f} | {r['inception_score'][0]:.2f} | {number(r['clip_score'], 2)} |")
     lines += ["", f"Features for FID/KID/IS: {report['feature_extractor']}; real images: {report['real_images']}.", ""]
     lines += [f"- LPIPS (glyph features) {k}: {v:.4f}" for k, v in report["lpips"].items()]
+    if report.get("bars"):
+        lines += ["", "| quality bar | measured | needed | |", "|---|---|---|---|"]
+        lines += [f"| {b['bar']} | {b['value']:.3f} | {b['need']} | {'pass' if b['passed'] else 'FAIL'} |"
+                  for b in report["bars"]]
     return "\n".join(lines) + "\n"

@@ -476,10 +476,6 @@ def evaluate(
     typer.echo(to_markdown(report))
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; grids: {out}/grid-*.png")
     failed = [b["bar"] for b in report.get("bars", []) if not b["passed"]]
-    if report.get("bars"):
-        from kiln.demo import bars_markdown
-
-        typer.echo(bars_markdown(report["bars"]))
     if failed:
         raise KilnError(f"quality bars missed: {', '.join(failed)}", hint=f"see {out / 'report.md'}")
 

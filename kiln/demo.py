@@ -129,17 +129,10 @@ def evaluate_demo(artifacts: Path, out_dir: Path, spec: DemoSpec = DemoSpec(), e
             _, info = server.start(repo, ports)
             running.append(ports)
             endpoints[label] = info.http_url if protocol == "http" else info.grpc_url
-        report = evaluate(endpoints, protocol, models.classifier, models.real_data, out_dir, eval_spec)
+        return evaluate(endpoints, protocol, models.classifier, models.real_data, out_dir, eval_spec, bars=quality_bars)
     finally:
         for ports in running:
             server.stop(ports)
-    report["bars"] = quality_bars(report)
-    from kiln.evaluation.report import to_markdown
-    from kiln.export.manifest import write_json_atomically
-
-    write_json_atomically(Path(out_dir) / "report.json", report)
-    (Path(out_dir) / "report.md").write_text(to_markdown(report) + bars_markdown(report["bars"]))
-    return report
 
 
 # The demo's quality bars, measured through the served endpoints.
@@ -162,9 +155,3 @@ def quality_bars(report: dict) -> list[dict]:
         {"bar": "FID merged / FID untrained", "value": merged["fid"] / untrained["fid"],
          "need": f"<= {FID_RATIO_BAR}", "passed": merged["fid"] <= FID_RATIO_BAR * untrained["fid"]},
     ]
-
-
-def bars_markdown(bars: list[dict]) -> str:
-    lines = ["", "| quality bar | measured | needed | |", "|---|---|---|---|"]
-    lines += [f"| {b['bar']} | {b['value']:.3f} | {b['need']} | {'pass' if b['passed'] else 'FAIL'} |" for b in bars]
-    return "\n".join(lines) + "\n"
