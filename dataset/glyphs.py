@@ -94,15 +94,16 @@ def render(glyph: Glyph, size: int, rng: np.random.Generator) -> Image.Image:
 def sample_glyphs(count: int, rng: np.random.Generator, digits=DIGITS, colours=tuple(COLOURS),
                   backgrounds=tuple(BACKGROUNDS), colour_weights: tuple[float, ...] | None = None) -> list[Glyph]:
     """Balanced over digits; colours drawn uniformly, or with `colour_weights` (one per colour)."""
-    if colour_weights is None:
-        return [Glyph(digits[i % len(digits)], colours[rng.integers(len(colours))], backgrounds[rng.integers(len(backgrounds))])
-                for i in range(count)]
-    p = np.asarray(colour_weights, dtype=float)
-    if p.shape != (len(colours),) or (p < 0).any() or p.sum() <= 0:
-        raise DatasetError(f"colour weights {list(colour_weights)} are invalid: expected {len(colours)} non-negative numbers, not all 0")
-    p = p / p.sum()
-    return [Glyph(digits[i % len(digits)], colours[rng.choice(len(colours), p=p)], backgrounds[rng.integers(len(backgrounds))])
-            for i in range(count)]
+    def colour() -> str:
+        return colours[rng.integers(len(colours)) if p is None else rng.choice(len(colours), p=p)]
+
+    p = None
+    if colour_weights is not None:
+        p = np.asarray(colour_weights, dtype=float)
+        if p.shape != (len(colours),) or (p < 0).any() or p.sum() <= 0:
+            raise DatasetError(f"colour weights {list(colour_weights)} are invalid: expected {len(colours)} non-negative numbers, not all 0")
+        p = p / p.sum()
+    return [Glyph(digits[i % len(digits)], colour(), backgrounds[rng.integers(len(backgrounds))]) for i in range(count)]
 
 
 def write_glyphs(out: Path, count: int = 5000, seed: int = 0, size: int = 32, colours=tuple(COLOURS),

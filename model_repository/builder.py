@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kiln import __version__
 from kiln.errors import RepositoryError
-from kiln.export.manifest import MANIFEST_NAME, file_sha256, fingerprint, read_manifest, write_json_atomically
+from kiln.export.manifest import MANIFEST_NAME, file_sha256, fingerprint, write_json_atomically
 from kiln.export.specs import COMPONENTS, ModelDims
 from kiln.model_repository import configs
 from kiln.models.folder import write_folder_atomically
@@ -74,15 +74,16 @@ def folder_sha256(folder: Path) -> str:
     return fingerprint({p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()})
 
 
-def _component_files(onnx_dir: Path, engine_dir: Path | None, name: str, backend: str) -> dict[str, Path]:
+def _component_files(source: Path, backend: str) -> dict[str, Path]:
+    """The files of one component's folder that Triton loads: its ONNX model (and external data), or
+    its TensorRT engine."""
     if backend == "tensorrt":
         from kiln.export.tensorrt import ENGINE_NAME
 
-        plan = engine_dir / name / ENGINE_NAME
-        if not plan.is_file():
-            raise RepositoryError(f"{engine_dir} has no {name}/{ENGINE_NAME}", hint=f"kiln export trt {onnx_dir} {engine_dir}")
-        return {ENGINE_NAME: plan}
-    return {f.name: f for f in (onnx_dir / name).iterdir() if f.is_file()}
+        if not (source / ENGINE_NAME).is_file():
+            raise RepositoryError(f"{source} has no {ENGINE_NAME}", hint="kiln export trt ONNX_DIR ENGINE_DIR")
+        return {ENGINE_NAME: source / ENGINE_NAME}
+    return {f.name: f for f in source.iterdir() if f.is_file()}
 
 
 def check_models(models: dict[str, Path]) -> None:
@@ -124,8 +125,17 @@ def build_models_repository(
     single = len(models) == 1
     device = bls_device if bls_device is not None else ("cuda" if target == "ngc" else None)
     manifests = {name: read_export(Path(d)) for name, d in models.items()}
-    written: dict[str, str] = {}  # Triton model name -> what it holds
+    written: dict[str, str | None] = {}  # Triton model name -> the SHA-256 of its files (several models only)
     summary = {}
+
+    def model_name(kind: str, folder: Path) -> tuple[str, str | None]:
+        """One model: the plain name, and no hashing of (possibly GBs of) weights on every build.
+        Several: the name carries the files' digest, so identical components become one model."""
+        if single:
+            return kind, None
+        digest = folder_sha256(folder)
+        return f"{kind}_{digest[:12]}", digest
+
     with write_folder_atomically(repo_dir) as tmp:
         for name, onnx_dir in models.items():
             onnx_dir = Path(onnx_dir)
@@ -134,23 +144,21 @@ def build_models_repository(
             component_models = {}
             for component in [c for c in SERVED_COMPONENTS if (onnx_dir / c / "model.onnx").is_file()]:
                 source = engines[name] / component if backend == "tensorrt" else onnx_dir / component
-                digest = folder_sha256(source)
-                model_name = component if single else f"{component}_{digest[:12]}"
-                component_models[component] = model_name
-                if model_name in written:
+                triton_name, digest = model_name(component, source)
+                component_models[component] = triton_name
+                if triton_name in written:
                     continue  # identical weights: stored and loaded once
-                files = _component_files(onnx_dir, engines.get(name), component, backend)
+                files = _component_files(source, backend)
                 spec = COMPONENTS[component]
                 if target == "embedded":
                     settings = {"component": component, "onnx_threads": tuning.onnx_threads}
                     config = configs.component_config(spec, dims, tuning, settings)
                 else:
                     config = configs.ngc_component_config(spec, dims, tuning, backend)
-                config.name = model_name
+                config.name = triton_name
                 _write_model(tmp, config, files=files)
-                written[model_name] = digest
-            tokenizer_digest = folder_sha256(onnx_dir / "tokenizer")
-            tokenizer_name = "tokenizer" if single else f"tokenizer_{tokenizer_digest[:12]}"
+                written[triton_name] = digest
+            tokenizer_name, tokenizer_digest = model_name("tokenizer", onnx_dir / "tokenizer")
             if tokenizer_name not in written:
                 config = configs.tokenizer_config({"tokenizer": "tokenizer", "max_prompt_tokens": limits.max_prompt_tokens})
                 config.name = tokenizer_name
@@ -184,7 +192,7 @@ def build_models_repository(
                 "limits": asdict(limits),
                 "tuning": asdict(tuning),
                 "models": sorted([*written, *(s["pipeline"] for s in summary.values()), *summary]),
-                "weights": written,
+                "weights": {k: v for k, v in written.items() if v},
             },
         )
     references = sum(len(s["components"]) for s in summary.values())
@@ -201,6 +209,3 @@ def build_repository(onnx_dir: Path, repo_dir: Path, target: str = "embedded", l
     return build_models_repository({PUBLIC_MODEL: Path(onnx_dir)}, repo_dir, target, backend, limits, tuning,
                                    engines={PUBLIC_MODEL: Path(engine_dir)} if engine_dir else None)
 
-
-def repository_manifest(repo_dir: Path) -> dict:
-    return read_manifest(Path(repo_dir))

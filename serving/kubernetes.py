@@ -10,6 +10,7 @@ the two monitoring.coreos.com / adapter pieces are CRD-shaped and checked for th
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -243,6 +244,6 @@ def render(spec: ClusterSpec, out_dir: Path) -> dict[str, Path]:
         kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                          "namespace": spec.namespace, "resources": list(rendered)}
         (tmp / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
-        (tmp / "cluster.json").write_text(__import__("json").dumps(asdict(spec), indent=2) + "\n")
+        (tmp / "cluster.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
     log.info("Kubernetes manifests for %s written to %s", spec.image, out_dir)
     return {name: Path(out_dir) / name for name in rendered}
