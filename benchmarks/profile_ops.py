@@ -18,10 +18,12 @@ from pathlib import Path
 
 
 def _shape_point(component: str, size: int, dims):
+    """One image with guidance: the batch each component sees (kiln.export.tensorrt.component_batch)."""
     from kiln.export.specs import ShapePoint
+    from kiln.export.tensorrt import component_batch
 
     latent = size // dims.vae_scale_factor
-    return ShapePoint(2 if component in ("unet", "text_encoder") else 1, latent, latent)
+    return ShapePoint(component_batch(component, 1), latent, latent)
 
 
 def profile_onnxruntime(onnx_path: Path, feeds: dict, runs: int, threads: int = 0) -> dict:

@@ -301,13 +301,13 @@ def trt_parity_check(component: str, onnx_path: Path, engine_path: Path) -> dict
     import onnxruntime as ort
 
     from kiln.errors import ParityError
-    from kiln.export.specs import COMPONENTS, ModelDims, ShapePoint, dummy_inputs
+    from kiln.export.specs import dummy_inputs
     from kiln.pipeline.onnx_pipeline import read_export
 
     manifest = read_export(onnx_path.parent.parent)
     dims = ModelDims(**manifest["dims"])
-    batch = 2 if component in ("unet", "text_encoder") else 1
-    feeds = dummy_inputs(COMPONENTS[component], ShapePoint(batch, dims.default_latent, dims.default_latent), dims)
+    feeds = dummy_inputs(COMPONENTS[component], ShapePoint(component_batch(component, 1), dims.default_latent,
+                                                           dims.default_latent), dims)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     got = TrtRunner(engine_path)(feeds)
