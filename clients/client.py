@@ -158,8 +158,17 @@ class KilnClient:
     def load_model(self, name: str) -> None:
         self._call(f"load {name}", self._client.load_model, name, headers=self._admin_headers())
 
-    def unload_model(self, name: str) -> None:
+    def unload_model(self, name: str, wait: bool = True) -> None:
+        """Triton answers an unload before the model has finished unloading; with `wait`, return only
+        once the repository index no longer shows it UNLOADING (bounded by the client's timeout)."""
         self._call(f"unload {name}", self._client.unload_model, name, headers=self._admin_headers())
+        deadline = time.monotonic() + self.timeout_s
+        while wait and time.monotonic() < deadline:
+            if all(m["state"] != "UNLOADING" for m in self.models() if m["name"] == name):
+                return
+            time.sleep(0.05)
+        if wait:
+            raise ClientError(f"{name} was still unloading after {self.timeout_s:.0f} s at {self.protocol}://{self.url}")
 
     def close(self) -> None:
         self._client.close()
