@@ -1,5 +1,6 @@
-"""What reduced precision costs in image quality: the same model exported fp32, fp16 and int8, the
-same prompts and seeds through Kiln's ONNX Runtime pipeline, judged by the glyph classifier (prompt
+"""What reduced precision costs in image quality: the same model exported fp32, fp16, int8 (ONNX
+Runtime's dynamic MatMul quantisation, the CPU path) and int8-qdq (the UNet calibrated with NVIDIA
+ModelOpt, the input of TensorRT int8 engines), the same prompts and seeds through Kiln's ONNX Runtime pipeline, judged by the glyph classifier (prompt
 accuracy) and against the fp32 images (mean and max |difference| on 0-255; fraction of black images).
 
     python -m kiln.benchmarks.precision MODEL_DIR CLASSIFIER_DIR OUT [--seeds 8]
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq-entropy", "int8-qdq-max")  # int8-qdq-METHOD: ModelOpt calibration
 COLOURS = ("red", "green", "blue", "yellow")
 
 
@@ -23,7 +24,9 @@ def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps:
     from kiln.dataset.glyphs import Glyph
     from kiln.evaluation import metrics
     from kiln.evaluation.classifier import load_classifier
+    from kiln.export.manifest import read_manifest
     from kiln.export.onnx_export import export_onnx
+    from kiln.export.quantize import QDQ_PRECISION, Calibration, export_qdq
     from kiln.pipeline.onnx_pipeline import OnnxPipeline
     from kiln.pipeline.request import GenerationRequest
 
@@ -31,8 +34,18 @@ def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps:
     glyphs = [Glyph(d, COLOURS[(s * 10 + d) % 4], ("white", "black", "gray")[(s * 10 + d) // 4 % 3])
               for s in range(seeds) for d in range(10)]
     report, images = {"model": str(model_dir), "prompts": len(glyphs), "steps": steps, "guidance": guidance}, {}
+    report["qdq"] = qdq = {}
     for precision in PRECISIONS:
-        onnx_dir = export_onnx(model_dir, out / f"onnx-{precision}", precision=precision).out_dir
+        if precision.startswith(QDQ_PRECISION):  # calibrated on other captions and seeds than the measured ones
+            calibration = Calibration(prompts=tuple(Glyph(d, COLOURS[(d + k) % 4], ("white", "black", "gray")[k % 3]).caption
+                                                    for k in range(3) for d in range(10))[::2],
+                                      holdout=3, steps=steps, guidance=guidance, seed=10_000,
+                                      method=precision.removeprefix(QDQ_PRECISION + "-"))
+            onnx_dir = export_qdq(out / "onnx-fp32", out / f"onnx-{precision}", calibration)
+            qdq[precision] = {"quantization": read_manifest(onnx_dir)["quantization"],
+                              "parity": read_manifest(onnx_dir)["components"]["unet"]["parity"]}
+        else:
+            onnx_dir = export_onnx(model_dir, out / f"onnx-{precision}", precision=precision).out_dir
         pipe = OnnxPipeline(onnx_dir)
         drawn = np.concatenate([pipe(GenerationRequest(g.caption, "", i // 10, steps, guidance, 32, 32, "euler"))
                                 for i, g in enumerate(glyphs)])
@@ -50,6 +63,13 @@ def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps:
         r = report[p]
         lines.append(f"| {p} | {r['accuracy']['digit']:.3f} | {r['accuracy']['colour']:.3f} | {r['mean_abs_vs_fp32']:.2f} | "
                      f"{r['max_abs_vs_fp32']} | {r['black_images']} |")
+    lines.append("")
+    for name, q in qdq.items():
+        calibration, parity = q["quantization"]["calibration"], q["parity"]
+        lines.append(f"{name}: UNet quantised by {q['quantization']['toolkit']} ({calibration['method']} calibration, "
+                     f"{calibration['calibration_steps']} denoising steps of {len(calibration['prompts']) - calibration['holdout']} "
+                     f"prompts); against the fp32 UNet on {parity['steps']} held-out steps: median rel L2 "
+                     f"{parity['median_rel_l2']:.3f}, max {parity['max_rel_l2']:.3f}.")
     (out / "precision.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return report
