@@ -1,160 +1,384 @@
 """`make gpu-check`: the GPU target measured in one script (one H100 or A100, about 8 minutes).
 
 1. full SD 1.5 architecture with random weights -> ONNX (fp32, parity-checked against PyTorch);
-2. fp16 TensorRT engines at 512x512 (batch 1 image, guidance doubling the UNet batch), each checked
-   against ONNX Runtime (max |diff| and relative L2, stated tolerance below);
-3. one UNet step and a 30-step generation timed for TensorRT, ONNX Runtime's CUDA provider and
-   PyTorch fp16 (medians of several runs after warm-up);
+2. fp16 TensorRT engines at 512x512 (1 image; guidance doubles the UNet and text-encoder batch),
+   each checked against ONNX Runtime running the same ONNX file (relative L2, tolerance in the report);
+3. one UNet step (batch 2) and a 30-step generation (text encoder, 30 guided UNet calls, VAE decoder)
+   timed through the same loop for TensorRT, ONNX Runtime (CUDA provider, fp32 export) and PyTorch
+   (fp16 on a GPU), plus diffusers' own pipeline for the same steps; medians after warm-up;
 4. a JSON report naming the GPU and the versions.
 
+What is missing is reported rather than fatal: with --install (the default) a CUDA host with PyPI
+access gets TensorRT and ONNX Runtime's GPU build; where that fails (no network) or there is no GPU,
+each skipped backend says why, and the rest still runs. Without a GPU the same code runs on the CPU
+(ONNX Runtime's CPU provider, PyTorch fp32), which is how the test suite exercises this script.
+
 Published reference for the same shape: TensorRT about 0.82-0.86 s for 50 steps at 512x512 fp16 on
-an A100 (NVIDIA's TensorRT demo). Run: python -m kiln.benchmarks.gpu_check OUT_DIR
+an A100 (NVIDIA's TensorRT demo).
+
+    python -m kiln.benchmarks.gpu_check OUT_DIR [--model DIR] [--size 512] [--steps 30] [--no-install]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.metadata
+import importlib.util
 import json
+import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
-NEEDS = ("tensorrt", "onnxruntime-gpu", "polygraphy")
+GUIDANCE = 7.5
+REFERENCE = "TensorRT 0.82-0.86 s for 50 steps, 512x512, fp16, A100 (NVIDIA TensorRT demo)"
+VERSIONS = ("tensorrt", "onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "nvidia-modelopt")
 
 
-def ensure_installed() -> dict:
-    """Install what the check needs when it is missing (a GPU host with PyPI access)."""
-    import importlib.util
-
-    missing = [p for p, mod in zip(NEEDS, ("tensorrt", "onnxruntime", "polygraphy")) if importlib.util.find_spec(mod) is None]
-    if missing:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():  # the CPU wheel shadows the GPU one
-        subprocess.run([sys.executable, "-m", "pip", "uninstall", "--quiet", "-y", "onnxruntime"], check=False)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--force-reinstall", "onnxruntime-gpu"], check=True)
-    return {"installed": missing}
-
-
-def _median_seconds(fn, runs: int, warmup: int = 2) -> float:
+def _cuda() -> bool:
     import torch
 
+    return torch.cuda.is_available()
+
+
+def _pip(*args: str) -> tuple[bool, str]:
+    done = subprocess.run([sys.executable, "-m", "pip", *args, "--quiet"], capture_output=True, text=True)
+    return done.returncode == 0, (done.stderr.strip().splitlines() or [""])[-1]
+
+
+def _ort_providers() -> list[str]:
+    """Asked in a fresh interpreter: an onnxruntime swapped for onnxruntime-gpu after this process
+    imported it would still answer with the old build's providers."""
+    code = "import onnxruntime as o; print(','.join(o.get_available_providers()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return done.stdout.strip().split(",") if done.returncode == 0 else []
+
+
+def ensure_installed(allowed: bool) -> dict:
+    """On a CUDA host: TensorRT and ONNX Runtime's CUDA build, installed when missing (needs PyPI).
+    A failed install is reported and its backend skipped; nothing working is removed first."""
+    if not allowed:
+        return {"installed": [], "skipped": "--no-install"}
+    if not _cuda():
+        return {"installed": [], "skipped": "no CUDA GPU: nothing to install"}
+    installed, failed = [], {}
+    if importlib.util.find_spec("tensorrt") is None:
+        ok, message = _pip("install", "tensorrt")
+        installed.append("tensorrt") if ok else failed.update(tensorrt=message)
+    if "CUDAExecutionProvider" not in _ort_providers():
+        # onnxruntime and onnxruntime-gpu are one module: fetch the GPU build (same minor version)
+        # before the CPU build is uninstalled, so a host without network keeps a working one
+        version = importlib.metadata.version("onnxruntime")
+        spec = f"onnxruntime-gpu=={'.'.join(version.split('.')[:2])}.*"
+        with tempfile.TemporaryDirectory() as wheels:
+            ok, message = _pip("download", "--no-deps", "--dest", wheels, spec)
+            if ok:
+                _pip("uninstall", "-y", "onnxruntime")
+                ok, message = _pip("install", "--no-deps", "--no-index", "--find-links", wheels, spec)
+        installed.append("onnxruntime-gpu") if ok else failed.update({"onnxruntime-gpu": message})
+    return {"installed": installed, "failed": failed}
+
+
+# ------------------------------------------------------------------ one timing loop, three backends
+
+
+class Backend:
+    """A text encoder, a guided UNet call and a VAE decoder over one array type; `generation` is the
+    same loop for every backend (a fixed update stands in for the scheduler: it costs nothing)."""
+
+    name = ""
+
+    def text(self):
+        raise NotImplementedError
+
+    def noise(self, latents, embeddings):
+        raise NotImplementedError
+
+    def decode(self, latents):
+        raise NotImplementedError
+
+    def latents(self):
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        pass
+
+    def generation(self, steps: int):
+        embeddings, x = self.text(), self.latents()
+        for _ in range(steps):
+            x = x - 0.01 * self.noise(x, embeddings)
+        return self.decode(x)
+
+    def close(self) -> None:
+        pass
+
+
+class TorchTensors:
+    """Inputs as torch tensors on `device`: batch-2 token ids, timesteps, 1-image latents."""
+
+    def __init__(self, dims, latent: int, device: str, dtype):
+        import torch
+
+        self.torch, self.device, self.dtype = torch, device, dtype
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, dims.vocab_size, (2, dims.sequence), generator=generator).to(device, torch.int32)
+        self.t = torch.full((2,), 500.0, device=device, dtype=dtype)
+        self.x = torch.randn((1, dims.latent_channels, latent, latent), generator=generator).to(device, dtype)
+
+
+class TensorRTBackend(Backend, TorchTensors):
+    name = "tensorrt"
+
+    def __init__(self, engine_dir: Path, dims, latent: int):
+        import torch
+
+        from kiln.export.tensorrt import ENGINE_NAME, TrtRunner
+
+        TorchTensors.__init__(self, dims, latent, "cuda", torch.float32)
+        self.runners = {c: TrtRunner(engine_dir / c / ENGINE_NAME) for c in ("text_encoder", "unet", "vae_decoder")}
+
+    def text(self):
+        return self.runners["text_encoder"]({"input_ids": self.ids})["last_hidden_state"].float()
+
+    def noise(self, x, emb):
+        out = self.runners["unet"]({"sample": self.torch.cat([x, x]), "timestep": self.t,
+                                    "encoder_hidden_states": emb})["out_sample"].float()
+        uncond, cond = out.chunk(2)
+        return uncond + GUIDANCE * (cond - uncond)
+
+    def decode(self, x):
+        return self.runners["vae_decoder"]({"latent_sample": x})["sample"]
+
+    def latents(self):
+        return self.x
+
+    def sync(self):
+        self.torch.cuda.synchronize()
+
+
+class OnnxRuntimeBackend(Backend):
+    def __init__(self, onnx_dir: Path, dims, latent: int, provider: str):
+        import onnxruntime as ort
+
+        from kiln.errors import KilnError
+
+        self.name = "onnxruntime_" + provider.replace("ExecutionProvider", "").lower()
+        if provider == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels torch brought
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.sessions = {c: ort.InferenceSession(str(onnx_dir / c / "model.onnx"), options, providers=[provider])
+                         for c in ("text_encoder", "unet", "vae_decoder")}
+        used = {s.get_providers()[0] for s in self.sessions.values()}
+        if used != {provider}:  # ONNX Runtime falls back to the CPU when CUDA's libraries do not load
+            raise KilnError(f"ONNX Runtime asked for {provider} ran on {sorted(used)}")
+        rng = np.random.default_rng(0)
+        self.ids = rng.integers(0, dims.vocab_size, (2, dims.sequence)).astype(np.int32)
+        self.t = np.full((2,), 500.0, np.float32)
+        self.x = rng.standard_normal((1, dims.latent_channels, latent, latent)).astype(np.float32)
+
+    def text(self):
+        return self.sessions["text_encoder"].run(["last_hidden_state"], {"input_ids": self.ids})[0]
+
+    def noise(self, x, emb):
+        out = self.sessions["unet"].run(None, {"sample": np.concatenate([x, x]), "timestep": self.t,
+                                               "encoder_hidden_states": emb})[0]
+        uncond, cond = np.split(out, 2)
+        return uncond + GUIDANCE * (cond - uncond)
+
+    def decode(self, x):
+        return self.sessions["vae_decoder"].run(None, {"latent_sample": x})[0]
+
+    def latents(self):
+        return self.x
+
+    def close(self):
+        self.sessions.clear()
+
+
+class TorchBackend(Backend, TorchTensors):
+    """diffusers' modules, fp16 on a GPU (as served in PyTorch), fp32 on the CPU."""
+
+    def __init__(self, model_dir: Path, dims, latent: int, device: str):
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        TorchTensors.__init__(self, dims, latent, device, dtype)
+        self.name = f"pytorch_{'fp16' if device == 'cuda' else 'fp32'}"
+        self.pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype, safety_checker=None).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def text(self):
+        with self.torch.no_grad():
+            return self.pipe.text_encoder(self.ids.long())[0]
+
+    def noise(self, x, emb):
+        with self.torch.no_grad():
+            out = self.pipe.unet(self.torch.cat([x, x]), self.t, encoder_hidden_states=emb).sample
+        uncond, cond = out.chunk(2)
+        return uncond + GUIDANCE * (cond - uncond)
+
+    def decode(self, x):
+        with self.torch.no_grad():
+            return self.pipe.vae.decode(x / self.pipe.vae.config.scaling_factor).sample
+
+    def latents(self):
+        return self.x
+
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def diffusers_pipeline(self, steps: int, size: int):
+        return self.pipe("a red digit 7", num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
+                         output_type="np")
+
+
+def median_seconds(fn, sync, runs: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def time_backends(model_dir: Path, onnx_dir: Path, engine_dir: Path, steps: int, runs: int) -> dict:
-    """One UNet step (batch 2, 64x64 latents) and a `steps`-step generation per backend."""
-    import onnxruntime as ort
-    import torch
-    from diffusers import StableDiffusionPipeline
+def time_backend(backend: Backend, steps: int, runs: int) -> dict:
+    emb, x = backend.text(), backend.latents()
+    result = {"unet_step_s": median_seconds(lambda: backend.noise(x, emb), backend.sync, runs * 5),
+              "generation_s": median_seconds(lambda: backend.generation(steps), backend.sync, runs)}
+    out = backend.generation(steps)
+    image = out.float().cpu().numpy() if hasattr(out, "cpu") else np.asarray(out)
+    result["finite"] = bool(np.isfinite(image).all())  # an fp16 overflow shows up here as inf/NaN
+    return result
 
-    from kiln.export.specs import COMPONENTS, ModelDims, ShapePoint, dummy_inputs
+
+# ------------------------------------------------------------------ the check
+
+
+def _failure(exc: Exception) -> str:
+    """One line for the report: the error, its hint, and where it was raised."""
+    hint = getattr(exc, "hint", None)
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    return (f"{type(exc).__name__}: {exc}" + (f" ({hint})" if hint else "")
+            + (f" [{Path(where.filename).name}:{where.lineno}]" if where else ""))
+
+
+def _versions() -> dict:
+    found = {}
+    for name in VERSIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def run(out: Path, model_dir: Path | None = None, size: int = 512, steps: int = 30, runs: int = 3,
+        install: bool = True) -> dict:
+    import torch
+
+    from kiln.export.onnx_export import export_onnx
+    from kiln.export.specs import ModelDims
+    from kiln.models.benchmark import write_sd15_model
     from kiln.pipeline.onnx_pipeline import read_export
 
+    start = time.perf_counter()
+    out = Path(out)
+    report: dict = {"setup": ensure_installed(install)}
+    cuda = _cuda()
+    report["device"] = torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    report["versions"] = _versions() | {"torch_cuda": torch.version.cuda}
+    report.update(size=size, steps=steps, runs=runs, guidance=GUIDANCE, reference=REFERENCE)
+    if model_dir is None:
+        sd15 = out / "sd15"
+        model_dir = sd15 if (sd15 / "model_index.json").is_file() else write_sd15_model(sd15, "full")
+        report["model"] = "SD 1.5 architecture (full width), random weights"
+    else:
+        report["model"] = str(model_dir)
+    t = time.perf_counter()
+    onnx_dir = export_onnx(model_dir, out / "onnx").out_dir
+    report["onnx_export_s"] = round(time.perf_counter() - t, 1)
     dims = ModelDims(**read_export(onnx_dir)["dims"])
-    feeds = dummy_inputs(COMPONENTS["unet"], ShapePoint(2, dims.default_latent, dims.default_latent), dims)
-    results = {}
-    # TensorRT: the UNet engine; a generation is text encoder + steps x UNet + VAE decoder engines
-    from kiln.export.tensorrt import TrtRunner
+    latent = size // dims.vae_scale_factor
+    backends: list = []  # (label, factory)
+    skipped: dict = {}
 
-    runners = {c: TrtRunner(engine_dir / c / "model.plan") for c in ("text_encoder", "unet", "vae_decoder")}
-    unet_in = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
-    ids = torch.zeros((2, dims.sequence), dtype=torch.int32, device="cuda")
-    latents = torch.randn((1, dims.latent_channels, dims.default_latent, dims.default_latent), device="cuda")
+    # TensorRT: fp16 engines for one image at `size`, each checked against ONNX Runtime
+    try:
+        from kiln.export.tensorrt import TRT_TOLERANCE, Runtime, check_engines, export_engines, plan_engines, trt_parity_check
 
-    def trt_generation():
-        emb = runners["text_encoder"]({"input_ids": ids})["last_hidden_state"]
-        x = latents
-        for _ in range(steps):
-            noise = runners["unet"]({"sample": torch.cat([x, x]), "timestep": unet_in["timestep"],
-                                     "encoder_hidden_states": emb.float()})["out_sample"].float()
-            x = x - 0.01 * noise.chunk(2)[0]
-        runners["vae_decoder"]({"latent_sample": x})
+        plan = plan_engines(onnx_dir, "fp16", [f"1x{size}:1x{size}:1x{size}"], components=("text_encoder", "unet", "vae_decoder"))
+        t = time.perf_counter()
+        export_engines(onnx_dir, out / "engines", plan, trt_parity_check)
+        report["engine_build_s"] = round(time.perf_counter() - t, 1)
+        report["engines"] = check_engines(out / "engines", Runtime.detect(), plan.export_key)["parity"]
+        report["tolerance_rel_l2"] = TRT_TOLERANCE
+        backends.append(("tensorrt", lambda: TensorRTBackend(out / "engines", dims, latent)))
+    except Exception as exc:  # no TensorRT, no GPU, a failed build or parity: said in the report, the rest runs
+        skipped["tensorrt"] = _failure(exc)
+    import onnxruntime as ort
 
-    results["tensorrt"] = {"unet_step_s": _median_seconds(lambda: runners["unet"](unet_in), runs * 5),
-                           "generation_s": _median_seconds(trt_generation, runs)}
-    # ONNX Runtime, CUDA provider, fp32 export
-    sessions = {c: ort.InferenceSession(str(onnx_dir / c / "model.onnx"), providers=["CUDAExecutionProvider"])
-                for c in ("text_encoder", "unet", "vae_decoder")}
+    provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+    if provider in ort.get_available_providers():
+        backends.append(("onnxruntime", lambda: OnnxRuntimeBackend(onnx_dir, dims, latent, provider)))
+    else:
+        skipped["onnxruntime_cuda"] = "this onnxruntime build has no CUDA provider (pip install onnxruntime-gpu)"
+    backends.append(("pytorch", lambda: TorchBackend(model_dir, dims, latent, "cuda" if cuda else "cpu")))
 
-    def ort_generation():
-        emb = sessions["text_encoder"].run(["last_hidden_state"], {"input_ids": np.zeros((2, dims.sequence), np.int32)})[0]
-        x = feeds["sample"][:1]
-        for _ in range(steps):
-            noise = sessions["unet"].run(None, {"sample": np.concatenate([x, x]), "timestep": feeds["timestep"],
-                                                "encoder_hidden_states": emb})[0]
-            x = x - 0.01 * noise[:1]
-        sessions["vae_decoder"].run(None, {"latent_sample": x})
-
-    results["onnxruntime_cuda"] = {"unet_step_s": _median_seconds(lambda: sessions["unet"].run(None, feeds), runs * 5),
-                                   "generation_s": _median_seconds(ort_generation, runs)}
-    sessions.clear()  # free the GPU memory before PyTorch loads
-    # PyTorch fp16, diffusers' own pipeline
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float16, safety_checker=None).to("cuda")
-    pipe.set_progress_bar_config(disable=True)
-    unet_half = {k: v.half() if v.is_floating_point() else v for k, v in unet_in.items()}
-
-    def torch_step():
-        with torch.no_grad():
-            pipe.unet(unet_half["sample"], unet_half["timestep"], unet_half["encoder_hidden_states"])
-
-    results["pytorch_fp16"] = {
-        "unet_step_s": _median_seconds(torch_step, runs * 5),
-        "generation_s": _median_seconds(lambda: pipe("a red digit 7", num_inference_steps=steps, height=512, width=512,
-                                                     output_type="np"), runs),
-    }
-    return results
+    timings = {}
+    for label, make in backends:  # one backend in memory at a time
+        backend = None
+        try:
+            backend = make()
+            timings[backend.name] = time_backend(backend, steps, runs)
+            if isinstance(backend, TorchBackend):
+                timings[backend.name]["diffusers_pipeline_s"] = median_seconds(
+                    lambda: backend.diffusers_pipeline(steps, size), backend.sync, runs)
+            print(f"{backend.name}: {json.dumps(timings[backend.name])}", flush=True)
+        except Exception as exc:  # one backend failing must not cost the others' numbers
+            skipped[label] = _failure(exc)
+        if backend is not None:
+            backend.close()
+        backend = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    report["timings"], report["skipped"] = timings, skipped
+    if "tensorrt" in timings:
+        report["generation_time_vs_tensorrt"] = {name: round(t["generation_s"] / timings["tensorrt"]["generation_s"], 2)
+                                         for name, t in timings.items()}
+    report["total_s"] = round(time.perf_counter() - start, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: SD 1.5, random weights)")
+    parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-install", dest="install", action="store_false",
+                        help="use what is installed; skip (and report) the backends that are missing")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    report = {"setup": ensure_installed()}
-    import importlib.metadata
-
-    import torch
-
-    from kiln.export.onnx_export import export_onnx
-    from kiln.export.tensorrt import TRT_TOLERANCE, Runtime, check_engines, export_engines, plan_engines, trt_parity_check
-    from kiln.models.benchmark import write_sd15_model
-
-    runtime = Runtime.detect()
-    report["gpu"] = runtime.gpu
-    report["versions"] = {p: importlib.metadata.version(p) for p in ("tensorrt", "onnxruntime-gpu", "torch", "diffusers")}
-    out = args.out_dir
-    model_dir = out / "sd15" if (out / "sd15" / "model_index.json").is_file() else write_sd15_model(out / "sd15", "full")
-    onnx_dir = export_onnx(model_dir, out / "onnx").out_dir
-    report["onnx_export_s"] = round(time.perf_counter() - start, 1)
-    plan = plan_engines(onnx_dir, "fp16", ["1x512:1x512:1x512"], components=("text_encoder", "unet", "vae_decoder"))
-    t = time.perf_counter()
-    export_engines(onnx_dir, out / "engines", plan, trt_parity_check)
-    report["engine_build_s"] = round(time.perf_counter() - t, 1)
-    report["engines"] = check_engines(out / "engines", runtime, plan.export_key)["parity"]
-    report["timings"] = time_backends(model_dir, onnx_dir, out / "engines", args.steps, args.runs)
-    report["steps"] = args.steps
-    report["tolerance_rel_l2"] = TRT_TOLERANCE
-    report["total_s"] = round(time.perf_counter() - start, 1)
-    report["torch_cuda"] = torch.version.cuda
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = run(args.out_dir, args.model, args.size, args.steps, args.runs, args.install)
     print(json.dumps(report, indent=2))
+    print(f"report written to {args.out_dir / 'gpu_check.json'}")
     return 0
 
 

@@ -36,3 +36,19 @@ def test_concurrent_generations_through_several_loops_match_lone_ones(onnx_dir, 
     finally:
         server.stop(ports)
     assert result["concurrent"][4]["max_abs_diff_vs_alone"] == 0
+
+
+def test_gpu_check_runs_on_the_cpu_and_reports_what_it_skipped(tiny_model, tmp_path):
+    """`make gpu-check`'s script, run here without a GPU or TensorRT: the same timing loop for every
+    backend it has, and a report that says why TensorRT was skipped instead of stopping."""
+    from kiln.benchmarks import gpu_check
+
+    report = gpu_check.run(tmp_path, tiny_model("epsilon"), size=64, steps=2, runs=1, install=False)
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == report
+    assert report["device"].startswith("cpu") and report["setup"]["skipped"] == "--no-install"
+    assert "TensorRT is not installed" in report["skipped"]["tensorrt"]
+    assert set(report["timings"]) == {"onnxruntime_cpu", "pytorch_fp32"}
+    for name, timing in report["timings"].items():
+        assert timing["finite"] and timing["unet_step_s"] > 0 and timing["generation_s"] > 0, name
+    assert report["timings"]["pytorch_fp32"]["diffusers_pipeline_s"] > 0
+    assert report["versions"]["torch"] and report["size"] == 64
