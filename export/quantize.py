@@ -214,8 +214,10 @@ def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibra
         for entry in sorted(onnx_dir.iterdir()):
             if entry.is_dir() and entry.name != QUANTISED and not entry.name.startswith("."):
                 shutil.copytree(entry, scratch / entry.name)
-        for entry in sorted(out_dir.iterdir()):  # swap in: old component folders out, new ones in
-            if entry != scratch and entry.name != MANIFEST_NAME:
+        # swap in: the manifest goes first, so a swap cut short leaves a folder no reader accepts
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        for entry in sorted(out_dir.iterdir()):
+            if entry != scratch:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         for entry in sorted(scratch.iterdir()):
             entry.rename(out_dir / entry.name)
