@@ -31,10 +31,10 @@ import numpy as np
 from kiln.errors import ExportError, ParityError
 from kiln.export.manifest import MANIFEST_NAME, file_sha256, fingerprint, read_manifest, write_json_atomically
 from kiln.export.precision import is_large
+from kiln.export.specs import QDQ_PRECISION
 
 log = logging.getLogger("kiln.export")
 
-QDQ_PRECISION = "int8-qdq"
 QDQ_FORMAT = 1  # bump when the quantisation code changes what it writes
 QUANTISED = "unet"
 METHODS = ("entropy", "max")  # ModelOpt's int8 activation calibrators

@@ -34,6 +34,10 @@ class Tolerance:
     rtol: float
     max_rel_l2: float | None = None
 
+# An export whose UNet carries calibrated int8 Q/DQ nodes (`kiln export qdq`); the configs and the
+# TensorRT planner read it from the export manifest.
+QDQ_PRECISION = "int8-qdq"
+
 
 @dataclass(frozen=True)
 class ComponentSpec:

@@ -19,8 +19,8 @@ import numpy as np
 
 from kiln.errors import ExportError
 from kiln.export.manifest import fingerprint, read_manifest, write_json_atomically
-from kiln.export.quantize import QDQ_PRECISION, QUANTISED
-from kiln.export.specs import COMPONENTS, ComponentSpec, ModelDims, concrete_shape, ShapePoint
+from kiln.export.quantize import QUANTISED
+from kiln.export.specs import COMPONENTS, QDQ_PRECISION, ComponentSpec, ModelDims, concrete_shape, ShapePoint
 
 log = logging.getLogger("kiln.export")
 

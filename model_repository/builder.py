@@ -154,7 +154,8 @@ def build_models_repository(
                     settings = {"component": component, "onnx_threads": tuning.onnx_threads}
                     config = configs.component_config(spec, dims, tuning, settings)
                 else:
-                    config = configs.ngc_component_config(spec, dims, tuning, backend)
+                    config = configs.ngc_component_config(spec, dims, tuning, backend,
+                                                          manifest["components"][component].get("precision", "fp32"))
                 config.name = triton_name
                 _write_model(tmp, config, files=files)
                 written[triton_name] = digest

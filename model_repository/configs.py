@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from kiln.export.specs import ComponentSpec, ModelDims, config_dims
+from kiln.export.specs import QDQ_PRECISION, ComponentSpec, ModelDims, config_dims
 from kiln.pipeline.request import TXT2IMG_INPUTS, TXT2IMG_OUTPUTS
 
 NUMPY_TO_TRITON = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64}
@@ -88,17 +88,26 @@ def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, setti
 NGC_PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
 
 
-def ngc_component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, backend: str) -> mc.ModelConfig:
+def trt_precision_mode(spec: ComponentSpec, exported_precision: str) -> str:
+    """ONNX Runtime's TensorRT accelerator takes one precision per model: INT8 for a calibrated Q/DQ
+    export (TensorRT keeps its scales; the layers between run fp32), else FP16 except for the VAE."""
+    if exported_precision == QDQ_PRECISION:
+        return "INT8"
+    return "FP16" if spec.reduced_precision else "FP32"
+
+
+def ngc_component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, backend: str,
+                         exported_precision: str = "fp32") -> mc.ModelConfig:
     """One component on the NGC container's native backend, on the GPU, batched across requests.
 
     onnxruntime: the CUDA execution provider, with TensorRT as its accelerator when `tuning.ort_accelerator`
-    is "tensorrt" (fp16, engine cache on disk); tensorrt: a `kiln export trt` engine."""
+    is "tensorrt" (see trt_precision_mode, engine cache on disk); tensorrt: a `kiln export trt` engine."""
     platform, filename = NGC_PLATFORMS[backend]
     config = _component(mc.ModelConfig(name=spec.name, platform=platform, max_batch_size=tuning.max_batch_size,
                                        default_model_filename=filename), spec, dims, tuning, mc.ModelInstanceGroup.KIND_GPU)
     if backend == "onnxruntime" and tuning.ort_accelerator == "tensorrt":
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        accelerator.parameters["precision_mode"] = "FP16" if spec.reduced_precision else "FP32"
+        accelerator.parameters["precision_mode"] = trt_precision_mode(spec, exported_precision)
         accelerator.parameters["max_workspace_size_bytes"] = str(4 << 30)
         accelerator.parameters["trt_engine_cache_enable"] = "1"
         accelerator.parameters["trt_engine_cache_path"] = f"/tmp/kiln-trt-cache/{spec.name}"

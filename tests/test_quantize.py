@@ -11,7 +11,8 @@ import pytest
 
 from kiln.errors import ExportError
 from kiln.export.manifest import file_sha256, read_manifest
-from kiln.export.quantize import QDQ_PRECISION, QDQ_TOLERANCE, Calibration, export_qdq, read_prompts
+from kiln.export.quantize import QDQ_TOLERANCE, Calibration, export_qdq, read_prompts
+from kiln.export.specs import QDQ_PRECISION
 from kiln.export.tensorrt import TRT_INT8_TOLERANCE, TRT_TOLERANCE, plan_engines, trt_tolerance
 from kiln.pipeline.onnx_pipeline import OnnxPipeline
 from kiln.pipeline.request import GenerationRequest
@@ -94,6 +95,19 @@ def test_int8_engines_plan_from_the_qdq_export_only(qdq):
     assert err.value.hint == "--int8 for a Q/DQ export"
     assert trt_tolerance("unet", QDQ_PRECISION) == TRT_INT8_TOLERANCE
     assert trt_tolerance("unet", "fp32") == TRT_TOLERANCE["unet"]
+
+
+def test_ngc_configs_run_the_qdq_unet_in_int8(qdq, tmp_path):
+    """ONNX Runtime's TensorRT accelerator keeps the calibrated scales only in INT8 mode."""
+    from kiln.model_repository import configs
+    from kiln.model_repository.builder import build_repository
+
+    _, out, _ = qdq
+    repo = build_repository(out, tmp_path / "repo", target="ngc", tuning=configs.Tuning(ort_accelerator="tensorrt"))
+    modes = {name: configs.parse_pbtxt((repo / name / "config.pbtxt").read_text())
+             .optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"]
+             for name in ("text_encoder", "unet", "vae_decoder")}
+    assert modes == {"text_encoder": "FP16", "unet": "INT8", "vae_decoder": "FP32"}
 
 
 def test_qdq_refuses_a_reduced_precision_source(onnx_dir, tmp_path):
