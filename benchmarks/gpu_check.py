@@ -69,20 +69,31 @@ def ensure_installed(allowed: bool) -> dict:
     if not _cuda():
         return {"installed": [], "skipped": "no CUDA GPU: nothing to install"}
     installed, failed = [], {}
+
+    def outcome(package: str, ok: bool, message: str) -> None:
+        if ok:
+            installed.append(package)
+        else:
+            failed[package] = message
+
     if importlib.util.find_spec("tensorrt") is None:
-        ok, message = _pip("install", "tensorrt")
-        installed.append("tensorrt") if ok else failed.update(tensorrt=message)
+        outcome("tensorrt", *_pip("install", "tensorrt"))
     if "CUDAExecutionProvider" not in _ort_providers():
         # onnxruntime and onnxruntime-gpu are one module: fetch the GPU build (same minor version)
         # before the CPU build is uninstalled, so a host without network keeps a working one
-        version = importlib.metadata.version("onnxruntime")
-        spec = f"onnxruntime-gpu=={'.'.join(version.split('.')[:2])}.*"
+        try:
+            version = importlib.metadata.version("onnxruntime")
+            spec = f"onnxruntime-gpu=={'.'.join(version.split('.')[:2])}.*"
+        except importlib.metadata.PackageNotFoundError:
+            version, spec = None, "onnxruntime-gpu"
         with tempfile.TemporaryDirectory() as wheels:
             ok, message = _pip("download", "--no-deps", "--dest", wheels, spec)
             if ok:
                 _pip("uninstall", "-y", "onnxruntime")
                 ok, message = _pip("install", "--no-deps", "--no-index", "--find-links", wheels, spec)
-        installed.append("onnxruntime-gpu") if ok else failed.update({"onnxruntime-gpu": message})
+                if not ok and version:  # put the CPU build back
+                    _pip("install", "--no-deps", f"onnxruntime=={version}")
+        outcome("onnxruntime-gpu", ok, message)
     return {"installed": installed, "failed": failed}
 
 
