@@ -63,7 +63,7 @@ def kid(real: np.ndarray, fake: np.ndarray, extractor) -> tuple[float, float]:
     metric = KernelInceptionDistance(feature=extractor, subset_size=subset, normalize=False)
     metric.update(_nchw_uint8(real), real=True)
     metric.update(_nchw_uint8(fake), real=False)
-    mean, std = metric.compute()
+    mean, std = _seeded(metric.compute)
     return float(mean), float(std)
 
 
@@ -73,8 +73,16 @@ def inception_score(fake: np.ndarray, classifier: GlyphClassifier, splits: int =
 
     metric = InceptionScore(feature=GlyphLogits(classifier), splits=splits, normalize=False)
     metric.update(_nchw_uint8(fake))
-    mean, std = metric.compute()
+    mean, std = _seeded(metric.compute)
     return float(mean), float(std)
+
+
+def _seeded(compute, seed: int = 0):
+    """KID draws its subsets and IS shuffles its splits with torch's global generator: a fixed seed
+    (the caller's generator left as it was) makes the same images give the same numbers."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return compute()
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from kiln.dataset.glyphs import COLOURS, FONT_FACES, Glyph, available_fonts, render, sample_glyphs, write_glyphs
@@ -77,6 +78,13 @@ def test_metrics_on_known_inputs(classifier):
     assert is_real > 3 and is_noise < is_real / 2  # at most 10: ten balanced digits read with certainty
     assert np.allclose(metrics.glyph_lpips(real[:20], real[:20], model), 0, atol=1e-6)
     assert metrics.glyph_lpips(real[:20], noise[:20], model).mean() > metrics.glyph_lpips(real[:20], other[:20], model).mean()
+    # KID's subsets and IS's splits are drawn at random: the same images give the same numbers,
+    # whatever the global generator did in between, and the caller's generator is left alone
+    first_kid, first_is = metrics.kid(real, other, features), metrics.inception_score(real, model)
+    torch.manual_seed(12345)
+    state = torch.get_rng_state()
+    assert metrics.kid(real, other, features) == first_kid and metrics.inception_score(real, model) == first_is
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_missing_standard_backbones_name_the_files(tmp_path):
