@@ -286,6 +286,10 @@ def repo_build(
     pipeline_instances: int = typer.Option(4, "--pipeline-instances", help="BLS denoising loops feeding the batched models"),
     max_queue: int = typer.Option(16, "--max-queue", help="generations allowed to wait; more are refused at once"),
     onnx_threads: int = typer.Option(0, "--onnx-threads", help="ONNX Runtime threads per model (0: automatic)"),
+    default_guidance: Optional[float] = typer.Option(None, "--default-guidance", help="guidance for requests that leave it out (7.5)"),
+    default_steps: Optional[int] = typer.Option(None, "--default-steps", help="steps for requests that leave them out (20)"),
+    default_scheduler: Optional[str] = typer.Option(None, "--default-scheduler", help="scheduler for requests that leave it out "
+                                                    "(default: the model's own)"),
 ):
     """Write a Triton model repository (tokenizer, components, BLS pipeline, txt2img ensemble)."""
     from kiln.model_repository.builder import PUBLIC_MODEL, build_models_repository
@@ -309,8 +313,9 @@ def repo_build(
         models[other] = Path(onnx_path)
         if engine_path:
             engine_dirs[other] = Path(engine_path)
+    chosen = {"guidance_scale": default_guidance, "steps": default_steps, "scheduler": default_scheduler}
     build_models_repository(models, repo_dir, target=target, backend=backend, limits=limits, tuning=tuning,
-                            engines=engine_dirs)
+                            engines=engine_dirs, defaults={k: v for k, v in chosen.items() if v is not None})
     names = ", ".join(PUBLIC_MODEL if not also else n for n in models)
     console.print(f"model repository ({target}, {backend}) for {names} written to {repo_dir}; "
                   + (f"serve it with: kiln serve {repo_dir}" if target == "embedded" else "serve it with NVIDIA's Triton container (see deploy/)"))

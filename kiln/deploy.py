@@ -39,21 +39,30 @@ def tiny_model(artifacts: Path) -> Path:
 SAMPLE_COLOURS = ("red", "green", "blue", "yellow", "purple")
 
 
+def demo_defaults() -> dict:
+    """What a request to the demo gets when it leaves them out: the settings it is evaluated at."""
+    from kiln.evaluation.report import EvalSpec
+
+    spec = EvalSpec()
+    return {"guidance_scale": spec.guidance_scale, "steps": spec.steps, "scheduler": spec.scheduler}
+
+
 def sample_grid(url: str, out: Path, seed: int = 0) -> Path:
     """Digits 0-9 (columns) in each colour (rows), drawn through the server."""
     import numpy as np
 
     from kiln.clients.client import KilnClient
-    from kiln.evaluation.report import grid
+    from kiln.evaluation.report import EvalSpec, grid
 
+    spec = EvalSpec()
     images = []
     with KilnClient(url, "http") as client:
         for row, colour in enumerate(SAMPLE_COLOURS):
             background = ("white", "black", "gray")[row % 3]
             for digit in range(10):
                 prompt = f"a {colour} digit {digit} on a {background} background"
-                images.append(client.generate(prompt, seed=seed + digit, steps=20, guidance_scale=4.0,
-                                              scheduler="euler").images[0])
+                images.append(client.generate(prompt, seed=seed + digit, steps=spec.steps, guidance_scale=spec.guidance_scale,
+                                              scheduler=spec.scheduler).images[0])
     grid(np.stack(images), 10, scale=4).save(out)
     return out
 
@@ -78,7 +87,7 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
     if server.read_state(ports) is not None:
         log.info("stopping the server already running on HTTP port %d", ports.http)
         server.stop(ports)
-    repo_dir = build_repository(onnx_dir, artifacts / "repository")
+    repo_dir = build_repository(onnx_dir, artifacts / "repository", defaults=demo_defaults() if demo else None)
     _, info = server.start(repo_dir, ports)
     with KilnClient(info.http_url, "http") as client:
         result = client.generate(prompt, seed=0)

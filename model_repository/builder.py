@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 
@@ -105,13 +105,16 @@ def build_models_repository(
     tuning: configs.Tuning = configs.Tuning(),
     engines: dict[str, Path] | None = None,
     bls_device: str | None = None,
+    defaults: dict | None = None,
 ) -> Path:
     """Write the whole repository into a scratch folder, then swap it into place.
 
     `models` maps a model name to its ONNX export (one model: its ensemble is `txt2img`); `engines`
     maps a model name to its TensorRT engine folder (backend tensorrt). `bls_device` makes the BLS loop
-    exchange torch tensors through DLPack on that device (the ngc target: cuda)."""
+    exchange torch tensors through DLPack on that device (the ngc target: cuda). `defaults` sets what a
+    request that leaves out guidance_scale, steps or scheduler gets (see served_defaults)."""
     repo_dir = Path(repo_dir)
+    defaults = check_defaults(defaults or {}, limits)
     if target not in TARGETS:
         raise RepositoryError(f"--target {target!r} is not supported: expected one of {TARGETS}")
     if backend not in BACKENDS[target]:
@@ -168,7 +171,7 @@ def build_models_repository(
             pipeline_name = "pipeline" if single else f"pipeline_{name}"
             pipeline_settings = {
                 "constants": asdict(model_constants(manifest)),
-                "defaults": asdict(model_defaults(manifest)),
+                "defaults": asdict(replace(model_defaults(manifest), **defaults)),
                 "limits": asdict(limits),
                 "size_multiple": size_multiple(manifest),
                 "models": component_models,
@@ -205,8 +208,34 @@ def build_models_repository(
 
 def build_repository(onnx_dir: Path, repo_dir: Path, target: str = "embedded", limits: Limits = Limits(),
                      tuning: configs.Tuning = configs.Tuning(), backend: str = "onnxruntime",
-                     engine_dir: Path | None = None) -> Path:
+                     engine_dir: Path | None = None, defaults: dict | None = None) -> Path:
     """One model: its ensemble is `txt2img`."""
     return build_models_repository({PUBLIC_MODEL: Path(onnx_dir)}, repo_dir, target, backend, limits, tuning,
-                                   engines={PUBLIC_MODEL: Path(engine_dir)} if engine_dir else None)
+                                   engines={PUBLIC_MODEL: Path(engine_dir)} if engine_dir else None, defaults=defaults)
+
+
+SERVED_DEFAULTS = ("guidance_scale", "steps", "scheduler")  # the size comes from the model
+
+
+def check_defaults(defaults: dict, limits: Limits) -> dict:
+    """A deployment's request defaults, checked against its limits before anything is written;
+    the scheduler by its canonical name."""
+    from kiln.errors import RequestError
+    from kiln.pipeline.schedulers import canonical_name
+
+    unknown = sorted(set(defaults) - set(SERVED_DEFAULTS))
+    if unknown:
+        raise RepositoryError(f"request defaults {unknown} cannot be set: expected some of {list(SERVED_DEFAULTS)}")
+    guidance, steps = defaults.get("guidance_scale"), defaults.get("steps")
+    if guidance is not None and not 0.0 <= guidance <= limits.max_guidance:
+        raise RepositoryError(f"--default-guidance {guidance} is out of range 0..{limits.max_guidance}")
+    if steps is not None and not 1 <= steps <= limits.max_steps:
+        raise RepositoryError(f"--default-steps {steps} is out of range 1..{limits.max_steps}",
+                              hint="raise --max-steps too, or ask for fewer steps")
+    if "scheduler" in defaults:
+        try:
+            return {**defaults, "scheduler": canonical_name(defaults["scheduler"])}
+        except RequestError as exc:
+            raise RepositoryError(f"--default-scheduler: {exc}") from exc
+    return defaults
 

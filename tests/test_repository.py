@@ -106,3 +106,33 @@ def test_pipeline_core_without_triton_equals_the_in_process_pipeline(repo_dir, o
     assert np.array_equal(out["image"], expected)
     with pytest.raises(RequestError, match="steps=999"):
         core.run({**raw, "steps": np.array([999], np.int32)}, OnnxEngines(onnx_dir("epsilon")))
+
+
+def test_deployment_chooses_the_defaults_of_requests_that_leave_them_out(onnx_dir, tmp_path):
+    """`kiln repo build --default-guidance 4 --default-steps 3 --default-scheduler EulerDiscreteScheduler`:
+    a request naming none of them draws what one naming them draws."""
+    repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo",
+                            defaults={"guidance_scale": 4.0, "steps": 3, "scheduler": "EulerDiscreteScheduler"})
+    settings = json.loads(_config(repo, "pipeline").parameters["kiln_settings"].string_value)
+    assert settings["defaults"]["scheduler"] == "euler" and settings["defaults"]["height"] == 64  # size: the model's
+    core = PipelineModel(repo / "pipeline" / "1", settings)
+    tokens = TokenizerModel(repo / "tokenizer" / "1", {"tokenizer": "tokenizer"}).run(
+        np.array([b"a red digit 7"], dtype=object), None
+    )
+    out = core.run({**tokens, "prompt": np.array([b"a red digit 7"], dtype=object), "seed": np.array([5])},
+                   OnnxEngines(onnx_dir("epsilon")))
+    pipe = OnnxPipeline(onnx_dir("epsilon"))
+    assert np.array_equal(out["image"], pipe(GenerationRequest("a red digit 7", "", 5, 3, 4.0, 64, 64, "euler")))
+    assert not np.array_equal(out["image"], pipe(GenerationRequest("a red digit 7", "", 5, 3, 7.5, 64, 64, "euler")))
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ({"guidance_scale": 99.0}, "--default-guidance 99.0 is out of range"),
+    ({"steps": 0}, "--default-steps 0 is out of range"),
+    ({"scheduler": "fastest"}, "--default-scheduler: scheduler='fastest' is invalid"),
+    ({"height": 128}, r"request defaults \['height'\] cannot be set"),
+])
+def test_bad_request_defaults_are_refused_before_writing(onnx_dir, tmp_path, defaults, message):
+    with pytest.raises(RepositoryError, match=message):
+        build_repository(onnx_dir("epsilon"), tmp_path / "repo", defaults=defaults)
+    assert not (tmp_path / "repo").exists()
