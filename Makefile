@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(VENV)/bin/pip install --quiet -e ".[test,int8]"
 	# CLIP's BPE vocabulary ships in open-clip-torch; its own dependencies (torchvision) are not wanted.
 	$(VENV)/bin/pip install --quiet --no-deps open-clip-torch==3.3.0
 	touch $@

@@ -138,7 +138,7 @@ def quantize_unet(fp32_path: Path, out_path: Path, feeds: list[dict[str, np.ndar
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
         raise ExportError(f"NVIDIA ModelOpt's ONNX quantiser is not importable ({exc})",
-                          hint="make setup installs it (nvidia-modelopt with its ONNX dependencies)") from exc
+                          hint="pip install 'kiln[int8]' (make setup installs it)") from exc
     import onnxruntime as ort
 
     data, shapes = _stack(feeds)
