@@ -101,28 +101,33 @@ def ensure_installed(allowed: bool) -> dict:
 
 
 class Backend:
-    """A text encoder, a guided UNet call and a VAE decoder over one array type; `generation` is the
-    same loop for every backend (a fixed update stands in for the scheduler: it costs nothing)."""
+    """A text encoder, a UNet over the prompt and negative prompt, and a VAE decoder, over one array
+    type; guidance and `generation` are the same for every backend (a fixed update stands in for the
+    scheduler: it costs nothing). `x` holds the starting latents (1 image)."""
 
     name = ""
+    x = None
 
     def text(self):
         raise NotImplementedError
 
-    def noise(self, latents, embeddings):
+    def unet(self, latents, embeddings):
+        """The UNet at batch 2: `latents` for both halves of `embeddings`."""
         raise NotImplementedError
 
     def decode(self, latents):
         raise NotImplementedError
 
-    def latents(self):
-        raise NotImplementedError
+    def noise(self, latents, embeddings):
+        out = self.unet(latents, embeddings)
+        uncond, cond = out[:1], out[1:]
+        return uncond + GUIDANCE * (cond - uncond)
 
     def sync(self) -> None:
         pass
 
     def generation(self, steps: int):
-        embeddings, x = self.text(), self.latents()
+        embeddings, x = self.text(), self.x
         for _ in range(steps):
             x = x - 0.01 * self.noise(x, embeddings)
         return self.decode(x)
@@ -158,17 +163,12 @@ class TensorRTBackend(Backend, TorchTensors):
     def text(self):
         return self.runners["text_encoder"]({"input_ids": self.ids})["last_hidden_state"].float()
 
-    def noise(self, x, emb):
-        out = self.runners["unet"]({"sample": self.torch.cat([x, x]), "timestep": self.t,
-                                    "encoder_hidden_states": emb})["out_sample"].float()
-        uncond, cond = out.chunk(2)
-        return uncond + GUIDANCE * (cond - uncond)
+    def unet(self, x, emb):
+        return self.runners["unet"]({"sample": self.torch.cat([x, x]), "timestep": self.t,
+                                     "encoder_hidden_states": emb})["out_sample"].float()
 
     def decode(self, x):
         return self.runners["vae_decoder"]({"latent_sample": x})["sample"]
-
-    def latents(self):
-        return self.x
 
     def sync(self):
         self.torch.cuda.synchronize()
@@ -198,17 +198,12 @@ class OnnxRuntimeBackend(Backend):
     def text(self):
         return self.sessions["text_encoder"].run(["last_hidden_state"], {"input_ids": self.ids})[0]
 
-    def noise(self, x, emb):
-        out = self.sessions["unet"].run(None, {"sample": np.concatenate([x, x]), "timestep": self.t,
-                                               "encoder_hidden_states": emb})[0]
-        uncond, cond = np.split(out, 2)
-        return uncond + GUIDANCE * (cond - uncond)
+    def unet(self, x, emb):
+        return self.sessions["unet"].run(None, {"sample": np.concatenate([x, x]), "timestep": self.t,
+                                                "encoder_hidden_states": emb})[0]
 
     def decode(self, x):
         return self.sessions["vae_decoder"].run(None, {"latent_sample": x})[0]
-
-    def latents(self):
-        return self.x
 
     def close(self):
         self.sessions.clear()
@@ -231,18 +226,13 @@ class TorchBackend(Backend, TorchTensors):
         with self.torch.no_grad():
             return self.pipe.text_encoder(self.ids.long())[0]
 
-    def noise(self, x, emb):
+    def unet(self, x, emb):
         with self.torch.no_grad():
-            out = self.pipe.unet(self.torch.cat([x, x]), self.t, encoder_hidden_states=emb).sample
-        uncond, cond = out.chunk(2)
-        return uncond + GUIDANCE * (cond - uncond)
+            return self.pipe.unet(self.torch.cat([x, x]), self.t, encoder_hidden_states=emb).sample
 
     def decode(self, x):
         with self.torch.no_grad():
             return self.pipe.vae.decode(x / self.pipe.vae.config.scaling_factor).sample
-
-    def latents(self):
-        return self.x
 
     def sync(self):
         if self.device == "cuda":
@@ -267,7 +257,7 @@ def median_seconds(fn, sync, runs: int, warmup: int = 2) -> float:
 
 
 def time_backend(backend: Backend, steps: int, runs: int) -> dict:
-    emb, x = backend.text(), backend.latents()
+    emb, x = backend.text(), backend.x
     result = {"unet_step_s": median_seconds(lambda: backend.noise(x, emb), backend.sync, runs * 5),
               "generation_s": median_seconds(lambda: backend.generation(steps), backend.sync, runs)}
     out = backend.generation(steps)

@@ -42,8 +42,8 @@ def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps:
                                       holdout=3, steps=steps, guidance=guidance, seed=10_000,
                                       method=precision.removeprefix(QDQ_PRECISION + "-"))
             onnx_dir = export_qdq(out / "onnx-fp32", out / f"onnx-{precision}", calibration)
-            qdq[precision] = {"quantization": read_manifest(onnx_dir)["quantization"],
-                              "parity": read_manifest(onnx_dir)["components"]["unet"]["parity"]}
+            manifest = read_manifest(onnx_dir)
+            qdq[precision] = {"quantization": manifest["quantization"], "parity": manifest["components"]["unet"]["parity"]}
         else:
             onnx_dir = export_onnx(model_dir, out / f"onnx-{precision}", precision=precision).out_dir
         pipe = OnnxPipeline(onnx_dir)
