@@ -47,6 +47,7 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     tolerance: Tolerance
     reduced_precision: bool = True  # converted by --fp16/--int8; the VAE stays fp32 (fp16 overflow)
+    cache_outputs: bool = False  # served with Kiln's per-row output cache (identical prompts skip the encoder)
 
     @property
     def input_names(self) -> list[str]:
@@ -143,6 +144,25 @@ def config_dims(tensor: TensorSpec, dims: ModelDims) -> list[int]:
     return out
 
 
+def input_problem(tensor: TensorSpec, value: np.ndarray, dims: ModelDims, max_size: int, max_chunks: int) -> str | None:
+    """What is wrong with one served input's values, or None: token ids inside the vocabulary and no
+    longer than the text encoder's window, embeddings of at most `max_chunks` windows, spatial sides
+    within the deployment's size, floats finite. (Triton has already checked dtype and rank.)"""
+    axes = dict(zip(tensor.shape, value.shape))
+    longest = dims.sequence if tensor.sampler == "token_ids" else max_chunks * dims.sequence
+    if "sequence" in axes and axes["sequence"] > longest:
+        return f"a sequence of at most {longest} tokens"
+    for axis, bound in (("latent_height", max_size // dims.vae_scale_factor), ("latent_width", max_size // dims.vae_scale_factor),
+                        ("height", max_size), ("width", max_size)):
+        if axis in axes and axes[axis] > bound:
+            return f"{axis} at most {bound}"
+    if tensor.sampler == "token_ids" and value.size and (value.min() < 0 or value.max() >= dims.vocab_size):
+        return f"token ids in [0, {dims.vocab_size})"
+    if tensor.dtype.startswith("float") and not np.isfinite(value).all():
+        return "finite numbers"
+    return None
+
+
 def dummy_inputs(spec: ComponentSpec, point: ShapePoint, dims: ModelDims, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -176,6 +196,7 @@ TEXT_ENCODER = ComponentSpec(
         TensorSpec("pooler_output", "float32", ("batch", "hidden_size")),
     ),
     tolerance=_FP32,
+    cache_outputs=True,
 )
 
 UNET = ComponentSpec(

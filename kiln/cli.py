@@ -346,7 +346,14 @@ def serve(
         _print_endpoints(info)
         console.print(f"stop it with: kiln stop --http-port {http_port}")
         return
-    code = server.serve_foreground(repo_dir, ports, lambda info: (_print_endpoints(info), console.print("Ctrl-C stops it")))
+    def on_ready(info, restarts: int) -> None:
+        if restarts:
+            console.print(f"tritonserver restarted ({restarts} restart(s) so far; why: {info.log_file})")
+            return
+        _print_endpoints(info)
+        console.print("Ctrl-C stops it; the server is restarted if it dies")
+
+    code = server.serve_foreground(repo_dir, ports, on_ready)
     console.print("server stopped")
     raise typer.Exit(code)
 

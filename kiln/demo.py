@@ -93,7 +93,8 @@ def build_demo(artifacts: Path, spec: DemoSpec = DemoSpec()) -> DemoModels:
     base_run = _stage(root, "base", {"data": base_data.name, "vae_data": vae_data.name, "spec": asdict(spec.base)},
                       lambda out: train_base(base_data, out, spec.base, vae_data))
     lora_run = _stage(root, "lora", {"base": base_run.name, "data": lora_data.name, "steps": spec.lora_steps,
-                                     "rank": spec.lora_rank, "lr": spec.lora_learning_rate, "te": spec.lora_text_encoder},
+                                     "rank": spec.lora_rank, "lr": spec.lora_learning_rate, "te": spec.lora_text_encoder,
+                                     "init": "seeded"},
                       lambda out: run_training("lora", None, [
                           f"model={base_run / 'model'}", f"data.path={lora_data}", f"output_dir={out}",
                           f"data.resolution={size}", "data.augment.enabled=false", "data.caption_dropout=0.1",

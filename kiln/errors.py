@@ -55,5 +55,9 @@ class RequestError(KilnError):
         self.allowed = allowed
 
 
+class GenerationError(KilnError):
+    """A generation went numerically wrong (NaN or inf): it fails rather than return a black image."""
+
+
 class ClientError(KilnError):
     """The server could not be reached or answered with an error."""

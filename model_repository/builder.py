@@ -120,6 +120,10 @@ def build_models_repository(
     if backend not in BACKENDS[target]:
         raise RepositoryError(f"--backend {backend!r} is not available for --target {target}: expected one of {BACKENDS[target]}")
     check_models(models)
+    if 2 * limits.max_prompt_chunks > tuning.max_batch_size:
+        raise RepositoryError(f"max_prompt_chunks {limits.max_prompt_chunks} needs a text-encoder batch of "
+                              f"{2 * limits.max_prompt_chunks} (prompt and negative prompt), above max_batch_size "
+                              f"{tuning.max_batch_size}", hint="lower the chunk limit or raise the batch size")
     engines = engines or {}
     if backend == "tensorrt":
         missing = [n for n in models if n not in engines]
@@ -154,7 +158,8 @@ def build_models_repository(
                 files = _component_files(source, backend)
                 spec = COMPONENTS[component]
                 if target == "embedded":
-                    settings = {"component": component, "onnx_threads": tuning.onnx_threads}
+                    settings = {"component": component, "onnx_threads": tuning.onnx_threads,
+                                "dims": asdict(dims), "limits": asdict(limits)}
                     config = configs.component_config(spec, dims, tuning, settings)
                 else:
                     config = configs.ngc_component_config(spec, dims, tuning, backend,
@@ -164,7 +169,7 @@ def build_models_repository(
                 written[triton_name] = digest
             tokenizer_name, tokenizer_digest = model_name("tokenizer", onnx_dir / "tokenizer")
             if tokenizer_name not in written:
-                config = configs.tokenizer_config({"tokenizer": "tokenizer", "max_prompt_tokens": limits.max_prompt_tokens})
+                config = configs.tokenizer_config({"tokenizer": "tokenizer", "limits": asdict(limits)}, tuning)
                 config.name = tokenizer_name
                 _write_model(tmp, config, folders={"tokenizer": onnx_dir / "tokenizer"})
                 written[tokenizer_name] = tokenizer_digest

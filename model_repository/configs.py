@@ -36,6 +36,7 @@ class Tuning:
     max_batch_size: int = 16
     max_queue_delay_us: int = 0  # paid at every denoising step of the BLS loop: keep near zero
     component_instances: int = 1
+    tokenizer_instances: int = 2  # a slow prompt (at most ~10 ms within the limits) never queues the others behind it
     pipeline_instances: int = 4  # BLS loops: measured best on 2 cores (4 concurrent: 1.6x their sequential rate)
     max_queue: int = 16  # generations waiting beyond this are refused at once ("Exceeds maximum queue size")
     onnx_threads: int = 0  # 0: ONNX Runtime's own choice
@@ -60,14 +61,9 @@ def _tensor(message, name: str, data_type: int, dims: list[int], optional: bool 
     return message
 
 
-CACHED_COMPONENTS = ("text_encoder",)  # identical prompts skip the encoder: Triton's response cache
-
-
 def _component(config: mc.ModelConfig, spec: ComponentSpec, dims: ModelDims, tuning: Tuning, kind: int) -> mc.ModelConfig:
-    """What every target's component model shares: tensors from the spec, the embedding cache,
-    dynamic batching and the instance group."""
-    if spec.name in CACHED_COMPONENTS:
-        config.response_cache.enable = True
+    """What every target's component model shares: tensors from the spec, dynamic batching and the
+    instance group. No response cache: Triton's replays a failed request as an empty success."""
     for t in spec.inputs:
         _tensor(config.input.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
     for t in spec.outputs:
@@ -114,14 +110,15 @@ def ngc_component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, b
     return config
 
 
-def tokenizer_config(settings: dict) -> mc.ModelConfig:
-    """Prompt text -> weighted 77-token chunks (see kiln.pipeline.prompt_weights)."""
+def tokenizer_config(settings: dict, tuning: Tuning = Tuning()) -> mc.ModelConfig:
+    """Prompt text -> weighted 77-token chunks (see kiln.pipeline.prompt_weights). Several instances,
+    so one long prompt never holds up the others."""
     config = mc.ModelConfig(name="tokenizer", backend="python", max_batch_size=0)
     _tensor(config.input.add(), "prompt", mc.TYPE_STRING, [1], optional=True)  # required: checked by Kiln
     _tensor(config.input.add(), "negative_prompt", mc.TYPE_STRING, [1], optional=True)
     for name, data_type in TOKEN_TENSORS.items():
         _tensor(config.output.add(), name, data_type, [-1, -1])
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=tuning.tokenizer_instances)
     _parameters(config, {"kiln_model": "tokenizer", "kiln_settings": json.dumps(settings)})
     return config
 

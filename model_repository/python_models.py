@@ -36,57 +36,155 @@ def split_outputs(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict
     return [{k: v[bounds[i] : bounds[i + 1]] for k, v in outputs.items()} for i in range(len(sizes))]
 
 
+class RowCache:
+    """Outputs per input row, least recently used dropped beyond `max_bytes`. Only what a successful
+    run returned is ever stored, so an error is never replayed (Triton's response cache did that)."""
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+
+        self.rows: OrderedDict[bytes, dict[str, np.ndarray]] = OrderedDict()
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+
+    def run(self, inputs: dict[str, np.ndarray], compute) -> dict[str, np.ndarray]:
+        """`compute(inputs restricted to the rows not cached)` -> their outputs; returns every row's."""
+        count = len(next(iter(inputs.values())))
+        keys = [b"".join(np.ascontiguousarray(v[i]).tobytes() for v in inputs.values()) for i in range(count)]
+        missing = [i for i, key in enumerate(keys) if key not in self.rows]
+        self.hits += count - len(missing)
+        self.misses += len(missing)
+        fresh = compute({k: v[missing] for k, v in inputs.items()}) if missing else {}
+        found = {i: {k: v[j] for k, v in fresh.items()} for j, i in enumerate(missing)}
+        for i, key in enumerate(keys):
+            if i not in found:
+                found[i] = self.rows[key]
+                self.rows.move_to_end(key)
+        for i in missing:
+            self.put(keys[i], found[i])
+        names = list(found[0])
+        return {name: np.stack([found[i][name] for i in range(count)]) for name in names}
+
+    def put(self, key: bytes, row: dict[str, np.ndarray]) -> None:
+        if key in self.rows:
+            return
+        size = sum(v.nbytes for v in row.values())
+        if size > self.max_bytes:
+            return
+        self.rows[key] = {k: v.copy() for k, v in row.items()}
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, dropped = self.rows.popitem(last=False)
+            self.bytes -= sum(v.nbytes for v in dropped.values())
+
+
+EMBEDDING_CACHE_BYTES = 256 << 20
+
+
 class OnnxComponentModel:
-    """One exported component on ONNX Runtime; the requests Triton batches run as one call."""
+    """One exported component on ONNX Runtime. Each request's inputs are checked against the spec
+    (internal models are reachable by any client); the valid requests Triton batched run as one call,
+    through the row cache when the spec asks for one."""
 
     def __init__(self, version_dir: Path, settings: dict):
+        from kiln.export.specs import ModelDims
         from kiln.pipeline.onnx_session import ComponentSession
 
         self.spec = COMPONENTS[settings["component"]]
         self.session = ComponentSession(self.spec, version_dir / "model.onnx", int(settings.get("onnx_threads", 0)))
+        self.dims = ModelDims(**settings["dims"]) if "dims" in settings else None
+        limits = Limits(**settings["limits"]) if "limits" in settings else Limits()
+        self.max_size, self.max_chunks = limits.max_size, limits.max_prompt_chunks
+        self.cache = RowCache(EMBEDDING_CACHE_BYTES) if self.spec.cache_outputs else None
+        self.counters = None
+
+    def check(self, feed: dict[str, np.ndarray | None]) -> None:
+        from kiln.export.specs import input_problem
+
+        for t in self.spec.inputs:
+            value = feed.get(t.name)
+            if value is None:
+                raise RequestError(t.name, None, f"the input {t.name} of {self.spec.name}")
+            problem = input_problem(t, value, self.dims, self.max_size, self.max_chunks) if self.dims else None
+            if problem:
+                raise RequestError(t.name, f"<{value.dtype} {list(value.shape)}>", problem)
 
     def run(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         merged, sizes = batch_feeds(self.spec, feeds)
-        return split_outputs(self.session.run(merged), sizes)
+        outputs = self.cache.run(merged, self.session.run) if self.cache else self.session.run(merged)
+        return split_outputs(outputs, sizes)
 
     def execute(self, requests):
         from kiln.model_repository import triton_adapter as triton
 
-        feeds = [triton.read_inputs(r, self.spec.input_names) for r in requests]
-        try:
-            return [triton.respond(out) for out in self.run(feeds)]
-        except Exception as exc:  # one bad batch must not take the instance down
-            log.exception("%s failed", self.spec.name)
-            return [triton.fail(exc) for _ in requests]
+        responses: list = [None] * len(requests)
+        valid, feeds = [], []
+        for i, request in enumerate(requests):
+            feed = triton.read_inputs(request, self.spec.input_names)
+            try:
+                self.check(feed)
+            except RequestError as exc:
+                responses[i] = triton.fail(exc)
+                continue
+            valid.append(i)
+            feeds.append(feed)
+        if feeds:
+            hits = self.cache.hits if self.cache else 0
+            try:
+                for i, out in zip(valid, self.run(feeds)):
+                    responses[i] = triton.respond(out)
+            except Exception as exc:  # one bad batch must not take the instance down
+                log.exception("%s failed", self.spec.name)
+                for i in valid:
+                    responses[i] = triton.fail(exc)
+            if self.cache:
+                self.count_cache(self.cache.hits - hits)
+        return responses
+
+    def count_cache(self, hits: int) -> None:
+        """kiln_embedding_cache_hits on Triton's metrics endpoint."""
+        from kiln.model_repository import triton_adapter as triton
+
+        if self.counters is None:
+            self.counters = triton.Counter("kiln_embedding_cache_hits", "rows answered from Kiln's embedding cache",
+                                           {"model": self.spec.name})
+        if hits:
+            self.counters.increment(hits)
 
     def finalize(self):
         self.session = None
 
 
 class TokenizerModel:
-    """Prompt text -> weighted 77-token chunks, prompt and negative prompt padded to the same count."""
+    """Prompt text -> weighted 77-token chunks, prompt and negative prompt padded to the same count.
+    Every limit is checked before the work it bounds: bytes before decoding, characters before
+    parsing, chunks before tokenizing, tokens before building arrays."""
 
     def __init__(self, version_dir: Path, settings: dict):
         from kiln.pipeline.prompts import load_tokenizer
 
         self.tokenizer = load_tokenizer(version_dir / settings["tokenizer"])
-        self.max_tokens = int(settings.get("max_prompt_tokens", Limits().max_prompt_tokens))
+        self.limits = Limits(**settings["limits"]) if "limits" in settings else Limits()
+
+    def text(self, field: str, value: np.ndarray | None) -> str:
+        if value is None:
+            return ""
+        if value.size != 1 or not isinstance(value.reshape(-1)[0], bytes):
+            raise RequestError(field, f"shape {list(value.shape)}", "one UTF-8 string (BYTES, shape [1])")
+        raw = value.reshape(-1)[0]
+        if len(raw) > 4 * self.limits.max_prompt_chars:  # UTF-8: at most 4 bytes a character
+            raise RequestError(field, f"<{len(raw)} bytes>", f"at most {self.limits.max_prompt_chars} characters")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(field, "<undecodable>", "one UTF-8 string") from None
 
     def run(self, prompt: np.ndarray | None, negative: np.ndarray | None) -> dict[str, np.ndarray]:
         from kiln.pipeline.prompt_weights import tokenize_pair
 
         if prompt is None:
             raise RequestError("prompt", None, "non-empty text (the prompt is required)")
-        texts = {}
-        for field, value in (("prompt", prompt), ("negative_prompt", negative)):
-            try:
-                texts[field] = "" if value is None else value.reshape(-1)[0].decode("utf-8")
-            except (UnicodeDecodeError, AttributeError, IndexError):
-                raise RequestError(field, "<undecodable>", "one UTF-8 string") from None
-        first, second = tokenize_pair(self.tokenizer, texts["prompt"], texts["negative_prompt"])
-        for field, chunks in (("prompt", first), ("negative_prompt", second)):
-            if chunks.tokens > self.max_tokens:
-                raise RequestError(field, f"<{chunks.tokens} tokens>", f"at most {self.max_tokens} tokens")
+        first, second = tokenize_pair(self.tokenizer, self.text("prompt", prompt),
+                                      self.text("negative_prompt", negative), self.limits)
         return {"prompt_ids": first.ids, "prompt_weights": first.weights,
                 "negative_prompt_ids": second.ids, "negative_prompt_weights": second.weights}
 
@@ -104,6 +202,20 @@ class TokenizerModel:
 
     def finalize(self):
         pass
+
+
+def checked_chunks(side: str, ids: np.ndarray | None, weights: np.ndarray | None, limits: Limits):
+    """The tokenizer's output as the pipeline accepts it: a client may call the pipeline directly."""
+    from kiln.pipeline.prompt_weights import MAX_WEIGHT, TokenChunks
+
+    expected = f"token ids and weights of shape (1 to {limits.max_prompt_chunks}, 77), as the tokenizer model writes"
+    if ids is None or weights is None or ids.shape != weights.shape or ids.ndim != 2:
+        raise RequestError(f"{side}_ids", None if ids is None else f"shape {list(ids.shape)}", expected)
+    if not 1 <= ids.shape[0] <= limits.max_prompt_chunks or ids.shape[1] != 77:
+        raise RequestError(f"{side}_ids", f"shape {list(ids.shape)}", expected)
+    if not np.isfinite(weights).all() or np.abs(weights).max() > MAX_WEIGHT:
+        raise RequestError(f"{side}_weights", "<out of range>", f"finite weights in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
+    return TokenChunks(ids.astype(np.int32), weights.astype(np.float32))
 
 
 class PipelineModel:
@@ -140,9 +252,7 @@ class PipelineModel:
             ids, weights = raw.get(f"{side}_ids"), raw.get(f"{side}_weights")
             if ids is not None and weights is not None and ids.ndim == 3 and ids.shape[0] == 1:
                 ids, weights = ids[0], weights[0]  # the batch dimension Triton adds
-            if ids is None or weights is None or ids.shape != weights.shape or ids.ndim != 2:
-                raise RequestError(f"{side}_ids", None, "token ids and weights from the tokenizer model")
-            chunks[side] = TokenChunks(ids.astype(np.int32), weights.astype(np.float32))
+            chunks[side] = checked_chunks(side, ids, weights, self.limits)
         images = generate_request(engines, request, self.scheduler_config, self.constants, chunks["prompt"],
                                   chunks["negative_prompt"], self.size_multiple)
         return {"image": images, "seeds": np.array(request.seeds, dtype=np.int64)}

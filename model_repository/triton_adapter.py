@@ -34,7 +34,21 @@ def fail(exc: BaseException):
     """An error response: INVALID_ARG for a bad request, INTERNAL for anything else."""
     invalid = isinstance(exc, RequestError)
     message = str(exc) if isinstance(exc, KilnError) else f"{type(exc).__name__}: {exc}"
+    if getattr(exc, "hint", None):
+        message = f"{message} ({exc.hint})"
     return pb_utils.InferenceResponse(error=_error(message, invalid))
+
+
+class Counter:
+    """A counter on Triton's metrics endpoint (the Python backend's custom metrics). Holds its family:
+    Triton refuses to count on a metric whose family was deleted."""
+
+    def __init__(self, name: str, description: str, labels: dict[str, str]):
+        self.family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+        self.metric = self.family.Metric(labels=labels)
+
+    def increment(self, value: float) -> None:
+        self.metric.increment(value)
 
 
 def _to_triton(name: str, value):

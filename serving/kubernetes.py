@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kiln.errors import ServeError
+from kiln.serving.server import RESTRICTED_APIS
 
 log = logging.getLogger("kiln.serving")
 
@@ -79,9 +80,8 @@ def triton_args(spec: ClusterSpec) -> list[str]:
         f"--model-repository={repository}",
         "--model-control-mode=explicit",
         "--load-model=*",
-        "--http-restricted-api=model-repository:admin-key=$(KILN_ADMIN_KEY)",
-        "--grpc-restricted-protocol=model-repository:admin-key=$(KILN_ADMIN_KEY)",
-        "--cache-config=local,size=268435456",
+        f"--http-restricted-api={RESTRICTED_APIS}:admin-key=$(KILN_ADMIN_KEY)",
+        f"--grpc-restricted-protocol={RESTRICTED_APIS}:admin-key=$(KILN_ADMIN_KEY)",
         "--allow-metrics=true",
         "--allow-gpu-metrics=true",
         "--metrics-port=8002",

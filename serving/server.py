@@ -25,8 +25,8 @@ from kiln.models.folder import write_folder_atomically
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
-CACHE_BYTES = 256 << 20  # Triton's local response cache (prompt embeddings)
-ADMIN_HEADER = "admin-key"  # model load/unload needs this header: Triton's restricted-API protection
+ADMIN_HEADER = "admin-key"  # the admin surfaces need this header: Triton's restricted-API protection
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"  # load/unload/index, shm registration, trace and log settings
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,9 @@ def command(repository: Path, ports: Ports, home: Path, admin_key: str) -> list[
         "--model-control-mode=explicit",
         "--load-model=*",
         "--exit-timeout-secs=10",
-        f"--cache-config=local,size={CACHE_BYTES}",
         # load/unload (and the repository index's control side) only with the key, over both protocols
-        f"--http-restricted-api=model-repository:{ADMIN_HEADER}={admin_key}",
-        f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={admin_key}",
+        f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}",
+        f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}",
     ]
     args += [f"{flag}={port}" for flag, port in ports.flags().items()]
     return args
@@ -154,10 +153,15 @@ def _environment() -> dict[str, str]:
     _, libs = _pytriton_dirs()
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    # glibc keeps freed heap in its arenas: a large request body (a gzip bomb inflates to a GiB) left
+    # tritonserver that much larger for good. Blocks above 1 MiB are mapped on their own and given back
+    # to the system when freed.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(4 << 20))
     return env
 
 
-def _ready(ports: Ports) -> bool:
+def ready(ports: Ports) -> bool:
     try:
         with urllib.request.urlopen(f"http://{HOST}:{ports.http}/v2/health/ready", timeout=2) as r:
             return r.status == 200
@@ -191,6 +195,44 @@ def _admin_key(ports: Ports, key: str | None) -> str:
     return key
 
 
+def launch(repository: Path, ports: Ports, admin_key: str, log_file: Path) -> subprocess.Popen:
+    """tritonserver in a session of its own (its stubs with it), its output appended to `log_file`."""
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(
+            command(repository, ports, server_home(), admin_key),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=_environment(),
+            start_new_session=True,
+        )
+
+
+def _check_startable(repository: Path, ports: Ports) -> None:
+    if not (repository / "manifest.json").is_file():
+        raise ServeError(f"{repository} is not a Kiln model repository", hint="kiln repo build ONNX_DIR REPO_DIR")
+    running = read_state(ports)
+    if running is not None and _alive(running.pid):
+        raise ServeError(f"a Kiln server (pid {running.pid}) already runs on HTTP port {ports.http}",
+                         hint=f"kiln stop --http-port {ports.http}")
+    for flag, port in ports.flags().items():
+        if not _port_free(port):
+            raise ServeError(
+                f"port {port} ({flag}) is already in use on {HOST}",
+                hint=f"choose another with {flag}, or stop the server holding it: kiln stop --http-port {ports.http}",
+            )
+
+
+def _prepare(repository: Path, ports: Ports, log_file: Path | None, admin_key: str | None) -> tuple[Path, Path, str]:
+    repository = Path(repository).resolve()
+    _check_startable(repository, ports)
+    server_home()  # copied once, before any supervisor needs it
+    log_file = Path(log_file or kiln_home() / "run" / f"triton-{ports.http}.log")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_bytes(b"")
+    return repository, log_file, _admin_key(ports, admin_key)
+
+
 def start(
     repository: Path,
     ports: Ports = Ports(),
@@ -198,56 +240,53 @@ def start(
     timeout_s: float = STARTUP_TIMEOUT_S,
     admin_key: str | None = None,
 ) -> tuple[subprocess.Popen, ServerInfo]:
-    """Start tritonserver in its own session and wait until every model is ready."""
-    repository = Path(repository).resolve()
-    if not (repository / "manifest.json").is_file():
-        raise ServeError(f"{repository} is not a Kiln model repository", hint="kiln repo build ONNX_DIR REPO_DIR")
-    for flag, port in ports.flags().items():
-        if not _port_free(port):
-            raise ServeError(
-                f"port {port} ({flag}) is already in use on {HOST}",
-                hint=f"choose another with {flag}, or stop the server holding it: kiln stop --http-port {ports.http}",
-            )
-    home = server_home()
-    log_file = Path(log_file or kiln_home() / "run" / f"triton-{ports.http}.log")
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    key = _admin_key(ports, admin_key)
-    with open(log_file, "wb") as log:
+    """Start a supervised tritonserver in the background and wait until every model is ready.
+
+    The supervisor (kiln.serving.supervisor) runs detached in a session of its own and restarts the
+    server when it dies. Its state file is written before anything else, so `stop` finds it even when
+    this call is interrupted; an interrupted or failed start stops what it started."""
+    repository, log_file, _ = _prepare(repository, ports, log_file, admin_key)
+    with open(log_file, "ab") as log:
         process = subprocess.Popen(
-            command(repository, ports, home, key),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=_environment(),
-            start_new_session=True,
+            [sys.executable, "-m", "kiln.serving.supervisor", str(repository), "--http-port", str(ports.http),
+             "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log-file", str(log_file),
+             "--startup-timeout", str(timeout_s)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
     info = ServerInfo(process.pid, ports, str(repository), str(log_file))
-    deadline = time.monotonic() + timeout_s
-    while not _ready(ports):
-        if process.poll() is not None:
-            raise ServeError(
-                f"tritonserver exited with code {process.returncode} while loading {repository}:\n"
-                f"{triton_errors(log_file.read_text(errors='replace'))}",
-                hint=f"full log: {log_file}",
-            )
-        if time.monotonic() > deadline:
-            _terminate(process.pid)
-            raise ServeError(
-                f"tritonserver was not ready after {timeout_s:.0f} s:\n{triton_errors(log_file.read_text(errors='replace'))}",
-                hint=f"full log: {log_file}",
-            )
-        time.sleep(0.5)
-    from kiln.export.manifest import write_json_atomically
-
-    write_json_atomically(state_file(ports), {**asdict(info), "ports": asdict(ports)})
+    write_state(info, status="starting")
+    try:
+        while read_status(ports).get("status") != "ready":
+            if process.poll() is not None:
+                raise ServeError(
+                    f"tritonserver could not start from {repository}:\n{triton_errors(log_file.read_text(errors='replace'))}",
+                    hint=f"full log: {log_file}",
+                )
+            time.sleep(0.3)
+    except BaseException:
+        stop(ports)
+        raise
     return process, info
 
 
+def write_state(info: ServerInfo, **status) -> None:
+    from kiln.export.manifest import write_json_atomically
+
+    write_json_atomically(state_file(info.ports), {**asdict(info), "ports": asdict(info.ports), **status})
+
+
+def read_status(ports: Ports) -> dict:
+    """The state file's whole record: pid (the supervisor), triton_pid, status, restarts, last_exit."""
+    try:
+        return json.loads(state_file(ports).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def read_state(ports: Ports) -> ServerInfo | None:
-    path = state_file(ports)
-    if not path.is_file():
+    data = read_status(ports)
+    if not data:
         return None
-    data = json.loads(path.read_text())
     return ServerInfo(data["pid"], Ports(**data["ports"]), data["repository"], data["log_file"])
 
 
@@ -261,8 +300,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _terminate(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM the server's process group (its Python-backend stubs too), SIGKILL after a grace."""
+def kill_group(pid: int) -> None:
+    """SIGKILL whatever is left of a process group (a dead server's Python-backend stubs)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def terminate(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM a process group (a server and its Python-backend stubs), SIGKILL after a grace."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -280,25 +327,27 @@ def _terminate(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> None:
 
 
 def stop(ports: Ports = Ports()) -> ServerInfo:
-    """Stop the background server started on these ports."""
+    """Stop the server started on these ports: its supervisor, then whatever tritonserver it left."""
+    status = read_status(ports)
     info = read_state(ports)
     if info is None:
         raise ServeError(f"no Kiln server is recorded on HTTP port {ports.http}", hint="kiln serve REPO --background")
-    if _alive(info.pid):
-        _terminate(info.pid)
+    terminate(info.pid)
+    if status.get("triton_pid"):
+        terminate(status["triton_pid"])
     state_file(ports).unlink(missing_ok=True)
     admin_key_file(ports).unlink(missing_ok=True)
     return info
 
 
 def serve_foreground(repository: Path, ports: Ports, on_ready) -> int:
-    """Run until Ctrl-C or until the server exits; returns the server's exit code."""
-    process, info = start(repository, ports)
-    on_ready(info)
+    """Supervise the server in this process until Ctrl-C; `on_ready(info, restarts)` after each (re)start.
+    Returns 0 when stopped, 1 when the server could not start."""
+    from kiln.serving.supervisor import Supervision, supervise
+
+    repository, log_file, key = _prepare(repository, ports, None, None)
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        _terminate(process.pid)
-        return 0
+        return supervise(Supervision(repository, ports, log_file, key, on_ready=on_ready))
     finally:
         state_file(ports).unlink(missing_ok=True)
+        admin_key_file(ports).unlink(missing_ok=True)

@@ -86,7 +86,7 @@ def test_img2img_matches_diffusers(triton, pipe):
 
 def _cache_hits(info) -> float:
     text = urllib.request.urlopen(info.metrics_url, timeout=10).read().decode()
-    match = re.search(r'nv_cache_num_hits_per_model\{model="text_encoder",version="1"\} (\d+)', text)
+    match = re.search(r'kiln_embedding_cache_hits\{[^}]*model="text_encoder"[^}]*\} (\d+)', text)
     return float(match.group(1)) if match else 0.0
 
 

@@ -151,7 +151,7 @@ def make_optimizer(config: TrainConfig, parameters, scale: int):
 def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetup], resume: str | None = None) -> dict:
     """Run (or resume) one training job to `config.output_dir`; returns the summary it writes."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
 
@@ -167,6 +167,9 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     models = load_models(config.model)
+    # Every draw before the loop (adapter initialisation, new token embeddings) comes from the seed;
+    # the loop reseeds itself per step, so a resumed run draws what an uninterrupted one would.
+    set_seed(config.seed)
     setup = build(config, models)
     if config.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
@@ -214,7 +217,7 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
              config.max_train_steps, global_step)
     progress = tqdm(total=config.max_train_steps, initial=global_step, desc=f"train {config.method}",
                     disable=not accelerator.is_local_main_process)
-    begun = time.perf_counter()
+    begun = time.perf_counter() - (csv_log.elapsed if csv_log is not None else 0.0)  # a resumed run's clock goes on
     trainable_modules = [getattr(models, n) for n in setup.trainable]
     for module in trainable_modules:
         module.train()

@@ -22,6 +22,7 @@ class CsvLog:
             writer = csv.DictWriter(f, FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+        self.elapsed = float(rows[-1]["seconds"]) if rows else 0.0  # training seconds up to the resumed step
 
     def write(self, step: int, loss: float, lr: float, seconds: float) -> None:
         with open(self.path, "a", newline="") as f:

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from kiln.errors import GenerationError, RequestError
 from kiln.pipeline.prompt_weights import TokenChunks, apply_weights
 
 
@@ -69,6 +70,15 @@ def encode_prompts(engines: Engines, prompt: TokenChunks, negative: TokenChunks 
     return apply_weights(encoded[k:], prompt.weights), apply_weights(encoded[:k], negative.weights)
 
 
+def check_finite(values, stage: str) -> None:
+    """NaN or inf anywhere would reach the image as black: fail with where it happened instead."""
+    finite = torch.isfinite(values).all() if isinstance(values, torch.Tensor) else np.isfinite(values).all()
+    if not bool(finite):
+        raise GenerationError(f"the {stage} became non-finite (NaN or inf)",
+                              hint="lower the prompt's weights or guidance_scale; if it persists, the model's "
+                                   "weights overflow at this precision")
+
+
 def _generators(seeds: list[int]):
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return generators[0] if len(generators) == 1 else generators
@@ -98,6 +108,7 @@ def generate(
         raise ValueError(f"prompt chunks {prompt.ids.shape} and negative chunks {negative.ids.shape} differ: "
                          "tokenize them with tokenize_pair")
     cond, uncond = encode_prompts(engines, prompt, negative if guided else None)
+    check_finite(cond if uncond is None else np.concatenate([cond, uncond]), "prompt embeddings")
     embeddings = np.concatenate([np.repeat(uncond, count, 0), np.repeat(cond, count, 0)]) if guided \
         else np.repeat(cond, count, 0)  # (2N, 77k, D) | (N, 77k, D)
     # Engines with a `device` take and return torch tensors there (the GPU target keeps latents on the
@@ -144,21 +155,29 @@ def generate(
             noise_uncond, noise_text = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        check_finite(latents, f"latents at step {i + 1} of {len(timesteps)}")
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     if device is not None:
-        return to_uint8(engines.decode_latents(latents / constants.scaling_factor).cpu().numpy())
-    return to_uint8(engines.decode_latents((latents / constants.scaling_factor).numpy()))
+        decoded = engines.decode_latents(latents / constants.scaling_factor).cpu().numpy()
+    else:
+        decoded = engines.decode_latents((latents / constants.scaling_factor).numpy())
+    check_finite(decoded, "decoded image")
+    return to_uint8(decoded)
 
 
-def load_init_image(data: bytes, height: int | None, width: int | None, multiple: int) -> np.ndarray:
+def load_init_image(data: bytes, height: int | None, width: int | None, multiple: int,
+                    max_pixels: int = 4096 * 4096) -> np.ndarray:
     """Encoded PNG/JPEG -> (1, 3, H, W) in [-1, 1], resized (Lanczos, as diffusers) to the requested
     size or to its own size rounded down to `multiple`."""
     import io
 
     from PIL import Image
 
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data))  # reads the header only
+    if image.width * image.height > max_pixels:  # before decoding: a small file can hold a huge image
+        raise RequestError("init_image", f"<{image.width}x{image.height} pixels>",
+                           f"an image of at most {max_pixels / 1e6:.1f} megapixels")
     image.load()
     image = image.convert("RGB")
     target = (width or image.width // multiple * multiple, height or image.height // multiple * multiple)
@@ -171,13 +190,14 @@ def load_init_image(data: bytes, height: int | None, width: int | None, multiple
 def generate_request(engines: Engines, request, scheduler_config: dict, constants: ModelConstants,
                      prompt: TokenChunks, negative: TokenChunks, size_multiple: int) -> np.ndarray:
     """A validated GenerationRequest through `generate`: scheduler built, init image decoded."""
-    from kiln.errors import RequestError
     from kiln.pipeline.schedulers import make_scheduler
 
     init_image = None
     if request.image is not None:
         try:
             init_image = load_init_image(request.image, request.height, request.width, size_multiple)
+        except RequestError:
+            raise
         except Exception:
             raise RequestError("init_image", f"<{len(request.image)} bytes>", "a PNG or JPEG file") from None
     return generate(

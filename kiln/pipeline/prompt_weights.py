@@ -9,15 +9,21 @@ text encoder's output per token, then the original mean is restored.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from kiln.errors import RequestError
+from kiln.pipeline.request import Limits
+
 UP, DOWN = 1.1, 1 / 1.1
+MAX_WEIGHT = 10.0  # |weight| of any token, nesting included: past it a float32 embedding is noise or overflows
 MEAN_FLOOR = 1e-3  # relative size below which an embedding mean counts as zero
-_TOKENS = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
+_TOKENS = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+(?:[eE][+-]?\d+)?)\s*\)|\)|\]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+WEIGHT_SYNTAX = f"weights as (word:1.2) with a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]"
 
 
 @dataclass(frozen=True)
@@ -26,47 +32,79 @@ class Fragment:
     weight: float
 
 
-def parse(prompt: str) -> list[Fragment]:
-    """Text -> weighted fragments, adjacent fragments of equal weight merged."""
-    out: list[list] = []
-    round_open: list[int] = []
-    square_open: list[int] = []
+class _Bracket:
+    """An open bracket; every fragment written inside it points here. Its factor is known when it
+    closes, so each fragment's weight is computed once at the end: linear in the prompt's length."""
 
-    def scale(start: int, factor: float) -> None:
-        for item in out[start:]:
-            item[1] *= factor
+    __slots__ = ("parent", "factor", "weight")
+
+    def __init__(self, parent: "_Bracket | None", factor: float):
+        self.parent, self.factor, self.weight = parent, factor, 1.0
+
+
+def _weight_number(text: str, field: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise RequestError(field, f"(...:{text})", WEIGHT_SYNTAX) from None
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise RequestError(field, f"(...:{text})", WEIGHT_SYNTAX)
+    return value
+
+
+def parse(prompt: str, field: str = "prompt") -> list[Fragment]:
+    """Text -> weighted fragments, adjacent fragments of equal weight merged. Raises RequestError
+    (naming `field`) for a weight that is not a number or lies outside [-MAX_WEIGHT, MAX_WEIGHT],
+    nesting included."""
+    items: list[tuple[str, _Bracket | None, _Bracket | None]] = []
+    brackets: list[_Bracket] = []  # in opening order: a parent always precedes its children
+    open_round: _Bracket | None = None
+    open_square: _Bracket | None = None
+
+    def opened(parent: _Bracket | None, factor: float) -> _Bracket:
+        brackets.append(_Bracket(parent, factor))
+        return brackets[-1]
 
     for match in _TOKENS.finditer(prompt):
         token, number = match.group(0), match.group(1)
         if token.startswith("\\") and len(token) == 2:
-            out.append([token[1], 1.0])
+            items.append((token[1], open_round, open_square))
         elif token == "(":
-            round_open.append(len(out))
+            open_round = opened(open_round, UP)  # unclosed brackets still apply to the rest
         elif token == "[":
-            square_open.append(len(out))
-        elif number is not None and round_open:
-            scale(round_open.pop(), float(number))
-        elif token == ")" and round_open:
-            scale(round_open.pop(), UP)
-        elif token == "]" and square_open:
-            scale(square_open.pop(), DOWN)
+            open_square = opened(open_square, DOWN)
+        elif number is not None and open_round is not None:
+            open_round.factor = _weight_number(number, field)
+            open_round = open_round.parent
+        elif number is not None:  # "(...:1.5)" without an opening bracket: literal text
+            items.append((token, open_round, open_square))
+        elif token == ")" and open_round is not None:
+            open_round = open_round.parent
+        elif token == "]" and open_square is not None:
+            open_square = open_square.parent
         else:
             for i, part in enumerate(_BREAK.split(token)):
                 if i:
-                    out.append(["BREAK", -1.0])
+                    items.append(("BREAK", None, None))
                 if part:
-                    out.append([part, 1.0])
-    for start in round_open:  # unclosed brackets still apply to the rest
-        scale(start, UP)
-    for start in square_open:
-        scale(start, DOWN)
+                    items.append((part, open_round, open_square))
+    for bracket in brackets:
+        bracket.weight = bracket.factor * (bracket.parent.weight if bracket.parent is not None else 1.0)
     merged: list[list] = []
-    for text, weight in out:
-        if merged and merged[-1][1] == weight and text != "BREAK" and merged[-1][0] != "BREAK":
+    for text, in_round, in_square in items:
+        if text == "BREAK":
+            merged.append(["BREAK", 1.0, True])
+            continue
+        weight = (in_round.weight if in_round else 1.0) * (in_square.weight if in_square else 1.0)
+        weight = round(weight, 10)
+        if not abs(weight) <= MAX_WEIGHT:
+            raise RequestError(field, f"<{text[:40]!r} at weight {weight:.4g}>",
+                               f"{WEIGHT_SYNTAX}; nested brackets multiply (each ( by 1.1)")
+        if merged and not merged[-1][2] and merged[-1][1] == weight:
             merged[-1][0] += text
         else:
-            merged.append([text, weight])
-    return [Fragment(t, 1.0 if t == "BREAK" else round(w, 10)) for t, w in merged if t]
+            merged.append([text, weight, False])
+    return [Fragment(t, w) for t, w, _ in merged if t]
 
 
 @dataclass(frozen=True)
@@ -80,35 +118,51 @@ class TokenChunks:
         return bool((self.weights != 1.0).any())
 
 
-def tokenize_weighted(tokenizer, prompt: str, min_chunks: int = 1) -> TokenChunks:
+def tokenize_weighted(tokenizer, prompt: str, min_chunks: int = 1, field: str = "prompt",
+                      limits: Limits | None = None) -> TokenChunks:
     """Weighted fragments -> 77-token chunks. A prompt of at most 75 tokens gives exactly the ids
-    diffusers' pipeline uses; longer prompts get more chunks instead of being cut."""
+    diffusers' pipeline uses; longer prompts get more chunks instead of being cut.
+
+    With `limits`, characters are counted before anything is parsed, chunks before anything is
+    tokenized, and tokens before any array is built; each overrun is a RequestError naming `field`."""
     from kiln.pipeline.prompts import expand_multi_vector_tokens
 
+    if limits is not None and len(prompt) > limits.max_prompt_chars:
+        raise RequestError(field, f"<{len(prompt)} characters>", f"at most {limits.max_prompt_chars} characters")
+    fragments = parse(prompt, field)
+    if limits is not None and 1 + sum(f.text == "BREAK" for f in fragments) > limits.max_prompt_chunks:
+        raise RequestError(field, f"<{sum(f.text == 'BREAK' for f in fragments)} BREAKs>",
+                           f"at most {limits.max_prompt_chunks} chunks ({limits.max_prompt_chunks - 1} BREAKs)")
+    texts = [expand_multi_vector_tokens(f.text, tokenizer) for f in fragments if f.text != "BREAK"]
+    encoded = iter(tokenizer(texts, add_special_tokens=False).input_ids if texts else [])  # one call: linear
     length = tokenizer.model_max_length
     body = length - 2
     chunks: list[tuple[list[int], list[float]]] = [([], [])]
-    for fragment in parse(prompt):
+    for fragment in fragments:
         if fragment.text == "BREAK":
             chunks.append(([], []))
             continue
-        text = expand_multi_vector_tokens(fragment.text, tokenizer)
-        for token in tokenizer(text, add_special_tokens=False).input_ids:
+        for token in next(encoded):
             if len(chunks[-1][0]) == body:
                 chunks.append(([], []))
             chunks[-1][0].append(token)
             chunks[-1][1].append(fragment.weight)
+    tokens = sum(len(t) for t, _ in chunks)
+    if limits is not None and tokens > limits.max_prompt_tokens:
+        raise RequestError(field, f"<{tokens} tokens>", f"at most {limits.max_prompt_tokens} tokens")
+    if limits is not None and len(chunks) > limits.max_prompt_chunks:
+        raise RequestError(field, f"<{len(chunks)} chunks of 75 tokens>", f"at most {limits.max_prompt_chunks} chunks")
     while len(chunks) < min_chunks:
         chunks.append(([], []))
     pad = tokenizer.pad_token_id
     ids = np.full((len(chunks), length), pad, dtype=np.int32)
     weights = np.ones((len(chunks), length), dtype=np.float32)
-    for i, (tokens, token_weights) in enumerate(chunks):
+    for i, (chunk_tokens, token_weights) in enumerate(chunks):
         ids[i, 0] = tokenizer.bos_token_id
-        ids[i, 1 : len(tokens) + 1] = tokens
-        ids[i, len(tokens) + 1] = tokenizer.eos_token_id
-        weights[i, 1 : len(tokens) + 1] = token_weights
-    return TokenChunks(ids, weights, sum(len(tokens) for tokens, _ in chunks))
+        ids[i, 1 : len(chunk_tokens) + 1] = chunk_tokens
+        ids[i, len(chunk_tokens) + 1] = tokenizer.eos_token_id
+        weights[i, 1 : len(chunk_tokens) + 1] = token_weights
+    return TokenChunks(ids, weights, tokens)
 
 
 def apply_weights(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -130,13 +184,14 @@ def apply_weights(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return out.reshape(1, chunks * length, dim)
 
 
-def tokenize_pair(tokenizer, prompt: str, negative: str) -> tuple[TokenChunks, TokenChunks]:
+def tokenize_pair(tokenizer, prompt: str, negative: str, limits: Limits | None = None) -> tuple[TokenChunks, TokenChunks]:
     """Prompt and negative prompt with the same number of chunks (the shorter padded with empty ones),
-    so their encodings stack for classifier-free guidance."""
-    first, second = tokenize_weighted(tokenizer, prompt), tokenize_weighted(tokenizer, negative)
+    so their encodings stack for classifier-free guidance. `limits`: see tokenize_weighted."""
+    first = tokenize_weighted(tokenizer, prompt, field="prompt", limits=limits)
+    second = tokenize_weighted(tokenizer, negative, field="negative_prompt", limits=limits)
     chunks = max(first.ids.shape[0], second.ids.shape[0])
     if first.ids.shape[0] < chunks:
-        first = tokenize_weighted(tokenizer, prompt, chunks)
+        first = tokenize_weighted(tokenizer, prompt, chunks, "prompt")
     if second.ids.shape[0] < chunks:
-        second = tokenize_weighted(tokenizer, negative, chunks)
+        second = tokenize_weighted(tokenizer, negative, chunks, "negative_prompt")
     return first, second

@@ -16,6 +16,8 @@ def expand_multi_vector_tokens(text: str, tokenizer) -> str:
     """A Textual Inversion token learned with several vectors stands for `tok tok_1 ... tok_n`, as
     diffusers' `maybe_convert_prompt` expands it."""
     added = tokenizer.get_added_vocab()
+    if not any(f"{token}_1" in added for token in added):
+        return text  # no multi-vector token: nothing to look for (and no per-fragment tokenizing)
     for token in dict.fromkeys(tokenizer.tokenize(text)):
         if token in added and f"{token}_1" in added:
             parts, i = [token], 1

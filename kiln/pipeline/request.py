@@ -55,6 +55,7 @@ class Limits:
     max_size: int = 1024
     max_prompt_chars: int = 4000
     max_prompt_tokens: int = 300  # four 77-token chunks
+    max_prompt_chunks: int = 8  # BREAK adds chunks; prompt + negative chunks are one text-encoder batch (16)
     max_images: int = 4
     max_image_bytes: int = 8 << 20
 
@@ -168,16 +169,21 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
         seed = secrets.randbelow(2**31)
     low_size = max(limits.min_size, size_multiple)
     image = _image(raw, limits)
+    steps = _integer(raw, "steps", defaults.steps, 1, limits.max_steps)
+    strength = _number(raw, "strength", defaults.strength, 0.0, 1.0, low_open=True) if image is not None else 1.0
+    if int(steps * strength) < 1:  # img2img skips the first (1 - strength) of the schedule: nothing would be left
+        raise RequestError("strength", strength, f"at least 1/steps = {1 / steps:.4g} at steps={steps} "
+                           "(or more steps), so that a denoising step remains")
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=_text(raw, "negative_prompt", "", limits),
         seed=seed,
-        steps=_integer(raw, "steps", defaults.steps, 1, limits.max_steps),
+        steps=steps,
         guidance_scale=_number(raw, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance),
         height=_integer(raw, "height", defaults.height, low_size, limits.max_size, size_multiple),
         width=_integer(raw, "width", defaults.width, low_size, limits.max_size, size_multiple),
         scheduler=canonical_name(_text(raw, "scheduler", defaults.scheduler, limits)),
         num_images=num_images,
         image=image,
-        strength=_number(raw, "strength", defaults.strength, 0.0, 1.0, low_open=True) if image is not None else 1.0,
+        strength=strength,
     )

@@ -31,14 +31,30 @@ _BY_CLASS = {choice.class_name.lower(): name for name, choice in SCHEDULERS.item
 _BY_CLASS.update({"pndmscheduler": "pndm", "dpmsolvermultistepscheduler": "dpmpp_2m"})
 
 
+def _stable_diffusion_classes() -> dict[str, str]:
+    """lower-case name -> class name of every diffusers scheduler Stable Diffusion pipelines accept
+    (diffusers' KarrasDiffusionSchedulers: LMSDiscreteScheduler, KDPM2DiscreteScheduler, ...)."""
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+
+    # EDM schedulers ignore the model's noise schedule (EDM-trained models only); a class whose
+    # optional dependency is missing (DPMSolverSDEScheduler without torchsde) is a placeholder.
+    return {member.name.lower(): member.name for member in KarrasDiffusionSchedulers
+            if not member.name.startswith("EDM") and not hasattr(getattr(diffusers, member.name, None), "_backends")}
+
+
 def canonical_name(name: str) -> str:
-    """Accept Kiln's short names, diffusers' class names (any case) and 'default'."""
+    """Kiln's short names, 'default', or any diffusers scheduler class a Stable Diffusion pipeline
+    accepts (any case): a configured short name where Kiln has one, else the class name itself."""
     key = name.strip().lower()
     if key == DEFAULT or key in SCHEDULERS:
         return key
     if key in _BY_CLASS:
         return _BY_CLASS[key]
-    allowed = ", ".join([DEFAULT, *SCHEDULERS]) + " or a diffusers class name such as EulerDiscreteScheduler"
+    classes = _stable_diffusion_classes()
+    if key in classes:
+        return classes[key]
+    allowed = ", ".join([DEFAULT, *SCHEDULERS]) + " or a diffusers scheduler class: " + ", ".join(sorted(classes.values()))
     raise RequestError("scheduler", name, allowed)
 
 
@@ -50,6 +66,8 @@ def make_scheduler(name: str, model_config: dict):
     canonical = canonical_name(name)
     if canonical == DEFAULT:
         cls, overrides = getattr(diffusers, model_config["_class_name"]), {}
+    elif canonical not in SCHEDULERS:  # a diffusers class name
+        cls, overrides = getattr(diffusers, canonical), {}
     else:
         choice = SCHEDULERS[canonical]
         cls, overrides = getattr(diffusers, choice.class_name), dict(choice.overrides)
