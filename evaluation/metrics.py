@@ -122,6 +122,13 @@ def predict(images: np.ndarray, classifier: GlyphClassifier) -> list[Prediction]
     return [Prediction(int(d), classifier.colours[int(c)]) for d, c in zip(digits.argmax(1), colours.argmax(1))]
 
 
+def digit_accuracy_by(predictions: list[Prediction], digits: list[int], groups: list[str]) -> dict[str, float]:
+    """Digit accuracy within each group (a colour, a background), groups in first-seen order."""
+    correct = np.array([p.digit == d for p, d in zip(predictions, digits)])
+    labels = np.array(groups)
+    return {g: float(correct[labels == g].mean()) for g in dict.fromkeys(groups)}
+
+
 def prompt_accuracy(predictions: list[Prediction], digits: list[int], colours: list[str]) -> dict[str, float]:
     """Share of images showing the digit, the colour, and both, that their prompts asked for."""
     digit_ok = np.array([p.digit == d for p, d in zip(predictions, digits)])

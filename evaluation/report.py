@@ -82,6 +82,8 @@ class ModelResult:
     label: str
     url: str
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    digit_by_colour: dict[str, float] = field(default_factory=dict)  # every prompt set together
+    digit_by_background: dict[str, float] = field(default_factory=dict)
     fid: float | None = None
     kid: tuple[float, float] | None = None
     inception_score: tuple[float, float] | None = None
@@ -108,15 +110,21 @@ def evaluate(endpoints: dict[str, str], protocol: str, classifier_dir: Path, rea
     results, drawn = [], {}
     for label, url in endpoints.items():
         result = ModelResult(label, url)
+        judged: list = []
         for prompts in sets:
             images = generate(url, protocol, prompts, spec)
             drawn[(label, prompts.name)] = images
             predictions = metrics.predict(images, classifier)
             result.accuracy[prompts.name] = metrics.prompt_accuracy(
                 predictions, [g.digit for g in prompts.glyphs], [g.colour for g in prompts.glyphs])
+            judged += zip(predictions, prompts.glyphs)
             path = out_dir / f"grid-{label}-{prompts.name}.png"
             grid(images, len(DIGITS)).save(path)
             result.grids[prompts.name] = str(path)
+        predictions, glyphs = [p for p, _ in judged], [g for _, g in judged]
+        result.digit_by_colour = metrics.digit_accuracy_by(predictions, [g.digit for g in glyphs], [g.colour for g in glyphs])
+        result.digit_by_background = metrics.digit_accuracy_by(predictions, [g.digit for g in glyphs],
+                                                               [g.background for g in glyphs])
         digits = drawn[(label, "digits")]
         result.fid = metrics.fid(real, digits, extractor)
         result.kid = metrics.kid(real, digits, extractor)
@@ -154,6 +162,15 @@ def to_markdown(report: dict) -> str:
         focus = r["accuracy"].get("focus", {}).get("colour")
         lines.append(f"| {r['label']} | {digits['digit']:.3f} | {digits['colour']:.3f} | {number(focus, 3)} | "
                      f"{r['fid']:.2f} | {r['kid'][0]:.4f} | {r['inception_score'][0]:.2f} | {number(r['clip_score'], 2)} |")
+    colours = list(dict.fromkeys(c for r in report["results"] for c in r.get("digit_by_colour", {})))
+    backgrounds = list(dict.fromkeys(b for r in report["results"] for b in r.get("digit_by_background", {})))
+    if colours:
+        lines += ["", "Digit accuracy per colour and per background (every prompt set):", "",
+                  "| model | " + " | ".join(colours + [f"on {b}" for b in backgrounds]) + " |",
+                  "|---|" + "---|" * (len(colours) + len(backgrounds))]
+        for r in report["results"]:
+            values = [r["digit_by_colour"].get(c) for c in colours] + [r["digit_by_background"].get(b) for b in backgrounds]
+            lines.append(f"| {r['label']} | " + " | ".join(number(v, 3) for v in values) + " |")
     lines += ["", f"Features for FID/KID/IS: {report['feature_extractor']}; real images: {report['real_images']}.", ""]
     lines += [f"- LPIPS (glyph features) {k}: {v:.4f}" for k, v in report["lpips"].items()]
     if report.get("bars"):

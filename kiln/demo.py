@@ -146,6 +146,7 @@ def quality_bars(report: dict) -> list[dict]:
     by = {r["label"]: r for r in report["results"]}
     merged, base, untrained = by["merged"], by["base"], by["untrained"]
     chance = 1 / len(COLOURS)
+    taught = report["spec"]["focus_colour"]
     return [
         {"bar": "merged digit accuracy", "value": merged["accuracy"]["digits"]["digit"], "need": f">= {DIGIT_BAR}",
          "passed": merged["accuracy"]["digits"]["digit"] >= DIGIT_BAR},
@@ -153,6 +154,10 @@ def quality_bars(report: dict) -> list[dict]:
          "need": f"near or below chance (< {TAUGHT_BAR})", "passed": base["accuracy"]["focus"]["colour"] < TAUGHT_BAR},
         {"bar": "taught colour accuracy after merging", "value": merged["accuracy"]["focus"]["colour"],
          "need": f">= {TAUGHT_BAR}", "passed": merged["accuracy"]["focus"]["colour"] >= TAUGHT_BAR},
+        {"bar": f"merged digit accuracy on the taught colour ({taught})", "value": merged["digit_by_colour"][taught],
+         "need": f">= {DIGIT_BAR}", "passed": merged["digit_by_colour"][taught] >= DIGIT_BAR},
+        *({"bar": f"merged digit accuracy on a {background} background", "value": value, "need": f">= {DIGIT_BAR}",
+           "passed": value >= DIGIT_BAR} for background, value in merged["digit_by_background"].items()),
         {"bar": "FID merged / FID untrained", "value": merged["fid"] / untrained["fid"],
          "need": f"<= {FID_RATIO_BAR}", "passed": merged["fid"] <= FID_RATIO_BAR * untrained["fid"]},
     ]

@@ -4,7 +4,8 @@ its liveness endpoint, logs why, and counts restarts in the server's state file.
 tritonserver 2.51 can be killed by a single request (see the README's known limits) and nothing in it
 restarts itself, so every server Kiln starts runs under this loop: in-process for `kiln serve` in the
 foreground, as a detached process (`python -m kiln.serving.supervisor`) for `--background`, the tests,
-the demo and the benchmarks. `kiln stop` ends the supervisor, which ends tritonserver and its stubs.
+the demo and the benchmarks. `kiln stop` ends the supervisor, which ends tritonserver and its stubs. The supervisor also holds the
+HTTP door (kiln.serving.guard): clients' HTTP port is the guard's, Triton's own is private.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.serving import server
+from kiln.serving.guard import Guard
 
 LIVENESS_PERIOD_S = 10.0  # how often a ready server's /v2/health/live is asked
 LIVENESS_FAILURES = 3  # consecutive unanswered checks before a hung server is killed and restarted
@@ -42,6 +44,11 @@ class Supervision:
     last_exit: str | None = None
     stopping: bool = False
     triton: subprocess.Popen | None = field(default=None, repr=False)
+    guard: Guard | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        # Triton's own HTTP port is private; clients reach it through the guard on ports.http.
+        self.backend = server.Ports(server.free_port(), self.ports.grpc, self.ports.metrics)
 
     def note(self, message: str) -> None:
         """One line in the server's log, beside Triton's own."""
@@ -53,10 +60,10 @@ class Supervision:
 
     def record(self, status: str) -> None:
         server.write_state(self.info(), triton_pid=self.triton.pid if self.triton else None, status=status,
-                           restarts=self.restarts, last_exit=self.last_exit)
+                           restarts=self.restarts, last_exit=self.last_exit, triton_http_port=self.backend.http)
 
     def launch(self) -> None:
-        self.triton = server.launch(self.repository, self.ports, self.admin_key, self.log_file)
+        self.triton = server.launch(self.repository, self.backend, self.admin_key, self.log_file)
         self.record("starting")
 
     def wait_ready(self) -> bool:
@@ -65,7 +72,7 @@ class Supervision:
         while not self.stopping:
             if self.triton.poll() is not None:
                 return False
-            if server.ready(self.ports):
+            if server.ready(self.backend):
                 return True
             if time.monotonic() > deadline:
                 self.note(f"tritonserver was not ready after {self.startup_timeout_s:.0f} s: stopping it")
@@ -82,7 +89,7 @@ class Supervision:
             if time.monotonic() < next_check:
                 continue
             next_check = time.monotonic() + LIVENESS_PERIOD_S
-            unanswered = 0 if live(self.ports) else unanswered + 1
+            unanswered = 0 if live(self.backend) else unanswered + 1
             if unanswered >= LIVENESS_FAILURES:
                 self.note(f"tritonserver (pid {self.triton.pid}) did not answer /v2/health/live "
                           f"{unanswered} times in a row: killing it")
@@ -95,6 +102,8 @@ class Supervision:
     def run(self) -> int:
         """Start, wait for ready, watch, restart; returns 0 when stopped, 1 when the server cannot start."""
         in_a_row = 0  # restarts since the server last stayed up STABLE_S
+        self.guard = Guard(server.HOST, self.ports.http, self.backend.http)
+        self.guard.start()
         while not self.stopping:
             self.launch()
             if self.wait_ready():
@@ -165,6 +174,8 @@ def supervise(supervision: Supervision) -> int:
     finally:
         if supervision.triton is not None:
             server.terminate(supervision.triton.pid)
+        if supervision.guard is not None:
+            supervision.guard.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ MAX_DIFF = 2  # on the 0-255 scale
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("scheduler", ["default", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "unipc"])
+@pytest.mark.parametrize("scheduler", ["default", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "unipc",
+                                       "LMSDiscreteScheduler", "KDPM2DiscreteScheduler"])
 def test_onnx_pipeline_equals_diffusers(onnx_dir, tiny_model, reference_image, kind, scheduler):
     request = GenerationRequest("a red digit 7", "blurry", 1234, 3, 7.5, 64, 80, scheduler)
     image = OnnxPipeline(onnx_dir(kind))(request)
@@ -41,6 +42,10 @@ def test_scheduler_names_and_class_names():
     assert canonical_name("EulerAncestralDiscreteScheduler") == "euler_a"
     assert canonical_name("DPMSolverMultistepScheduler") == "dpmpp_2m"
     assert canonical_name("pndmscheduler") == "pndm"
+    assert canonical_name("lmsdiscretescheduler") == canonical_name("LMSDiscreteScheduler") == "LMSDiscreteScheduler"
+    assert canonical_name("DEISMultistepScheduler") == "DEISMultistepScheduler"
+    with pytest.raises(RequestError, match="LMSDiscreteScheduler"):  # the refusal lists what is accepted
+        canonical_name("EDMEulerScheduler")  # ignores the model's noise schedule: not for these models
     with pytest.raises(RequestError) as err:
         canonical_name("lcm-turbo")
     assert err.value.field == "scheduler" and "euler_a" in err.value.allowed

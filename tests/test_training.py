@@ -1,6 +1,7 @@
 """Each method trains a few steps on the tiny model: its loss falls on a fixed batch, its artifacts
 load back; resume equals an uninterrupted run; two processes run through accelerate."""
 
+import csv
 import shutil
 import subprocess
 import sys
@@ -156,3 +157,48 @@ def test_config_errors_name_field_value_and_fix(tmp_path):
 def test_shipped_example_configs_validate(method):
     config = load_config(method, REPO / "training" / "configs" / f"{method}.yaml", [])
     assert config.method == method and config.data.resolution == 512
+
+
+def _lora_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def test_same_seed_same_adapter_and_a_killed_run_resumes_exactly(tiny_model, training_data, tmp_path):
+    """Two runs of one config are identical (adapter initialisation comes from the seed too), and a run
+    killed by SIGKILL mid-training and relaunched with --resume latest logs exactly the losses of an
+    uninterrupted run and ends with the same weights."""
+    import os
+    import signal
+    import time
+
+    common = settings(tiny_model("epsilon"), training_data, tmp_path / "OUT", "max_train_steps=8", "checkpointing_steps=2",
+                      "optim.learning_rate=1e-2", "lora.dropout=0.1", "data.caption_dropout=0.2")
+    kiln = [sys.executable, "-m", "kiln.cli", "train", "lora"]
+
+    def args(out):
+        return [a.replace(str(tmp_path / "OUT"), str(out)) for a in common]
+
+    for name in ("first", "second"):
+        done = subprocess.run([*kiln, *args(tmp_path / name)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _lora_weights(tmp_path / "first"), _lora_weights(tmp_path / "second")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    killed = tmp_path / "killed"
+    run = subprocess.Popen([*kiln, *args(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "checkpoint-4" / "kiln_step.txt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGKILL)  # somewhere in steps 5-8, before the run could finish
+    run.wait(30)
+    assert not (killed / "pytorch_lora_weights.safetensors").exists(), "the run finished before it was killed"
+    resumed = subprocess.run([*kiln, *args(killed), "--resume", "latest"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = read_losses(tmp_path / "first" / "logs" / "train_log.csv"), read_losses(killed / "logs" / "train_log.csv")
+    assert got == expected and sorted(got) == list(range(1, 9))
+    with open(killed / "logs" / "train_log.csv") as f:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    assert seconds == sorted(seconds), f"the clock restarted on resume: {seconds}"
+    final = _lora_weights(killed)
+    assert all(torch.equal(first[k], final[k]) for k in first)
