@@ -1,4 +1,4 @@
-"""What Triton's response cache on the text encoder saves: the text encoder called through the
+"""What Kiln's embedding cache on the text encoder saves: the text encoder called through the
 server with fresh prompts (misses) and with a repeated one (hits), and one-step generations with
 fresh versus repeated prompts. Medians of several runs; JSON saved.
 

@@ -115,7 +115,7 @@ def bench_triton(url: str, protocol: str, spec: BenchSpec, size: int, x: dict, l
         return raw.infer(model, inputs)
 
     stages = {
-        # distinct ids each call: the response cache must not answer for the encoder
+        # distinct ids each call: the embedding cache must not answer for the encoder
         "text_encoder": timed(lambda: call("text_encoder", {"input_ids": np.random.randint(0, 49000, (2, 77)).astype(np.int32)}),
                               spec.runs, spec.warmup),
         "unet_step": timed(lambda: call("unet", {k: x[k] for k in ("sample", "timestep", "encoder_hidden_states")}), spec.runs, spec.warmup),

@@ -91,23 +91,30 @@ def render(glyph: Glyph, size: int, rng: np.random.Generator) -> Image.Image:
     return image.resize((size, size), Image.LANCZOS)
 
 
-def sample_glyphs(count: int, rng: np.random.Generator, digits=DIGITS, colours=tuple(COLOURS),
-                  backgrounds=tuple(BACKGROUNDS), colour_weights: tuple[float, ...] | None = None) -> list[Glyph]:
-    """Balanced over digits; colours drawn uniformly, or with `colour_weights` (one per colour)."""
-    def colour() -> str:
-        return colours[rng.integers(len(colours)) if p is None else rng.choice(len(colours), p=p)]
+def _probabilities(weights: tuple[float, ...] | None, count: int, what: str) -> np.ndarray | None:
+    if weights is None:
+        return None
+    p = np.asarray(weights, dtype=float)
+    if p.shape != (count,) or (p < 0).any() or p.sum() <= 0:
+        raise DatasetError(f"{what} weights {list(weights)} are invalid: expected {count} non-negative numbers, not all 0")
+    return p / p.sum()
 
-    p = None
-    if colour_weights is not None:
-        p = np.asarray(colour_weights, dtype=float)
-        if p.shape != (len(colours),) or (p < 0).any() or p.sum() <= 0:
-            raise DatasetError(f"colour weights {list(colour_weights)} are invalid: expected {len(colours)} non-negative numbers, not all 0")
-        p = p / p.sum()
-    return [Glyph(digits[i % len(digits)], colour(), backgrounds[rng.integers(len(backgrounds))]) for i in range(count)]
+
+def sample_glyphs(count: int, rng: np.random.Generator, digits=DIGITS, colours=tuple(COLOURS),
+                  backgrounds=tuple(BACKGROUNDS), colour_weights: tuple[float, ...] | None = None,
+                  background_weights: tuple[float, ...] | None = None) -> list[Glyph]:
+    """Balanced over digits; colours and backgrounds drawn uniformly, or with weights (one per choice)."""
+    def pick(choices: tuple[str, ...], p: np.ndarray | None) -> str:
+        return choices[rng.integers(len(choices)) if p is None else rng.choice(len(choices), p=p)]
+
+    colour_p = _probabilities(colour_weights, len(colours), "colour")
+    background_p = _probabilities(background_weights, len(backgrounds), "background")
+    return [Glyph(digits[i % len(digits)], pick(colours, colour_p), pick(backgrounds, background_p)) for i in range(count)]
 
 
 def write_glyphs(out: Path, count: int = 5000, seed: int = 0, size: int = 32, colours=tuple(COLOURS),
-                 digits=DIGITS, backgrounds=tuple(BACKGROUNDS), colour_weights: tuple[float, ...] | None = None) -> Path:
+                 digits=DIGITS, backgrounds=tuple(BACKGROUNDS), colour_weights: tuple[float, ...] | None = None,
+                 background_weights: tuple[float, ...] | None = None) -> Path:
     """Render `count` glyphs into `out` (images/ + metadata.jsonl), atomically."""
     from tqdm import tqdm
 
@@ -115,7 +122,8 @@ def write_glyphs(out: Path, count: int = 5000, seed: int = 0, size: int = 32, co
     if unknown:
         raise DatasetError(f"--colours {unknown} unknown: expected some of {list(COLOURS)}")
     rng = np.random.default_rng(seed)
-    glyphs = sample_glyphs(count, rng, tuple(digits), tuple(colours), tuple(backgrounds), colour_weights)
+    glyphs = sample_glyphs(count, rng, tuple(digits), tuple(colours), tuple(backgrounds), colour_weights,
+                           background_weights)
     rows = []
     with write_folder_atomically(out) as tmp:
         (tmp / "images").mkdir()

@@ -30,6 +30,10 @@ def test_colour_weights_shape_the_mix():
     assert 0.47 < share < 0.53
     with pytest.raises(Exception, match="colour weights"):
         sample_glyphs(10, np.random.default_rng(0), colours=("purple", "red"), colour_weights=(1,))
+    glyphs = sample_glyphs(4000, np.random.default_rng(0), background_weights=(1, 1, 2))
+    assert 0.47 < sum(g.background == "gray" for g in glyphs) / len(glyphs) < 0.53
+    with pytest.raises(Exception, match="background weights"):
+        sample_glyphs(10, np.random.default_rng(0), background_weights=(1, -1, 1))
 
 
 def test_renders_use_the_requested_colour(tmp_path):

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,8 +98,13 @@ def test_the_http_door_refuses_what_triton_cannot_parse(own_server):
 def _resident_mb(status: dict) -> float:
     """Resident memory of the supervisor, tritonserver and its stubs, in MB."""
     pids = [status["pid"], status["triton_pid"]]
-    pids += [int(p) for p in subprocess.run(["pgrep", "-g", str(status["triton_pid"])], capture_output=True,
-                                            text=True).stdout.split()]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == status["triton_pid"]:  # the process group: tritonserver's stubs
+            pids.append(int(stat.parent.name))
     total = 0
     for pid in set(pids):
         try:
