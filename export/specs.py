@@ -144,22 +144,35 @@ def config_dims(tensor: TensorSpec, dims: ModelDims) -> list[int]:
     return out
 
 
-def input_problem(tensor: TensorSpec, value: np.ndarray, dims: ModelDims, max_size: int, max_chunks: int) -> str | None:
-    """What is wrong with one served input's values, or None: token ids inside the vocabulary and no
-    longer than the text encoder's window, embeddings of at most `max_chunks` windows, spatial sides
-    within the deployment's size, floats finite. (Triton has already checked dtype and rank.)"""
+MAX_ABS_INPUT = 1e4  # latents, embeddings, pixels and timesteps all stay far below; 3e38 overflows to NaN inside
+
+
+def input_problem(tensor: TensorSpec, value: np.ndarray, dims: ModelDims, limits) -> str | None:
+    """What is wrong with one served input (Triton has checked dtype and rank), or None. Everything a
+    pipeline sends passes: token ids inside the vocabulary, at most one 77-token window per call (and
+    at most as many as prompt and negative chunks make), embeddings of at most `limits.max_prompt_chunks`
+    windows, spatial sides that the UNet's down-sampling divides, within `limits.max_size`, at most as
+    many images as a guided request of `limits.max_images` makes, floats finite and within MAX_ABS_INPUT.
+    `limits` is a kiln.pipeline.request.Limits."""
     axes = dict(zip(tensor.shape, value.shape))
-    longest = dims.sequence if tensor.sampler == "token_ids" else max_chunks * dims.sequence
+    if 0 in value.shape:
+        return "a non-empty tensor"
+    longest = dims.sequence if tensor.sampler == "token_ids" else limits.max_prompt_chunks * dims.sequence
     if "sequence" in axes and axes["sequence"] > longest:
         return f"a sequence of at most {longest} tokens"
-    for axis, bound in (("latent_height", max_size // dims.vae_scale_factor), ("latent_width", max_size // dims.vae_scale_factor),
-                        ("height", max_size), ("width", max_size)):
-        if axis in axes and axes[axis] > bound:
-            return f"{axis} at most {bound}"
-    if tensor.sampler == "token_ids" and value.size and (value.min() < 0 or value.max() >= dims.vocab_size):
+    largest_batch = 2 * (limits.max_prompt_chunks if tensor.sampler == "token_ids" else limits.max_images)
+    if axes.get("batch", 1) > largest_batch:
+        return f"a batch of at most {largest_batch} in one request"
+    latent_step, pixel_step = dims.unet_factor, dims.unet_factor * dims.vae_scale_factor
+    for axis, step, bound in (("latent_height", latent_step, limits.max_size // dims.vae_scale_factor),
+                              ("latent_width", latent_step, limits.max_size // dims.vae_scale_factor),
+                              ("height", pixel_step, limits.max_size), ("width", pixel_step, limits.max_size)):
+        if axis in axes and (axes[axis] > bound or axes[axis] % step):
+            return f"{axis} a multiple of {step}, at most {bound}"
+    if tensor.sampler == "token_ids" and (value.min() < 0 or value.max() >= dims.vocab_size):
         return f"token ids in [0, {dims.vocab_size})"
-    if tensor.dtype.startswith("float") and not np.isfinite(value).all():
-        return "finite numbers"
+    if tensor.dtype.startswith("float") and not (np.abs(value) <= MAX_ABS_INPUT).all():  # NaN fails too
+        return f"finite numbers within +-{MAX_ABS_INPUT:g}"
     return None
 
 

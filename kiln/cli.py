@@ -363,8 +363,11 @@ def stop(http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT, metrics_port: i
     """Stop the background server started with these ports."""
     from kiln.serving import server
 
-    info = server.stop(server.Ports(http_port, grpc_port, metrics_port))
-    console.print(f"stopped the server (pid {info.pid}) on HTTP port {http_port}")
+    result = server.stop(server.Ports(http_port, grpc_port, metrics_port))
+    if result.was_running:
+        console.print(f"stopped the server (pid {result.pid}) on HTTP port {http_port}")
+    else:
+        console.print(f"no server was running on HTTP port {http_port} (pid {result.pid} had exited); its record is cleared")
 
 
 @app.command()
@@ -406,11 +409,15 @@ def health(url: Optional[str] = URL, protocol: str = PROTOCOL):
     with KilnClient(url, protocol) as client:
         state = client.health()
     typer.echo(f"live: {state['live']}  ready: {state['ready']}")
+    local = _local_state(url, protocol)
+    if local is not None and "restarts" in local:
+        last = f" (last: {local['last_exit']})" if local.get("last_exit") else ""
+        typer.echo(f"restarts: {local['restarts']}{last}  log: {local['log_file']}")
     raise typer.Exit(0 if state["ready"] else 1)
 
 
-def _local_admin_key(url: Optional[str], protocol: str) -> Optional[str]:
-    """The key `kiln serve` wrote for a server on this machine, found by its port."""
+def _local_state(url: Optional[str], protocol: str) -> Optional[dict]:
+    """The state `kiln serve` keeps for a server on this machine, found by its port."""
     from kiln.serving import server
 
     port = int((url or ("127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001")).rsplit(":", 1)[1])
@@ -419,9 +426,19 @@ def _local_admin_key(url: Optional[str], protocol: str) -> Optional[str]:
 
         state = json.loads(path.read_text())
         if port in state["ports"].values():
-            key_file = server.admin_key_file(server.Ports(**state["ports"]))
-            return key_file.read_text() if key_file.is_file() else None
+            return state
     return None
+
+
+def _local_admin_key(url: Optional[str], protocol: str) -> Optional[str]:
+    """The key `kiln serve` wrote for a server on this machine, found by its port."""
+    from kiln.serving import server
+
+    state = _local_state(url, protocol)
+    if state is None:
+        return None
+    key_file = server.admin_key_file(server.Ports(**state["ports"]))
+    return key_file.read_text() if key_file.is_file() else None
 
 
 @app.command()

@@ -179,6 +179,7 @@ def build_models_repository(
                 "defaults": asdict(replace(model_defaults(manifest), **defaults)),
                 "limits": asdict(limits),
                 "size_multiple": size_multiple(manifest),
+                "vocab_size": dims.vocab_size,
                 "models": component_models,
                 "device": device,
             }

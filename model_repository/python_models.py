@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.errors import RequestError
+from kiln.errors import GenerationError, RequestError
 from kiln.export.specs import COMPONENTS, ComponentSpec
 from kiln.pipeline.denoise import Engines, ModelConstants, generate_request
 from kiln.pipeline.schedulers import make_scheduler
@@ -90,10 +90,12 @@ class OnnxComponentModel:
         from kiln.pipeline.onnx_session import ComponentSession
 
         self.spec = COMPONENTS[settings["component"]]
-        self.session = ComponentSession(self.spec, version_dir / "model.onnx", int(settings.get("onnx_threads", 0)))
+        # No memory arena: one large request (1024x1024, four images) grew ONNX Runtime's arena to 9 GB
+        # and kept it; without one, large blocks go back to the system when the request is done.
+        self.session = ComponentSession(self.spec, version_dir / "model.onnx", int(settings.get("onnx_threads", 0)),
+                                        arena=False)
         self.dims = ModelDims(**settings["dims"]) if "dims" in settings else None
-        limits = Limits(**settings["limits"]) if "limits" in settings else Limits()
-        self.max_size, self.max_chunks = limits.max_size, limits.max_prompt_chunks
+        self.limits = Limits(**settings["limits"]) if "limits" in settings else Limits()
         self.cache = RowCache(EMBEDDING_CACHE_BYTES) if self.spec.cache_outputs else None
         self.counters = None
 
@@ -104,7 +106,7 @@ class OnnxComponentModel:
             value = feed.get(t.name)
             if value is None:
                 raise RequestError(t.name, None, f"the input {t.name} of {self.spec.name}")
-            problem = input_problem(t, value, self.dims, self.max_size, self.max_chunks) if self.dims else None
+            problem = input_problem(t, value, self.dims, self.limits) if self.dims else None
             if problem:
                 raise RequestError(t.name, f"<{value.dtype} {list(value.shape)}>", problem)
 
@@ -131,7 +133,10 @@ class OnnxComponentModel:
             hits = self.cache.hits if self.cache else 0
             try:
                 for i, out in zip(valid, self.run(feeds)):
-                    responses[i] = triton.respond(out)
+                    bad = [k for k, v in out.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+                    responses[i] = triton.fail(GenerationError(f"{self.spec.name}: {bad} came out non-finite (NaN or inf)",
+                                                               hint="inputs this large overflow the model")) \
+                        if bad else triton.respond(out)
             except Exception as exc:  # one bad batch must not take the instance down
                 log.exception("%s failed", self.spec.name)
                 for i in valid:
@@ -204,7 +209,7 @@ class TokenizerModel:
         pass
 
 
-def checked_chunks(side: str, ids: np.ndarray | None, weights: np.ndarray | None, limits: Limits):
+def checked_chunks(side: str, ids: np.ndarray | None, weights: np.ndarray | None, limits: Limits, vocab_size: int):
     """The tokenizer's output as the pipeline accepts it: a client may call the pipeline directly."""
     from kiln.pipeline.prompt_weights import MAX_WEIGHT, TokenChunks
 
@@ -213,6 +218,8 @@ def checked_chunks(side: str, ids: np.ndarray | None, weights: np.ndarray | None
         raise RequestError(f"{side}_ids", None if ids is None else f"shape {list(ids.shape)}", expected)
     if not 1 <= ids.shape[0] <= limits.max_prompt_chunks or ids.shape[1] != 77:
         raise RequestError(f"{side}_ids", f"shape {list(ids.shape)}", expected)
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise RequestError(f"{side}_ids", "<out of range>", f"token ids in [0, {vocab_size})")
     if not np.isfinite(weights).all() or np.abs(weights).max() > MAX_WEIGHT:
         raise RequestError(f"{side}_weights", "<out of range>", f"finite weights in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
     return TokenChunks(ids.astype(np.int32), weights.astype(np.float32))
@@ -227,6 +234,7 @@ class PipelineModel:
         self.defaults = Defaults(**settings["defaults"])
         self.limits = Limits(**settings["limits"])
         self.size_multiple = int(settings["size_multiple"])
+        self.vocab_size = int(settings.get("vocab_size", 49408))
         self.engines = engines
         self.component_models = settings.get("models") or {}
         self.device = settings.get("device")
@@ -244,15 +252,16 @@ class PipelineModel:
         torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
 
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:
-        from kiln.pipeline.prompt_weights import TokenChunks
-
         request = parse_request(raw, self.defaults, self.limits, self.size_multiple)
         chunks = {}
         for side in ("prompt", "negative_prompt"):
             ids, weights = raw.get(f"{side}_ids"), raw.get(f"{side}_weights")
             if ids is not None and weights is not None and ids.ndim == 3 and ids.shape[0] == 1:
                 ids, weights = ids[0], weights[0]  # the batch dimension Triton adds
-            chunks[side] = checked_chunks(side, ids, weights, self.limits)
+            chunks[side] = checked_chunks(side, ids, weights, self.limits, self.vocab_size)
+        if chunks["prompt"].ids.shape != chunks["negative_prompt"].ids.shape:
+            raise RequestError("negative_prompt_ids", f"shape {list(chunks['negative_prompt'].ids.shape)}",
+                               f"as many chunks as prompt_ids, {list(chunks['prompt'].ids.shape)}")
         images = generate_request(engines, request, self.scheduler_config, self.constants, chunks["prompt"],
                                   chunks["negative_prompt"], self.size_multiple)
         return {"image": images, "seeds": np.array(request.seeds, dtype=np.int64)}

@@ -264,9 +264,22 @@ def start(
                 )
             time.sleep(0.3)
     except BaseException:
-        stop(ports)
+        _stop_uninterrupted(ports)
         raise
     return process, info
+
+
+def _stop_uninterrupted(ports: Ports) -> None:
+    """Stop what an interrupted start began; a second Ctrl-C must not cut the clean-up short."""
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        stop(ports)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def write_state(info: ServerInfo, **status) -> None:
@@ -326,18 +339,29 @@ def terminate(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> None:
             time.sleep(0.2)
 
 
-def stop(ports: Ports = Ports()) -> ServerInfo:
+@dataclass(frozen=True)
+class StopResult:
+    info: ServerInfo
+    was_running: bool  # False: only a stale record was cleared
+
+    @property
+    def pid(self) -> int:
+        return self.info.pid
+
+
+def stop(ports: Ports = Ports()) -> StopResult:
     """Stop the server started on these ports: its supervisor, then whatever tritonserver it left."""
     status = read_status(ports)
     info = read_state(ports)
     if info is None:
         raise ServeError(f"no Kiln server is recorded on HTTP port {ports.http}", hint="kiln serve REPO --background")
+    was_running = _alive(info.pid) or bool(status.get("triton_pid") and _alive(status["triton_pid"]))
     terminate(info.pid)
     if status.get("triton_pid"):
         terminate(status["triton_pid"])
     state_file(ports).unlink(missing_ok=True)
     admin_key_file(ports).unlink(missing_ok=True)
-    return info
+    return StopResult(info, was_running)
 
 
 def serve_foreground(repository: Path, ports: Ports, on_ready) -> int:

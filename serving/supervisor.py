@@ -42,6 +42,7 @@ class Supervision:
     on_ready: Callable[[server.ServerInfo, int], None] | None = None  # (info, restarts)
     restarts: int = 0
     last_exit: str | None = None
+    log_start: int = 0
     stopping: bool = False
     triton: subprocess.Popen | None = field(default=None, repr=False)
     guard: Guard | None = field(default=None, repr=False)
@@ -63,6 +64,7 @@ class Supervision:
                            restarts=self.restarts, last_exit=self.last_exit, triton_http_port=self.backend.http)
 
     def launch(self) -> None:
+        self.log_start = self.log_file.stat().st_size if self.log_file.exists() else 0  # this server's lines begin here
         self.triton = server.launch(self.repository, self.backend, self.admin_key, self.log_file)
         self.record("starting")
 
@@ -138,8 +140,9 @@ class Supervision:
         return 0
 
     def log_tail(self, size: int = 64 << 10) -> str:
+        """The end of what the last server wrote (not its predecessors' lines)."""
         with open(self.log_file, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            f.seek(max(self.log_start, f.seek(0, os.SEEK_END) - size))
             return f.read().decode(errors="replace")
 
     def stop(self, *_) -> None:

@@ -3,6 +3,7 @@ slow, weights built to overflow, malformed syntax, errors that could be replayed
 called directly, admin surfaces without the key, an interrupted start."""
 
 import gzip
+import http.client
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,22 @@ def test_the_http_door_refuses_what_triton_cannot_parse(own_server):
     for broken in (b'{"inputs": [', b"\xff\xfe", b'{"inputs": [}'):
         status, body = _post(info, "/v2/models/txt2img/infer", broken)
         assert status == 400 and "not valid JSON" in json.loads(body)["error"]
+    status, body = _post(info, "/v2/models/txt2img/infer", b'{"outputs": []}')
+    assert status == 400 and '"inputs" list' in json.loads(body)["error"]
+    status, body = _post(info, "/v2/models/txt2img/infer", zlib.compress(b"a" * (1 << 30), 9), {"Content-Encoding": "deflate"})
+    assert status == 413
+    status, body = _post(info, "/v2/models/txt2img/infer", b"{}", {"Content-Encoding": "br"})
+    assert status == 415 and "Content-Encoding 'br'" in json.loads(body)["error"]
+    # The door checks one Inference-Header-Content-Length, Triton would read the other: refused.
+    connection = http.client.HTTPConnection(server.HOST, info.ports.http, timeout=60)
+    connection.putrequest("POST", "/v2/models/txt2img/infer")
+    for value in ("0", str(len(NESTED))):
+        connection.putheader("Inference-Header-Content-Length", value)
+    connection.putheader("Content-Length", str(len(NESTED)))
+    connection.endheaders()
+    connection.send(NESTED)
+    answer = connection.getresponse()
+    assert answer.status == 400 and "given 2 times" in json.loads(answer.read())["error"]
     assert server.read_status(info.ports)["restarts"] == before["restarts"]
     with KilnClient(info.http_url, "http") as client:
         assert client.generate("a red digit 7", seed=1, steps=2).images.shape == (1, 64, 64, 3)
@@ -123,6 +141,9 @@ def test_memory_returns_to_its_baseline_after_a_barrage(own_server):
         client.generate("a warm-up", seed=1, steps=2)
     baseline = _resident_mb(server.read_status(info.ports))
     bomb, huge = _bomb(1 << 30), _infer_body(prompt="(x" * 2_500_000, steps=1)
+    deflated = zlib.compress(b"a" * (1 << 30), 9)
+    big_json = json.dumps({"inputs": [{"name": "sample", "datatype": "FP32", "shape": [1, 3, 1024, 1032],
+                                       "data": [0.5] * (3 * 1024 * 1032)}]}).encode()  # 12 MB
     grpc = grpcclient.InferenceServerClient(info.grpc_url)
     prompt = grpcclient.InferInput("prompt", [1], "BYTES")
     prompt.set_data_from_numpy(np.array([b"(x" * 2_500_000], dtype=object))
@@ -130,6 +151,10 @@ def test_memory_returns_to_its_baseline_after_a_barrage(own_server):
         assert _post(info, "/v2/models/txt2img/infer", bomb, {"Content-Encoding": "gzip"})[0] == 413
         assert _post(info, "/v2/models/txt2img/infer", NESTED)[0] == 400
         assert _post(info, "/v2/models/txt2img/infer", huge)[0] == 400
+        assert _post(info, "/v2/models/txt2img/infer", deflated, {"Content-Encoding": "deflate"})[0] == 413
+        assert _post(info, "/v2/models/vae_encoder/infer", big_json)[0] == 400  # parsed by Triton, refused by Kiln
+    with KilnClient(info.http_url, "http") as client:
+        client.generate("a large request", steps=1, height=512, width=512, num_images=4, guidance_scale=1.0)
         with pytest.raises(InferenceServerException, match="at most 4000 characters"):
             grpc.infer("txt2img", [prompt])
     time.sleep(2)
@@ -164,6 +189,12 @@ def test_a_killed_server_is_restarted_and_stop_ends_everything(repo_dir):
         second = _wait_restarted(ports, 1)
         with KilnClient(info.http_url, "http") as client:
             assert client.health() == {"live": True, "ready": True}
+        from typer.testing import CliRunner
+
+        from kiln.cli import app
+
+        shown = CliRunner().invoke(app, ["health", "--url", info.http_url])
+        assert shown.exit_code == 0 and "restarts: 1 (last: killed by SIGKILL)" in shown.output, shown.output
     finally:
         server.stop(ports)
     for pid in (first["pid"], second["triton_pid"]):
@@ -281,7 +312,9 @@ def test_any_prompt_tokenizes_or_is_refused_in_bounded_time(onnx_dir):
     n = Limits().max_prompt_chars
     as_bytes = lambda text: np.array([text.encode()], dtype=object)  # noqa: E731
     within = {"unclosed": "(" * 24 + "x" * (n - 24), "open-close": "(x)" * (n // 3), "weights": "(a:1.1)" * (n // 7),
-              "one word": "x" * n, "brackets": "(x" * (n // 2), "escapes": "\\(" * (n // 2)}
+              "one word": "x" * n, "brackets": "(x" * (n // 2), "escapes": "\\(" * (n // 2),
+              "spaces": " " * (n - 1) + "x", "colon, spaces": ":" + " " * (n - 2) + "1", "tabs": "\t" * (n - 1) + "x",
+              "no-break spaces": "\u00a0" * n, "BREAKs in spaces": " BREAK " * (n // 7)}
     over = {"5 MB of (x": "(x" * 2_500_000, "5 MB plain": "x" * 5_000_000, "4001 chars": "x" * (n + 1)}
     for name, text in {**within, **over}.items():
         assert len(text) <= n or name in over
@@ -330,7 +363,13 @@ def test_errors_are_never_replayed(triton):
     ("text_encoder", "input_ids", [1, 200], "INT32", 1, "a sequence of at most 77 tokens"),
     ("text_encoder", "input_ids", [1, 77], "INT32", -5, "token ids in"),
     ("unet", "sample", [1, 4, 8, 8], "FP32", float("nan"), "finite numbers"),
-    ("vae_decoder", "latent_sample", [1, 4, 1024, 8], "FP32", 0.0, "latent_height at most"),
+    ("vae_decoder", "latent_sample", [1, 4, 1024, 8], "FP32", 0.0, "latent_height a multiple of 2, at most 128"),
+    ("text_encoder", "input_ids", [1, 0], "INT32", 1, "a non-empty tensor"),
+    ("unet", "sample", [1, 4, 3, 3], "FP32", 0.0, "latent_height a multiple of 2"),
+    ("unet", "sample", [1, 4, 8, 8], "FP32", 3e38, "finite numbers within"),
+    ("unet", "sample", [16, 4, 8, 8], "FP32", 0.0, "a batch of at most 8 in one request"),
+    ("vae_encoder", "sample", [1, 3, 7, 7], "FP32", 0.0, "height a multiple of 16"),
+    ("vae_decoder", "latent_sample", [1, 4, 0, 0], "FP32", 0.0, "a non-empty tensor"),
 ])
 def test_internal_models_validate_their_inputs(triton, model, name, shape, dtype, value, expected):
     from kiln.export.specs import COMPONENTS, dummy_inputs
@@ -342,14 +381,36 @@ def test_internal_models_validate_their_inputs(triton, model, name, shape, dtype
         if t.name == name:
             array = np.full(shape, value, dtype=np.int32 if dtype == "INT32" else np.float32)
         else:
-            array = {"timestep": np.ones((1, 1), np.float32),
-                     "encoder_hidden_states": np.zeros((1, 77, 32), np.float32)}[t.name]
+            batch = shape[0]
+            array = {"timestep": np.ones((batch, 1), np.float32),
+                     "encoder_hidden_states": np.zeros((batch, 77, 32), np.float32)}[t.name]
         tensor = httpclient.InferInput(t.name, list(array.shape), "INT32" if array.dtype == np.int32 else "FP32")
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     with pytest.raises(InferenceServerException, match=expected):
         client.infer(model, inputs)
     assert client.is_server_ready()
+
+
+def _pipeline_body(prompt_chunks: int, negative_chunks: int, token: int) -> bytes:
+    ids = lambda chunks: {"datatype": "INT32", "shape": [1, chunks, 77], "data": [token] * (chunks * 77)}  # noqa: E731
+    weights = lambda chunks: {"datatype": "FP32", "shape": [1, chunks, 77], "data": [1.0] * (chunks * 77)}  # noqa: E731
+    tensors = {"prompt_ids": ids(prompt_chunks), "prompt_weights": weights(prompt_chunks),
+               "negative_prompt_ids": ids(negative_chunks), "negative_prompt_weights": weights(negative_chunks),
+               "prompt": {"datatype": "BYTES", "shape": [1, 1], "data": ["a cat"]},
+               "steps": {"datatype": "INT32", "shape": [1, 1], "data": [1]}}
+    return json.dumps({"inputs": [{"name": k, **v} for k, v in tensors.items()]}).encode()
+
+
+@pytest.mark.parametrize("prompt_chunks, negative_chunks, token, expected", [
+    (1, 1, 10**6, "prompt_ids='<out of range>' is invalid: expected token ids in"),
+    (1, 1, -5, "token ids in"),
+    (2, 1, 320, "negative_prompt_ids='shape [1, 77]' is invalid: expected as many chunks as prompt_ids"),
+    (9, 9, 320, "prompt_ids='shape [9, 77]' is invalid"),
+])
+def test_the_pipeline_called_directly_checks_the_tokens(triton, prompt_chunks, negative_chunks, token, expected):
+    status, body = _post(triton("epsilon"), "/v2/models/pipeline/infer", _pipeline_body(prompt_chunks, negative_chunks, token))
+    assert status == 400 and expected in json.loads(body)["error"], body
 
 
 @pytest.mark.parametrize("method, path, body", [

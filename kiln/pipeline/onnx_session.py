@@ -9,11 +9,13 @@ import numpy as np
 from kiln.export.specs import ComponentSpec
 
 
-def make_session(model_path: Path, threads: int = 0):
-    """A CPU session; `threads` 0 lets ONNX Runtime choose (one per core)."""
+def make_session(model_path: Path, threads: int = 0, arena: bool = True):
+    """A CPU session; `threads` 0 lets ONNX Runtime choose (one per core). Without `arena`, memory a
+    run allocates is freed when it ends instead of kept for the next (a long-lived server wants that)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
@@ -25,9 +27,9 @@ def make_session(model_path: Path, threads: int = 0):
 class ComponentSession:
     """Runs one exported component: inputs cast to the spec's dtypes, outputs named as the spec."""
 
-    def __init__(self, spec: ComponentSpec, model_path: Path, threads: int = 0):
+    def __init__(self, spec: ComponentSpec, model_path: Path, threads: int = 0, arena: bool = True):
         self.spec = spec
-        self.session = make_session(model_path, threads)
+        self.session = make_session(model_path, threads, arena)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         typed = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in self.spec.inputs}

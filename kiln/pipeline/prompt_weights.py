@@ -22,7 +22,7 @@ UP, DOWN = 1.1, 1 / 1.1
 MAX_WEIGHT = 10.0  # |weight| of any token, nesting included: past it a float32 embedding is noise or overflows
 MEAN_FLOOR = 1e-3  # relative size below which an embedding mean counts as zero
 _TOKENS = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+(?:[eE][+-]?\d+)?)\s*\)|\)|\]|[^\\()\[\]:]+|:")
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_BREAK = re.compile(r"\bBREAK\b")  # not \s*BREAK\s*: that is quadratic on a long run of spaces
 WEIGHT_SYNTAX = f"weights as (word:1.2) with a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]"
 
 
@@ -83,9 +83,13 @@ def parse(prompt: str, field: str = "prompt") -> list[Fragment]:
         elif token == "]" and open_square is not None:
             open_square = open_square.parent
         else:
-            for i, part in enumerate(_BREAK.split(token)):
+            parts = _BREAK.split(token)
+            for i, part in enumerate(parts):
                 if i:
                     items.append(("BREAK", None, None))
+                    part = part.lstrip()  # whitespace around BREAK goes with it
+                if i < len(parts) - 1:
+                    part = part.rstrip()
                 if part:
                     items.append((part, open_round, open_square))
     for bracket in brackets:
