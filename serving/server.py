@@ -258,8 +258,10 @@ def start(
     try:
         while read_status(ports).get("status") != "ready":
             if process.poll() is not None:
+                why = read_status(ports).get("last_exit") or f"its supervisor exited with code {process.returncode}"
                 raise ServeError(
-                    f"tritonserver could not start from {repository}:\n{triton_errors(log_file.read_text(errors='replace'))}",
+                    f"tritonserver exited ({why}) while loading {repository}:\n"
+                    f"{triton_errors(log_file.read_text(errors='replace'))}",
                     hint=f"full log: {log_file}",
                 )
             time.sleep(0.3)

@@ -226,7 +226,9 @@ def test_cluster_manifests_pass_the_kubernetes_schemas(tmp_path):
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert "--model-repository=/models" in container["args"]
-    assert any(a.startswith("--http-restricted-api=model-repository:admin-key=") for a in container["args"])
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):  # every admin surface needs the key
+        assert f"{flag}=model-repository,shared-memory,trace,logging:admin-key=$(KILN_ADMIN_KEY)" in container["args"]
+    assert not any(a.startswith("--cache-config") for a in container["args"])  # Triton's cache replays errors
     hpa = docs["hpa.yaml"]["spec"]
     assert hpa["maxReplicas"] == 4 and hpa["metrics"][0]["pods"]["metric"]["name"] == "kiln_queue_ms_per_request"
     assert "nv_inference_queue_duration_us" in docs["prometheus-adapter-rules.yaml"]["data"]["config.yaml"]

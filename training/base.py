@@ -106,15 +106,20 @@ def train_base(data_dir: Path, out_dir: Path, spec: BaseSpec = BaseSpec(), vae_d
     from kiln.training.config import load_config
     from kiln.training.loop import train
 
+    from kiln.training.checkpoints import list_checkpoints
+
     out_dir = Path(out_dir)
-    pipe = untrained_pipeline(spec)
-    scaling = train_vae(pipe.vae, vae_data_dir or data_dir, spec)
-    pipe.vae.register_to_config(scaling_factor=scaling)
-    log.info("VAE trained; latent scaling factor %.4f", scaling)
     start = out_dir / "untrained-unet"
-    with write_folder_atomically(start) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        write_clip_tokenizer(tmp / "tokenizer", EOS)
+    if (start / "model_index.json").is_file():  # an interrupted build: the VAE is done, the UNet resumes
+        log.info("reusing the trained VAE in %s", start)
+    else:
+        pipe = untrained_pipeline(spec)
+        scaling = train_vae(pipe.vae, vae_data_dir or data_dir, spec)
+        pipe.vae.register_to_config(scaling_factor=scaling)
+        log.info("VAE trained; latent scaling factor %.4f", scaling)
+        with write_folder_atomically(start) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            write_clip_tokenizer(tmp / "tokenizer", EOS)
     config = load_config("full", None, [
         f"model={start}", f"output_dir={out_dir}", f"data.path={data_dir}", f"data.resolution={spec.resolution}",
         "data.augment.enabled=false", "data.caption_dropout=0.1", f"max_train_steps={spec.unet_steps}",
@@ -123,6 +128,6 @@ def train_base(data_dir: Path, out_dir: Path, spec: BaseSpec = BaseSpec(), vae_d
         "full.ema_decay=0.995", "full.train_text_encoder=true", f"checkpointing_steps={max(1, spec.unet_steps // 4)}", "checkpoints_total_limit=1",
         "tensorboard=false", f"seed={spec.seed}",
     ])
-    train(config, full.build)
+    train(config, full.build, "latest" if list_checkpoints(out_dir) else None)  # exact: the loop reseeds per step
     (out_dir / full.MODEL_FOLDER / "kiln_base.json").write_text(json.dumps(asdict(spec), indent=2))
     return out_dir / full.MODEL_FOLDER
