@@ -136,3 +136,31 @@ def test_bad_request_defaults_are_refused_before_writing(onnx_dir, tmp_path, def
     with pytest.raises(RepositoryError, match=message):
         build_repository(onnx_dir("epsilon"), tmp_path / "repo", defaults=defaults)
     assert not (tmp_path / "repo").exists()
+
+
+def test_row_cache_answers_repeats_drops_the_oldest_and_never_keeps_a_failure():
+    from kiln.model_repository.python_models import RowCache
+
+    calls = []
+
+    def encode(inputs):
+        calls.append(inputs["ids"].copy())
+        if (inputs["ids"] < 0).any():
+            raise ValueError("bad ids")
+        return {"out": inputs["ids"].astype(np.float32) * 2}
+
+    cache = RowCache(max_bytes=3 * 4 * 4)  # three rows of four float32
+    rows = np.arange(16, dtype=np.int32).reshape(4, 4)
+    first = cache.run({"ids": rows[:2]}, encode)
+    second = cache.run({"ids": rows[[1, 2]]}, encode)  # row 1 from the cache, row 2 computed
+    assert np.array_equal(first["out"], rows[:2] * 2) and np.array_equal(second["out"], rows[[1, 2]] * 2)
+    assert [c.tolist() for c in calls[1:]] == [rows[[2]].tolist()] and (cache.hits, cache.misses) == (1, 3)
+    cache.run({"ids": rows[[3]]}, encode)  # a fourth row: the least recently used (row 0) goes
+    assert len(cache.rows) == 3 and cache.bytes == 3 * 16
+    cache.run({"ids": rows[[0]]}, encode)
+    assert calls[-1].tolist() == rows[[0]].tolist()  # computed again
+    bad = np.full((1, 4), -1, np.int32)
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            cache.run({"ids": bad}, encode)
+    assert bad.tobytes() not in cache.rows
