@@ -390,7 +390,7 @@ def generate(
                               "repository serving several"),
 ):
     """Generate images through the served txt2img endpoint and save them as PNG.
-    Prompts take weights: (word), [word], (word:1.5); BREAK starts a new 77-token chunk."""
+    Prompts take weights: (word), \\[word], (word:1.5); BREAK starts a new 77-token chunk."""
     from kiln.clients.client import KilnClient
 
     with KilnClient(url, protocol, model=model) as client:

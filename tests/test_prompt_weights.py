@@ -82,3 +82,14 @@ def test_apply_weights_restores_the_mean():
     assert np.allclose(ratio[0, 3], 1.5 * ratio[0, 4])
     centred = embeddings - embeddings.mean()  # no mean to restore: weights scale, nothing else
     assert np.allclose(apply_weights(centred, weights).reshape(2, 77, 8)[0, 3], 1.5 * centred[0, 3])
+
+
+def test_cli_help_shows_the_weight_syntax():
+    """Rich reads [word] as markup and printed "(word), , (word:1.5)"."""
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    for args in (["--help"], ["generate", "--help"]):
+        shown = CliRunner().invoke(app, args, env={"COLUMNS": "200", "NO_COLOR": "1"})
+        assert "(word), [word], (word:1.5)" in shown.output, shown.output
