@@ -13,7 +13,7 @@ from kiln.errors import GenerationError, RequestError
 from kiln.export.specs import COMPONENTS, ComponentSpec
 from kiln.pipeline.denoise import Engines, ModelConstants, generate_request
 from kiln.pipeline.schedulers import make_scheduler
-from kiln.pipeline.request import TXT2IMG_INPUTS, Defaults, Limits, parse_request
+from kiln.pipeline.request import TXT2IMG_INPUTS, Defaults, Limits, parse_request, text_field
 
 log = logging.getLogger("kiln.model_repository")
 
@@ -170,26 +170,14 @@ class TokenizerModel:
         self.tokenizer = load_tokenizer(version_dir / settings["tokenizer"])
         self.limits = Limits(**settings["limits"]) if "limits" in settings else Limits()
 
-    def text(self, field: str, value: np.ndarray | None) -> str:
-        if value is None:
-            return ""
-        if value.size != 1 or not isinstance(value.reshape(-1)[0], bytes):
-            raise RequestError(field, f"shape {list(value.shape)}", "one UTF-8 string (BYTES, shape [1])")
-        raw = value.reshape(-1)[0]
-        if len(raw) > 4 * self.limits.max_prompt_chars:  # UTF-8: at most 4 bytes a character
-            raise RequestError(field, f"<{len(raw)} bytes>", f"at most {self.limits.max_prompt_chars} characters")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(field, "<undecodable>", "one UTF-8 string") from None
-
     def run(self, prompt: np.ndarray | None, negative: np.ndarray | None) -> dict[str, np.ndarray]:
         from kiln.pipeline.prompt_weights import tokenize_pair
 
         if prompt is None:
             raise RequestError("prompt", None, "non-empty text (the prompt is required)")
-        first, second = tokenize_pair(self.tokenizer, self.text("prompt", prompt),
-                                      self.text("negative_prompt", negative), self.limits)
+        raw = {"prompt": prompt, "negative_prompt": negative}
+        first, second = tokenize_pair(self.tokenizer, text_field(raw, "prompt", "", self.limits),
+                                      text_field(raw, "negative_prompt", "", self.limits), self.limits)
         return {"prompt_ids": first.ids, "prompt_weights": first.weights,
                 "negative_prompt_ids": second.ids, "negative_prompt_weights": second.weights}
 

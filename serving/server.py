@@ -141,7 +141,7 @@ def command(repository: Path, ports: Ports, home: Path, admin_key: str) -> list[
         "--model-control-mode=explicit",
         "--load-model=*",
         "--exit-timeout-secs=10",
-        # load/unload (and the repository index's control side) only with the key, over both protocols
+        # every admin surface (RESTRICTED_APIS) only with the key, over both protocols
         f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}",
         f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}",
     ]

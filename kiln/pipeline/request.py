@@ -101,17 +101,28 @@ def _scalar(raw: dict, name: str):
     return item.decode("utf-8", errors="strict") if isinstance(item, bytes) else item
 
 
-def _text(raw: dict, name: str, default: str, limits: Limits) -> str:
-    try:
-        value = _scalar(raw, name)
-    except UnicodeDecodeError:
-        raise RequestError(name, "<bytes>", "UTF-8 text") from None
-    value = default if value is None else value
-    if not isinstance(value, str):
-        raise RequestError(name, value, "text (BYTES)")
-    if len(value) > limits.max_prompt_chars:
-        raise RequestError(name, f"<{len(value)} characters>", f"at most {limits.max_prompt_chars} characters")
-    return value
+def text_field(raw: dict, name: str, default: str, limits: Limits) -> str:
+    """A BYTES field as text. Its bytes are bounded before decoding (UTF-8 has at most 4 a character),
+    then its characters."""
+    value = raw.get(name)
+    if value is None:
+        return default
+    array = np.asarray(value)
+    if array.size != 1:
+        raise RequestError(name, f"shape {list(array.shape)}", "a single value, shape [1]")
+    item = array.reshape(-1)[0]
+    if isinstance(item, bytes):
+        if len(item) > 4 * limits.max_prompt_chars:
+            raise RequestError(name, f"<{len(item)} bytes>", f"at most {limits.max_prompt_chars} characters")
+        try:
+            item = item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(name, "<bytes>", "UTF-8 text") from None
+    if not isinstance(item, str):
+        raise RequestError(name, item, "text (BYTES)")
+    if len(item) > limits.max_prompt_chars:
+        raise RequestError(name, f"<{len(item)} characters>", f"at most {limits.max_prompt_chars} characters")
+    return item
 
 
 def _integer(raw: dict, name: str, default: int, low: int, high: int, multiple: int = 1) -> int:
@@ -160,7 +171,7 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
 
     if raw.get("prompt") is None:
         raise RequestError("prompt", None, "non-empty text (the prompt is required)")
-    prompt = _text(raw, "prompt", "", limits)
+    prompt = text_field(raw, "prompt", "", limits)
     if not prompt.strip():
         raise RequestError("prompt", prompt, "non-empty text")
     num_images = _integer(raw, "num_images", 1, 1, limits.max_images)
@@ -176,13 +187,13 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
                            "(or more steps), so that a denoising step remains")
     return GenerationRequest(
         prompt=prompt,
-        negative_prompt=_text(raw, "negative_prompt", "", limits),
+        negative_prompt=text_field(raw, "negative_prompt", "", limits),
         seed=seed,
         steps=steps,
         guidance_scale=_number(raw, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance),
         height=_integer(raw, "height", defaults.height, low_size, limits.max_size, size_multiple),
         width=_integer(raw, "width", defaults.width, low_size, limits.max_size, size_multiple),
-        scheduler=canonical_name(_text(raw, "scheduler", defaults.scheduler, limits)),
+        scheduler=canonical_name(text_field(raw, "scheduler", defaults.scheduler, limits)),
         num_images=num_images,
         image=image,
         strength=strength,
