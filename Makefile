@@ -30,7 +30,7 @@ MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/models/tiny)
 ONNX_DIR := $(ARTIFACTS)/onnx/$(notdir $(abspath $(MODEL_DIR)))-$(PRECISION)
 REPO_DIR := $(ARTIFACTS)/repository
 
-.PHONY: help setup model export repo serve deploy deploy-k8s smoke parity eval loadtest gpu-check stop test clean
+.PHONY: help setup model export repo serve deploy deploy-k8s smoke parity eval loadtest gpu-setup gpu-check stop test test-fast clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -87,7 +87,11 @@ loadtest: $(STAMP) ## Locust against the running server (USERS, DURATION seconds
 	$(KILN) loadtest --users $(USERS) --spawn-rate $(USERS) --duration $(DURATION) --http-url 127.0.0.1:$(HTTP_PORT) \
 		--grpc-url 127.0.0.1:$(GRPC_PORT) --metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics --out $(ARTIFACTS)/loadtest
 
-gpu-check: $(STAMP) ## on a GPU host: fp16 TensorRT engines for full SD 1.5, parity and timings vs ORT CUDA and PyTorch
+gpu-setup: $(STAMP) ## on a CUDA host: install the `gpu` extra (TensorRT, ONNX Runtime's CUDA build in place of the CPU one)
+	$(VENV)/bin/pip uninstall --quiet -y onnxruntime
+	$(VENV)/bin/pip install --quiet -e ".[gpu]"
+
+gpu-check: $(STAMP) ## on a GPU host: fp16 TensorRT engines for full SD 1.5, parity and timings through Kiln's loop vs ORT CUDA and PyTorch
 	$(VENV)/bin/python -m kiln.benchmarks.gpu_check $(GPU_CHECK_OUT)
 
 stop: $(STAMP) ## stop the background server
@@ -95,6 +99,9 @@ stop: $(STAMP) ## stop the background server
 
 test: $(STAMP) ## run the test suite (starts real Triton servers on free ports)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the edit-run tier: the suite less the tests marked slow (demo training, ModelOpt, multi-process)
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 clean: ## remove built artifacts (not the virtual environment)
 	rm -rf $(ARTIFACTS) .pytest_cache

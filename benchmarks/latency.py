@@ -4,14 +4,15 @@ over HTTP and gRPC, measured in one run. Medians after warm-up; JSON, markdown a
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from kiln.benchmarks.timing import timed as _timed
+from kiln.export.specs import TEXT_ENCODER, UNET, VAE_DECODER
 
 PROMPT = "a red digit 7 on a white background"
 
@@ -27,14 +28,7 @@ class BenchSpec:
 
 
 def timed(fn: Callable[[], object], runs: int, warmup: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return {"median_ms": 1000 * statistics.median(samples), "min_ms": 1000 * min(samples), "max_ms": 1000 * max(samples)}
+    return _timed(fn, runs, warmup).to_json()
 
 
 def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
@@ -52,30 +46,31 @@ def unet_flops(unet, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch
     return float(counter.get_total_flops())
 
 
-def stage_inputs(info, size: int, hidden: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    latent = size // info["vae_scale_factor"]
-    return {
-        "input_ids": rng.integers(0, 49000, (2, 77)).astype(np.int32),
-        "sample": rng.standard_normal((2, info["latent_channels"], latent, latent)).astype(np.float32),
-        "timestep": np.full((2,), 500.0, np.float32),
-        "encoder_hidden_states": rng.standard_normal((2, 77, hidden)).astype(np.float32),
-        "latent_sample": rng.standard_normal((1, info["latent_channels"], latent, latent)).astype(np.float32),
-    }
+STAGES = {TEXT_ENCODER.name: TEXT_ENCODER, "unet_step": UNET, "vae_decode": VAE_DECODER}  # what one image runs
+
+
+def stage_inputs(dims, size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Each stage's inputs for one guided image at `size` pixels, drawn as the spec declares them."""
+    from kiln.export.specs import ShapePoint, dummy_inputs
+
+    latent = size // dims.vae_scale_factor
+    return {stage: dummy_inputs(spec, ShapePoint(spec.batch(1), latent, latent), dims)
+            for stage, spec in STAGES.items()}
 
 
 def bench_pytorch(model_dir: Path, spec: BenchSpec, size: int, x: dict) -> dict:
     from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
 
     pipe = load_diffusers_pipeline(model_dir)
-    t = {k: torch.from_numpy(v) for k, v in x.items()}
+    t = {stage: {k: torch.from_numpy(v) for k, v in feeds.items()} for stage, feeds in x.items()}
+    u = t["unet_step"]
     with torch.inference_mode():
         stages = {
-            "text_encoder": timed(lambda: pipe.text_encoder(t["input_ids"].long()), spec.runs, spec.warmup),
-            "unet_step": timed(lambda: pipe.unet(t["sample"], t["timestep"], t["encoder_hidden_states"]), spec.runs, spec.warmup),
-            "vae_decode": timed(lambda: pipe.vae.decode(t["latent_sample"]), spec.runs, spec.warmup),
+            TEXT_ENCODER.name: timed(lambda: pipe.text_encoder(t[TEXT_ENCODER.name]["input_ids"].long()), spec.runs, spec.warmup),
+            "unet_step": timed(lambda: pipe.unet(u["sample"], u["timestep"], u["encoder_hidden_states"]), spec.runs, spec.warmup),
+            "vae_decode": timed(lambda: pipe.vae.decode(t["vae_decode"]["latent_sample"]), spec.runs, spec.warmup),
         }
-        flops = unet_flops(pipe.unet, t["sample"], t["timestep"], t["encoder_hidden_states"])
+        flops = unet_flops(pipe.unet, u["sample"], u["timestep"], u["encoder_hidden_states"])
     end = timed(lambda: diffusers_image(pipe, spec.scheduler, PROMPT, "", spec.seed, spec.steps, 7.5, size, size),
                 spec.runs, spec.warmup)
     return {"stages": stages, "end_to_end": end, "unet_gflop": flops / 1e9}
@@ -86,12 +81,10 @@ def bench_onnx(onnx_dir: Path, spec: BenchSpec, size: int, x: dict) -> dict:
     from kiln.pipeline.request import GenerationRequest
 
     pipe = OnnxPipeline(onnx_dir)
-    e = pipe.engines
-    stages = {
-        "text_encoder": timed(lambda: e.encode_text(x["input_ids"]), spec.runs, spec.warmup),
-        "unet_step": timed(lambda: e.predict_noise(x["sample"], x["timestep"], x["encoder_hidden_states"]), spec.runs, spec.warmup),
-        "vae_decode": timed(lambda: e.decode_latents(x["latent_sample"]), spec.runs, spec.warmup),
-    }
+    stages = {}
+    for stage, component in STAGES.items():  # the pipeline's own engine calls
+        feeds = [torch.from_numpy(x[stage][name]) for name in component.input_names]
+        stages[stage] = timed(lambda: pipe.engines.call(component, *feeds), spec.runs, spec.warmup)
     request = GenerationRequest(PROMPT, "", spec.seed, spec.steps, 7.5, size, size, spec.scheduler)
     return {"stages": stages, "end_to_end": timed(lambda: pipe(request), spec.runs, spec.warmup)}
 
@@ -105,22 +98,21 @@ def bench_triton(url: str, protocol: str, spec: BenchSpec, size: int, x: dict, l
     module = httpclient if protocol == "http" else grpcclient
     raw = module.InferenceServerClient(url)
 
-    def call(model: str, feeds: dict[str, np.ndarray]):
+    def call(component, feeds: dict[str, np.ndarray]):
         inputs = []
         for name, array in feeds.items():
             array = array.reshape(-1, 1) if array.ndim == 1 else array
             tensor = module.InferInput(name, list(array.shape), {"float32": "FP32", "int32": "INT32"}[str(array.dtype)])
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        return raw.infer(model, inputs)
+        return raw.infer(component.name, inputs)
 
-    stages = {
-        # distinct ids each call: the embedding cache must not answer for the encoder
-        "text_encoder": timed(lambda: call("text_encoder", {"input_ids": np.random.randint(0, 49000, (2, 77)).astype(np.int32)}),
-                              spec.runs, spec.warmup),
-        "unet_step": timed(lambda: call("unet", {k: x[k] for k in ("sample", "timestep", "encoder_hidden_states")}), spec.runs, spec.warmup),
-        "vae_decode": timed(lambda: call("vae_decoder", {"latent_sample": x["latent_sample"]}), spec.runs, spec.warmup),
-    }
+    def fresh(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Distinct token ids each call: the embedding cache must not answer for the encoder."""
+        return {k: np.random.randint(0, 49000, v.shape).astype(v.dtype) for k, v in feeds.items()}
+
+    stages = {stage: timed(lambda: call(component, fresh(x[stage]) if component.cache_outputs else x[stage]),
+                           spec.runs, spec.warmup) for stage, component in STAGES.items()}
     with KilnClient(url, protocol) as client:
         end = timed(lambda: client.generate(PROMPT, seed=spec.seed, steps=spec.steps, height=size, width=size,
                                             scheduler=spec.scheduler), spec.runs, max(spec.warmup, loops))
@@ -128,27 +120,22 @@ def bench_triton(url: str, protocol: str, spec: BenchSpec, size: int, x: dict, l
 
 
 def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchSpec(), tuning=None) -> dict:
-    from kiln.export.manifest import read_manifest, write_json_atomically
+    from kiln.artifacts import read_export, write_json_atomically
     from kiln.model_repository.builder import build_repository
     from kiln.model_repository.configs import Tuning
-    from kiln.serving import server
+    from kiln.serving.server import running_server
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(onnx_dir)
-    info = manifest["model"]
-    size = spec.size or info["default_size"]
-    x = stage_inputs(info, size, manifest["dims"]["hidden_size"])
+    manifest = read_export(onnx_dir)
+    size = spec.size or manifest.model.default_size
+    x = stage_inputs(manifest.dims, size)
     tuning = tuning or Tuning()
     results = {"pytorch": bench_pytorch(model_dir, spec, size, x), "onnxruntime": bench_onnx(onnx_dir, spec, size, x)}
     repo = build_repository(onnx_dir, out_dir / "repository", tuning=tuning)
-    ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
-    _, served = server.start(repo, ports)
-    try:
+    with running_server(repo) as served:
         results["triton_http"] = bench_triton(served.http_url, "http", spec, size, x, tuning.pipeline_instances)
         results["triton_grpc"] = bench_triton(served.grpc_url, "grpc", spec, size, x, tuning.pipeline_instances)
-    finally:
-        server.stop(ports)
     end = {k: v["end_to_end"]["median_ms"] for k, v in results.items()}
     unet_ms = results["onnxruntime"]["stages"]["unet_step"]["median_ms"]
     gflop = results["pytorch"]["unet_gflop"]
@@ -173,7 +160,7 @@ def to_markdown(report: dict) -> str:
              "| path | text encoder | UNet step (batch 2) | VAE decode | end to end |", "|---|---|---|---|---|"]
     for name, r in report["results"].items():
         s = r["stages"]
-        lines.append(f"| {name} | {s['text_encoder']['median_ms']:.1f} | {s['unet_step']['median_ms']:.1f} | "
+        lines.append(f"| {name} | {s[TEXT_ENCODER.name]['median_ms']:.1f} | {s['unet_step']['median_ms']:.1f} | "
                      f"{s['vae_decode']['median_ms']:.1f} | {r['end_to_end']['median_ms']:.1f} |")
     r, u = report["ratios"], report["unet_step"]
     lines += ["", f"- ONNX Runtime vs PyTorch end to end: {r['onnxruntime_speedup_vs_pytorch']:.2f}x",
@@ -190,7 +177,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["results"])
-    stages = ["text_encoder", "unet_step", "vae_decode"]
+    stages = list(STAGES)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.2
     for i, name in enumerate(names):

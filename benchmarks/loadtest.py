@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kiln.errors import KilnError
-from kiln.export.manifest import write_json_atomically
+from kiln.artifacts import write_json_atomically
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 _METRIC = re.compile(r'^(nv_inference_(?:request_success|queue_duration_us|compute_infer_duration_us))\{model="([^"]+)",version="[^"]*"\} ([0-9.e+]+)$')

@@ -19,10 +19,10 @@ SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
 PROMPT, NEGATIVE = "a red digit 7 on a white background", "blurry, low quality"
 
 
-def export_rows(manifest: dict) -> list[dict]:
+def export_rows(manifest) -> list[dict]:
     rows = []
-    for name, entry in manifest["components"].items():
-        for report in entry["parity"]:
+    for name, entry in manifest.components.items():
+        for report in entry.parity:
             for t in report["tensors"]:
                 rows.append({"component": name, "tensor": t["tensor"], "shape": t["shape"],
                              "max_abs": t["max_abs"], "rel_l2": t["rel_l2"]})
@@ -32,13 +32,11 @@ def export_rows(manifest: dict) -> list[dict]:
 def serve_rows(model_dir: Path, repo_dir: Path, steps: int, size: int, seed: int) -> list[dict]:
     from kiln.clients.client import KilnClient
     from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
-    from kiln.serving import server
+    from kiln.serving.server import running_server
 
     pipe = load_diffusers_pipeline(model_dir)
-    ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
-    _, info = server.start(repo_dir, ports)
     rows = []
-    try:
+    with running_server(repo_dir) as info:
         for i, scheduler in enumerate(SCHEDULERS):
             protocol = ("http", "grpc")[i % 2]
             url = info.http_url if protocol == "http" else info.grpc_url
@@ -48,8 +46,6 @@ def serve_rows(model_dir: Path, repo_dir: Path, steps: int, size: int, seed: int
             diff = np.abs(served.astype(int) - expected)
             rows.append({"scheduler": scheduler, "protocol": protocol, "max_abs": int(diff.max()),
                          "mean_abs": float(diff.mean()), "pixels_differing": float((diff > 0).mean())})
-    finally:
-        server.stop(ports)
     return rows
 
 
@@ -64,7 +60,7 @@ def to_markdown(export: list[dict], served: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    from kiln.export.manifest import read_manifest, write_json_atomically
+    from kiln.artifacts import read_export, write_json_atomically
     from kiln.export.onnx_export import export_onnx
     from kiln.model_repository.builder import build_repository
 
@@ -78,12 +74,12 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_dir = args.out_dir / "onnx"
         export_onnx(args.model_dir, onnx_dir)
-        manifest = read_manifest(onnx_dir)
-        size = args.size or manifest["model"]["default_size"]
+        manifest = read_export(onnx_dir)
+        size = args.size or manifest.model.default_size
         repo = build_repository(onnx_dir, Path(tmp) / "repository")
         served = serve_rows(args.model_dir, repo, args.steps, size, args.seed)
     export = export_rows(manifest)
-    report = {"model": str(args.model_dir), "prediction_type": manifest["model"]["prediction_type"],
+    report = {"model": str(args.model_dir), "prediction_type": manifest.model.prediction_type,
               "steps": args.steps, "size": size, "export": export, "served": served}
     write_json_atomically(args.out_dir / "parity.json", report)
     markdown = to_markdown(export, served)

@@ -24,9 +24,10 @@ def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps:
     from kiln.dataset.glyphs import Glyph
     from kiln.evaluation import metrics
     from kiln.evaluation.classifier import load_classifier
-    from kiln.export.manifest import read_manifest
+    from kiln.artifacts import read_export
     from kiln.export.onnx_export import export_onnx
     from kiln.export.quantize import QDQ_PRECISION, Calibration, export_qdq
+    from kiln.export.specs import QUANTISED
     from kiln.pipeline.onnx_pipeline import OnnxPipeline
     from kiln.pipeline.request import GenerationRequest
 
@@ -42,8 +43,8 @@ def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps:
                                       holdout=3, steps=steps, guidance=guidance, seed=10_000,
                                       method=precision.removeprefix(QDQ_PRECISION + "-"))
             onnx_dir = export_qdq(out / "onnx-fp32", out / f"onnx-{precision}", calibration)
-            manifest = read_manifest(onnx_dir)
-            qdq[precision] = {"quantization": manifest["quantization"], "parity": manifest["components"]["unet"]["parity"]}
+            manifest = read_export(onnx_dir)
+            qdq[precision] = {"quantization": manifest.quantization, "parity": manifest.components[QUANTISED.name].parity}
         else:
             onnx_dir = export_onnx(model_dir, out / f"onnx-{precision}", precision=precision).out_dir
         pipe = OnnxPipeline(onnx_dir)

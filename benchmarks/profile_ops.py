@@ -10,20 +10,19 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
+from kiln.benchmarks.timing import timed
+from kiln.export.specs import COMPONENTS, UNET
 
 
-def _shape_point(component: str, size: int, dims):
-    """One image with guidance: the batch each component sees (kiln.export.tensorrt.component_batch)."""
+def _shape_point(spec, size: int, dims):
+    """One image with guidance: the batch the component sees."""
     from kiln.export.specs import ShapePoint
-    from kiln.export.tensorrt import component_batch
 
     latent = size // dims.vae_scale_factor
-    return ShapePoint(component_batch(component, 1), latent, latent)
+    return ShapePoint(spec.batch(1), latent, latent)
 
 
 def profile_onnxruntime(onnx_path: Path, feeds: dict, runs: int, threads: int = 0) -> dict:
@@ -32,12 +31,7 @@ def profile_onnxruntime(onnx_path: Path, feeds: dict, runs: int, threads: int = 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    session.run(None, feeds)  # warm-up, not profiled
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
+    timing = timed(lambda: session.run(None, feeds), runs, warmup=1)
     with tempfile.TemporaryDirectory() as tmp:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
@@ -49,7 +43,7 @@ def profile_onnxruntime(onnx_path: Path, feeds: dict, runs: int, threads: int = 
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / runs  # ms per run
-    return {"median_ms": statistics.median(times) * 1e3, "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+    return {"median_ms": timing.median_ms, "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
 
 
 def profile_torch(module, feeds: dict, runs: int) -> dict:
@@ -58,17 +52,12 @@ def profile_torch(module, feeds: dict, runs: int) -> dict:
 
     inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
-        module(**inputs)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            module(**inputs)
-            times.append(time.perf_counter() - start)
+        timing = timed(lambda: module(**inputs), runs, warmup=1)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(runs):
                 module(**inputs)
     by_op = {e.key: e.self_cpu_time_total / 1e3 / runs for e in prof.key_averages() if e.self_cpu_time_total > 0}
-    return {"median_ms": statistics.median(times) * 1e3, "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+    return {"median_ms": timing.median_ms, "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
 
 
 # Operator families, so both sides' tables read alike.
@@ -92,25 +81,24 @@ def family_totals(by_op: dict[str, float]) -> dict[str, float]:
     return dict(totals)
 
 
-def run(model_dir: Path, onnx_dir: Path, out: Path, component: str = "unet", size: int = 256, runs: int = 3) -> dict:
+def run(model_dir: Path, onnx_dir: Path, out: Path, component: str = UNET.name, size: int = 256, runs: int = 3) -> dict:
     import torch
 
     from kiln.benchmarks.latency import matmul_gflops, unet_flops
-    from kiln.export.onnx_export import load_torch_component, model_dims
-    from kiln.export.specs import COMPONENTS, dummy_inputs
-    from kiln.models.folder import inspect_model
+    from kiln.export.specs import dummy_inputs
+    from kiln.models.folder import model_dims
 
     spec = COMPONENTS[component]
-    dims = model_dims(Path(model_dir), inspect_model(Path(model_dir)))
-    feeds = dummy_inputs(spec, _shape_point(component, size, dims), dims)
+    dims = model_dims(Path(model_dir))
+    feeds = dummy_inputs(spec, _shape_point(spec, size, dims), dims)
     ort_side = profile_onnxruntime(Path(onnx_dir) / component / "model.onnx", feeds, runs)
-    module = load_torch_component(Path(model_dir), spec).eval()
+    module = spec.load_torch(model_dir)
     torch_side = profile_torch(module, feeds, runs)
     report = {"component": component, "size": size, "runs": runs, "onnxruntime": ort_side, "pytorch": torch_side,
               "families_ms": {"onnxruntime": family_totals(ort_side["by_op_ms"]), "pytorch": family_totals(torch_side["by_op_ms"])},
               "matmul_gflops": matmul_gflops()}
-    if component == "unet":
-        flop = unet_flops(module, *(torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states"))) / 1e9
+    if spec is UNET:
+        flop = unet_flops(module, *(torch.from_numpy(feeds[k]) for k in spec.input_names)) / 1e9
         report["gflop"] = flop
         report["gflops"] = {k: flop / (report[k]["median_ms"] / 1e3) for k in ("onnxruntime", "pytorch")}
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("onnx_dir", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--component", default="unet")
+    parser.add_argument("--component", default=UNET.name, choices=list(COMPONENTS))
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)

@@ -70,10 +70,10 @@ def measure(url: str, requests: int, steps: int, rounds: int, levels=(2, 4, 8)) 
 
 
 def main(argv=None) -> None:
-    from kiln.export.manifest import write_json_atomically
+    from kiln.artifacts import write_json_atomically
     from kiln.model_repository.builder import build_repository
     from kiln.model_repository.configs import Tuning
-    from kiln.serving import server
+    from kiln.serving.server import running_server
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("onnx_dir", type=Path)
@@ -87,12 +87,8 @@ def main(argv=None) -> None:
     tuning = Tuning(pipeline_instances=args.pipeline_instances, onnx_threads=args.onnx_threads)
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(args.onnx_dir, Path(tmp) / "repository", tuning=tuning)
-        ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
-        _, info = server.start(repo, ports)
-        try:
+        with running_server(repo) as info:
             result = measure(info.grpc_url, args.requests, args.steps, args.rounds)
-        finally:
-            server.stop(ports)
     result["tuning"] = asdict(tuning)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = f"throughput-p{args.pipeline_instances}-t{args.onnx_threads}.json"

@@ -66,6 +66,9 @@ class KilnClient:
             return fn(*args, **kwargs)
         except InferenceServerException as e:
             raise ClientError(f"{what} failed at {self.protocol}://{self.url}: {e.message()}") from None
+        except TimeoutError as e:  # the server answered too slowly: it is reachable, so do not say otherwise
+            raise ClientError(f"{what} at {self.protocol}://{self.url}: timed out ({e or 'no answer in time'})",
+                              hint="raise the client's timeout_s, or ask for fewer steps, images or pixels") from None
         except (ConnectionError, OSError) as e:
             raise ClientError(
                 f"cannot reach the server at {self.protocol}://{self.url}: {e}",

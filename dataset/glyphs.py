@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from kiln.artifacts import write_folder_atomically
 from kiln.errors import DatasetError
-from kiln.models.folder import write_folder_atomically
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),

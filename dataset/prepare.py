@@ -14,11 +14,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kiln import __version__
 from kiln.dataset.captions import scan
-from kiln.export.manifest import write_json_atomically
-from kiln.models.folder import write_folder_atomically
+from kiln.artifacts import write_folder_atomically, write_json_atomically
 
 log = logging.getLogger("kiln.dataset")
 MANIFEST = "manifest.json"
+
+
+CROPS = ("center", "none")  # center: square crops at the resolution; none: the shorter side resized only
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,10 @@ def prepare(src: Path, out_dir: Path, options: PrepareOptions = PrepareOptions()
 
     from kiln.dataset.filters import AestheticScorer, ClipScorer
 
-    if options.crop not in ("center", "none"):
+    if options.crop not in CROPS:
         from kiln.errors import DatasetError
 
-        raise DatasetError(f"--crop {options.crop!r} is not one of center, none")
+        raise DatasetError(f"--crop {options.crop!r} is not one of {', '.join(CROPS)}")
     src, out_dir = Path(src), Path(out_dir)
     clip = ClipScorer(options.clip_model) if options.clip_model else None
     aesthetic = AestheticScorer(options.aesthetic_weights, clip) if options.aesthetic_weights else None

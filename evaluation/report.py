@@ -15,7 +15,7 @@ from PIL import Image
 from kiln.dataset.glyphs import BACKGROUNDS, DIGITS, Glyph
 from kiln.evaluation import metrics
 from kiln.evaluation.classifier import load_classifier
-from kiln.export.manifest import write_json_atomically
+from kiln.artifacts import write_json_atomically
 
 log = logging.getLogger("kiln.evaluation")
 

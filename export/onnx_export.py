@@ -3,39 +3,35 @@ PyTorch at two shapes, keyed in a manifest so unchanged inputs reuse the artifac
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from kiln import __version__
-from kiln.errors import ExportError
-from kiln.export import parity
-from kiln.export.manifest import (
+from kiln.artifacts import (
     MANIFEST_NAME,
+    ComponentEntry,
+    ExportManifest,
     file_sha256,
     fingerprint,
     library_versions,
     read_manifest,
+    tree_sha256,
     write_json_atomically,
 )
+from kiln.errors import ExportError
+from kiln.export import parity
 from kiln.export.precision import PRECISIONS, convert, is_large, save_model
-from kiln.export.specs import (
-    COMPONENTS,
-    PRECISION_TOLERANCE,
-    ComponentSpec,
-    ModelDims,
-    dummy_inputs,
-    parity_points,
-)
-from kiln.models.folder import ModelInfo, hash_tree, inspect_model
+from kiln.export.specs import COMPONENTS, ComponentSpec, dummy_inputs, parity_points
+from kiln.models.folder import ModelDims, inspect_model, model_dims
 
 log = logging.getLogger("kiln.export")
 
@@ -64,74 +60,6 @@ class ExportResult:
         return self.out_dir / MANIFEST_NAME
 
 
-class _TextEncoder(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        out = self.model(input_ids.to(torch.int64), return_dict=False)
-        return out[0], out[1]
-
-
-class _UNet(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class _VaeDecoder(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
-
-
-class _VaeEncoder(torch.nn.Module):
-    """Returns the posterior's parameters (mean, log-variance) rather than a sample, so the
-    serving pipeline draws the noise from its own seeded generator."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, sample):
-        moments = self.vae.encoder(sample)
-        if self.vae.quant_conv is not None:
-            moments = self.vae.quant_conv(moments)
-        return moments
-
-
-def load_torch_component(model_dir: Path, spec: ComponentSpec) -> torch.nn.Module:
-    """The fp32 PyTorch module whose forward matches the spec's inputs and outputs."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    path = model_dir / spec.source
-    if spec.name == "text_encoder":
-        module = _TextEncoder(CLIPTextModel.from_pretrained(path, dtype=torch.float32))
-    elif spec.name == "unet":
-        module = _UNet(UNet2DConditionModel.from_pretrained(path, dtype=torch.float32))
-    elif spec.name == "vae_decoder":
-        module = _VaeDecoder(AutoencoderKL.from_pretrained(path, dtype=torch.float32))
-    elif spec.name == "vae_encoder":
-        module = _VaeEncoder(AutoencoderKL.from_pretrained(path, dtype=torch.float32))
-    else:
-        raise ExportError(f"no PyTorch loader for component {spec.name!r}")
-    return module.eval()
-
-
-def model_dims(model_dir: Path, info: ModelInfo) -> ModelDims:
-    unet = json.loads((model_dir / "unet" / "config.json").read_text())
-    text = json.loads((model_dir / "text_encoder" / "config.json").read_text())
-    return ModelDims.from_model(info, unet, text)
-
-
 def run_torch(module: torch.nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     with torch.inference_mode():
         out = module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
@@ -144,7 +72,7 @@ def check_parity(module, spec: ComponentSpec, onnx_path: Path, dims: ModelDims, 
     from kiln.pipeline.onnx_session import ComponentSession
 
     session = ComponentSession(spec, onnx_path)
-    tolerance = spec.tolerance if precision == "fp32" or not spec.reduced_precision else PRECISION_TOLERANCE[precision]
+    tolerance = spec.onnx_tolerance(precision)
     report = []
     for i, point in enumerate(parity_points(dims)):
         feeds = dummy_inputs(spec, point, dims, seed=i)
@@ -202,19 +130,19 @@ def export_onnx(
     info = inspect_model(model_dir)
     dims = model_dims(model_dir, info)
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = read_manifest(out_dir).get("components", {})
+    previous = _previous_entries(out_dir)
     versions = library_versions()
     source_hashes: dict[str, str] = {}
     entries, results = {}, []
     for name in tqdm(components, desc="export onnx", unit="model"):
         spec = COMPONENTS[name]
         if spec.source not in source_hashes:
-            source_hashes[spec.source] = hash_tree(model_dir / spec.source)
-        component_precision = precision if spec.reduced_precision else "fp32"
+            source_hashes[spec.source] = tree_sha256(model_dir / spec.source)
+        component_precision = spec.precision(precision)
         key = fingerprint(
             {
                 "source": source_hashes[spec.source],
-                "spec": asdict(spec),
+                "spec": spec.identity(),
                 "dims": asdict(dims),
                 "opset": opset,
                 "precision": component_precision,
@@ -223,51 +151,43 @@ def export_onnx(
             }
         )
         path = out_dir / name / "model.onnx"
-        old = previous.get(name, {})
-        if not force and old.get("key") == key and path.is_file() and file_sha256(path) == old.get("sha256"):
+        old = previous.get(name)
+        if not force and old and old.key == key and path.is_file() and file_sha256(path) == old.sha256:
             log.info("%s: unchanged inputs, reusing %s", name, path)
             entries[name] = old
-            results.append(ComponentResult(name, path, True, component_precision, old.get("parity", [])))
+            results.append(ComponentResult(name, path, True, component_precision, old.parity))
             continue
         start = time.perf_counter()
         report = _build_component(model_dir, spec, dims, out_dir, opset, component_precision)
         seconds = time.perf_counter() - start
-        entries[name] = {
-            "key": key,
-            "file": f"{name}/model.onnx",
-            "sha256": file_sha256(path),
-            "precision": component_precision,
-            "source_sha256": source_hashes[spec.source],
-            "inputs": [asdict(t) for t in spec.inputs],
-            "outputs": [asdict(t) for t in spec.outputs],
-            "parity": report,
-            "seconds": round(seconds, 2),
-        }
+        entries[name] = ComponentEntry(key=key, file=f"{name}/model.onnx", sha256=file_sha256(path),
+                                       precision=component_precision, source_sha256=source_hashes[spec.source],
+                                       inputs=[asdict(t) for t in spec.inputs], outputs=[asdict(t) for t in spec.outputs],
+                                       parity=report, seconds=round(seconds, 2))
         worst = max(t["max_abs"] for r in report for t in r["tensors"])
         log.info("%s: exported to %s in %.1f s, parity max|diff| %.2e", name, path, seconds, worst)
         results.append(ComponentResult(name, path, False, component_precision, report, seconds))
     for folder in COPIED_FOLDERS:
         _copy_folder(model_dir / folder, out_dir / folder)
-    write_json_atomically(
-        out_dir / MANIFEST_NAME,
-        {
-            "kiln_version": __version__,
-            "format": EXPORT_FORMAT,
-            "source": {"path": str(model_dir.resolve()), "sha256": source_hashes},
-            "model": {k: v for k, v in asdict(info).items() if k != "path"},
-            "dims": asdict(dims),
-            "opset": opset,
-            "precision": precision,
-            "libraries": versions,
-            "components": {**previous, **entries},
-        },
-    )
+    write_json_atomically(out_dir / MANIFEST_NAME, ExportManifest(
+        kiln_version=__version__, format=EXPORT_FORMAT, source={"path": str(model_dir.resolve()), "sha256": source_hashes},
+        model=replace(info, path=None), dims=dims, opset=opset, precision=precision, libraries=versions,
+        components={**previous, **entries}))
     return ExportResult(out_dir, results)
+
+
+def _previous_entries(out_dir: Path) -> dict[str, ComponentEntry]:
+    """What an earlier export into `out_dir` recorded; nothing if its manifest is not one Kiln reads."""
+    try:
+        return {name: ComponentEntry.model_validate(entry)
+                for name, entry in read_manifest(out_dir).get("components", {}).items()}
+    except ValidationError:
+        return {}
 
 
 def _build_component(model_dir, spec, dims, out_dir, opset, precision) -> list[dict]:
     """Export into a scratch folder, check it, then move it into place in one rename."""
-    module = load_torch_component(model_dir, spec)
+    module = spec.load_torch(model_dir)
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out_dir))
     try:
         fp32_path = scratch / "fp32" / "model.onnx"

@@ -28,15 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.artifacts import MANIFEST_NAME, file_sha256, fingerprint, read_export, read_manifest, write_json_atomically
 from kiln.errors import ExportError, ParityError
-from kiln.export.manifest import MANIFEST_NAME, file_sha256, fingerprint, read_manifest, write_json_atomically
 from kiln.export.precision import is_large
-from kiln.export.specs import QDQ_PRECISION
+from kiln.export.specs import QDQ_PRECISION, QUANTISED
 
 log = logging.getLogger("kiln.export")
 
 QDQ_FORMAT = 1  # bump when the quantisation code changes what it writes
-QUANTISED = "unet"
 METHODS = ("entropy", "max")  # ModelOpt's int8 activation calibrators
 # int8 UNet vs fp32 UNet on held-out denoising inputs (relative L2 of the predicted noise). Measured
 # on the glyph demo: median 0.03, worst step 0.11 (entropy calibration).
@@ -99,7 +98,8 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 
 
 def record_unet_inputs(onnx_dir: Path, prompts, calibration: Calibration) -> list[list[dict[str, np.ndarray]]]:
-    """The UNet's inputs at every denoising step while the fp32 export draws each prompt (one list per prompt)."""
+    """The quantised component's inputs at every denoising step while the fp32 export draws each
+    prompt (one list per prompt)."""
     from tqdm import tqdm
 
     from kiln.pipeline.onnx_pipeline import OnnxPipeline
@@ -108,15 +108,16 @@ def record_unet_inputs(onnx_dir: Path, prompts, calibration: Calibration) -> lis
     pipe = OnnxPipeline(onnx_dir)
     height = calibration.height or pipe.defaults.height
     width = calibration.width or pipe.defaults.width
-    predict = pipe.engines.predict_noise
+    run = pipe.engines.run
     recorded: list[list[dict[str, np.ndarray]]] = []
 
-    def recording(sample, timestep, embeddings):
-        recorded[-1].append({"sample": np.array(sample, np.float32), "timestep": np.array(timestep, np.float32),
-                             "encoder_hidden_states": np.array(embeddings, np.float32)})
-        return predict(sample, timestep, embeddings)
+    def recording(spec, feeds, outputs):
+        if spec is QUANTISED:
+            recorded[-1].append({t.name: np.array(feeds[t.name], t.dtype) for t in spec.inputs})
+        return run(spec, feeds, outputs)
 
-    pipe.engines.predict_noise = recording
+    recording.device = run.device
+    pipe.engines.run = recording
     for i, prompt in enumerate(tqdm(prompts, desc="record UNet inputs", unit="prompt")):
         recorded.append([])
         pipe(GenerationRequest(prompt, "", calibration.seed + i, calibration.steps, calibration.guidance, height, width,
@@ -160,12 +161,11 @@ def quantize_unet(fp32_path: Path, out_path: Path, feeds: list[dict[str, np.ndar
 def unet_parity(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict:
     """Relative L2 of the int8 UNet's predicted noise against the fp32 UNet's, per held-out step."""
     from kiln.export.parity import compare
-    from kiln.export.specs import COMPONENTS
     from kiln.pipeline.onnx_session import ComponentSession
 
-    spec = COMPONENTS[QUANTISED]
-    reference, quantised = ComponentSession(spec, fp32_path), ComponentSession(spec, qdq_path)
-    diffs = [compare("out_sample", quantised.run(f)["out_sample"], reference.run(f)["out_sample"]) for f in feeds]
+    reference, quantised = ComponentSession(QUANTISED, fp32_path), ComponentSession(QUANTISED, qdq_path)
+    out = QUANTISED.output_names[0]
+    diffs = [compare(out, quantised.run(f)[out], reference.run(f)[out]) for f in feeds]
     rel = np.array([d.rel_l2 for d in diffs])
     report = {"steps": len(feeds), "median_rel_l2": float(np.median(rel)), "max_rel_l2": float(rel.max()),
               "max_abs": max(d.max_abs for d in diffs), "tolerance": QDQ_TOLERANCE}
@@ -178,21 +178,21 @@ def unet_parity(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarra
 
 def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibration(), force: bool = False) -> Path:
     """Write `out_dir`: the fp32 export `onnx_dir` with its UNet quantised to int8 (Q/DQ)."""
-    from kiln.pipeline.onnx_pipeline import read_export
-
     calibration.validate()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     manifest = read_export(onnx_dir)
-    if manifest.get("precision", "fp32") != "fp32":
-        raise ExportError(f"{onnx_dir} is a {manifest['precision']} export; int8 is calibrated from the fp32 export",
+    if manifest.precision != "fp32":
+        raise ExportError(f"{onnx_dir} is a {manifest.precision} export; int8 is calibrated from the fp32 export",
                           hint="kiln export onnx MODEL ONNX_DIR (without --fp16/--int8), then kiln export qdq ONNX_DIR OUT")
-    fp32_path = onnx_dir / QUANTISED / "model.onnx"
+    name = QUANTISED.name
+    fp32_path = onnx_dir / name / "model.onnx"
     toolkit = f"nvidia-modelopt {_modelopt_version()}"
-    key = fingerprint({"unet": manifest["components"][QUANTISED]["sha256"], "calibration": asdict(calibration),
-                       "toolkit": toolkit, "format": QDQ_FORMAT})
+    source = manifest.components[name]
+    key = fingerprint({name: source.sha256, "calibration": asdict(calibration), "toolkit": toolkit, "format": QDQ_FORMAT})
+    fp32_entries = manifest.model_dump(mode="json", exclude_none=True)["components"]
     previous = read_manifest(out_dir)
     if (not force and previous.get("quantization", {}).get("key") == key
-            and previous.get("components") == _components_after(manifest, previous)
+            and previous.get("components") == {**fp32_entries, name: previous.get("components", {}).get(name)}
             and _files_intact(out_dir, previous)):
         log.info("int8 export in %s is current (same UNet, calibration and toolkit): reusing it", out_dir)
         return out_dir
@@ -203,7 +203,7 @@ def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibra
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".qdq.", dir=out_dir))
     try:
-        qdq_path = scratch / QUANTISED / "model.onnx"
+        qdq_path = scratch / name / "model.onnx"
         qdq_path.parent.mkdir()
         log.info("calibrating the UNet on %d denoising steps of %d prompts (%s)", len(calibrate),
                  len(recorded) - calibration.holdout, calibration.method)
@@ -212,7 +212,7 @@ def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibra
         log.info("int8 UNet vs fp32 on %d held-out steps: median rel L2 %.3g, max %.3g", parity["steps"],
                  parity["median_rel_l2"], parity["max_rel_l2"])
         for entry in sorted(onnx_dir.iterdir()):
-            if entry.is_dir() and entry.name != QUANTISED and not entry.name.startswith("."):
+            if entry.is_dir() and entry.name != name and not entry.name.startswith("."):
                 shutil.copytree(entry, scratch / entry.name)
         # swap in: the manifest goes first, so a swap cut short leaves a folder no reader accepts
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
@@ -223,20 +223,15 @@ def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibra
             entry.rename(out_dir / entry.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    unet = {**manifest["components"][QUANTISED], "precision": QDQ_PRECISION, "sha256": file_sha256(out_dir / QUANTISED / "model.onnx"),
-            "source_sha256_fp32": manifest["components"][QUANTISED]["sha256"], "parity": parity}
-    write_json_atomically(out_dir / MANIFEST_NAME, {
-        **manifest, "precision": QDQ_PRECISION, "components": {**manifest["components"], QUANTISED: unet},
-        "quantization": {"key": key, "toolkit": toolkit, "component": QUANTISED, "format": "int8 Q/DQ",
+    quantised = source.model_copy(update={"precision": QDQ_PRECISION, "sha256": file_sha256(out_dir / name / "model.onnx"),
+                                          "source_sha256_fp32": source.sha256, "parity": parity})
+    write_json_atomically(out_dir / MANIFEST_NAME, manifest.model_copy(update={
+        "precision": QDQ_PRECISION, "components": {**manifest.components, name: quantised},
+        "quantization": {"key": key, "toolkit": toolkit, "component": name, "format": "int8 Q/DQ",
                          "calibration": {**asdict(calibration), "calibration_steps": len(calibrate),
                                          "held_out_steps": len(held_out)}, "source_export": str(onnx_dir.resolve())},
-    })
+    }))
     return out_dir
-
-
-def _components_after(manifest: dict, previous: dict) -> dict:
-    """What the components entry of a current int8 export must equal: the fp32 export's, UNet aside."""
-    return {**manifest["components"], QUANTISED: previous.get("components", {}).get(QUANTISED)}
 
 
 def _files_intact(out_dir: Path, manifest: dict) -> bool:

@@ -1,14 +1,20 @@
-"""One declared spec per exported component. ONNX export, parity checks, TensorRT profiles, Triton
-config.pbtxt dims and the client schema all read these declarations; tensor names follow optimum's
-ONNX layout for Stable Diffusion (text_encoder/, unet/, vae_decoder/, vae_encoder/)."""
+"""One declaration per exported component: its tensors and everything the later stages do with it.
+
+ONNX export (the PyTorch wrapper it traces), parity checks and their tolerances per precision,
+precision conversion and quantisation, TensorRT profiles (its batch under classifier-free guidance),
+Triton config.pbtxt dims, input validation, the embedding cache and the engine adapter that runs it
+(kiln.pipeline.engines) all read these declarations. Adding a component is one ComponentSpec here and
+its wrapper in kiln.export.wrappers. Tensor names follow optimum's ONNX layout for Stable Diffusion."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from kiln.models.folder import ModelInfo
+from kiln.models.folder import ModelDims
 
 # Axes that vary per request. Every other symbolic name is a constant of the model (ModelDims).
 DYNAMIC_AXES = ("batch", "sequence", "latent_height", "latent_width", "height", "width")
@@ -34,20 +40,67 @@ class Tolerance:
     rtol: float
     max_rel_l2: float | None = None
 
-# An export whose UNet carries calibrated int8 Q/DQ nodes (`kiln export qdq`); the configs and the
-# TensorRT planner read it from the export manifest.
+# An export whose quantisable component carries calibrated int8 Q/DQ nodes (`kiln export qdq`); the
+# configs and the TensorRT planner read it from the export manifest.
 QDQ_PRECISION = "int8-qdq"
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # what `kiln export onnx` writes
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """A component's stated bounds per precision.
+
+    `onnx`: the exported file against the fp32 PyTorch module, by export precision (fp32, fp16, int8);
+    `tensorrt`: relative L2 of a TensorRT engine against ONNX Runtime running the same ONNX file, by
+    the precision of the export it was built from (an fp32 export makes fp16 engines; an int8-qdq one
+    int8 engines of its quantised component)."""
+
+    onnx: Mapping[str, Tolerance]
+    tensorrt: Mapping[str, float]
 
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    name: str  # folder and Triton model name: text_encoder, unet, vae_decoder, vae_encoder
+    name: str  # folder and Triton model name
     source: str  # diffusers subfolder the weights come from
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    tolerance: Tolerance
-    reduced_precision: bool = True  # converted by --fp16/--int8; the VAE stays fp32 (fp16 overflow)
+    wrapper: str = field(repr=False)  # its class in kiln.export.wrappers: `.load(folder)`, module(inputs) -> outputs
+    tolerances: Tolerances = field(repr=False)
+    guided: bool = False  # sees prompt and negative prompt together: its batch doubles under guidance
+    reduced_precision: bool = True  # converted by --fp16/--int8; False: stays fp32 (the VAE overflows in fp16)
+    quantisable: bool = False  # `kiln export qdq` calibrates it to int8 Q/DQ
     cache_outputs: bool = False  # served with Kiln's per-row output cache (identical prompts skip the encoder)
+    required: bool = True  # a complete export has it; optional ones enable a feature (img2img)
+
+    def precision(self, requested: str) -> str:
+        """The precision this component is exported at when `requested` is asked for."""
+        return requested if self.reduced_precision else "fp32"
+
+    def onnx_tolerance(self, precision: str) -> Tolerance:
+        return self.tolerances.onnx[self.precision(precision)]
+
+    def trt_tolerance(self, exported_precision: str) -> float:
+        """Bound for its engine built from an export of `exported_precision`."""
+        quantised = exported_precision == QDQ_PRECISION and self.quantisable
+        return self.tolerances.tensorrt[QDQ_PRECISION if quantised else "fp32"]
+
+    def batch(self, images: int, guidance: bool = True) -> int:
+        """The batch it sees for `images` images of one request."""
+        return 2 * images if guidance and self.guided else images
+
+    def load_torch(self, model_dir: Path):
+        """The fp32 PyTorch module whose forward matches the inputs and outputs (torch is imported
+        here, not with the specs: the CLI and the clients read them without it)."""
+        from kiln.export import wrappers
+
+        return getattr(wrappers, self.wrapper).load(Path(model_dir) / self.source).eval()
+
+    def identity(self) -> dict:
+        """What its exported file depends on, for artifact keys."""
+        return {"name": self.name, "source": self.source, "inputs": [asdict(t) for t in self.inputs],
+                "outputs": [asdict(t) for t in self.outputs], "tolerance": asdict(self.onnx_tolerance("fp32")),
+                "reduced_precision": self.reduced_precision, "cache_outputs": self.cache_outputs}
 
     @property
     def input_names(self) -> list[str]:
@@ -65,36 +118,6 @@ class ComponentSpec:
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """Constants of one model that fill the non-dynamic symbols of the specs."""
-
-    latent_channels: int
-    hidden_size: int
-    sequence: int
-    vocab_size: int
-    vae_scale_factor: int
-    unet_factor: int  # latent sides must be multiples of this (UNet down-sampling)
-    default_latent: int  # latent side at the model's native resolution
-    image_channels: int = 3
-
-    @property
-    def latent_parameters(self) -> int:
-        return 2 * self.latent_channels  # mean and log-variance of the VAE posterior
-
-    @classmethod
-    def from_model(cls, info: ModelInfo, unet_config: dict, text_config: dict) -> "ModelDims":
-        return cls(
-            latent_channels=info.latent_channels,
-            hidden_size=text_config["hidden_size"],
-            sequence=info.max_length,
-            vocab_size=text_config["vocab_size"],
-            vae_scale_factor=info.vae_scale_factor,
-            unet_factor=2 ** (len(unet_config["block_out_channels"]) - 1),
-            default_latent=info.default_size // info.vae_scale_factor,
-        )
 
 
 @dataclass(frozen=True)
@@ -199,6 +222,10 @@ def parity_points(dims: ModelDims) -> tuple[ShapePoint, ShapePoint]:
 
 
 _FP32 = Tolerance(atol=1e-4, rtol=1e-4)
+_VAE = Tolerance(atol=1e-3, rtol=1e-3)
+# Converted weights, measured as relative L2 against the fp32 source.
+_FP16 = Tolerance(atol=float("inf"), rtol=0.0, max_rel_l2=1e-2)
+_INT8 = Tolerance(atol=float("inf"), rtol=0.0, max_rel_l2=5e-2)
 
 TEXT_ENCODER = ComponentSpec(
     name="text_encoder",
@@ -208,7 +235,9 @@ TEXT_ENCODER = ComponentSpec(
         TensorSpec("last_hidden_state", "float32", ("batch", "sequence", "hidden_size")),
         TensorSpec("pooler_output", "float32", ("batch", "hidden_size")),
     ),
-    tolerance=_FP32,
+    wrapper="TextEncoder",
+    tolerances=Tolerances(onnx={"fp32": _FP32, "fp16": _FP16, "int8": _INT8}, tensorrt={"fp32": 2e-2}),
+    guided=True,
     cache_outputs=True,
 )
 
@@ -221,7 +250,13 @@ UNET = ComponentSpec(
         TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", "hidden_size")),
     ),
     outputs=(TensorSpec("out_sample", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
-    tolerance=_FP32,
+    wrapper="UNet",
+    # int8 engine vs ONNX Runtime running the same Q/DQ file: the scales are shared, so what differs is
+    # TensorRT's fp16 between the quantised layers and its int8 kernels' rounding
+    tolerances=Tolerances(onnx={"fp32": _FP32, "fp16": _FP16, "int8": _INT8},
+                          tensorrt={"fp32": 2e-2, QDQ_PRECISION: 5e-2}),
+    guided=True,
+    quantisable=True,
 )
 
 VAE_DECODER = ComponentSpec(
@@ -229,7 +264,8 @@ VAE_DECODER = ComponentSpec(
     source="vae",
     inputs=(TensorSpec("latent_sample", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
     outputs=(TensorSpec("sample", "float32", ("batch", "image_channels", "height", "width")),),
-    tolerance=Tolerance(atol=1e-3, rtol=1e-3),
+    wrapper="VaeDecoder",
+    tolerances=Tolerances(onnx={"fp32": _VAE}, tensorrt={"fp32": 1e-2}),
     reduced_precision=False,
 )
 
@@ -240,14 +276,11 @@ VAE_ENCODER = ComponentSpec(
     outputs=(
         TensorSpec("latent_parameters", "float32", ("batch", "latent_parameters", "latent_height", "latent_width")),
     ),
-    tolerance=Tolerance(atol=1e-3, rtol=1e-3),
+    wrapper="VaeEncoder",
+    tolerances=Tolerances(onnx={"fp32": _VAE}, tensorrt={"fp32": 1e-2}),
     reduced_precision=False,
+    required=False,  # img2img only
 )
 
 COMPONENTS: dict[str, ComponentSpec] = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
-
-# Bounds for converted weights, measured as relative L2 against the fp32 source.
-PRECISION_TOLERANCE = {
-    "fp16": Tolerance(atol=float("inf"), rtol=0.0, max_rel_l2=1e-2),
-    "int8": Tolerance(atol=float("inf"), rtol=0.0, max_rel_l2=5e-2),
-}
+QUANTISED = next(s for s in COMPONENTS.values() if s.quantisable)  # what `kiln export qdq` calibrates

@@ -17,17 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.artifacts import fingerprint, read_export, read_manifest, write_json_atomically
 from kiln.errors import ExportError
-from kiln.export.manifest import fingerprint, read_manifest, write_json_atomically
-from kiln.export.quantize import QUANTISED
-from kiln.export.specs import COMPONENTS, QDQ_PRECISION, ComponentSpec, ModelDims, concrete_shape, ShapePoint
+from kiln.export.specs import COMPONENTS, QDQ_PRECISION, ComponentSpec, ShapePoint, concrete_shape
+from kiln.models.folder import ModelDims
 
 log = logging.getLogger("kiln.export")
 
 ENGINE_FORMAT = 1  # bump when the build code changes what it writes
 ENGINE_NAME = "model.plan"
 TIMING_CACHE = "timing.cache"
-TRT_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # ONNX node-name patterns TensorRT keeps in fp32 under --fp16: softmax inside attention overflows
 # in half precision on long sequences (the TensorRT demo and diffusers both keep it fp32).
 FP32_LAYER_PATTERNS = (r"[Ss]oftmax",)
@@ -87,15 +86,9 @@ def default_profile(dims: ModelDims, max_images: int = 4) -> Profile:
     return Profile(ProfilePoint(1, lo, lo), ProfilePoint(1, native, native), ProfilePoint(max_images, hi, hi))
 
 
-def component_batch(component: str, images: int, guidance: bool = True) -> int:
-    """The batch a component sees for `images` images: the UNet and the text encoder see the
-    prompt and the negative prompt together; the VAE sees each image once."""
-    return images * 2 if guidance and component in ("unet", "text_encoder") else images
-
-
-def _point(component: str, p: ProfilePoint, dims: ModelDims, guidance: bool) -> ShapePoint:
+def _point(spec: ComponentSpec, p: ProfilePoint, dims: ModelDims, guidance: bool) -> ShapePoint:
     f = dims.vae_scale_factor
-    return ShapePoint(component_batch(component, p.images, guidance), p.height // f, p.width // f)
+    return ShapePoint(spec.batch(p.images, guidance), p.height // f, p.width // f)
 
 
 @dataclass(frozen=True)
@@ -107,7 +100,7 @@ class ComponentPlan:
 
 
 def profile_shapes(spec: ComponentSpec, dims: ModelDims, profile: Profile, guidance: bool = True) -> dict[str, list[list[int]]]:
-    points = [_point(spec.name, p, dims, guidance) for p in (profile.min, profile.opt, profile.max)]
+    points = [_point(spec, p, dims, guidance) for p in (profile.min, profile.opt, profile.max)]
     return {t.name: [list(concrete_shape(t, pt, dims)) for pt in points] for t in spec.inputs}
 
 
@@ -117,7 +110,7 @@ def plan_component(spec: ComponentSpec, dims: ModelDims, profiles: list[Profile]
     shapes = [profile_shapes(spec, dims, p, guidance) for p in profiles]
     if precision == "fp32" or not spec.reduced_precision:  # the VAE: fp16 VAEs decode to black (overflow)
         return ComponentPlan(spec.name, "fp32", shapes)
-    if precision == "int8" and spec.name != QUANTISED:  # only the UNet carries calibrated Q/DQ nodes
+    if precision == "int8" and not spec.quantisable:  # only the quantised component carries Q/DQ nodes
         precision = "fp16"
     return ComponentPlan(spec.name, precision, shapes, fp32_layers=FP32_LAYER_PATTERNS)
 
@@ -137,14 +130,12 @@ class EnginePlan:
 
 
 def plan_engines(onnx_dir: Path, precision: str = "fp16", profiles: list[str] | None = None,
-                 components: tuple[str, ...] = TRT_COMPONENTS) -> EnginePlan:
+                 components: tuple[str, ...] = tuple(COMPONENTS)) -> EnginePlan:
     """Read the export manifest and derive every engine's profiles and precision. No GPU needed."""
-    from kiln.pipeline.onnx_pipeline import read_export
-
     if precision not in ("fp32", "fp16", "int8"):
         raise ExportError(f"precision {precision!r} is invalid: expected fp32, fp16 or int8")
     manifest = read_export(Path(onnx_dir))
-    exported = manifest.get("precision", "fp32")
+    exported = manifest.precision
     if precision == "int8" and exported != QDQ_PRECISION:
         raise ExportError(f"{onnx_dir} is a {exported} export: int8 engines are built from a calibrated Q/DQ export",
                           hint=f"kiln export qdq {onnx_dir} QDQ_DIR (fp32 export in), then kiln export trt QDQ_DIR OUT --int8")
@@ -152,10 +143,9 @@ def plan_engines(onnx_dir: Path, precision: str = "fp16", profiles: list[str] | 
         raise ExportError(f"{onnx_dir} is a {exported} ONNX export; TensorRT {precision} engines are built from the fp32 export",
                           hint="--int8 for a Q/DQ export" if exported == QDQ_PRECISION else
                           "kiln export onnx MODEL ONNX_DIR (without --fp16/--int8), then kiln export trt")
-    dims = ModelDims(**manifest["dims"])
-    multiple = dims.vae_scale_factor * dims.unet_factor
-    parsed = [parse_profile(p, multiple) for p in profiles] if profiles else [default_profile(dims)]
-    plan = EnginePlan(precision, parsed, export_key=fingerprint(manifest["components"]))
+    dims = manifest.dims
+    parsed = [parse_profile(p, manifest.size_multiple) for p in profiles] if profiles else [default_profile(dims)]
+    plan = EnginePlan(precision, parsed, export_key=manifest.key)
     plan.components = [plan_component(COMPONENTS[name], dims, parsed, precision) for name in components
                        if (Path(onnx_dir) / name / "model.onnx").is_file()]
     if not plan.components:
@@ -212,18 +202,6 @@ def check_engines(engine_dir: Path, runtime: Runtime, export_key: str | None = N
 
 
 # ---------------------------------------------------------------- building and checking (GPU)
-
-# fp16 engine vs fp32 ONNX Runtime: relative L2 per output (the VAE is built fp32)
-TRT_TOLERANCE = {"text_encoder": 2e-2, "unet": 2e-2, "vae_decoder": 1e-2, "vae_encoder": 1e-2}
-# int8 UNet engine vs ONNX Runtime running the same Q/DQ file: the scales are shared, so what differs
-# is TensorRT's fp16 between the quantised layers and its int8 kernels' rounding
-TRT_INT8_TOLERANCE = 5e-2
-
-
-def trt_tolerance(component: str, exported_precision: str) -> float:
-    return TRT_INT8_TOLERANCE if exported_precision == QDQ_PRECISION and component == QUANTISED else TRT_TOLERANCE[component]
-
-
 
 def _fp32_layers(network, patterns) -> list[str]:
     import tensorrt as trt
@@ -313,21 +291,21 @@ def _rel_l2(a, b) -> float:
 
 
 def trt_parity_check(component: str, onnx_path: Path, engine_path: Path) -> dict:
-    """The engine against ONNX Runtime (CPU) running the same ONNX file, at the native shape; raises ParityError."""
+    """The engine against ONNX Runtime (CPU) running the same ONNX file, at the native shape with one
+    guided image; raises ParityError beyond the spec's TensorRT tolerance."""
     import onnxruntime as ort
 
     from kiln.errors import ParityError
     from kiln.export.specs import dummy_inputs
-    from kiln.pipeline.onnx_pipeline import read_export
 
+    spec = COMPONENTS[component]
     manifest = read_export(onnx_path.parent.parent)
-    dims = ModelDims(**manifest["dims"])
-    feeds = dummy_inputs(COMPONENTS[component], ShapePoint(component_batch(component, 1), dims.default_latent,
-                                                           dims.default_latent), dims)
+    dims = manifest.dims
+    feeds = dummy_inputs(spec, ShapePoint(spec.batch(1), dims.default_latent, dims.default_latent), dims)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     got = TrtRunner(engine_path)(feeds)
-    tolerance = trt_tolerance(component, manifest.get("precision", "fp32"))
+    tolerance = spec.trt_tolerance(manifest.precision)
     out = {}
     for name, ref in reference.items():
         value = got[name].float().cpu().numpy()
@@ -337,6 +315,21 @@ def trt_parity_check(component: str, onnx_path: Path, engine_path: Path) -> dict
             raise ParityError(f"{component}.{name}: TensorRT vs ONNX Runtime rel L2 {out[name]['rel_l2']:.2e} "
                               f"(finite: {out[name]['finite']}) exceeds {tolerance:.0e}")
     return out
+
+
+class EngineRunner:
+    """Built engines as a kiln.pipeline.engines runner: torch tensors on the GPU in and out (float32)."""
+
+    def __init__(self, engine_dir: Path, components=None):
+        import torch
+
+        self.device = torch.device("cuda")
+        names = [n for n in (components or COMPONENTS) if (Path(engine_dir) / n / ENGINE_NAME).is_file()]
+        self.engines = {n: TrtRunner(Path(engine_dir) / n / ENGINE_NAME) for n in names}
+
+    def __call__(self, spec: ComponentSpec, feeds: dict, outputs: list[str]) -> dict:
+        result = self.engines[spec.name](feeds)
+        return {k: result[k].float() for k in outputs}
 
 
 def export_engines(onnx_dir: Path, out_dir: Path, plan: EnginePlan, parity_check=None) -> Path:

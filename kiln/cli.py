@@ -11,6 +11,28 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from kiln.cli_choices import (
+    CALIBRATION,
+    LIMITS,
+    PORTS,
+    REQUEST_DEFAULTS,
+    SCHEDULER_HELP,
+    TUNING,
+    URLS,
+    Backend,
+    CalibrationMethod,
+    Crop,
+    Method,
+    OrtAccelerator,
+    Precision,
+    PredictionType,
+    Protocol,
+    Target,
+    Width,
+    declared,
+    protocol_list,
+    scheduler_name,
+)
 from kiln.errors import KilnError
 
 # transformers warns on import that torchvision is absent (it cannot load beside the CPU torch);
@@ -30,37 +52,39 @@ app.add_typer(repo_app, name="repo")
 cluster_app = typer.Typer(help="Kubernetes manifests for NVIDIA's Triton container.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 
-HTTP_PORT = typer.Option(8000, "--http-port")
-GRPC_PORT = typer.Option(8001, "--grpc-port")
-METRICS_PORT = typer.Option(8002, "--metrics-port")
-URL = typer.Option(None, "--url", help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
-PROTOCOL = typer.Option("http", "--protocol", help="http or grpc")
+
+HTTP_PORT = typer.Option(PORTS.http, "--http-port")
+GRPC_PORT = typer.Option(PORTS.grpc, "--grpc-port")
+METRICS_PORT = typer.Option(PORTS.metrics, "--metrics-port")
+URL = typer.Option(None, "--url", help=f"host:port (default {URLS['http']} for http, {URLS['grpc']} for grpc)")
+PROTOCOL = typer.Option(Protocol.http, "--protocol")
+
+TINY = declared("kiln.models.tiny", "write_tiny_model")
+SD15 = declared("kiln.models.benchmark", "write_sd15_model")
 
 
 @model_app.command("tiny")
 def model_tiny(
     out: Path,
-    prediction_type: str = typer.Option("epsilon", help="epsilon (SD 1.x style) or v_prediction (SD 2.x style)"),
-    seed: int = 0,
+    prediction_type: PredictionType = typer.Option(PredictionType(TINY.prediction_type),
+                                                   help="epsilon: SD 1.x style; v_prediction: SD 2.x style"),
+    seed: int = TINY.seed,
 ):
     """Write a tiny SD pipeline with random weights and the real CLIP tokenizer."""
-    from kiln.models.tiny import PREDICTION_TYPES, write_tiny_model
+    from kiln.models.tiny import write_tiny_model
 
-    if prediction_type not in PREDICTION_TYPES:
-        raise KilnError(f"--prediction-type {prediction_type!r} is not one of {PREDICTION_TYPES}")
-    write_tiny_model(out, prediction_type, seed)
+    write_tiny_model(out, prediction_type.value, seed)
     console.print(f"tiny {prediction_type} model written to {out}")
 
 
 @model_app.command("sd15")
-def model_sd15(out: Path, width: str = typer.Option("half", "--width", help="full (SD 1.5 exactly) or half"),
-               seed: int = 0):
+def model_sd15(out: Path, width: Width = typer.Option(Width(SD15.width), "--width",
+                                                      help="full: SD 1.5 exactly; half: half the UNet and VAE widths"),
+               seed: int = SD15.seed):
     """Write SD 1.5's architecture with random weights, for benchmarks at real size."""
-    from kiln.models.benchmark import WIDTHS, write_sd15_model
+    from kiln.models.benchmark import write_sd15_model
 
-    if width not in WIDTHS:
-        raise KilnError(f"--width {width!r} is not one of {list(WIDTHS)}")
-    write_sd15_model(out, width, seed)
+    write_sd15_model(out, width.value, seed)
     console.print(f"SD 1.5 architecture ({width} width, random weights) written to {out}")
 
 
@@ -73,24 +97,29 @@ def model_info(model_dir: Path):
         typer.echo(f"{key}: {value}")
 
 
+PREPARE = declared("kiln.dataset.prepare", "PrepareOptions")
+GLYPHS = declared("kiln.dataset.glyphs", "write_glyphs")
+
+
 @data_app.command("prepare")
 def data_prepare(
     src: Path,
     out: Path,
-    resolution: int = typer.Option(512, "--resolution"),
+    resolution: int = typer.Option(PREPARE.resolution, "--resolution"),
     min_size: Optional[int] = typer.Option(None, "--min-size", help="drop images whose shorter side is below (default resolution/2)"),
-    dedup_distance: int = typer.Option(4, "--dedup-distance", help="perceptual-hash distance that counts as a duplicate"),
-    crop: str = typer.Option("center", "--crop", help="center (square) or none"),
+    dedup_distance: int = typer.Option(PREPARE.dedup_distance, "--dedup-distance", help="perceptual-hash distance that counts as a duplicate"),
+    crop: Crop = typer.Option(Crop(PREPARE.crop), "--crop", help="center: square crops; none: shorter side resized only"),
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="local CLIPModel folder for the similarity filter"),
-    min_clip_score: float = typer.Option(0.0, "--min-clip-score"),
+    min_clip_score: float = typer.Option(PREPARE.min_clip_score, "--min-clip-score"),
     aesthetic_weights: Optional[Path] = typer.Option(None, "--aesthetic-weights", help="LAION aesthetic predictor .pth"),
-    min_aesthetic: float = typer.Option(0.0, "--min-aesthetic"),
+    min_aesthetic: float = typer.Option(PREPARE.min_aesthetic, "--min-aesthetic"),
 ):
     """Keep usable, captioned, distinct images resized for training; report why others were dropped."""
     from kiln.dataset.prepare import PrepareOptions, prepare
 
-    options = PrepareOptions(resolution, min_size, dedup_distance, crop, clip_model, min_clip_score,
-                             aesthetic_weights, min_aesthetic)
+    options = PrepareOptions(resolution=resolution, min_size=min_size, dedup_distance=dedup_distance, crop=crop.value,
+                             clip_model=clip_model, min_clip_score=min_clip_score, aesthetic_weights=aesthetic_weights,
+                             min_aesthetic=min_aesthetic)
     report = prepare(src, out, options)
     dropped = ", ".join(f"{k}: {v}" for k, v in report.dropped.items()) or "none"
     console.print(f"kept {report.kept} images, dropped {sum(report.dropped.values())} ({dropped}); "
@@ -100,22 +129,22 @@ def data_prepare(
 @data_app.command("glyphs")
 def data_glyphs(
     out: Path,
-    count: int = typer.Option(5000, "--count"),
-    seed: int = typer.Option(0, "--seed"),
-    size: int = typer.Option(32, "--size", help="pixels"),
+    count: int = typer.Option(GLYPHS.count, "--count"),
+    seed: int = typer.Option(GLYPHS.seed, "--seed"),
+    size: int = typer.Option(GLYPHS.size, "--size", help="pixels"),
     colours: Optional[str] = typer.Option(None, "--colours", help="comma-separated subset, e.g. red,green,blue"),
 ):
     """Render captioned digits from the fonts on this machine (deterministic for a seed)."""
     from kiln.dataset.glyphs import COLOURS, write_glyphs
 
     chosen = tuple(c.strip() for c in colours.split(",")) if colours else tuple(COLOURS)
-    write_glyphs(out, count, seed, size, chosen)
+    write_glyphs(out, count=count, seed=seed, size=size, colours=chosen)
     console.print(f"{count} glyphs ({', '.join(chosen)}) written to {out}")
 
 
 @app.command(context_settings={"allow_extra_args": False})
 def train(
-    method: str = typer.Argument(..., help="lora, dreambooth, textual-inversion or full"),
+    method: Method = typer.Argument(..., help="the fine-tuning method, or base: then DATA_DIR OUT_DIR and key=value settings"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value settings over the config file"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML training config"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint folder"),
@@ -124,28 +153,34 @@ def train(
     Runs under `accelerate launch` unchanged for several processes or machines."""
     from kiln.training.run import run_training
 
-    if method == "base":
-        from kiln.training.base import BaseSpec, train_base
+    if method == Method.base:
+        from kiln.training.base import train_base
 
         if not overrides or len(overrides) < 2:
             raise KilnError("kiln train base needs DATA_DIR OUT_DIR", hint="kiln data glyphs data/glyphs first")
-        settings = dict(item.split("=", 1) for item in overrides[2:])
-        vae_data = settings.pop("vae_data", None)  # the autoencoder's own image set (default: DATA_DIR)
-        fields = BaseSpec.__dataclass_fields__
-        unknown = set(settings) - set(fields)
-        if unknown:
-            raise KilnError(f"unknown base settings {sorted(unknown)}: expected vae_data or some of {sorted(fields)}")
-        parse = {"int": int, "float": float}
-        spec = BaseSpec(**{k: parse[fields[k].type](v) for k, v in settings.items()})
-        model = train_base(Path(overrides[0]), Path(overrides[1]), spec, Path(vae_data) if vae_data else None)
+        spec, vae_data = _base_settings(overrides[2:])
+        model = train_base(Path(overrides[0]), Path(overrides[1]), spec, vae_data)
         console.print(f"base model written to {model}")
         return
 
-    summary = run_training(method, config, overrides or [], resume)
+    summary = run_training(method.value, config, overrides or [], resume)
     if summary:
         loss = summary["fixed_batch_loss"]
         console.print(f"{method}: {summary['steps']} steps, fixed-batch loss {loss['start']:.4f} -> {loss['end']:.4f}; "
                       f"wrote {', '.join(summary['artifacts'])}")
+
+
+def _base_settings(items: list[str]):
+    """`kiln train base DATA_DIR OUT_DIR [key=value ...]`: BaseSpec's fields, and vae_data (the
+    autoencoder's own image set, default DATA_DIR), validated as training overrides are."""
+    from kiln.training.base import BaseSpec
+    from kiln.training.config import parse_overrides, settings_model, validate
+
+    what = "kiln train base setting"
+    schema = settings_model(BaseSpec, vae_data=(Optional[Path], None))
+    chosen = validate(schema, parse_overrides(items, what=what, example="unet_steps=500"), what + "s",
+                      hint="settings: vae_data=DIR and BaseSpec's fields (training/base.py)")
+    return BaseSpec(**chosen.model_dump(exclude={"vae_data"})), chosen.vae_data
 
 
 @app.command()
@@ -174,7 +209,7 @@ def export_onnx(
     out_dir: Path,
     fp16: bool = typer.Option(False, "--fp16", help="fp16 weights for text encoder and UNet (VAE stays fp32)"),
     int8: bool = typer.Option(False, "--int8", help="dynamic int8 MatMuls for text encoder and UNet (CPU; for TensorRT: kiln export qdq)"),
-    opset: int = typer.Option(17, "--opset"),
+    opset: int = typer.Option(declared("kiln.export.onnx_export", "DEFAULT_OPSET"), "--opset"),
     force: bool = typer.Option(False, "--force", help="rebuild even when the manifest says nothing changed"),
 ):
     """Export text_encoder, unet, vae_decoder and vae_encoder to ONNX and check each against PyTorch."""
@@ -194,23 +229,25 @@ def export_qdq(
     out_dir: Path,
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="calibration prompts, one per line (default: "
                                            "12 varied prompts; prompts like the served ones calibrate best)"),
-    holdout: int = typer.Option(2, "--holdout", help="last prompts kept out of calibration for the parity check"),
-    steps: int = typer.Option(20, "--steps", help="denoising steps drawn per prompt (each one is a calibration sample)"),
-    guidance: float = typer.Option(7.5, "--guidance"),
+    holdout: int = typer.Option(CALIBRATION.holdout, "--holdout", help="last prompts kept out of calibration for the parity check"),
+    steps: int = typer.Option(CALIBRATION.steps, "--steps", help="denoising steps drawn per prompt (each one is a calibration sample)"),
+    guidance: float = typer.Option(CALIBRATION.guidance, "--guidance"),
     size: Optional[int] = typer.Option(None, "--size", help="image side (default: the model's native size)"),
-    method: str = typer.Option("entropy", "--method", help="activation calibration: entropy or max"),
+    method: CalibrationMethod = typer.Option(CalibrationMethod(CALIBRATION.method), "--method",
+                                             help="activation calibration (entropy suits diffusion UNets; max keeps every outlier)"),
     force: bool = typer.Option(False, "--force", help="recalibrate even when the manifest says nothing changed"),
 ):
     """Calibrated int8 UNet with explicit Q/DQ nodes (NVIDIA ModelOpt), checked against fp32 on held-out prompts:
     the input of `kiln export trt --int8`, and runnable by ONNX Runtime."""
-    from kiln.export.manifest import read_manifest
+    from kiln.artifacts import read_export
     from kiln.export.quantize import DEFAULT_PROMPTS, Calibration, export_qdq as run, read_prompts
+    from kiln.export.specs import QUANTISED
 
     calibration = Calibration(prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS, holdout=holdout,
-                              steps=steps, guidance=guidance, height=size, width=size, method=method).validate()
+                              steps=steps, guidance=guidance, height=size, width=size, method=method.value).validate()
     run(onnx_dir, out_dir, calibration, force=force)
-    manifest = read_manifest(out_dir)
-    parity, quant = manifest["components"]["unet"]["parity"], manifest["quantization"]
+    manifest = read_export(out_dir)
+    parity, quant = manifest.components[QUANTISED.name].parity, manifest.quantization
     console.print(f"int8 UNet ({quant['toolkit']}, {method}, {quant['calibration']['calibration_steps']} calibration steps) "
                   f"vs fp32 on {parity['steps']} held-out steps: median rel L2 {parity['median_rel_l2']:.3g}, "
                   f"max {parity['max_rel_l2']:.3g}")
@@ -244,17 +281,20 @@ def export_trt(
                   f"--backend tensorrt --engines {out_dir}")
 
 
+CLUSTER = declared("kiln.serving.kubernetes", "ClusterSpec")
+
+
 @cluster_app.command("render")
 def cluster_render(
     out_dir: Path,
-    image: str = typer.Option("kiln-triton:latest", "--image", help="built from deploy/Dockerfile, in your registry"),
-    repository: str = typer.Option("s3://models/kiln/repository", "--repository",
+    image: str = typer.Option(CLUSTER.image, "--image", help="built from deploy/Dockerfile, in your registry"),
+    repository: str = typer.Option(CLUSTER.repository, "--repository",
                                    help="s3://BUCKET/PATH, gs://BUCKET/PATH or pvc:CLAIM holding a --target ngc repository"),
-    namespace: str = typer.Option("kiln", "--namespace"),
-    min_replicas: int = typer.Option(1, "--min-replicas"),
-    max_replicas: int = typer.Option(8, "--max-replicas"),
-    gpus_per_pod: int = typer.Option(1, "--gpus-per-pod", help="1: one Triton per GPU; the node's GPU count: one per node"),
-    queue_target_ms: float = typer.Option(50.0, "--queue-target-ms", help="scale out above this mean queue time per generation"),
+    namespace: str = typer.Option(CLUSTER.namespace, "--namespace"),
+    min_replicas: int = typer.Option(CLUSTER.min_replicas, "--min-replicas"),
+    max_replicas: int = typer.Option(CLUSTER.max_replicas, "--max-replicas"),
+    gpus_per_pod: int = typer.Option(CLUSTER.gpus_per_pod, "--gpus-per-pod", help="1: one Triton per GPU; the node's GPU count: one per node"),
+    queue_target_ms: float = typer.Option(CLUSTER.queue_target_ms, "--queue-target-ms", help="scale out above this mean queue time per generation"),
 ):
     """Render and validate (offline, against the Kubernetes schemas) the cluster manifests."""
     from kiln.serving.kubernetes import ClusterSpec, render
@@ -268,53 +308,55 @@ def cluster_render(
                   f"kubectl apply -k {out_dir}")
 
 
+BUILD = declared("kiln.model_repository.builder", "build_models_repository")
+
+
 @repo_app.command("build")
 def repo_build(
     onnx_dir: Path,
     repo_dir: Path,
-    target: str = typer.Option("embedded", "--target", help="embedded: Python-backend models on ONNX Runtime (CPU); "
-                               "ngc: NVIDIA's Triton container, native backends on the GPU"),
-    backend: str = typer.Option("onnxruntime", "--backend", help="ngc target: onnxruntime or tensorrt"),
+    target: Target = typer.Option(Target(BUILD.target), "--target", help="embedded: Python-backend models on ONNX Runtime "
+                                  "(CPU); ngc: NVIDIA's Triton container, native backends on the GPU"),
+    backend: Backend = typer.Option(Backend(BUILD.backend), "--backend", help="tensorrt: the ngc target only"),
     engines: Optional[Path] = typer.Option(None, "--engines", help="--backend tensorrt: the kiln export trt folder"),
-    ort_accelerator: str = typer.Option("cuda", "--ort-accelerator", help="ngc + onnxruntime: cuda or tensorrt"),
+    ort_accelerator: OrtAccelerator = typer.Option(OrtAccelerator(TUNING.ort_accelerator), "--ort-accelerator",
+                                                   help="ngc + onnxruntime: CUDA, or ONNX Runtime's TensorRT provider"),
     name: str = typer.Option("base", "--name", help="with --also: the first model's ensemble name"),
     also: list[str] = typer.Option([], "--also", help="NAME=ONNX_DIR[,ENGINE_DIR]: another model served side by side "
                                    "(identical components are stored and loaded once)"),
-    max_steps: int = typer.Option(150, "--max-steps"),
-    max_size: int = typer.Option(1024, "--max-size", help="largest height or width a request may ask for"),
-    max_batch_size: int = typer.Option(16, "--max-batch-size"),
-    pipeline_instances: int = typer.Option(4, "--pipeline-instances", help="BLS denoising loops feeding the batched models"),
-    max_queue: int = typer.Option(16, "--max-queue", help="generations allowed to wait; more are refused at once"),
-    onnx_threads: int = typer.Option(0, "--onnx-threads", help="ONNX Runtime threads per model (0: automatic)"),
-    default_guidance: Optional[float] = typer.Option(None, "--default-guidance", help="guidance for requests that leave it out (7.5)"),
-    default_steps: Optional[int] = typer.Option(None, "--default-steps", help="steps for requests that leave them out (20)"),
-    default_scheduler: Optional[str] = typer.Option(None, "--default-scheduler", help="scheduler for requests that leave it out "
-                                                    "(default: the model's own)"),
+    max_steps: int = typer.Option(LIMITS.max_steps, "--max-steps"),
+    max_size: int = typer.Option(LIMITS.max_size, "--max-size", help="largest height or width a request may ask for"),
+    max_batch_size: int = typer.Option(TUNING.max_batch_size, "--max-batch-size"),
+    pipeline_instances: int = typer.Option(TUNING.pipeline_instances, "--pipeline-instances", help="BLS denoising loops feeding the batched models"),
+    max_queue: int = typer.Option(TUNING.max_queue, "--max-queue", help="generations allowed to wait; more are refused at once"),
+    onnx_threads: int = typer.Option(TUNING.onnx_threads, "--onnx-threads", help="ONNX Runtime threads per model (0: automatic)"),
+    default_guidance: Optional[float] = typer.Option(None, "--default-guidance", help="guidance for requests that leave it out "
+                                                     f"({REQUEST_DEFAULTS.guidance_scale})"),
+    default_steps: Optional[int] = typer.Option(None, "--default-steps", help="steps for requests that leave them out "
+                                                f"({REQUEST_DEFAULTS.steps})"),
+    default_scheduler: Optional[str] = typer.Option(None, "--default-scheduler", metavar="<name>", parser=scheduler_name,
+                                                    help=f"for requests that leave it out (default: the model's own): {SCHEDULER_HELP}"),
 ):
     """Write a Triton model repository (tokenizer, components, BLS pipeline, txt2img ensemble)."""
     from kiln.model_repository.builder import PUBLIC_MODEL, build_models_repository
     from kiln.model_repository.configs import Tuning
     from kiln.pipeline.request import Limits
+    from kiln.training.config import parse_named
 
-    if ort_accelerator not in ("cuda", "tensorrt"):
-        raise KilnError(f"--ort-accelerator {ort_accelerator!r} is invalid: expected cuda or tensorrt")
     limits = Limits(max_steps=max_steps, max_size=max_size)
     tuning = Tuning(max_batch_size=max_batch_size, pipeline_instances=pipeline_instances, onnx_threads=onnx_threads,
-                    max_queue=max_queue, ort_accelerator=ort_accelerator)
+                    max_queue=max_queue, ort_accelerator=ort_accelerator.value)
     models = {name if also else PUBLIC_MODEL: onnx_dir}
     engine_dirs = {name if also else PUBLIC_MODEL: engines} if engines else {}
-    for item in also:
-        other, sep, paths = item.partition("=")
-        if not sep or not other or not paths:
-            raise KilnError(f"--also {item!r} is invalid: expected NAME=ONNX_DIR or NAME=ONNX_DIR,ENGINE_DIR")
+    for other, paths in parse_named(also, "--also", "tuned=ONNX_DIR or tuned=ONNX_DIR,ENGINE_DIR").items():
         if other in models:
-            raise KilnError(f"--also {item!r}: the name {other!r} is used twice")
+            raise KilnError(f"--also {other}={paths}: the name {other!r} is also --name's", hint="pick another --name")
         onnx_path, _, engine_path = paths.partition(",")
         models[other] = Path(onnx_path)
         if engine_path:
             engine_dirs[other] = Path(engine_path)
     chosen = {"guidance_scale": default_guidance, "steps": default_steps, "scheduler": default_scheduler}
-    build_models_repository(models, repo_dir, target=target, backend=backend, limits=limits, tuning=tuning,
+    build_models_repository(models, repo_dir, target=target.value, backend=backend.value, limits=limits, tuning=tuning,
                             engines=engine_dirs, defaults={k: v for k, v in chosen.items() if v is not None})
     names = ", ".join(PUBLIC_MODEL if not also else n for n in models)
     console.print(f"model repository ({target}, {backend}) for {names} written to {repo_dir}; "
@@ -340,7 +382,7 @@ def serve(
     """Serve a model repository on the embedded Triton (127.0.0.1) until Ctrl-C."""
     from kiln.serving import server
 
-    ports = server.Ports(http_port, grpc_port, metrics_port)
+    ports = server.Ports(http=http_port, grpc=grpc_port, metrics=metrics_port)
     if background:
         _, info = server.start(repo_dir, ports)
         _print_endpoints(info)
@@ -363,11 +405,14 @@ def stop(http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT, metrics_port: i
     """Stop the background server started with these ports."""
     from kiln.serving import server
 
-    result = server.stop(server.Ports(http_port, grpc_port, metrics_port))
+    result = server.stop(server.Ports(http=http_port, grpc=grpc_port, metrics=metrics_port))
     if result.was_running:
         console.print(f"stopped the server (pid {result.pid}) on HTTP port {http_port}")
     else:
         console.print(f"no server was running on HTTP port {http_port} (pid {result.pid} had exited); its record is cleared")
+
+
+PUBLIC_MODEL = declared("kiln.clients.client", "PUBLIC_MODEL")
 
 
 @app.command()
@@ -375,38 +420,40 @@ def generate(
     prompt: str,
     output: Path = typer.Option(Path("out.png"), "-o", "--output"),
     url: Optional[str] = URL,
-    protocol: str = PROTOCOL,
+    protocol: Protocol = PROTOCOL,
     seed: Optional[int] = typer.Option(None, "--seed"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     guidance: Optional[float] = typer.Option(None, "--guidance"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="<name>", parser=scheduler_name,
+                                            help=f"{SCHEDULER_HELP}; default: the repository's"),
     negative: Optional[str] = typer.Option(None, "--negative"),
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="image i uses seed + i"),
     image: Optional[Path] = typer.Option(None, "--image", help="img2img: a PNG or JPEG to start from"),
     strength: Optional[float] = typer.Option(None, "--strength", help="img2img: 0 keeps the image, 1 redraws it"),
-    model: str = typer.Option("txt2img", "--model", help="the ensemble to call: txt2img, or a model's name in a "
+    model: str = typer.Option(PUBLIC_MODEL, "--model", help=f"the ensemble to call: {PUBLIC_MODEL}, or a model's name in a "
                               "repository serving several"),
 ):
     """Generate images through the served txt2img endpoint and save them as PNG.
     Prompts take weights: (word), \\[word], (word:1.5); BREAK starts a new 77-token chunk."""
     from kiln.clients.client import KilnClient
 
-    with KilnClient(url, protocol, model=model) as client:
-        result = client.generate(prompt, negative, seed, steps, guidance, height, width, scheduler, num_images, image,
-                                 strength)
+    with KilnClient(url, protocol.value, model=model) as client:
+        result = client.generate(prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
+                                 height=height, width=width, scheduler=scheduler, num_images=num_images, image=image,
+                                 strength=strength)
     paths = result.save(output)
     console.print(f"{len(paths)} image(s) in {result.seconds:.2f} s over {protocol} (seeds {result.seeds}): "
                   + ", ".join(map(str, paths)))
 
 
 @app.command()
-def health(url: Optional[str] = URL, protocol: str = PROTOCOL):
+def health(url: Optional[str] = URL, protocol: Protocol = PROTOCOL):
     """Whether the server is live and ready (exit code 1 when not ready)."""
     from kiln.clients.client import KilnClient
 
-    with KilnClient(url, protocol) as client:
+    with KilnClient(url, protocol.value) as client:
         state = client.health()
     typer.echo(f"live: {state['live']}  ready: {state['ready']}")
     local = _local_state(url, protocol)
@@ -416,11 +463,11 @@ def health(url: Optional[str] = URL, protocol: str = PROTOCOL):
     raise typer.Exit(0 if state["ready"] else 1)
 
 
-def _local_state(url: Optional[str], protocol: str) -> Optional[dict]:
+def _local_state(url: Optional[str], protocol: Protocol) -> Optional[dict]:
     """The state `kiln serve` keeps for a server on this machine, found by its port."""
     from kiln.serving import server
 
-    port = int((url or ("127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001")).rsplit(":", 1)[1])
+    port = int((url or URLS[protocol.value]).rsplit(":", 1)[1])
     for path in (server.kiln_home() / "run").glob("triton-*.json"):
         import json
 
@@ -430,7 +477,7 @@ def _local_state(url: Optional[str], protocol: str) -> Optional[dict]:
     return None
 
 
-def _local_admin_key(url: Optional[str], protocol: str) -> Optional[str]:
+def _local_admin_key(url: Optional[str], protocol: Protocol) -> Optional[str]:
     """The key `kiln serve` wrote for a server on this machine, found by its port."""
     from kiln.serving import server
 
@@ -442,12 +489,12 @@ def _local_admin_key(url: Optional[str], protocol: str) -> Optional[str]:
 
 
 @app.command()
-def models(url: Optional[str] = URL, protocol: str = PROTOCOL,
+def models(url: Optional[str] = URL, protocol: Protocol = PROTOCOL,
            admin_key: Optional[str] = typer.Option(None, "--admin-key", help="default: the key kiln serve kept for that port")):
     """List the served models and their state (a protected API: needs the admin key)."""
     from kiln.clients.client import KilnClient
 
-    with KilnClient(url, protocol, admin_key=admin_key or _local_admin_key(url, protocol)) as client:
+    with KilnClient(url, protocol.value, admin_key=admin_key or _local_admin_key(url, protocol)) as client:
         for m in client.models():
             typer.echo(f"{m['name']:<14} {m['version'] or '-':<4} {m['state']}")
 
@@ -458,7 +505,7 @@ def deploy(
                                          "built or reused)"),
     tiny: bool = typer.Option(False, "--tiny", help="the tiny random-weight model instead (seconds; draws noise)"),
     artifacts: Path = typer.Option(Path("artifacts"), "--artifacts"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8"),
+    precision: Precision = typer.Option(Precision(declared("kiln.deploy", "deploy").precision), "--precision"),
     http_port: int = HTTP_PORT,
     grpc_port: int = GRPC_PORT,
     metrics_port: int = METRICS_PORT,
@@ -469,7 +516,8 @@ def deploy(
 
     if model and tiny:
         raise KilnError("--model and --tiny were both given", hint="pass one")
-    d = run(model, artifacts, Ports(http_port, grpc_port, metrics_port), precision, demo=not (model or tiny))
+    d = run(model, artifacts, Ports(http=http_port, grpc=grpc_port, metrics=metrics_port), precision=precision.value,
+            demo=not (model or tiny))
     _print_endpoints(d.info)
     console.print(f"model {d.model_dir} -> ONNX {d.onnx_dir} -> repository {d.repo_dir}")
     console.print(f"smoke image: {d.smoke_png} ({d.smoke_seconds:.2f} s)")
@@ -498,6 +546,9 @@ def _kiln_command() -> str:
         return str(here)
 
 
+EVAL = declared("kiln.evaluation.report", "EvalSpec")
+
+
 @app.command("eval")
 def evaluate(
     endpoint: Optional[list[str]] = typer.Option(None, "--endpoint", help="LABEL=HOST:PORT, repeatable; the first is the reference"),
@@ -506,10 +557,10 @@ def evaluate(
     real: Optional[Path] = typer.Option(None, "--real", help="folder of real renders FID is measured against"),
     out: Path = typer.Option(Path("artifacts/eval"), "--out"),
     artifacts: Path = typer.Option(Path("artifacts"), "--artifacts"),
-    protocol: str = PROTOCOL,
-    seeds: int = typer.Option(8, "--seeds"),
-    steps: int = typer.Option(20, "--steps"),
-    guidance: float = typer.Option(4.0, "--guidance"),
+    protocol: Protocol = PROTOCOL,
+    seeds: int = typer.Option(EVAL.seeds, "--seeds"),
+    steps: int = typer.Option(EVAL.steps, "--steps"),
+    guidance: float = typer.Option(EVAL.guidance_scale, "--guidance"),
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="local CLIP folder for CLIP score"),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="standard FID Inception weights"),
 ):
@@ -522,13 +573,16 @@ def evaluate(
         spec = DemoSpec()
         report = evaluate_demo(artifacts, out, spec, EvalSpec(seeds=seeds, steps=steps, guidance_scale=guidance,
                                                               colours=spec.base_colours, focus_colour=spec.taught_colour),
-                               protocol)
+                               protocol.value)
     else:
+        from kiln.training.config import parse_named
+
         if not endpoint or classifier is None or real is None:
             raise KilnError("kiln eval needs --endpoint LABEL=HOST:PORT, --classifier DIR and --real DIR (or --demo)")
-        endpoints = dict(item.split("=", 1) for item in endpoint)
-        report = run(endpoints, protocol, classifier, real, out, EvalSpec(seeds=seeds, steps=steps, guidance_scale=guidance),
-                     clip_model, inception_weights)
+        endpoints = parse_named(endpoint, "--endpoint", f"reference={URLS['http']}")
+        report = run(endpoints, protocol.value, classifier_dir=classifier, real_dir=real, out_dir=out,
+                     spec=EvalSpec(seeds=seeds, steps=steps, guidance_scale=guidance), clip_model=clip_model,
+                     inception_weights=inception_weights)
     from kiln.evaluation.report import to_markdown
 
     typer.echo(to_markdown(report))
@@ -538,16 +592,19 @@ def evaluate(
         raise KilnError(f"quality bars missed: {', '.join(failed)}", hint=f"see {out / 'report.md'}")
 
 
+BENCH = declared("kiln.benchmarks.latency", "BenchSpec")
+
+
 @app.command()
 def bench(
     model_dir: Path,
     onnx_dir: Path,
     out: Path = typer.Option(Path("artifacts/bench"), "--out"),
-    steps: int = typer.Option(10, "--steps"),
+    steps: int = typer.Option(BENCH.steps, "--steps"),
     size: Optional[int] = typer.Option(None, "--size", help="pixels (default: the model's native size)"),
-    runs: int = typer.Option(5, "--runs"),
-    pipeline_instances: int = typer.Option(4, "--pipeline-instances", help="BLS denoising loops feeding the batched models"),
-    onnx_threads: int = typer.Option(0, "--onnx-threads"),
+    runs: int = typer.Option(BENCH.runs, "--runs"),
+    pipeline_instances: int = typer.Option(TUNING.pipeline_instances, "--pipeline-instances", help="BLS denoising loops feeding the batched models"),
+    onnx_threads: int = typer.Option(TUNING.onnx_threads, "--onnx-threads"),
 ):
     """Latency per stage and end to end: diffusers PyTorch, Kiln ONNX Runtime, Triton HTTP and gRPC."""
     from kiln.benchmarks.latency import BenchSpec, run, to_markdown
@@ -559,16 +616,20 @@ def bench(
     console.print(f"saved {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
 
 
+LOADTEST = declared("kiln.benchmarks.loadtest", "run")
+
+
 @app.command()
 def loadtest(
     users: int = typer.Option(4, "--users"),
     spawn_rate: float = typer.Option(4.0, "--spawn-rate"),
     duration: int = typer.Option(60, "--duration", help="seconds"),
-    http_url: str = typer.Option("127.0.0.1:8000", "--http-url"),
-    grpc_url: str = typer.Option("127.0.0.1:8001", "--grpc-url"),
-    metrics_url: str = typer.Option("http://127.0.0.1:8002/metrics", "--metrics-url"),
-    protocols: str = typer.Option("http,grpc", "--protocols", help="which Locust users: http, grpc or both"),
-    steps: int = typer.Option(4, "--steps"),
+    http_url: str = typer.Option(URLS["http"], "--http-url"),
+    grpc_url: str = typer.Option(URLS["grpc"], "--grpc-url"),
+    metrics_url: str = typer.Option(f"http://{declared('kiln.serving.server', 'HOST')}:{PORTS.metrics}/metrics", "--metrics-url"),
+    protocols: str = typer.Option(LOADTEST.protocols, "--protocols", metavar=f"<{'|'.join(Protocol.__members__)}>[,...]",
+                                  parser=protocol_list, help="which Locust users, comma-separated"),
+    steps: int = typer.Option(LOADTEST.steps, "--steps"),
     slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms"),
     min_rps: Optional[float] = typer.Option(None, "--min-rps"),
     out: Path = typer.Option(Path("artifacts/loadtest"), "--out"),
@@ -576,7 +637,8 @@ def loadtest(
     """Locust, headless, against a running server; exits 1 when a request fails or a level is missed."""
     from kiln.benchmarks.loadtest import run, to_markdown
 
-    report = run(http_url, grpc_url, metrics_url, out, users, spawn_rate, duration, protocols, steps, slo_p95_ms, min_rps)
+    report = run(http_url, grpc_url, metrics_url, out, users=users, spawn_rate=spawn_rate, duration_s=duration,
+                 protocols=protocols, steps=steps, slo_p95_ms=slo_p95_ms, min_rps=min_rps)
     typer.echo(to_markdown(report))
     console.print(f"CSV, HTML and JSON in {out}")
     raise typer.Exit(1 if report.violations else 0)
@@ -595,14 +657,13 @@ def main() -> None:
         sys.exit(1)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    except Exception as e:  # click's usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.ClickException):
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # usage errors arrive here in standalone_mode=False
+        # click's ClickException; Typer >= 0.26 vendors click and raises its own (a typer.TyperException)
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
         raise
 
 

@@ -8,13 +8,14 @@ and half the base colours, so the fine-tune learns the new word without forgetti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from kiln.artifacts import fingerprint
 from kiln.dataset.glyphs import COLOURS
-from kiln.export.manifest import fingerprint
 from kiln.training.base import BaseSpec
 
 log = logging.getLogger("kiln.demo")
@@ -72,7 +73,9 @@ def build_demo(artifacts: Path, spec: DemoSpec = DemoSpec()) -> DemoModels:
     from kiln.evaluation.classifier import train_classifier
     from kiln.merge.fuse import LoraInput, merge
     from kiln.training.base import train_base
-    from kiln.training.run import run_training
+    from kiln.training.config import build_config
+    from kiln.training.lora import build as build_lora
+    from kiln.training.loop import train
 
     root = Path(artifacts) / "demo"
     size = spec.base.resolution
@@ -95,19 +98,19 @@ def build_demo(artifacts: Path, spec: DemoSpec = DemoSpec()) -> DemoModels:
     lora_run = _stage(root, "lora", {"base": base_run.name, "data": lora_data.name, "steps": spec.lora_steps,
                                      "rank": spec.lora_rank, "lr": spec.lora_learning_rate, "te": spec.lora_text_encoder,
                                      "init": "seeded"},
-                      lambda out: run_training("lora", None, [
-                          f"model={base_run / 'model'}", f"data.path={lora_data}", f"output_dir={out}",
-                          f"data.resolution={size}", "data.augment.enabled=false", "data.caption_dropout=0.1",
-                          f"max_train_steps={spec.lora_steps}", f"train_batch_size={spec.base.batch_size}",
-                          f"optim.learning_rate={spec.lora_learning_rate}", f"lora.rank={spec.lora_rank}",
-                          f"lora.alpha={spec.lora_rank}", f"lora.text_encoder={str(spec.lora_text_encoder).lower()}",
-                          "tensorboard=false", f"checkpointing_steps={spec.lora_steps}",
-                          "checkpoints_total_limit=1", f"seed={spec.seed}"]))
+                      lambda out: train(build_config("lora", {
+                          "model": base_run / "model", "output_dir": out, "seed": spec.seed,
+                          "data": {"path": lora_data, "resolution": size, "augment": {"enabled": False}, "caption_dropout": 0.1},
+                          "max_train_steps": spec.lora_steps, "train_batch_size": spec.base.batch_size,
+                          "optim": {"learning_rate": spec.lora_learning_rate},
+                          "lora": {"rank": spec.lora_rank, "alpha": spec.lora_rank, "text_encoder": spec.lora_text_encoder},
+                          "tensorboard": False, "checkpointing_steps": spec.lora_steps, "checkpoints_total_limit": 1}),
+                          build_lora))
     lora_file = lora_run / "pytorch_lora_weights.safetensors"
     merged = _stage(root, "merged", {"base": base_run.name, "lora": lora_run.name},
                     lambda out: merge(base_run / "model", out / "model", [LoraInput(lora_file)]))
-    return DemoModels(base_data, vae_data, lora_data, real_data, classifier, base_run / "untrained-unet", base_run / "model",
-                      lora_file, merged / "model")
+    return DemoModels(base_data=base_data, vae_data=vae_data, lora_data=lora_data, real_data=real_data, classifier=classifier,
+                      untrained=base_run / "untrained-unet", base=base_run / "model", lora=lora_file, merged=merged / "model")
 
 
 def evaluate_demo(artifacts: Path, out_dir: Path, spec: DemoSpec = DemoSpec(), eval_spec=None, protocol: str = "http") -> dict:
@@ -116,24 +119,20 @@ def evaluate_demo(artifacts: Path, out_dir: Path, spec: DemoSpec = DemoSpec(), e
     from kiln.evaluation.report import EvalSpec, evaluate
     from kiln.export.onnx_export import export_onnx
     from kiln.model_repository.builder import build_repository
-    from kiln.serving import server
+    from kiln.serving.server import running_server
 
     models = build_demo(artifacts, spec)
     eval_spec = eval_spec or EvalSpec(colours=spec.base_colours, focus_colour=spec.taught_colour)
-    endpoints, running = {}, []
-    try:
+    endpoints = {}
+    with contextlib.ExitStack() as servers:  # every server stops however the evaluation ends
         for label, folder in (("merged", models.merged), ("base", models.base), ("untrained", models.untrained)):
             onnx_dir = Path(artifacts) / "onnx" / f"demo-{label}"
             export_onnx(folder, onnx_dir)
             repo = build_repository(onnx_dir, Path(artifacts) / "eval-repositories" / label)
-            ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
-            _, info = server.start(repo, ports)
-            running.append(ports)
+            info = servers.enter_context(running_server(repo))
             endpoints[label] = info.http_url if protocol == "http" else info.grpc_url
-        return evaluate(endpoints, protocol, models.classifier, models.real_data, out_dir, eval_spec, bars=quality_bars)
-    finally:
-        for ports in running:
-            server.stop(ports)
+        return evaluate(endpoints, protocol, classifier_dir=models.classifier, real_dir=models.real_data, out_dir=out_dir,
+                        spec=eval_spec, bars=quality_bars)
 
 
 # The demo's quality bars, measured through the served endpoints.

@@ -94,4 +94,5 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
     smoke = artifacts / "smoke.png"
     result.save(smoke)
     samples = sample_grid(info.http_url, artifacts / "samples.png") if demo else None
-    return Deployment(model_dir, onnx_dir, repo_dir, info, smoke, result.seconds, samples)
+    return Deployment(model_dir=model_dir, onnx_dir=onnx_dir, repo_dir=repo_dir, info=info, smoke_png=smoke,
+                      smoke_seconds=result.seconds, samples_png=samples)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln import __version__
+from kiln.artifacts import file_sha256, tree_sha256, write_folder_atomically, write_json_atomically
 from kiln.errors import MergeError
-from kiln.export.manifest import file_sha256, write_json_atomically
-from kiln.models.folder import hash_tree, inspect_model, write_folder_atomically
+from kiln.models.folder import inspect_model
 
 log = logging.getLogger("kiln.merge")
 MANIFEST = "merge_manifest.json"
@@ -74,7 +74,7 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
             tmp / MANIFEST,
             {
                 "kiln_version": __version__,
-                "base": {"path": str(Path(base).resolve()), "sha256": hash_tree(base)},
+                "base": {"path": str(Path(base).resolve()), "sha256": tree_sha256(base)},
                 "adapters": [
                     {"kind": "lora", "path": str(l.path.resolve()), "sha256": file_sha256(l.path), "scale": l.scale}
                     for l in loras

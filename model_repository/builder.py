@@ -25,21 +25,19 @@ from pathlib import Path
 
 from kiln import __version__
 from kiln.errors import RepositoryError
-from kiln.export.manifest import MANIFEST_NAME, file_sha256, fingerprint, write_json_atomically
-from kiln.export.specs import COMPONENTS, ModelDims
+from kiln.artifacts import MANIFEST_NAME, read_export, tree_sha256, write_folder_atomically, write_json_atomically
+from kiln.export.specs import COMPONENTS
 from kiln.model_repository import configs
-from kiln.models.folder import write_folder_atomically
-from kiln.pipeline.onnx_pipeline import model_constants, model_defaults, read_export, size_multiple
+from kiln.pipeline.onnx_pipeline import model_constants, model_defaults
 from kiln.pipeline.request import Limits
 
 log = logging.getLogger("kiln.model_repository")
 
 TARGETS = ("embedded", "ngc")
 BACKENDS = {"embedded": ("onnxruntime",), "ngc": ("onnxruntime", "tensorrt")}
-SERVED_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PUBLIC_MODEL = "txt2img"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
-RESERVED = {"tokenizer", "pipeline", *SERVED_COMPONENTS}
+RESERVED = {"tokenizer", "pipeline", *COMPONENTS}
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -66,12 +64,6 @@ def _write_model(repo: Path, config, files: dict[str, Path] | None = None, folde
         _place(src, version / name)
     for name, src in (folders or {}).items():
         shutil.copytree(src, version / name)
-
-
-def folder_sha256(folder: Path) -> str:
-    """The weights' identity: SHA-256 over every file of a component folder (model.onnx and any
-    external data), names included."""
-    return fingerprint({p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()})
 
 
 def _component_files(source: Path, backend: str) -> dict[str, Path]:
@@ -140,16 +132,16 @@ def build_models_repository(
         Several: the name carries the files' digest, so identical components become one model."""
         if single:
             return kind, None
-        digest = folder_sha256(folder)
+        digest = tree_sha256(folder)  # the weights' identity: model.onnx and any external data
         return f"{kind}_{digest[:12]}", digest
 
     with write_folder_atomically(repo_dir) as tmp:
         for name, onnx_dir in models.items():
             onnx_dir = Path(onnx_dir)
             manifest = manifests[name]
-            dims = ModelDims(**manifest["dims"])
+            dims = manifest.dims
             component_models = {}
-            for component in [c for c in SERVED_COMPONENTS if (onnx_dir / c / "model.onnx").is_file()]:
+            for component in [c for c in COMPONENTS if manifest.has(onnx_dir, c)]:
                 source = engines[name] / component if backend == "tensorrt" else onnx_dir / component
                 triton_name, digest = model_name(component, source)
                 component_models[component] = triton_name
@@ -163,7 +155,7 @@ def build_models_repository(
                     config = configs.component_config(spec, dims, tuning, settings)
                 else:
                     config = configs.ngc_component_config(spec, dims, tuning, backend,
-                                                          manifest["components"][component].get("precision", "fp32"))
+                                                          manifest.components[component].precision)
                 config.name = triton_name
                 _write_model(tmp, config, files=files)
                 written[triton_name] = digest
@@ -178,7 +170,7 @@ def build_models_repository(
                 "constants": asdict(model_constants(manifest)),
                 "defaults": asdict(replace(model_defaults(manifest), **defaults)),
                 "limits": asdict(limits),
-                "size_multiple": size_multiple(manifest),
+                "size_multiple": manifest.size_multiple,
                 "vocab_size": dims.vocab_size,
                 "models": component_models,
                 "device": device,
@@ -188,8 +180,9 @@ def build_models_repository(
             _write_model(tmp, config, folders={"scheduler": onnx_dir / "scheduler"})
             ensemble = PUBLIC_MODEL if single else name
             _write_model(tmp, configs.txt2img_config(ensemble, tokenizer_name, pipeline_name))
-            summary[ensemble] = {"source": {"onnx_dir": str(onnx_dir.resolve()), "export_key": fingerprint(manifest["components"])},
-                                 "model": manifest["model"], "precision": manifest["precision"],
+            summary[ensemble] = {"source": {"onnx_dir": str(onnx_dir.resolve()), "export_key": manifest.key},
+                                 "model": manifest.model_dump(mode="json", exclude_none=True)["model"],
+                                 "precision": manifest.precision,
                                  "components": component_models, "tokenizer": tokenizer_name, "pipeline": pipeline_name}
         write_json_atomically(
             tmp / MANIFEST_NAME,

@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from kiln.export.specs import QDQ_PRECISION, ComponentSpec, ModelDims, config_dims
-from kiln.pipeline.request import TXT2IMG_INPUTS, TXT2IMG_OUTPUTS
+from kiln.pipeline.request import TOKEN_TENSORS, TXT2IMG_INPUTS, TXT2IMG_OUTPUTS
 
 NUMPY_TO_TRITON = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64}
 WIRE_TO_TRITON = {
@@ -20,13 +20,9 @@ WIRE_TO_TRITON = {
     "FP32": mc.TYPE_FP32,
     "UINT8": mc.TYPE_UINT8,
 }
-# tokenizer -> pipeline: 77-token chunks and per-token weights, shape (chunks, 77)
-TOKEN_TENSORS = {
-    "prompt_ids": mc.TYPE_INT32,
-    "prompt_weights": mc.TYPE_FP32,
-    "negative_prompt_ids": mc.TYPE_INT32,
-    "negative_prompt_weights": mc.TYPE_FP32,
-}
+
+
+ORT_ACCELERATORS = ("cuda", "tensorrt")  # ngc target, onnxruntime backend: CUDA alone, or ORT's TensorRT provider
 
 
 @dataclass(frozen=True)
@@ -116,8 +112,8 @@ def tokenizer_config(settings: dict, tuning: Tuning = Tuning()) -> mc.ModelConfi
     config = mc.ModelConfig(name="tokenizer", backend="python", max_batch_size=0)
     _tensor(config.input.add(), "prompt", mc.TYPE_STRING, [1], optional=True)  # required: checked by Kiln
     _tensor(config.input.add(), "negative_prompt", mc.TYPE_STRING, [1], optional=True)
-    for name, data_type in TOKEN_TENSORS.items():
-        _tensor(config.output.add(), name, data_type, [-1, -1])
+    for name, wire in TOKEN_TENSORS.items():
+        _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], [-1, -1])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=tuning.tokenizer_instances)
     _parameters(config, {"kiln_model": "tokenizer", "kiln_settings": json.dumps(settings)})
     return config
@@ -136,8 +132,8 @@ def pipeline_config(tuning: Tuning, settings: dict, gpu: bool = False) -> mc.Mod
     policy.max_queue_size = tuning.max_queue
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.allow_timeout_override = True  # a client may bound its own wait (request timeout)
-    for name, data_type in TOKEN_TENSORS.items():
-        _tensor(config.input.add(), name, data_type, [-1, -1])
+    for name, wire in TOKEN_TENSORS.items():
+        _tensor(config.input.add(), name, WIRE_TO_TRITON[wire], [-1, -1])
     for field in TXT2IMG_INPUTS:  # the prompts too: the pipeline validates the whole request
         _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=True)
     for name, wire, shape in TXT2IMG_OUTPUTS:

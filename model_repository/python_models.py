@@ -11,9 +11,11 @@ import numpy as np
 
 from kiln.errors import GenerationError, RequestError
 from kiln.export.specs import COMPONENTS, ComponentSpec
-from kiln.pipeline.denoise import Engines, ModelConstants, generate_request
+from kiln.pipeline.denoise import ModelConstants, generate_request
+from kiln.pipeline.engines import Engines
 from kiln.pipeline.schedulers import make_scheduler
-from kiln.pipeline.request import TXT2IMG_INPUTS, Defaults, Limits, parse_request, text_field
+from kiln.pipeline.request import (PROMPT_SIDES, TOKEN_TENSORS, TXT2IMG_INPUTS, Defaults, Limits, parse_request,
+                                   text_field, token_names)
 
 log = logging.getLogger("kiln.model_repository")
 
@@ -175,20 +177,22 @@ class TokenizerModel:
 
         if prompt is None:
             raise RequestError("prompt", None, "non-empty text (the prompt is required)")
-        raw = {"prompt": prompt, "negative_prompt": negative}
-        first, second = tokenize_pair(self.tokenizer, text_field(raw, "prompt", "", self.limits),
-                                      text_field(raw, "negative_prompt", "", self.limits), self.limits)
-        return {"prompt_ids": first.ids, "prompt_weights": first.weights,
-                "negative_prompt_ids": second.ids, "negative_prompt_weights": second.weights}
+        raw = dict(zip(PROMPT_SIDES, (prompt, negative)))
+        pair = tokenize_pair(self.tokenizer, *(text_field(raw, side, "", self.limits) for side in PROMPT_SIDES), self.limits)
+        out = {}
+        for side, chunks in zip(PROMPT_SIDES, pair, strict=True):
+            ids, weights = token_names(side)
+            out[ids], out[weights] = chunks.ids, chunks.weights
+        return out
 
     def execute(self, requests):
         from kiln.model_repository import triton_adapter as triton
 
         responses = []
         for request in requests:
-            raw = triton.read_inputs(request, ["prompt", "negative_prompt"])
+            raw = triton.read_inputs(request, PROMPT_SIDES)
             try:
-                responses.append(triton.respond(self.run(raw["prompt"], raw["negative_prompt"])))
+                responses.append(triton.respond(self.run(*(raw[side] for side in PROMPT_SIDES))))
             except Exception as exc:
                 responses.append(triton.fail(exc))
         return responses
@@ -201,15 +205,16 @@ def checked_chunks(side: str, ids: np.ndarray | None, weights: np.ndarray | None
     """The tokenizer's output as the pipeline accepts it: a client may call the pipeline directly."""
     from kiln.pipeline.prompt_weights import MAX_WEIGHT, TokenChunks
 
+    ids_name, weights_name = token_names(side)
     expected = f"token ids and weights of shape (1 to {limits.max_prompt_chunks}, 77), as the tokenizer model writes"
     if ids is None or weights is None or ids.shape != weights.shape or ids.ndim != 2:
-        raise RequestError(f"{side}_ids", None if ids is None else f"shape {list(ids.shape)}", expected)
+        raise RequestError(ids_name, None if ids is None else f"shape {list(ids.shape)}", expected)
     if not 1 <= ids.shape[0] <= limits.max_prompt_chunks or ids.shape[1] != 77:
-        raise RequestError(f"{side}_ids", f"shape {list(ids.shape)}", expected)
+        raise RequestError(ids_name, f"shape {list(ids.shape)}", expected)
     if ids.min() < 0 or ids.max() >= vocab_size:
-        raise RequestError(f"{side}_ids", "<out of range>", f"token ids in [0, {vocab_size})")
+        raise RequestError(ids_name, "<out of range>", f"token ids in [0, {vocab_size})")
     if not np.isfinite(weights).all() or np.abs(weights).max() > MAX_WEIGHT:
-        raise RequestError(f"{side}_weights", "<out of range>", f"finite weights in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
+        raise RequestError(weights_name, "<out of range>", f"finite weights in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
     return TokenChunks(ids.astype(np.int32), weights.astype(np.float32))
 
 
@@ -242,23 +247,23 @@ class PipelineModel:
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:
         request = parse_request(raw, self.defaults, self.limits, self.size_multiple)
         chunks = {}
-        for side in ("prompt", "negative_prompt"):
-            ids, weights = raw.get(f"{side}_ids"), raw.get(f"{side}_weights")
+        for side in PROMPT_SIDES:
+            ids, weights = (raw.get(name) for name in token_names(side))
             if ids is not None and weights is not None and ids.ndim == 3 and ids.shape[0] == 1:
                 ids, weights = ids[0], weights[0]  # the batch dimension Triton adds
             chunks[side] = checked_chunks(side, ids, weights, self.limits, self.vocab_size)
-        if chunks["prompt"].ids.shape != chunks["negative_prompt"].ids.shape:
-            raise RequestError("negative_prompt_ids", f"shape {list(chunks['negative_prompt'].ids.shape)}",
-                               f"as many chunks as prompt_ids, {list(chunks['prompt'].ids.shape)}")
-        images = generate_request(engines, request, self.scheduler_config, self.constants, chunks["prompt"],
-                                  chunks["negative_prompt"], self.size_multiple)
+        if len({c.ids.shape for c in chunks.values()}) > 1:
+            first, second = PROMPT_SIDES
+            raise RequestError(token_names(second)[0], f"shape {list(chunks[second].ids.shape)}",
+                               f"as many chunks as {token_names(first)[0]}, {list(chunks[first].ids.shape)}")
+        images = generate_request(engines, request, self.scheduler_config, self.constants,
+                                  *(chunks[side] for side in PROMPT_SIDES), self.size_multiple)
         return {"image": images, "seeds": np.array(request.seeds, dtype=np.int64)}
 
     def execute(self, requests):
         from kiln.model_repository import triton_adapter as triton
-        from kiln.model_repository.configs import TOKEN_TENSORS
 
-        engines = self.engines or triton.BlsEngines(self.component_models, self.device)
+        engines = self.engines or Engines(triton.BlsRunner(self.component_models, self.device))
         names = list(TOKEN_TENSORS) + [f.name for f in TXT2IMG_INPUTS]
         responses = []
         for request in requests:

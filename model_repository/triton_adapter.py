@@ -83,24 +83,27 @@ def infer(model_name: str, inputs: dict, output_names: list[str], device: str | 
     return {name: _from_triton(pb_utils.get_output_tensor_by_name(response, name), device) for name in output_names}
 
 
-class BlsEngines:
-    """The pipeline core's engines, each one call to a model in the same Triton server. `models` maps
-    a component to the Triton model serving it (shared between pipelines when the weights are the same);
-    with `device` the core hands torch tensors on that device (see kiln.pipeline.denoise.Engines)."""
+class BlsRunner:
+    """Runs a component as one BLS call to the Triton model serving it (kiln.pipeline.engines.Runner).
+    `models` maps a component to that model (shared between pipelines when the weights are the same).
+    Without `device`, tensors cross as host arrays; with it (the GPU target) they are shared through
+    DLPack and stay on that device. Per-item scalars (a spec tensor of rank 1) travel as [batch, 1],
+    as their Triton configs declare."""
 
     def __init__(self, models: dict[str, str] | None = None, device: str | None = None):
-        self.models = {c: c for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder")} | (models or {})
-        self.device = device
+        import torch
 
-    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
-        return infer(self.models["text_encoder"], {"input_ids": input_ids}, ["last_hidden_state"])["last_hidden_state"]
+        self.models = models or {}
+        self.on_host = device is None
+        self.device = torch.device(device or "cpu")
 
-    def predict_noise(self, sample, timestep, embeddings):
-        feeds = {"sample": sample, "timestep": timestep.reshape(-1, 1), "encoder_hidden_states": embeddings}
-        return infer(self.models["unet"], feeds, ["out_sample"], self.device)["out_sample"]
+    def __call__(self, spec, feeds: dict, outputs: list[str]) -> dict:
+        import torch
 
-    def decode_latents(self, latents):
-        return infer(self.models["vae_decoder"], {"latent_sample": latents}, ["sample"], self.device)["sample"]
-
-    def encode_image(self, pixels):
-        return infer(self.models["vae_encoder"], {"sample": pixels}, ["latent_parameters"], self.device)["latent_parameters"]
+        inputs = {}
+        for t in spec.inputs:
+            value = feeds[t.name]
+            value = value.reshape(-1, 1) if len(t.shape) == 1 else value
+            inputs[t.name] = value.numpy() if self.on_host else value
+        result = infer(self.models.get(spec.name, spec.name), inputs, outputs, None if self.on_host else self.device)
+        return {k: torch.from_numpy(v) if self.on_host else v for k, v in result.items()}

@@ -233,7 +233,7 @@ def render(spec: ClusterSpec, out_dir: Path) -> dict[str, Path]:
     """Write every manifest (validated first) and a kustomization listing them; returns the paths."""
     import yaml
 
-    from kiln.models.folder import write_folder_atomically
+    from kiln.artifacts import write_folder_atomically
 
     rendered = manifests(spec)
     for manifest in rendered.values():

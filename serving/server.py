@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,9 +19,10 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
+from kiln.artifacts import write_folder_atomically
 from kiln.errors import ServeError
-from kiln.models.folder import write_folder_atomically
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 300.0
@@ -120,6 +122,11 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def free_ports() -> Ports:
+    """Three ports nothing listens on now (HTTP, gRPC, metrics), for a server beside others."""
+    return Ports(free_port(), free_port(), free_port())
 
 
 def state_file(ports: Ports) -> Path:
@@ -285,7 +292,7 @@ def _stop_uninterrupted(ports: Ports) -> None:
 
 
 def write_state(info: ServerInfo, **status) -> None:
-    from kiln.export.manifest import write_json_atomically
+    from kiln.artifacts import write_json_atomically
 
     write_json_atomically(state_file(info.ports), {**asdict(info), "ports": asdict(info.ports), **status})
 
@@ -364,6 +371,18 @@ def stop(ports: Ports = Ports()) -> StopResult:
     state_file(ports).unlink(missing_ok=True)
     admin_key_file(ports).unlink(missing_ok=True)
     return StopResult(info, was_running)
+
+
+@contextlib.contextmanager
+def running_server(repository: Path, ports: Ports | None = None, **start_options) -> Iterator[ServerInfo]:
+    """A supervised server for the duration of a block: started on `ports` (default: free ones),
+    ready when the block begins, stopped when it ends however it ends. `start_options` go to `start`."""
+    ports = ports or free_ports()
+    _, info = start(repository, ports, **start_options)
+    try:
+        yield info
+    finally:
+        stop(ports)
 
 
 def serve_foreground(repository: Path, ports: Ports, on_ready) -> int:

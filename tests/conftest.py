@@ -3,6 +3,7 @@ and real embedded Triton servers on free ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -57,25 +58,18 @@ def repo_dir(onnx_dir, tmp_path_factory):
     return _per_kind(lambda kind: build_repository(onnx_dir(kind), root / kind))
 
 
-def free_ports() -> server.Ports:
-    return server.Ports(server.free_port(), server.free_port(), server.free_port())
-
-
 @pytest.fixture(scope="session")
 def triton(repo_dir):
     """A running embedded Triton per model kind, started on first use, stopped at the end."""
-    running = {}
+    with contextlib.ExitStack() as servers:
+        running = {}
 
-    def get(kind: str = "epsilon") -> server.ServerInfo:
-        if kind not in running:
-            ports = free_ports()
-            _, info = server.start(repo_dir(kind), ports)
-            running[kind] = info
-        return running[kind]
+        def get(kind: str = "epsilon") -> server.ServerInfo:
+            if kind not in running:
+                running[kind] = servers.enter_context(server.running_server(repo_dir(kind)))
+            return running[kind]
 
-    yield get
-    for info in running.values():
-        server.stop(info.ports)
+        yield get
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +110,17 @@ def trained(tiny_model, training_data, tmp_path_factory):
         return runs[method]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA GPU: skipped, with the reason, where torch sees none."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+    for item in marked:
+        item.add_marker(skip)

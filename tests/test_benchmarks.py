@@ -8,6 +8,7 @@ import pytest
 pytestmark = pytest.mark.triton
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_bench_writes_json_markdown_and_plot(tiny_model, onnx_dir, tmp_path):
     from kiln.benchmarks.latency import BenchSpec, run
 
@@ -21,20 +22,17 @@ def test_bench_writes_json_markdown_and_plot(tiny_model, onnx_dir, tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000 and "ONNX Runtime vs PyTorch" in (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_concurrent_generations_through_several_loops_match_lone_ones(onnx_dir, tmp_path):
     """Four BLS loops feeding one dynamically batched UNet: each image equals its one-at-a-time twin."""
     from kiln.benchmarks.throughput import measure
     from kiln.model_repository.builder import build_repository
     from kiln.model_repository.configs import Tuning
-    from kiln.serving import server
+    from kiln.serving.server import running_server
 
     repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo", tuning=Tuning(pipeline_instances=4))
-    ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
-    _, info = server.start(repo, ports)
-    try:
+    with running_server(repo) as info:
         result = measure(info.grpc_url, requests=8, steps=3, rounds=1, levels=(4,))
-    finally:
-        server.stop(ports)
     assert result["concurrent"][4]["max_abs_diff_vs_alone"] == 0
 
 
@@ -43,12 +41,13 @@ def test_gpu_check_runs_on_the_cpu_and_reports_what_it_skipped(tiny_model, tmp_p
     backend it has, and a report that says why TensorRT was skipped instead of stopping."""
     from kiln.benchmarks import gpu_check
 
-    report = gpu_check.run(tmp_path, tiny_model("epsilon"), size=64, steps=2, runs=1, install=False)
+    report = gpu_check.run(tmp_path, tiny_model("epsilon"), size=64, steps=2, runs=1)
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == report
-    assert report["device"].startswith("cpu") and report["setup"]["skipped"] == "--no-install"
+    assert report["device"].startswith("cpu") and "setup" not in report  # it installs nothing
     assert "TensorRT is not installed" in report["skipped"]["tensorrt"]
+    assert set(report["skipped"]) == {"tensorrt"}  # a backend whose generation failed would be listed
     assert set(report["timings"]) == {"onnxruntime_cpu", "pytorch_fp32"}
     for name, timing in report["timings"].items():
-        assert timing["finite"] and timing["unet_step_s"] > 0 and timing["generation_s"] > 0, name
+        assert timing["unet_step_s"] > 0 and timing["generation_s"] > 0, name
     assert report["timings"]["pytorch_fp32"]["diffusers_pipeline_s"] > 0
     assert report["versions"]["torch"] and report["size"] == 64

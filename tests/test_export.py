@@ -6,11 +6,11 @@ import onnx
 import pytest
 
 from kiln.errors import ExportError, ParityError
-from kiln.export.manifest import read_manifest
-from kiln.export.onnx_export import check_parity, export_onnx, load_torch_component, model_dims
+from kiln.artifacts import read_manifest
+from kiln.export.onnx_export import check_parity, export_onnx
 from kiln.export.parity import compare
 from kiln.export.specs import COMPONENTS, ShapePoint, concrete_shape, dummy_inputs, parity_points
-from kiln.models.folder import inspect_model
+from kiln.models.folder import inspect_model, model_dims
 from kiln.models.tiny import write_tiny_model
 from kiln.pipeline.onnx_session import make_session
 
@@ -31,7 +31,8 @@ def test_exported_graph_matches_its_spec(onnx_dir, name):
     """Names, dtypes and which axes are dynamic come from the spec, nowhere else."""
     spec = COMPONENTS[name]
     session = make_session(onnx_dir("epsilon") / name / "model.onnx")
-    for declared, actual in zip(spec.inputs, session.get_inputs()):
+    assert [i.name for i in session.get_inputs()] == spec.input_names  # none missing, none extra, in order
+    for declared, actual in zip(spec.inputs, session.get_inputs(), strict=True):
         assert actual.name == declared.name
         assert actual.type == ORT_TYPES[declared.dtype]
         dynamic = {i for i, d in enumerate(actual.shape) if isinstance(d, str)}
@@ -88,7 +89,7 @@ def test_parity_error_prints_the_numbers(tiny_model, onnx_dir, tmp_path):
     """An ONNX model that does not come from these weights fails the check with its numbers."""
     other = write_tiny_model(tmp_path / "other", "epsilon", seed=7)
     dims = model_dims(other, inspect_model(other))
-    module = load_torch_component(other, COMPONENTS["unet"])
+    module = COMPONENTS["unet"].load_torch(other)
     with pytest.raises(ParityError) as err:
         check_parity(module, COMPONENTS["unet"], onnx_dir("epsilon") / "unet" / "model.onnx", dims, "fp32")
     message = str(err.value)

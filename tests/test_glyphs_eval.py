@@ -52,6 +52,7 @@ def classifier(tmp_path_factory):
     return report, load_classifier(folder)
 
 
+@pytest.mark.slow  # trains the glyph classifier
 def test_classifier_reads_real_renders(classifier):
     report, model = classifier
     assert report.digit_accuracy >= 0.9 and report.colour_accuracy >= 0.95
@@ -66,6 +67,7 @@ def _renders(count, seed):
     return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
+@pytest.mark.slow  # trains the glyph classifier
 def test_metrics_on_known_inputs(classifier):
     _, model = classifier
     real, other = _renders(200, 1), _renders(200, 2)

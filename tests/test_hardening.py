@@ -27,7 +27,6 @@ from kiln.pipeline.prompt_weights import MAX_WEIGHT, parse
 from kiln.pipeline.request import Limits
 from kiln.serving import server
 
-from conftest import free_ports
 
 pytestmark = pytest.mark.triton
 BOUND_S = 0.050  # stated: a prompt within the limits tokenizes, and one over them is refused, in under 50 ms
@@ -51,10 +50,8 @@ def _infer_body(**inputs) -> bytes:
 @pytest.fixture(scope="module")
 def own_server(repo_dir):
     """A server these tests may crash: not shared with the rest of the suite."""
-    ports = free_ports()
-    _, info = server.start(repo_dir("epsilon"), ports)
-    yield info
-    server.stop(ports)
+    with server.running_server(repo_dir("epsilon")) as info:
+        yield info
 
 
 def _wait_restarted(ports, restarts: int, timeout_s: float = 240) -> dict:
@@ -76,6 +73,7 @@ def _bomb(inflated_bytes: int) -> bytes:
     return gzip.compress(body, 6)
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_the_http_door_refuses_what_triton_cannot_parse(own_server):
     """100,000 nested arrays crash tritonserver 2.51; a gzip body inflating to 1 GiB grew it by a GiB;
     broken JSON got a 500. Kiln's door answers each before Triton sees it."""
@@ -133,6 +131,7 @@ def _resident_mb(status: dict) -> float:
     return total / 1024
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_memory_returns_to_its_baseline_after_a_barrage(own_server):
     import tritonclient.grpc as grpcclient
 
@@ -162,6 +161,7 @@ def test_memory_returns_to_its_baseline_after_a_barrage(own_server):
     assert after <= 1.2 * baseline, f"resident memory {baseline:.0f} MB -> {after:.0f} MB"
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_a_request_that_kills_tritonserver_is_survived(own_server):
     """Sent to Triton's private HTTP port, past the door, the nested body still kills tritonserver 2.51:
     the supervisor restarts it, logs why and counts it."""
@@ -180,10 +180,10 @@ def test_a_request_that_kills_tritonserver_is_survived(own_server):
         assert client.generate("a red digit 7", seed=1, steps=2).images.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_a_killed_server_is_restarted_and_stop_ends_everything(repo_dir):
-    ports = free_ports()
-    _, info = server.start(repo_dir("epsilon"), ports)
-    try:
+    with server.running_server(repo_dir("epsilon")) as info:
+        ports = info.ports
         first = server.read_status(ports)
         os.kill(first["triton_pid"], signal.SIGKILL)
         second = _wait_restarted(ports, 1)
@@ -195,19 +195,18 @@ def test_a_killed_server_is_restarted_and_stop_ends_everything(repo_dir):
 
         shown = CliRunner().invoke(app, ["health", "--url", info.http_url])
         assert shown.exit_code == 0 and "restarts: 1 (last: killed by SIGKILL)" in shown.output, shown.output
-    finally:
-        server.stop(ports)
     for pid in (first["pid"], second["triton_pid"]):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not server.state_file(ports).exists()
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_an_interrupted_background_start_leaves_nothing_running(repo_dir):
     """Ctrl-C while `kiln serve --background` waits for the models stops what it started; a start
     killed outright (no chance to clean up) is still found and stopped by `kiln stop`."""
     kiln = [sys.executable, "-m", "kiln.cli"]
-    ports = free_ports()
+    ports = server.free_ports()
     flags = ["--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
     for sig in (signal.SIGINT, signal.SIGKILL):
         cli = subprocess.Popen([*kiln, "serve", str(repo_dir("epsilon")), *flags, "--background"],
@@ -218,7 +217,7 @@ def test_an_interrupted_background_start_leaves_nothing_running(repo_dir):
         supervisor = server.read_status(ports)["pid"]
         triton_pid = server.read_status(ports)["triton_pid"]
         cli.send_signal(sig)
-        cli.wait(timeout=60)
+        cli.communicate(timeout=60)  # drains its output, which nothing else reads
         if sig == signal.SIGKILL:
             stopped = subprocess.run([*kiln, "stop", *flags], capture_output=True, text=True, timeout=120)
             assert stopped.returncode == 0, stopped.stdout + stopped.stderr
@@ -372,7 +371,7 @@ def test_errors_are_never_replayed(triton):
     ("vae_decoder", "latent_sample", [1, 4, 0, 0], "FP32", 0.0, "a non-empty tensor"),
 ])
 def test_internal_models_validate_their_inputs(triton, model, name, shape, dtype, value, expected):
-    from kiln.export.specs import COMPONENTS, dummy_inputs
+    from kiln.export.specs import COMPONENTS
 
     info = triton("epsilon")
     client = httpclient.InferenceServerClient(info.http_url)

@@ -135,7 +135,8 @@ def test_text_encoder_lora_trains_and_merges(tiny_model, training_data, tmp_path
     merged = merge(tiny_model("epsilon"), tmp_path / "merged", [LoraInput(lora_file, 1.0)])
     base = load_diffusers_pipeline(tiny_model("epsilon"))
     fused = load_diffusers_pipeline(merged)
-    moved = max((a - b).abs().max().item() for a, b in zip(fused.text_encoder.parameters(), base.text_encoder.parameters()))
+    pairs = zip(fused.text_encoder.parameters(), base.text_encoder.parameters(), strict=True)
+    moved = max((a - b).abs().max().item() for a, b in pairs)
     assert moved > 1e-4  # the text encoder's adapters were trained and fused
     reference = load_diffusers_pipeline(tiny_model("epsilon"))
     reference.load_lora_weights(str(out), weight_name=lora_file.name, adapter_name="a")

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from kiln.errors import ModelError
-from kiln.models.folder import hash_tree, inspect_model, write_folder_atomically
+from kiln.artifacts import tree_sha256, write_folder_atomically
+from kiln.models.folder import inspect_model
 
 
 @pytest.mark.parametrize("kind, scheduler", [("epsilon", "PNDMScheduler"), ("v_prediction", "DDIMScheduler")])
@@ -58,8 +59,8 @@ def test_atomic_folder_keeps_the_old_one_on_failure(tmp_path):
     assert (target / "old.txt").read_text() == "old"
 
 
-def test_hash_tree_changes_with_content(tmp_path):
+def test_tree_sha256_changes_with_content(tmp_path):
     (tmp_path / "a").write_text("1")
-    first = hash_tree(tmp_path)
+    first = tree_sha256(tmp_path)
     (tmp_path / "a").write_text("2")
-    assert hash_tree(tmp_path) != first
+    assert tree_sha256(tmp_path) != first

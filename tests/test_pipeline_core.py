@@ -103,51 +103,49 @@ def test_request_rejects_wrong_shape_and_type():
         parse_request({"prompt": np.array([b"a"]), "steps": np.array([2.5])}, Defaults(), Limits(), 8)
 
 
-class TorchDeviceEngines:
-    """ONNX Runtime engines behind the torch-tensor contract the GPU target's BLS engines follow."""
+class CheckingRunner:
+    """A runner around another that checks the one contract runners rely on: feeds named and ordered
+    as the spec declares, torch tensors on the runner's device. Counts calls per component."""
 
-    device = "cpu"
+    def __init__(self, inner):
+        self.inner, self.device, self.calls = inner, inner.device, {}
 
-    def __init__(self, engines):
-        self.inner = engines
-
-    def encode_text(self, input_ids):
-        return self.inner.encode_text(input_ids)
-
-    def predict_noise(self, sample, timestep, embeddings):
+    def __call__(self, spec, feeds, outputs):
         import torch
 
-        assert all(isinstance(t, torch.Tensor) for t in (sample, timestep, embeddings))
-        return torch.from_numpy(self.inner.predict_noise(sample.numpy(), timestep.numpy(), embeddings.numpy()))
-
-    def decode_latents(self, latents):
-        import torch
-
-        return torch.from_numpy(self.inner.decode_latents(latents.numpy()))
-
-    def encode_image(self, pixels):
-        import torch
-
-        return torch.from_numpy(self.inner.encode_image(pixels.numpy()))
+        assert list(feeds) == spec.input_names
+        assert all(isinstance(v, torch.Tensor) and v.device == self.device for v in feeds.values())
+        self.calls[spec.name] = self.calls.get(spec.name, 0) + 1
+        return self.inner(spec, feeds, outputs)
 
 
-@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])
-def test_device_engines_draw_the_same_images(onnx_dir, scheduler):
-    """The torch-tensor path (latents kept on the engines' device) equals the numpy path bit for bit,
-    for txt2img and img2img."""
-    pipe = OnnxPipeline(onnx_dir("epsilon"))
-    request = GenerationRequest("a red digit 7", "blurry", 5, 4, 6.0, 64, 64, scheduler)
-    expected = pipe(request)
-    pipe.engines = TorchDeviceEngines(pipe.engines)
-    assert np.array_equal(pipe(request), expected)
-    init = (np.random.default_rng(0).integers(0, 256, (64, 64, 3))).astype(np.uint8)
+def _png(seed: int) -> bytes:
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(init).save(buffer, format="PNG")
-    img2img = GenerationRequest("a red digit 7", "blurry", 5, 4, 6.0, 64, 64, scheduler, num_images=2, image=buffer.getvalue(), strength=0.6)
-    got = pipe(img2img)
-    pipe.engines = pipe.engines.inner
-    assert np.array_equal(got, pipe(img2img))
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3)).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])
+def test_every_backend_runs_the_same_core(tiny_model, onnx_dir, scheduler):
+    """One core over any runner: it hands ONNX Runtime and the PyTorch wrappers the same torch tensors,
+    one text-encoder call, one UNet call per step (guidance batched), one decode; both backends draw the
+    same images (to 1/255: fp32 kernels differ in rounding), txt2img and img2img."""
+    from kiln.export.specs import COMPONENTS
+    from kiln.pipeline.engines import Engines, TorchRunner
+
+    pipe = OnnxPipeline(onnx_dir("epsilon"))
+    requests = [GenerationRequest("a red digit 7", "blurry", 5, 4, 6.0, 64, 64, scheduler),
+                GenerationRequest("a red digit 7", "blurry", 5, 4, 6.0, 64, 64, scheduler, num_images=2,
+                                  image=_png(0), strength=0.6)]
+    expected = [pipe(r) for r in requests]
+    onnx = CheckingRunner(pipe.engines.run)
+    pipe.engines = Engines(onnx, pipe.engines.components)
+    assert np.array_equal(pipe(requests[0]), expected[0])
+    assert onnx.calls == {"text_encoder": 1, "unet": 4, "vae_decoder": 1}
+    pipe.engines = Engines(CheckingRunner(TorchRunner(tiny_model("epsilon"), components=COMPONENTS)))
+    for request, image in zip(requests, expected, strict=True):
+        assert np.abs(pipe(request).astype(int) - image).max() <= 1

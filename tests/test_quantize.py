@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 from kiln.errors import ExportError
-from kiln.export.manifest import file_sha256, read_manifest
+from kiln.artifacts import file_sha256, read_manifest
 from kiln.export.quantize import QDQ_TOLERANCE, Calibration, export_qdq, read_prompts
-from kiln.export.specs import QDQ_PRECISION
-from kiln.export.tensorrt import TRT_INT8_TOLERANCE, TRT_TOLERANCE, plan_engines, trt_tolerance
+from kiln.export.specs import COMPONENTS, QDQ_PRECISION
+from kiln.export.tensorrt import plan_engines
 from kiln.pipeline.onnx_pipeline import OnnxPipeline
 from kiln.pipeline.request import GenerationRequest
 
@@ -29,6 +29,7 @@ def qdq(onnx_dir, tmp_path_factory):
     return fp32, out, before
 
 
+@pytest.mark.slow  # ModelOpt's calibration
 def test_unet_is_quantised_with_qdq_nodes(qdq):
     fp32, out, _ = qdq
     ops = collections.Counter(n.op_type for n in onnx.load(str(out / "unet" / "model.onnx")).graph.node)
@@ -53,6 +54,7 @@ def test_unet_is_quantised_with_qdq_nodes(qdq):
         assert manifest["components"][name] == read_manifest(fp32)["components"][name]
 
 
+@pytest.mark.slow  # ModelOpt's calibration
 def test_source_export_is_left_untouched(qdq):
     """ModelOpt rewrites its input file in place; Kiln hands it a private copy."""
     fp32, _, before = qdq
@@ -61,6 +63,7 @@ def test_source_export_is_left_untouched(qdq):
     assert file_sha256(fp32 / "unet" / "model.onnx") == read_manifest(fp32)["components"]["unet"]["sha256"]
 
 
+@pytest.mark.slow  # ModelOpt's calibration
 def test_qdq_export_draws_like_fp32(qdq):
     fp32, out, _ = qdq
     request = GenerationRequest("a blue digit 9", "", 11, 4, 6.0, 64, 64, "euler")
@@ -70,6 +73,7 @@ def test_qdq_export_draws_like_fp32(qdq):
     assert 0 < diff.mean() < 8  # int8 changes the image, slightly (0-255 scale)
 
 
+@pytest.mark.slow  # ModelOpt's calibration
 def test_current_qdq_export_is_reused_and_a_changed_calibration_rebuilt(qdq):
     fp32, out, _ = qdq
     stamp = (out / "unet" / "model.onnx").stat().st_mtime_ns
@@ -81,6 +85,7 @@ def test_current_qdq_export_is_reused_and_a_changed_calibration_rebuilt(qdq):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch left behind
 
 
+@pytest.mark.slow  # ModelOpt's calibration
 def test_int8_engines_plan_from_the_qdq_export_only(qdq):
     fp32, out, _ = qdq
     plan = {c.component: c for c in plan_engines(out, "int8").components}
@@ -93,10 +98,12 @@ def test_int8_engines_plan_from_the_qdq_export_only(qdq):
     with pytest.raises(ExportError, match="int8-qdq ONNX export") as err:
         plan_engines(out, "fp16")
     assert err.value.hint == "--int8 for a Q/DQ export"
-    assert trt_tolerance("unet", QDQ_PRECISION) == TRT_INT8_TOLERANCE
-    assert trt_tolerance("unet", "fp32") == TRT_TOLERANCE["unet"]
+    unet = COMPONENTS["unet"]
+    assert unet.trt_tolerance(QDQ_PRECISION) == unet.tolerances.tensorrt[QDQ_PRECISION] > unet.trt_tolerance("fp32")
+    assert COMPONENTS["text_encoder"].trt_tolerance(QDQ_PRECISION) == COMPONENTS["text_encoder"].trt_tolerance("fp32")
 
 
+@pytest.mark.slow  # ModelOpt's calibration
 def test_ngc_configs_run_the_qdq_unet_in_int8(qdq, tmp_path):
     """ONNX Runtime's TensorRT accelerator keeps the calibrated scales only in INT8 mode."""
     from kiln.model_repository import configs

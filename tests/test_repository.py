@@ -11,7 +11,8 @@ from kiln.export.specs import COMPONENTS, ModelDims
 from kiln.model_repository.builder import build_repository
 from kiln.model_repository.configs import NUMPY_TO_TRITON, WIRE_TO_TRITON, parse_pbtxt
 from kiln.model_repository.python_models import PipelineModel, TokenizerModel, batch_feeds, split_outputs
-from kiln.pipeline.onnx_pipeline import OnnxEngines, OnnxPipeline
+from kiln.pipeline.engines import onnx_engines
+from kiln.pipeline.onnx_pipeline import OnnxPipeline
 from kiln.pipeline.request import TXT2IMG_INPUTS, TXT2IMG_OUTPUTS, GenerationRequest
 
 
@@ -34,14 +35,16 @@ def test_component_configs_derive_from_the_spec(repo_dir, onnx_dir, name):
     dims = ModelDims(**json.loads((onnx_dir("epsilon") / "manifest.json").read_text())["dims"])
     config = _config(repo_dir("epsilon"), name)
     assert config.backend == "python" and config.max_batch_size > 0
-    for declared, actual in zip(spec.inputs + spec.outputs, list(config.input) + list(config.output)):
+    assert [t.name for t in config.input] == spec.input_names  # none missing, none extra, in order
+    assert [t.name for t in config.output] == spec.output_names
+    for declared, actual in zip(spec.inputs + spec.outputs, list(config.input) + list(config.output), strict=True):
         assert actual.name == declared.name
         assert actual.data_type == NUMPY_TO_TRITON[declared.dtype]
         symbolic = declared.shape[1:]
         if not symbolic:
             assert list(actual.dims) == [1] and actual.HasField("reshape")
             continue
-        for sym, dim in zip(symbolic, actual.dims):
+        for sym, dim in zip(symbolic, actual.dims, strict=True):
             expected = {"latent_channels": dims.latent_channels, "hidden_size": dims.hidden_size,
                         "image_channels": 3, "latent_parameters": 2 * dims.latent_channels}.get(sym, -1)
             assert dim == expected, (name, declared.name, sym)
@@ -87,7 +90,7 @@ def test_batch_feeds_round_trip():
     assert sizes == [2, 1, 3] and merged["sample"].shape == (6, 4, 2, 2) and merged["timestep"].shape == (6,)
     parts = split_outputs({"out_sample": merged["sample"]}, sizes)
     assert [p["out_sample"].shape[0] for p in parts] == [2, 1, 3]
-    assert all((p["out_sample"] == n).all() for p, n in zip(parts, (2, 1, 3)))
+    assert all((p["out_sample"] == n).all() for p, n in zip(parts, (2, 1, 3), strict=True))
 
 
 def test_pipeline_core_without_triton_equals_the_in_process_pipeline(repo_dir, onnx_dir):
@@ -100,12 +103,12 @@ def test_pipeline_core_without_triton_equals_the_in_process_pipeline(repo_dir, o
     )
     raw = {**tokens, "prompt": np.array([b"a red digit 7"], dtype=object), "seed": np.array([5]),
            "steps": np.array([3], np.int32), "scheduler": np.array([b"euler_a"], dtype=object)}
-    out = core.run(raw, OnnxEngines(onnx_dir("epsilon")))
+    out = core.run(raw, onnx_engines(onnx_dir("epsilon")))
     expected = OnnxPipeline(onnx_dir("epsilon"))(GenerationRequest("a red digit 7", "", 5, 3, 7.5, 64, 64, "euler_a"))
     assert out["seeds"].tolist() == [5]
     assert np.array_equal(out["image"], expected)
     with pytest.raises(RequestError, match="steps=999"):
-        core.run({**raw, "steps": np.array([999], np.int32)}, OnnxEngines(onnx_dir("epsilon")))
+        core.run({**raw, "steps": np.array([999], np.int32)}, onnx_engines(onnx_dir("epsilon")))
 
 
 def test_deployment_chooses_the_defaults_of_requests_that_leave_them_out(onnx_dir, tmp_path):
@@ -120,7 +123,7 @@ def test_deployment_chooses_the_defaults_of_requests_that_leave_them_out(onnx_di
         np.array([b"a red digit 7"], dtype=object), None
     )
     out = core.run({**tokens, "prompt": np.array([b"a red digit 7"], dtype=object), "seed": np.array([5])},
-                   OnnxEngines(onnx_dir("epsilon")))
+                   onnx_engines(onnx_dir("epsilon")))
     pipe = OnnxPipeline(onnx_dir("epsilon"))
     assert np.array_equal(out["image"], pipe(GenerationRequest("a red digit 7", "", 5, 3, 4.0, 64, 64, "euler")))
     assert not np.array_equal(out["image"], pipe(GenerationRequest("a red digit 7", "", 5, 3, 7.5, 64, 64, "euler")))

@@ -195,10 +195,12 @@ def test_concurrent_requests_each_get_their_own_image(triton):
     with client(info) as c:
         alone = {s: c.generate("a blue digit 3", seed=s, steps=3, scheduler="euler_a").images for s in seeds}
     results, errors = {}, []
+    ready = threading.Barrier(len(seeds), timeout=60)  # all four connected, then all four send at once
 
     def work(seed, protocol):
         try:
             with client(info, protocol) as c:
+                ready.wait()
                 results[seed] = c.generate("a blue digit 3", seed=seed, steps=3, scheduler="euler_a").images
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
@@ -208,7 +210,8 @@ def test_concurrent_requests_each_get_their_own_image(triton):
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert not errors and set(results) == set(seeds)
+    assert not any(t.is_alive() for t in threads), "a request did not come back within 300 s"
+    assert not errors and set(results) == set(seeds), errors
     for seed in seeds:
         assert np.abs(results[seed].astype(int) - alone[seed]).max() <= MAX_DIFF
     assert np.abs(results[101].astype(int) - results[102]).max() > 10 * MAX_DIFF
@@ -232,61 +235,95 @@ def test_a_component_that_raises_answers_with_an_error_and_stays_up(triton):
         assert c.generate("a red digit 7", steps=1).images.shape == (1, 64, 64, 3)
 
 
+def _wait_until(condition, what: str, timeout_s: float = 120):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.01)
+
+
+def _inference_counts(info, model: str) -> tuple[int, int]:
+    """(successes, failures) of `model` since the server started, from Triton's statistics API."""
+    stats = httpclient.InferenceServerClient(info.http_url).get_inference_statistics(model)
+    counts = stats["model_stats"][0]["inference_stats"]
+    return counts["success"]["count"], counts["fail"]["count"]
+
+
+def _pending(info, model: str) -> int:
+    """Requests waiting in `model`'s queue for an instance (Triton's gauge, updated as they come and go)."""
+    text = urllib.request.urlopen(info.metrics_url, timeout=10).read().decode()
+    match = re.search(rf'nv_inference_pending_request_count\{{[^}}]*model="{model}"[^}}]*\}} (\d+)', text)
+    assert match, f"no pending-request gauge for {model} at {info.metrics_url}"
+    return int(match.group(1))
+
+
 def test_a_client_that_disconnects_mid_generation_does_not_disturb_others(triton):
+    """A client whose own timeout passes gets a ClientError saying so; the generation it abandoned
+    runs on to its end, and a request served meanwhile draws what it draws alone."""
     info = triton("epsilon")
     with client(info) as c:
         expected = c.generate("a green digit 2", seed=9, steps=3).images
+    before = _inference_counts(info, "pipeline")
     impatient = KilnClient(info.http_url, "http", timeout_s=0.2)
-    errors, results = [], {}
-
-    def patient():
-        with client(info, "grpc") as c:
-            results["image"] = c.generate("a green digit 2", seed=9, steps=3).images
-
-    worker = threading.Thread(target=patient)
-    worker.start()
-    with pytest.raises(Exception) as err:  # the client gives up and closes its connection
-        impatient.generate("a long generation", steps=150)
-    errors.append(err.value)
-    impatient.close()
-    worker.join(timeout=300)
-    assert np.abs(results["image"].astype(int) - expected).max() <= MAX_DIFF
+    try:
+        with pytest.raises(ClientError, match=rf"at http://{re.escape(info.http_url)}: timed out") as err:
+            impatient.generate("a long generation", steps=150, height=128, width=128)  # about 1 s here
+        assert "cannot reach" not in str(err.value) and "timeout_s" in err.value.hint
+    finally:
+        impatient.close()
+    with client(info, "grpc") as c:  # while the abandoned 150 steps still run
+        patient = c.generate("a green digit 2", seed=9, steps=3).images
+    assert np.abs(patient.astype(int) - expected).max() <= MAX_DIFF
+    _wait_until(lambda: sum(_inference_counts(info, "pipeline")) >= sum(before) + 2, "the abandoned generation ending")
+    assert _inference_counts(info, "pipeline") == (before[0] + 2, before[1])  # both ran to the end, neither failed
     with client(info) as c:
         assert c.health() == {"live": True, "ready": True}
         assert np.abs(c.generate("a green digit 2", seed=9, steps=3).images.astype(int) - expected).max() <= MAX_DIFF
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_a_full_queue_refuses_at_once_and_the_rest_still_draw_right(onnx_dir, tmp_path):
-    """One pipeline instance and a queue of one: of four simultaneous long generations one runs,
-    one waits, and the others are refused with Triton's queue error instead of piling up."""
+    """One pipeline instance and a queue of one: while one long generation runs and a second waits,
+    a third and a fourth are refused at once with Triton's queue error instead of piling up; the
+    running and the waiting generation both draw right. Each step waits for the server's own counts."""
     from kiln.model_repository.builder import build_repository
     from kiln.model_repository.configs import Tuning
 
     repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo", tuning=Tuning(max_queue=1, pipeline_instances=1))
-    ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
-    _, info = server.start(repo, ports)
-    try:
+    with server.running_server(repo) as info:
+        # long enough (about 4 s here) that the first is still running when the last is refused
+        request = dict(prompt="a red digit 7", seed=1, steps=100, height=256, width=256)
         with client(info) as c:
-            expected = c.generate("a red digit 7", seed=1, steps=60).images
+            expected = c.generate(**request).images
         outcomes = {}
 
-        def work(i):
+        def work(name, protocol):
             try:
-                with client(info, ("http", "grpc")[i % 2]) as c:
-                    outcomes[i] = c.generate("a red digit 7", seed=1, steps=60).images
+                with client(info, protocol) as c:
+                    outcomes[name] = c.generate(**request).images
             except ClientError as e:
-                outcomes[i] = e
+                outcomes[name] = e
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
+        unet_calls = sum(_inference_counts(info, "unet"))
+        running = threading.Thread(target=work, args=("running", "http"))
+        running.start()
+        _wait_until(lambda: sum(_inference_counts(info, "unet")) > unet_calls, "the first generation's first step")
+        waiting = threading.Thread(target=work, args=("waiting", "grpc"))
+        waiting.start()
+        _wait_until(lambda: _pending(info, "pipeline") == 1, "the second generation queueing")
+        for protocol in ("http", "grpc"):  # the only instance busy, the queue full
+            with client(info, protocol) as c:
+                with pytest.raises(ClientError, match="Exceeds maximum queue size"):
+                    c.generate(**request)
+        for t in (running, waiting):
             t.join(timeout=300)
-        refused = [o for o in outcomes.values() if isinstance(o, ClientError)]
-        drawn = [o for o in outcomes.values() if not isinstance(o, ClientError)]
-        assert len(refused) >= 1 and all("Exceeds maximum queue size" in str(e) for e in refused)
-        assert len(drawn) >= 2 and all(np.array_equal(d, expected) for d in drawn)
+        assert not running.is_alive() and not waiting.is_alive(), "a generation did not come back within 300 s"
+        assert set(outcomes) == {"running", "waiting"}
+        for name, outcome in outcomes.items():
+            assert isinstance(outcome, np.ndarray), f"{name}: {outcome}"
+            assert np.array_equal(outcome, expected), name
         with client(info) as c:
             assert c.health() == {"live": True, "ready": True}
-    finally:
-        server.stop(ports)

@@ -1,6 +1,7 @@
 """The GPU and cluster target, checked on the CPU: NGC configs against Triton's schema, TensorRT
 engine planning and stale-engine refusal, several models in one repository with shared components
-(served for real), the DLPack path of the BLS loop (served for real, device cpu)."""
+(served for real), the DLPack path of the BLS loop (served for real, device cpu). On a GPU host the
+`gpu`-marked tests also serve that loop on cuda and build TensorRT engines; here they are skipped."""
 
 import json
 import shutil
@@ -12,7 +13,7 @@ from kiln.clients.client import KilnClient
 from kiln.errors import ExportError, RepositoryError
 from kiln.export.specs import COMPONENTS, ModelDims
 from kiln.export.tensorrt import Runtime, check_engines, engine_manifest, parse_profile, plan_engines
-from kiln.export.manifest import write_json_atomically
+from kiln.artifacts import write_json_atomically
 from kiln.model_repository import configs
 from kiln.model_repository.builder import build_models_repository, build_repository
 from kiln.serving import server
@@ -23,10 +24,6 @@ REQUEST = dict(prompt="a red digit 7", negative_prompt="blurry", seed=3, steps=4
 
 def _config(repo, name):
     return configs.parse_pbtxt((repo / name / "config.pbtxt").read_text())
-
-
-def _ports():
-    return server.Ports(server.free_port(), server.free_port(), server.free_port())
 
 
 # ------------------------------------------------------------------ NGC configs
@@ -46,6 +43,7 @@ def test_ngc_onnxruntime_configs(onnx_dir, tmp_path, accelerator):
         assert config.default_model_filename == "model.onnx" and (repo / name / "1" / "model.onnx").is_file()
         assert [g.kind for g in config.instance_group] == [configs.mc.ModelInstanceGroup.KIND_GPU]
         assert [i.name for i in config.input] == COMPONENTS[name].input_names
+        assert [o.name for o in config.output] == COMPONENTS[name].output_names
         accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
         if accelerator == "tensorrt":
             assert [a.name for a in accelerators] == ["tensorrt"]
@@ -127,6 +125,30 @@ def test_stale_engines_are_refused(onnx_dir, tmp_path):
         check_engines(tmp_path / "nothing", built)
 
 
+@pytest.mark.gpu
+def test_tensorrt_engines_build_pass_their_check_and_are_keyed_to_this_gpu(onnx_dir, tmp_path):
+    """`kiln export trt` on the tiny export: every component builds, each engine's outputs are the
+    spec's and agree with ONNX Runtime within the spec's tolerance, and the manifest ties the engines
+    to this TensorRT, this GPU and this export."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (make gpu-setup)")
+    from kiln.export.tensorrt import ENGINE_NAME, export_engines, trt_parity_check
+
+    plan = plan_engines(onnx_dir("epsilon"), "fp16")
+    out = export_engines(onnx_dir("epsilon"), tmp_path / "engines", plan, parity_check=trt_parity_check)
+    runtime = Runtime.detect()
+    manifest = check_engines(out, runtime, plan.export_key)
+    assert sorted(manifest["parity"]) == sorted(c.component for c in plan.components) == sorted(COMPONENTS)
+    for component, report in manifest["parity"].items():
+        assert report["bytes"] == (out / component / ENGINE_NAME).stat().st_size > 0
+        checked = {name: r for name, r in report.items() if isinstance(r, dict)}
+        assert sorted(checked) == sorted(COMPONENTS[component].output_names), component
+        for name, r in checked.items():
+            assert r["finite"] and r["rel_l2"] <= r["tolerance_rel_l2"], (component, name, r)
+    assert manifest["parity"]["unet"]["fp32_layers"] > 0  # the attention softmax stays fp32 under fp16
+    with pytest.raises(ExportError, match="another ONNX export"):
+        check_engines(out, runtime, "0" * 64)
+
+
 # ------------------------------------------------------------------ several models, served
 
 
@@ -161,12 +183,10 @@ def test_identical_components_are_stored_once(two_models, tmp_path):
         build_models_repository({"unet": two_models["base"], "b": two_models["tuned"]}, tmp_path / "bad")
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_several_models_served_side_by_side_and_swapped_at_run_time(two_models, repo_dir, tmp_path):
     repo = build_models_repository(two_models, tmp_path / "repo")
-    single_ports, multi_ports = _ports(), _ports()
-    try:
-        _, single = server.start(repo_dir("epsilon"), single_ports)
-        _, multi = server.start(repo, multi_ports)
+    with server.running_server(repo_dir("epsilon")) as single, server.running_server(repo) as multi:
         with KilnClient(single.http_url) as client:
             alone = client.generate(**REQUEST).images
         with KilnClient(multi.http_url, model="base") as client:
@@ -174,7 +194,7 @@ def test_several_models_served_side_by_side_and_swapped_at_run_time(two_models, 
         with KilnClient(multi.grpc_url, "grpc", model="tuned") as client:
             tuned = client.generate(**REQUEST).images
         assert np.abs(tuned.astype(int) - alone).max() > 10  # another UNet draws another image
-        admin = server.admin_key_file(multi_ports).read_text().strip()
+        admin = server.admin_key_file(multi.ports).read_text().strip()
         with KilnClient(multi.http_url, model="tuned", admin_key=admin) as client:
             client.unload_model("tuned")
             states = {m["name"]: m["state"] for m in client.models()}
@@ -185,25 +205,25 @@ def test_several_models_served_side_by_side_and_swapped_at_run_time(two_models, 
             assert np.array_equal(client.generate(**REQUEST).images, tuned)
         with KilnClient(multi.http_url, model="base") as client:
             assert np.array_equal(client.generate(**REQUEST).images, alone)
-    finally:
-        server.stop(single_ports)
-        server.stop(multi_ports)
 
 
-def test_dlpack_bls_path_draws_the_same_images(onnx_dir, repo_dir, triton, tmp_path):
-    """The GPU target's loop (torch tensors through DLPack, FORCE_CPU_ONLY_INPUT_TENSORS off), run
-    here on device cpu: the same images as the numpy loop."""
-    repo = build_models_repository({"txt2img": onnx_dir("epsilon")}, tmp_path / "repo", bls_device="cpu")
-    assert _config(repo, "pipeline").parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
-    ports = _ports()
-    try:
-        _, info = server.start(repo, ports)
+@pytest.mark.slow  # starts a Triton server of its own
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dlpack_bls_path_draws_the_same_images(onnx_dir, repo_dir, triton, tmp_path, device):
+    """The GPU target's loop (torch tensors through DLPack, FORCE_CPU_ONLY_INPUT_TENSORS off): on device
+    cpu the same images as the numpy loop; on cuda (latents and scheduler on the GPU, handed to the
+    components through DLPack) the same to 2/255, as CUDA's float arithmetic rounds differently."""
+    repo = build_models_repository({"txt2img": onnx_dir("epsilon")}, tmp_path / "repo", bls_device=device)
+    pipeline = _config(repo, "pipeline")
+    assert pipeline.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert json.loads(pipeline.parameters["kiln_settings"].string_value)["device"] == device
+    with server.running_server(repo) as info:
         with KilnClient(triton("epsilon").http_url) as client:
             expected = client.generate(**REQUEST, num_images=2).images
         with KilnClient(info.http_url) as client:
-            assert np.array_equal(client.generate(**REQUEST, num_images=2).images, expected)
-    finally:
-        server.stop(ports)
+            got = client.generate(**REQUEST, num_images=2).images
+        assert got.shape == expected.shape == (2, 64, 64, 3)
+        assert np.abs(got.astype(int) - expected).max() <= (0 if device == "cpu" else 2)
 
 
 # ------------------------------------------------------------------ Kubernetes

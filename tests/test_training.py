@@ -117,6 +117,7 @@ def test_validation_images_are_written(tiny_model, training_data, tmp_path):
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # training runs in subprocesses
 def test_two_processes_through_accelerate(tiny_model, training_data, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "training" / "accelerate" / "cpu-2proc.yaml"), "--main_process_port", str(free_port()),
@@ -165,6 +166,7 @@ def _lora_weights(folder: Path) -> dict:
     return load_file(str(folder / "pytorch_lora_weights.safetensors"))
 
 
+@pytest.mark.slow  # training runs in subprocesses
 def test_same_seed_same_adapter_and_a_killed_run_resumes_exactly(tiny_model, training_data, tmp_path):
     """Two runs of one config are identical (adapter initialisation comes from the seed too), and a run
     killed by SIGKILL mid-training and relaunched with --resume latest logs exactly the losses of an
@@ -191,7 +193,7 @@ def test_same_seed_same_adapter_and_a_killed_run_resumes_exactly(tiny_model, tra
     while not (killed / "checkpoints" / "checkpoint-4" / "kiln_step.txt").is_file() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(run.pid, signal.SIGKILL)  # somewhere in steps 5-8, before the run could finish
-    run.wait(30)
+    run.wait(timeout=30)
     assert not (killed / "pytorch_lora_weights.safetensors").exists(), "the run finished before it was killed"
     resumed = subprocess.run([*kiln, *args(killed), "--resume", "latest"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

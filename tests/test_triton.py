@@ -92,12 +92,13 @@ def test_taken_port_is_refused_with_the_flag_named(triton, repo_dir):
         server.start(repo_dir("epsilon"), server.Ports(server.free_port(), info.ports.grpc, server.free_port()))
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_model_that_fails_to_load_reports_tritons_message(repo_dir, tmp_path):
     broken = tmp_path / "repo"
     shutil.copytree(repo_dir("epsilon"), broken)
     (broken / "unet" / "1" / "model.onnx").unlink()
     (broken / "unet" / "1" / "model.onnx").write_bytes(b"not an onnx model")
-    ports = server.Ports(server.free_port(), server.free_port(), server.free_port())
+    ports = server.free_ports()
     with pytest.raises(ServeError) as err:
         server.start(broken, ports, timeout_s=120)
     message = str(err.value)
@@ -105,6 +106,7 @@ def test_model_that_fails_to_load_reports_tritons_message(repo_dir, tmp_path):
     assert server.read_state(ports) is None
 
 
+@pytest.mark.slow  # starts a Triton server of its own
 def test_cli_serve_background_generate_and_stop(repo_dir, tmp_path):
     """The commands a person types: serve --background, generate over both protocols, models, stop."""
     kiln = [sys.executable, "-m", "kiln.cli"]
@@ -125,7 +127,8 @@ def test_cli_serve_background_generate_and_stop(repo_dir, tmp_path):
             from PIL import Image
 
             assert Image.open(out).size == (64, 64)
-        listed = subprocess.run(kiln + ["models", "--url", f"127.0.0.1:{ports[0]}"], capture_output=True, text=True)
+        listed = subprocess.run(kiln + ["models", "--url", f"127.0.0.1:{ports[0]}"], capture_output=True, text=True,
+                                timeout=60)
         assert "txt2img" in listed.stdout and "READY" in listed.stdout
         bad = subprocess.run(kiln + ["generate", PROMPT, "--url", f"127.0.0.1:{ports[0]}", "--steps", "0"],
                              capture_output=True, text=True, timeout=60)
@@ -133,5 +136,6 @@ def test_cli_serve_background_generate_and_stop(repo_dir, tmp_path):
     finally:
         stopped = subprocess.run(kiln + ["stop", *flags], capture_output=True, text=True, timeout=60)
     assert stopped.returncode == 0, stopped.stderr
-    health = subprocess.run(kiln + ["health", "--url", f"127.0.0.1:{ports[0]}"], capture_output=True, text=True)
+    health = subprocess.run(kiln + ["health", "--url", f"127.0.0.1:{ports[0]}"], capture_output=True, text=True,
+                            timeout=60)
     assert health.returncode == 1 and "cannot reach the server" in health.stderr

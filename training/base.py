@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kiln.models.folder import write_folder_atomically
+from kiln.artifacts import write_folder_atomically
 from kiln.models.tokenizer import EOS, write_clip_tokenizer
 
 log = logging.getLogger("kiln.training")
@@ -103,7 +103,7 @@ def train_base(data_dir: Path, out_dir: Path, spec: BaseSpec = BaseSpec(), vae_d
     which was trained on far broader images than any fine-tune's subject, it may hold what the UNet
     never sees: an autoencoder that cannot reconstruct a colour leaves no fine-tune able to draw it."""
     from kiln.training import full
-    from kiln.training.config import load_config
+    from kiln.training.config import build_config
     from kiln.training.loop import train
 
     from kiln.training.checkpoints import list_checkpoints
@@ -120,14 +120,15 @@ def train_base(data_dir: Path, out_dir: Path, spec: BaseSpec = BaseSpec(), vae_d
         with write_folder_atomically(start) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             write_clip_tokenizer(tmp / "tokenizer", EOS)
-    config = load_config("full", None, [
-        f"model={start}", f"output_dir={out_dir}", f"data.path={data_dir}", f"data.resolution={spec.resolution}",
-        "data.augment.enabled=false", "data.caption_dropout=0.1", f"max_train_steps={spec.unet_steps}",
-        f"train_batch_size={spec.batch_size}", f"optim.learning_rate={spec.unet_learning_rate}",
-        "optim.lr_scheduler=cosine", "optim.lr_warmup_steps=100", "optim.adam_weight_decay=0", "snr_gamma=5",
-        "full.ema_decay=0.995", "full.train_text_encoder=true", f"checkpointing_steps={max(1, spec.unet_steps // 4)}", "checkpoints_total_limit=1",
-        "tensorboard=false", f"seed={spec.seed}",
-    ])
+    config = build_config("full", {
+        "model": start, "output_dir": out_dir, "seed": spec.seed,
+        "data": {"path": data_dir, "resolution": spec.resolution, "augment": {"enabled": False}, "caption_dropout": 0.1},
+        "max_train_steps": spec.unet_steps, "train_batch_size": spec.batch_size,
+        "optim": {"learning_rate": spec.unet_learning_rate, "lr_scheduler": "cosine", "lr_warmup_steps": 100,
+                  "adam_weight_decay": 0.0},
+        "snr_gamma": 5.0, "full": {"ema_decay": 0.995, "train_text_encoder": True},
+        "checkpointing_steps": max(1, spec.unet_steps // 4), "checkpoints_total_limit": 1, "tensorboard": False,
+    })
     train(config, full.build, "latest" if list_checkpoints(out_dir) else None)  # exact: the loop reseeds per step
     (out_dir / full.MODEL_FOLDER / "kiln_base.json").write_text(json.dumps(asdict(spec), indent=2))
     return out_dir / full.MODEL_FOLDER

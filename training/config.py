@@ -1,17 +1,22 @@
 """The typed training configuration: YAML plus `key=value` overrides, validated before any model loads.
-Unknown keys are errors; each message names the field, the value received and what is expected."""
+Unknown keys are errors; each message names the field, the value received and what is expected.
+
+The same reading serves every other `key=value` argument of the CLI (`kiln train base` settings,
+`--also`, `--endpoint`): split once (split_setting), validated by pydantic (validate)."""
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields as dataclass_fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Iterable, Literal, get_args, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, model_validator
 
 from kiln.errors import ConfigError
 
 METHODS = ("lora", "dreambooth", "textual-inversion", "full")
+EXAMPLE = "optim.learning_rate=1e-4"
 
 
 class Strict(BaseModel):
@@ -140,24 +145,110 @@ class TrainConfig(Strict):
         return self
 
 
-def _set(tree: dict, dotted: str, raw: str) -> None:
-    keys = dotted.split(".")
+def split_setting(item: str, what: str = "override", example: str = EXAMPLE) -> tuple[str, str]:
+    """The one reading of a `key=value` argument; `what` (the flag) and `example` word the error."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{what} {item!r} is not key=value", hint=f"for example: {example}")
+    return key.strip(), value
+
+
+def _set(tree: dict, dotted: str, raw: str, what: str) -> None:
+    *sections, last = dotted.split(".")
     node = tree
-    for key in keys[:-1]:
+    for key in sections:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}={raw}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            raise ConfigError(f"{what} {dotted}={raw}: {key} is not a section")
+    try:
+        node[last] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or "unreadable"
+        raise ConfigError(f"{what} {dotted}={raw}: the value is not valid YAML ({problem})",
+                          hint=f"quote text in YAML: {dotted}='\"...\"'") from None
 
 
-def _describe(error: ValidationError) -> str:
+def parse_overrides(items: Iterable[str], tree: dict | None = None, what: str = "override",
+                    example: str = EXAMPLE) -> dict:
+    """Dotted `a.b=value` settings, each value read as YAML, set into `tree` (a new dict by default)."""
+    tree = {} if tree is None else tree
+    for item in items:
+        key, raw = split_setting(item, what, example)
+        _set(tree, key, raw, what)
+    return tree
+
+
+def parse_named(items: Iterable[str], what: str, example: str) -> dict[str, str]:
+    """`NAME=VALUE` arguments -> {name: value}: names as written (dots and all), each given once,
+    values non-empty text (paths, host:port), in the order given."""
+    named: dict[str, str] = {}
+    for item in items:
+        name, value = split_setting(item, what, example)
+        if name in named:
+            raise ConfigError(f"{what} {item!r}: the name {name!r} is given twice", hint="give each name once")
+        named[name] = value
+    return validate(dict[str, Annotated[str, Field(min_length=1)]], named, what, hint=f"for example: {example}")
+
+
+def _known_fields(schema, loc: tuple) -> list[str]:
+    """The settings a pydantic model accepts at `loc` (a nested section), for an unknown key's message."""
+    model = schema
+    for key in loc:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        model = next((t for t in (field.annotation, *get_args(field.annotation))
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(error: ValidationError, schema=None) -> str:
     parts = []
     for e in error.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        parts.append(f"{where}: {e['msg']}{shown}")
+        known = _known_fields(schema, e["loc"][:-1]) if e["type"] == "extra_forbidden" else []
+        parts.append(f"{where}: {e['msg']}{shown}" + (f"; expected one of {', '.join(known)}" if known else ""))
     return "; ".join(parts)
+
+
+def validate(schema: Any, tree: Any, what: str, hint: str | None = None) -> Any:
+    """`tree` as `schema` (a pydantic model, or any type pydantic validates); the error names each
+    field, the value received and what is expected (for an unknown key: the known ones)."""
+    try:
+        return TypeAdapter(schema).validate_python(tree)
+    except ValidationError as e:
+        raise ConfigError(f"invalid {what}: {_describe(e, schema)}", hint=hint) from None
+
+
+def settings_model(cls: type, **extra: tuple[Any, Any]) -> type[BaseModel]:
+    """A strict pydantic model with a dataclass's fields (and `extra` ones, name=(type, default)), so
+    `key=value` settings for a dataclass spec are validated as the training config is."""
+    def default(f):
+        if f.default_factory is not MISSING:
+            return Field(default_factory=f.default_factory)
+        return ... if f.default is MISSING else f.default  # ...: required
+
+    hints = get_type_hints(cls)
+    fields = {f.name: (hints[f.name], default(f)) for f in dataclass_fields(cls)}
+    return create_model(cls.__name__, __base__=Strict, **fields, **extra)
+
+
+def build_config(method: str, tree: dict) -> TrainConfig:
+    """A settings tree (what the YAML file holds, with Python values) -> a validated TrainConfig for
+    `method`, with the method's own section filled in when left out."""
+    tree = dict(tree)
+    if tree.setdefault("method", method) != method:
+        raise ConfigError(f"the config says method: {tree['method']} but the command is `kiln train {method}`")
+    config = validate(TrainConfig, tree, "training config", hint="see `kiln train --help` and README")
+    if method == "lora" and config.lora is None:
+        config = config.model_copy(update={"lora": LoraConfig()})
+    if method == "full" and config.full is None:
+        config = config.model_copy(update={"full": FullConfig()})
+    if method == "dreambooth" and config.dreambooth.use_lora and config.lora is None:
+        config = config.model_copy(update={"lora": LoraConfig()})
+    return config
 
 
 def load_config(method: str, path: Path | None, overrides: list[str]) -> TrainConfig:
@@ -174,21 +265,4 @@ def load_config(method: str, path: Path | None, overrides: list[str]) -> TrainCo
             raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"--config {path} must hold a mapping of settings")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value", hint="for example: optim.learning_rate=1e-4")
-        key, raw = item.split("=", 1)
-        _set(tree, key.strip(), raw)
-    if tree.setdefault("method", method) != method:
-        raise ConfigError(f"the config says method: {tree['method']} but the command is `kiln train {method}`")
-    try:
-        config = TrainConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(f"invalid training config: {_describe(e)}", hint="see `kiln train --help` and README") from None
-    if method == "lora" and config.lora is None:
-        config = config.model_copy(update={"lora": LoraConfig()})
-    if method == "full" and config.full is None:
-        config = config.model_copy(update={"full": FullConfig()})
-    if method == "dreambooth" and config.dreambooth.use_lora and config.lora is None:
-        config = config.model_copy(update={"lora": LoraConfig()})
-    return config
+    return build_config(method, parse_overrides(overrides, tree))

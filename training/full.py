@@ -17,7 +17,7 @@ def save_pipeline(models: Models, output_dir: Path) -> Path:
 
     from diffusers import StableDiffusionPipeline
 
-    from kiln.models.folder import write_folder_atomically
+    from kiln.artifacts import write_folder_atomically
 
     target = Path(output_dir) / MODEL_FOLDER
     pipe = StableDiffusionPipeline.from_pretrained(str(models.model_dir), unet=models.unet, text_encoder=models.text_encoder,

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from kiln.dataset.augment import Augmentations
+from kiln.artifacts import write_json_atomically
 from kiln.errors import ConfigError, TrainingError
-from kiln.export.manifest import write_json_atomically
 from kiln.models.folder import inspect_model
 from kiln.training import checkpoints
 from kiln.training.config import TrainConfig

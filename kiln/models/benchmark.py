@@ -47,7 +47,7 @@ def build_sd15_pipeline(width: str = "half", seed: int = 0):
 
 
 def write_sd15_model(out_dir: Path, width: str = "half", seed: int = 0) -> Path:
-    from kiln.models.folder import write_folder_atomically
+    from kiln.artifacts import write_folder_atomically
 
     pipe = build_sd15_pipeline(width, seed)
     with write_folder_atomically(out_dir) as tmp:

@@ -1,13 +1,8 @@
-"""Local diffusers folders: what is in them, and writing them so an interruption leaves nothing half-done."""
+"""Local diffusers folders: what is in them (read from their configs, no weights loaded)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +15,6 @@ REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 class ModelInfo:
     """What the export and serving stages need to know about a Stable Diffusion folder."""
 
-    path: Path
     prediction_type: str  # epsilon | v_prediction
     scheduler_class: str
     vae_scale_factor: int
@@ -29,6 +23,7 @@ class ModelInfo:
     text_hidden_size: int
     max_length: int
     scaling_factor: float
+    path: Path | None = None  # the folder it was read from (an export's manifest records the source apart)
 
 
 def _read_json(path: Path) -> dict:
@@ -76,32 +71,35 @@ def inspect_model(model_dir: Path) -> ModelInfo:
     )
 
 
-def hash_tree(path: Path) -> str:
-    """sha256 over every file under `path` (relative names and contents), in a stable order."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class ModelDims:
+    """Constants of one model that fill the non-dynamic symbols of the component specs."""
+
+    latent_channels: int
+    hidden_size: int
+    sequence: int
+    vocab_size: int
+    vae_scale_factor: int
+    unet_factor: int  # latent sides must be multiples of this (UNet down-sampling)
+    default_latent: int  # latent side at the model's native resolution
+    image_channels: int = 3
+
+    @property
+    def latent_parameters(self) -> int:
+        return 2 * self.latent_channels  # mean and log-variance of the VAE posterior
 
 
-@contextlib.contextmanager
-def write_folder_atomically(out_dir: Path):
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def model_dims(model_dir: Path, info: ModelInfo | None = None) -> ModelDims:
+    model_dir = Path(model_dir)
+    info = info or inspect_model(model_dir)
+    unet = _read_json(model_dir / "unet" / "config.json")
+    text = _read_json(model_dir / "text_encoder" / "config.json")
+    return ModelDims(
+        latent_channels=info.latent_channels,
+        hidden_size=text["hidden_size"],
+        sequence=info.max_length,
+        vocab_size=text["vocab_size"],
+        vae_scale_factor=info.vae_scale_factor,
+        unet_factor=2 ** (len(unet["block_out_channels"]) - 1),
+        default_latent=info.default_size // info.vae_scale_factor,
+    )

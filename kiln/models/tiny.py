@@ -93,7 +93,7 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
 
 def write_tiny_model(out_dir: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Build the tiny pipeline and save it as a plain diffusers folder (atomically)."""
-    from kiln.models.folder import write_folder_atomically
+    from kiln.artifacts import write_folder_atomically
 
     pipe = build_tiny_pipeline(prediction_type, seed)
     with write_folder_atomically(out_dir) as tmp:

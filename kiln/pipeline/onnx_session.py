@@ -9,9 +9,10 @@ import numpy as np
 from kiln.export.specs import ComponentSpec
 
 
-def make_session(model_path: Path, threads: int = 0, arena: bool = True):
-    """A CPU session; `threads` 0 lets ONNX Runtime choose (one per core). Without `arena`, memory a
-    run allocates is freed when it ends instead of kept for the next (a long-lived server wants that)."""
+def make_session(model_path: Path, threads: int = 0, arena: bool = True, providers: list[str] | None = None):
+    """A session on `providers` (default the CPU); `threads` 0 lets ONNX Runtime choose (one per core).
+    Without `arena`, memory a run allocates is freed when it ends instead of kept for the next (a
+    long-lived server wants that)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -21,17 +22,19 @@ def make_session(model_path: Path, threads: int = 0, arena: bool = True):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), options, providers=providers or ["CPUExecutionProvider"])
 
 
 class ComponentSession:
     """Runs one exported component: inputs cast to the spec's dtypes, outputs named as the spec."""
 
-    def __init__(self, spec: ComponentSpec, model_path: Path, threads: int = 0, arena: bool = True):
+    def __init__(self, spec: ComponentSpec, model_path: Path, threads: int = 0, arena: bool = True,
+                 providers: list[str] | None = None):
         self.spec = spec
-        self.session = make_session(model_path, threads, arena)
+        self.session = make_session(model_path, threads, arena, providers)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Every declared output, or only `outputs`."""
         typed = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in self.spec.inputs}
-        outputs = self.session.run(self.spec.output_names, typed)
-        return dict(zip(self.spec.output_names, outputs))
+        names = self.spec.output_names if outputs is None else outputs
+        return dict(zip(names, self.session.run(names, typed), strict=True))

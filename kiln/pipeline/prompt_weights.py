@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from kiln.errors import RequestError
 from kiln.pipeline.request import Limits
@@ -169,22 +170,25 @@ def tokenize_weighted(tokenizer, prompt: str, min_chunks: int = 1, field: str = 
     return TokenChunks(ids, weights, tokens)
 
 
-def apply_weights(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(chunks, 77, D) encoder output, (chunks, 77) weights -> (1, chunks*77, D).
+def apply_weights(embeddings, weights) -> torch.Tensor:
+    """(chunks, 77, D) encoder output, (chunks, 77) weights (torch or numpy) -> (1, chunks*77, D) torch,
+    on the embeddings' device.
 
     Scales each token's embedding by its weight, then rescales so the mean equals the original's:
     emphasis shifts attention between tokens without changing the overall magnitude. A mean that is
     nought next to the values' magnitude (an encoder whose final LayerNorm has no bias, as a
     random-weight one) carries no level to restore: dividing by it would amplify rounding noise."""
+    embeddings = torch.as_tensor(embeddings)
+    weights = torch.as_tensor(weights, device=embeddings.device)
     chunks, length, dim = embeddings.shape
-    out = embeddings.astype(np.float32)
-    if (weights != 1.0).any():
-        original_mean = out.mean(dtype=np.float64)
-        out = out * weights[..., None].astype(np.float32)
-        new_mean = out.mean(dtype=np.float64)
-        level = np.abs(embeddings).mean(dtype=np.float64) * MEAN_FLOOR
+    out = embeddings.to(torch.float32)
+    if bool((weights != 1.0).any()):
+        original_mean = float(out.double().mean())
+        out = out * weights[..., None].to(torch.float32)
+        new_mean = float(out.double().mean())
+        level = float(embeddings.abs().double().mean()) * MEAN_FLOOR
         if abs(original_mean) > level and abs(new_mean) > level:
-            out = out * np.float32(original_mean / new_mean)
+            out = out * np.float32(original_mean / new_mean).item()
     return out.reshape(1, chunks * length, dim)
 
 

@@ -27,10 +27,9 @@ def weighted_embeddings(pipe, prompt: str, negative: str) -> tuple[torch.Tensor,
     first, second = tokenize_pair(pipe.tokenizer, prompt, negative)
 
     def encode(ids):
-        return pipe.text_encoder(torch.from_numpy(ids).long())[0].numpy()
+        return pipe.text_encoder(torch.from_numpy(ids).long())[0]
 
-    return (torch.from_numpy(apply_weights(encode(first.ids), first.weights)),
-            torch.from_numpy(apply_weights(encode(second.ids), second.weights)))
+    return apply_weights(encode(first.ids), first.weights), apply_weights(encode(second.ids), second.weights)
 
 
 def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int, steps: int, guidance: float,

@@ -40,6 +40,17 @@ TXT2IMG_OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
     ("image", "UINT8", [-1, -1, -1, 3]),
     ("seeds", "INT64", [-1]),
 )
+# tokenizer -> pipeline, for each prompt side: 77-token chunks and per-token weights, shape (chunks, 77)
+PROMPT_SIDES = ("prompt", "negative_prompt")
+
+
+def token_names(side: str) -> tuple[str, str]:
+    """The ids and weights tensors the tokenizer writes for one prompt side."""
+    return f"{side}_ids", f"{side}_weights"
+
+
+TOKEN_TENSORS: dict[str, str] = {name: wire for side in PROMPT_SIDES
+                                 for name, wire in zip(token_names(side), ("INT32", "FP32"))}
 NUMPY_DTYPES = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "UINT8": np.uint8}
 RANDOM_SEED = -1
 MAX_SEED = 2**63 - 1

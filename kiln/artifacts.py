@@ -1,0 +1,182 @@
+"""What every stage writes and how it is keyed: content hashes, atomic writes (an interruption leaves
+the previous artifact or none, never half of one), and the manifests that key an artifact by what
+produced it, so a stale one is rebuilt, never reused. The ONNX export's manifest is a typed model
+read by every later stage (repository, TensorRT, quantisation, benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kiln.errors import ModelError
+from kiln.models.folder import ModelDims, ModelInfo
+
+MANIFEST_NAME = "manifest.json"
+LIBRARIES = ("torch", "onnx", "onnxruntime", "diffusers", "transformers")
+
+
+# ---------------------------------------------------------------- identity
+
+
+def fingerprint(payload: Any) -> str:
+    """sha256 of a JSON-able payload (keys sorted): the key of whatever it describes."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_sha256(path: Path) -> str:
+    """sha256 over every file under `path` (relative names and contents), in a stable order: the
+    identity of a model folder, a component's weights, an adapter."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions(names=LIBRARIES) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def write_json_atomically(path: Path, payload: Any) -> None:
+    """JSON (pydantic models as their JSON form) written beside `path`, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump(mode="json", exclude_none=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users and containers
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def write_folder_atomically(out_dir: Path):
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(folder: Path) -> dict:
+    """A folder's manifest.json as written, or {} when there is none or it is damaged (a damaged
+    manifest proves nothing: everything it would have vouched for is rebuilt)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+# ---------------------------------------------------------------- the ONNX export's manifest
+
+
+class ComponentEntry(BaseModel):
+    """One exported component: its file, what produced it (`key`) and how it compared with its source."""
+
+    model_config = ConfigDict(extra="allow")  # an int8 export adds source_sha256_fp32
+
+    key: str
+    file: str
+    sha256: str
+    precision: str
+    source_sha256: str
+    inputs: list[dict]
+    outputs: list[dict]
+    parity: list[dict] | dict  # per parity shape; an int8 Q/DQ UNet's held-out report
+    seconds: float = 0.0
+
+
+class ExportManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kiln_version: str
+    format: int
+    source: dict[str, Any]  # path, and the sha256 of each source folder
+    model: ModelInfo
+    dims: ModelDims
+    opset: int
+    precision: str  # fp32 | fp16 | int8 | int8-qdq (the UNet calibrated by `kiln export qdq`)
+    libraries: dict[str, str]
+    components: dict[str, ComponentEntry]
+    quantization: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        """The identity of the exported files, which engines and repositories record."""
+        return fingerprint({name: entry.model_dump(mode="json", exclude_none=True)
+                            for name, entry in self.components.items()})
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's down-sampling."""
+        return self.dims.vae_scale_factor * self.dims.unet_factor
+
+    def has(self, folder: Path, component: str) -> bool:
+        return (Path(folder) / component / "model.onnx").is_file()
+
+
+def read_export(onnx_dir: Path) -> ExportManifest:
+    """The manifest of a Kiln ONNX export, checked to describe a complete export."""
+    from kiln.export.specs import COMPONENTS
+
+    onnx_dir = Path(onnx_dir)
+    raw = read_manifest(onnx_dir)
+    if not raw:
+        raise ModelError(f"{onnx_dir} has no manifest.json: it is not a Kiln ONNX export",
+                         hint=f"kiln export onnx MODEL_DIR {onnx_dir}")
+    try:
+        manifest = ExportManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelError(f"{onnx_dir / MANIFEST_NAME} is not a manifest this Kiln reads: {exc.errors()[0]['loc']} "
+                         f"{exc.errors()[0]['msg']}", hint=f"re-export: kiln export onnx MODEL_DIR {onnx_dir}") from None
+    missing = [name for name, spec in COMPONENTS.items() if spec.required and not manifest.has(onnx_dir, name)]
+    if missing:
+        raise ModelError(f"{onnx_dir} lacks {missing}", hint=f"kiln export onnx MODEL_DIR {onnx_dir}")
+    return manifest

@@ -1,0 +1,103 @@
+"""The one engine adapter between the pipeline core and the declared components.
+
+The core (kiln.pipeline.denoise) asks four things: encode text, predict noise, decode latents, encode
+an image. Each is one run of a component spec, and a *runner* executes runs on one backend: ONNX
+Runtime in-process (here), a Triton BLS call (model_repository.triton_adapter), a TensorRT engine
+(export.tensorrt) or the PyTorch wrapper (here, the reference the GPU check times). Runners take and
+return torch tensors on their `device` and convert at their own edge; the core sees nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import numpy as np
+import torch
+
+from kiln.errors import ModelError
+from kiln.export.specs import COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
+
+
+class Runner(Protocol):
+    device: torch.device
+
+    def __call__(self, spec: ComponentSpec, feeds: dict[str, torch.Tensor],
+                 outputs: list[str]) -> dict[str, torch.Tensor]: ...
+
+
+class Engines:
+    """The core's calls as component runs: inputs fed by the spec's input order, the first output returned."""
+
+    def __init__(self, run: Runner, components: Iterable[str] | None = None):
+        self.run = run
+        self.components = set(COMPONENTS if components is None else components)
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
+
+    def call(self, spec: ComponentSpec, *values: torch.Tensor) -> torch.Tensor:
+        if spec.name not in self.components:
+            raise ModelError(f"this export has no {spec.name}", hint="re-export the model: kiln export onnx MODEL_DIR ONNX_DIR")
+        feeds = dict(zip(spec.input_names, values, strict=True))
+        first = spec.output_names[0]
+        return self.run(spec, feeds, [first])[first]
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, 77) int32 -> (B, 77, D)
+        return self.call(TEXT_ENCODER, input_ids)
+
+    def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.call(UNET, sample, timestep, embeddings)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:  # (B, 4, h, w) -> (B, 3, H, W) in [-1, 1]
+        return self.call(VAE_DECODER, latents)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [-1, 1] -> (B, 2C, h, w)
+        return self.call(VAE_ENCODER, pixels)
+
+
+class OnnxRuntimeRunner:
+    """Exported components on ONNX Runtime in this process (the CPU, or `providers`), host arrays in
+    and out."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, onnx_dir: Path, threads: int = 0, arena: bool = True, providers: list[str] | None = None):
+        from kiln.pipeline.onnx_session import ComponentSession
+
+        self.sessions = {name: ComponentSession(spec, Path(onnx_dir) / name / "model.onnx", threads, arena, providers)
+                         for name, spec in COMPONENTS.items() if (Path(onnx_dir) / name / "model.onnx").is_file()}
+
+    def __call__(self, spec: ComponentSpec, feeds: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, torch.Tensor]:
+        arrays = self.sessions[spec.name].run({k: np.asarray(v) for k, v in feeds.items()}, outputs)
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def onnx_engines(onnx_dir: Path, threads: int = 0) -> Engines:
+    runner = OnnxRuntimeRunner(onnx_dir, threads)
+    return Engines(runner, runner.sessions)
+
+
+class TorchRunner:
+    """The components' PyTorch wrappers (the modules export traced), on `device` in `dtype`."""
+
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 components: Iterable[str] | None = None):
+        self.device, self.dtype = torch.device(device), dtype
+        names = [n for n, s in COMPONENTS.items() if s.required] if components is None else list(components)
+        self.modules = {n: COMPONENTS[n].load_torch(model_dir).to(self.device, self._dtype(COMPONENTS[n]))
+                        for n in names}
+
+    def _dtype(self, spec: ComponentSpec) -> torch.dtype:
+        return self.dtype if spec.reduced_precision else torch.float32
+
+    def __call__(self, spec: ComponentSpec, feeds: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, torch.Tensor]:
+        dtype = self._dtype(spec)
+        args = [feeds[t.name].to(self.device, dtype) if t.dtype.startswith("float") else feeds[t.name].to(self.device)
+                for t in spec.inputs]
+        with torch.inference_mode():
+            result = self.modules[spec.name](*args)
+        result = result if isinstance(result, tuple) else (result,)
+        named = dict(zip(spec.output_names, result, strict=True))
+        return {k: named[k].float() for k in outputs}
