@@ -106,7 +106,7 @@ def onnx_runtime_engines(onnx_dir: Path, provider: str):
     used = {s.session.get_providers()[0] for s in runner.sessions.values()}
     if used != {provider}:  # ONNX Runtime falls back to the CPU when CUDA's libraries do not load
         raise KilnError(f"ONNX Runtime asked for {provider} ran on {sorted(used)}")
-    return Engines(runner, runner.sessions)
+    return Engines(runner)
 
 
 def diffusers_seconds(model_dir: Path, generation: Generation, device: str, runs: int) -> float:
@@ -144,6 +144,29 @@ def _versions() -> dict:
     return found
 
 
+SD15_MULTIPLE = 64  # image sides of the default model: its VAE's 8 x its UNet's down-sampling 8
+
+
+def check_settings(size: int, steps: int, runs: int, scheduler: str, model_dir: Path | None = None) -> str:
+    """Refuse what would make every backend fail (or measure a size the product refuses) before any
+    work; returns the scheduler's canonical name."""
+    from kiln.errors import RequestError
+    from kiln.models.folder import model_dims
+    from kiln.pipeline.request import Limits
+    from kiln.pipeline.schedulers import canonical_name
+
+    limits = Limits()
+    if runs < 1:
+        raise RequestError("runs", runs, "at least 1")
+    if not 1 <= steps <= limits.max_steps:
+        raise RequestError("steps", steps, f"1 to {limits.max_steps}")
+    dims = model_dims(model_dir) if model_dir is not None else None
+    multiple = dims.vae_scale_factor * dims.unet_factor if dims else SD15_MULTIPLE
+    if size % multiple or not multiple <= size <= limits.max_size:
+        raise RequestError("size", size, f"a multiple of {multiple} up to {limits.max_size} (this model's image sides)")
+    return canonical_name(scheduler)
+
+
 def run(out: Path, model_dir: Path | None = None, size: int = 512, steps: int = 30, runs: int = 3,
         scheduler: str = "euler") -> dict:
     import onnxruntime as ort
@@ -156,6 +179,7 @@ def run(out: Path, model_dir: Path | None = None, size: int = 512, steps: int = 
 
     start = time.perf_counter()
     out = Path(out)
+    scheduler = check_settings(size, steps, runs, scheduler, model_dir)
     cuda = _cuda()
     report: dict = {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
                     "versions": _versions() | {"torch_cuda": torch.version.cuda},
@@ -186,7 +210,7 @@ def run(out: Path, model_dir: Path | None = None, size: int = 512, steps: int = 
         export_engines(onnx_dir, out / "engines", plan, trt_parity_check)
         report["engine_build_s"] = round(time.perf_counter() - t, 1)
         report["engines"] = check_engines(out / "engines", Runtime.detect(), plan.export_key)["parity"]
-        backends.append(("tensorrt", lambda: Engines(EngineRunner(out / "engines", required), required)))
+        backends.append(("tensorrt", lambda: Engines(EngineRunner(out / "engines", required))))
     except Exception as exc:  # no TensorRT, no GPU, a failed build or parity: said in the report, the rest runs
         skipped["tensorrt"] = _failure(exc)
     provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
@@ -228,6 +252,8 @@ def run(out: Path, model_dir: Path | None = None, size: int = 512, steps: int = 
 
 
 def main(argv=None) -> int:
+    from kiln.errors import KilnError
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: SD 1.5, random weights)")
@@ -236,6 +262,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scheduler", default="euler", help="any name `kiln generate --scheduler` takes")
     args = parser.parse_args(argv)
+    try:
+        check_settings(args.size, args.steps, args.runs, args.scheduler, args.model)
+    except KilnError as exc:
+        parser.error(str(exc))  # exit 2, before anything is built
     report = run(args.out_dir, args.model, args.size, args.steps, args.runs, args.scheduler)
     print(json.dumps(report, indent=2))
     print(f"report written to {args.out_dir / 'gpu_check.json'}")

@@ -326,6 +326,7 @@ class EngineRunner:
         self.device = torch.device("cuda")
         names = [n for n in (components or COMPONENTS) if (Path(engine_dir) / n / ENGINE_NAME).is_file()]
         self.engines = {n: TrtRunner(Path(engine_dir) / n / ENGINE_NAME) for n in names}
+        self.components = tuple(self.engines)
 
     def __call__(self, spec: ComponentSpec, feeds: dict, outputs: list[str]) -> dict:
         result = self.engines[spec.name](feeds)

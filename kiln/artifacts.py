@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from kiln.errors import ModelError
 from kiln.models.folder import ModelDims, ModelInfo
@@ -109,9 +109,10 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 # ---------------------------------------------------------------- the ONNX export's manifest
@@ -147,6 +148,23 @@ class ExportManifest(BaseModel):
     components: dict[str, ComponentEntry]
     quantization: dict[str, Any] | None = None
 
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, value: str) -> str:
+        from kiln.export.specs import EXPORT_PRECISIONS, QDQ_PRECISION
+
+        if value not in (*EXPORT_PRECISIONS, QDQ_PRECISION):
+            raise ValueError(f"precision {value!r} is not one of {[*EXPORT_PRECISIONS, QDQ_PRECISION]}")
+        return value
+
+    @field_validator("dims")
+    @classmethod
+    def _positive_dims(cls, dims: ModelDims) -> ModelDims:
+        bad = {k: v for k, v in vars(dims).items() if v < 1}
+        if bad:
+            raise ValueError(f"model dimensions must be positive, not {bad}")
+        return dims
+
     @property
     def key(self) -> str:
         """The identity of the exported files, which engines and repositories record."""
@@ -169,7 +187,8 @@ def read_export(onnx_dir: Path) -> ExportManifest:
     onnx_dir = Path(onnx_dir)
     raw = read_manifest(onnx_dir)
     if not raw:
-        raise ModelError(f"{onnx_dir} has no manifest.json: it is not a Kiln ONNX export",
+        state = "a damaged manifest.json" if (onnx_dir / MANIFEST_NAME).is_file() else "no manifest.json"
+        raise ModelError(f"{onnx_dir} has {state}: it is not a Kiln ONNX export Kiln can read",
                          hint=f"kiln export onnx MODEL_DIR {onnx_dir}")
     try:
         manifest = ExportManifest.model_validate(raw)
@@ -177,6 +196,8 @@ def read_export(onnx_dir: Path) -> ExportManifest:
         raise ModelError(f"{onnx_dir / MANIFEST_NAME} is not a manifest this Kiln reads: {exc.errors()[0]['loc']} "
                          f"{exc.errors()[0]['msg']}", hint=f"re-export: kiln export onnx MODEL_DIR {onnx_dir}") from None
     missing = [name for name, spec in COMPONENTS.items() if spec.required and not manifest.has(onnx_dir, name)]
-    if missing:
-        raise ModelError(f"{onnx_dir} lacks {missing}", hint=f"kiln export onnx MODEL_DIR {onnx_dir}")
+    unrecorded = [name for name in COMPONENTS if manifest.has(onnx_dir, name) and name not in manifest.components]
+    if missing or unrecorded:
+        what = f"lacks {missing}" if missing else f"has {unrecorded} that its manifest does not record"
+        raise ModelError(f"{onnx_dir} {what}", hint=f"kiln export onnx MODEL_DIR {onnx_dir}")
     return manifest

@@ -94,6 +94,8 @@ class BlsRunner:
         import torch
 
         self.models = models or {}
+        if self.models:
+            self.components = tuple(self.models)  # what this pipeline's repository serves
         self.on_host = device is None
         self.device = torch.device(device or "cpu")
 

@@ -51,3 +51,15 @@ def test_gpu_check_runs_on_the_cpu_and_reports_what_it_skipped(tiny_model, tmp_p
         assert timing["unet_step_s"] > 0 and timing["generation_s"] > 0, name
     assert report["timings"]["pytorch_fp32"]["diffusers_pipeline_s"] > 0
     assert report["versions"]["torch"] and report["size"] == 64
+
+
+@pytest.mark.parametrize("flag, value", [("--scheduler", "warp"), ("--runs", "0"), ("--size", "60"), ("--steps", "0")])
+def test_gpu_check_refuses_bad_settings_before_any_work(tiny_model, tmp_path, capsys, flag, value):
+    """A typo must not produce a "successful" report whose every backend was skipped."""
+    from kiln.benchmarks import gpu_check
+
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main([str(tmp_path / "out"), "--model", str(tiny_model("epsilon")), "--size", "64", "--steps", "2",
+                        "--runs", "1", flag, value])
+    assert exit_.value.code == 2 and f"{flag.lstrip('-')}=" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

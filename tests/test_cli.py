@@ -142,6 +142,15 @@ def test_a_bad_training_override_names_the_field_the_value_and_the_known_ones(tm
     assert "optim.lr" in message and "0.1" in message and "learning_rate" in message
 
 
+def test_an_override_too_large_to_read_names_the_key(tmp_path):
+    """An integer of 5,000 digits is more than Python converts: an error naming the key, shortened."""
+    result = invoke("train", "lora", f"model={tmp_path}", f"output_dir={tmp_path / 'out'}", f"data.path={tmp_path}",
+                    "lora.rank=" + "9" * 5000)
+    assert isinstance(result.exception, ConfigError), result.output
+    message = str(result.exception)
+    assert "lora.rank=99" in message and "5000 characters" in message and len(message) < 400
+
+
 @pytest.mark.parametrize("args, named", [
     (["repo", "build", "onnx", "repo", "--also", "tuned=a", "--also", "tuned=b"], ["'tuned'", "twice"]),
     (["repo", "build", "onnx", "repo", "--also", "tuned"], ["--also", "'tuned'", "key=value"]),

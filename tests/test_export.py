@@ -134,3 +134,38 @@ def test_dummy_inputs_follow_the_spec(tiny_model):
     feeds = dummy_inputs(COMPONENTS["text_encoder"], ShapePoint(3, 8, 8), dims)
     assert feeds["input_ids"].shape == (3, 77) and feeds["input_ids"].dtype == np.int32
     assert feeds["input_ids"].max() < dims.vocab_size
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda m: m["components"].pop("unet"), "does not record"),
+    (lambda m: m.update(precision="fp8"), "precision 'fp8' is not one of"),
+    (lambda m: m["dims"].update(vae_scale_factor=0), "must be positive"),
+])
+def test_a_manifest_that_disagrees_with_its_files_is_refused(onnx_dir, tmp_path, damage, expected):
+    """A manifest is read as a typed model and checked against the files: what it says is what the
+    repository builder, TensorRT and the pipeline will trust."""
+    from kiln.artifacts import read_export
+    from kiln.errors import ModelError
+
+    copy = tmp_path / "onnx"
+    shutil.copytree(onnx_dir("epsilon"), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    damage(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=expected) as err:
+        read_export(copy)
+    assert "kiln export onnx" in err.value.hint
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[]", b"{not json"])
+def test_a_damaged_manifest_is_called_damaged_and_rebuilt(tiny_model, onnx_dir, tmp_path, content):
+    from kiln.artifacts import read_export
+    from kiln.errors import ModelError
+
+    copy = tmp_path / "onnx"
+    shutil.copytree(onnx_dir("epsilon"), copy)
+    (copy / "manifest.json").write_bytes(content)
+    with pytest.raises(ModelError, match="damaged manifest.json"):
+        read_export(copy)
+    result = export_onnx(tiny_model("epsilon"), copy)  # proves nothing: every component is rebuilt
+    assert not any(c.reused for c in result.components) and read_export(copy).precision == "fp32"

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import torch
 import pytest
 
 from kiln.errors import RequestError
@@ -149,3 +150,15 @@ def test_every_backend_runs_the_same_core(tiny_model, onnx_dir, scheduler):
     pipe.engines = Engines(CheckingRunner(TorchRunner(tiny_model("epsilon"), components=COMPONENTS)))
     for request, image in zip(requests, expected, strict=True):
         assert np.abs(pipe(request).astype(int) - image).max() <= 1
+
+
+def test_a_runner_without_a_component_refuses_what_needs_it(tiny_model):
+    """Engines know what their runner runs: img2img on PyTorch modules loaded without the VAE encoder
+    is refused by name, not with a KeyError from deep inside."""
+    from kiln.errors import ModelError
+    from kiln.pipeline.engines import Engines, TorchRunner
+
+    engines = Engines(TorchRunner(tiny_model("epsilon")))  # the required components only
+    assert "vae_encoder" not in engines.components
+    with pytest.raises(ModelError, match="this export has no vae_encoder"):
+        engines.encode_image(torch.zeros((1, 3, 64, 64)))

@@ -166,6 +166,9 @@ def _set(tree: dict, dotted: str, raw: str, what: str) -> None:
         problem = getattr(e, "problem", None) or "unreadable"
         raise ConfigError(f"{what} {dotted}={raw}: the value is not valid YAML ({problem})",
                           hint=f"quote text in YAML: {dotted}='\"...\"'") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        shown = raw if len(raw) <= 40 else f"{raw[:40]}... ({len(raw)} characters)"
+        raise ConfigError(f"{what} {dotted}={shown}: the value cannot be read ({e})") from None
 
 
 def parse_overrides(items: Iterable[str], tree: dict | None = None, what: str = "override",

@@ -30,8 +30,9 @@ class Engines:
     """The core's calls as component runs: inputs fed by the spec's input order, the first output returned."""
 
     def __init__(self, run: Runner, components: Iterable[str] | None = None):
+        """`components`: what `run` can run (default: what it says it runs, else every component)."""
         self.run = run
-        self.components = set(COMPONENTS if components is None else components)
+        self.components = set(getattr(run, "components", COMPONENTS) if components is None else components)
 
     @property
     def device(self) -> torch.device:
@@ -68,6 +69,7 @@ class OnnxRuntimeRunner:
 
         self.sessions = {name: ComponentSession(spec, Path(onnx_dir) / name / "model.onnx", threads, arena, providers)
                          for name, spec in COMPONENTS.items() if (Path(onnx_dir) / name / "model.onnx").is_file()}
+        self.components = tuple(self.sessions)
 
     def __call__(self, spec: ComponentSpec, feeds: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, torch.Tensor]:
         arrays = self.sessions[spec.name].run({k: np.asarray(v) for k, v in feeds.items()}, outputs)
@@ -75,8 +77,7 @@ class OnnxRuntimeRunner:
 
 
 def onnx_engines(onnx_dir: Path, threads: int = 0) -> Engines:
-    runner = OnnxRuntimeRunner(onnx_dir, threads)
-    return Engines(runner, runner.sessions)
+    return Engines(OnnxRuntimeRunner(onnx_dir, threads))
 
 
 class TorchRunner:
@@ -88,6 +89,7 @@ class TorchRunner:
         names = [n for n, s in COMPONENTS.items() if s.required] if components is None else list(components)
         self.modules = {n: COMPONENTS[n].load_torch(model_dir).to(self.device, self._dtype(COMPONENTS[n]))
                         for n in names}
+        self.components = tuple(self.modules)
 
     def _dtype(self, spec: ComponentSpec) -> torch.dtype:
         return self.dtype if spec.reduced_precision else torch.float32
