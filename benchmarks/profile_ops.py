@@ -84,6 +84,7 @@ def family_totals(by_op: dict[str, float]) -> dict[str, float]:
 def run(model_dir: Path, onnx_dir: Path, out: Path, component: str = UNET.name, size: int = 256, runs: int = 3) -> dict:
     import torch
 
+    from kiln.artifacts import onnx_file
     from kiln.benchmarks.latency import matmul_gflops, unet_flops
     from kiln.export.specs import dummy_inputs
     from kiln.models.folder import model_dims
@@ -91,7 +92,7 @@ def run(model_dir: Path, onnx_dir: Path, out: Path, component: str = UNET.name, 
     spec = COMPONENTS[component]
     dims = model_dims(Path(model_dir))
     feeds = dummy_inputs(spec, _shape_point(spec, size, dims), dims)
-    ort_side = profile_onnxruntime(Path(onnx_dir) / component / "model.onnx", feeds, runs)
+    ort_side = profile_onnxruntime(onnx_file(onnx_dir, component), feeds, runs)
     module = spec.load_torch(model_dir)
     torch_side = profile_torch(module, feeds, runs)
     report = {"component": component, "size": size, "runs": runs, "onnxruntime": ort_side, "pytorch": torch_side,

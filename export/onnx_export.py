@@ -23,6 +23,7 @@ from kiln.artifacts import (
     file_sha256,
     fingerprint,
     library_versions,
+    onnx_file,
     read_manifest,
     tree_sha256,
     write_json_atomically,
@@ -150,7 +151,7 @@ def export_onnx(
                 "format": EXPORT_FORMAT,
             }
         )
-        path = out_dir / name / "model.onnx"
+        path = onnx_file(out_dir, name)
         old = previous.get(name)
         if not force and old and old.key == key and path.is_file() and file_sha256(path) == old.sha256:
             log.info("%s: unchanged inputs, reusing %s", name, path)

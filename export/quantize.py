@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.artifacts import MANIFEST_NAME, file_sha256, fingerprint, read_export, read_manifest, write_json_atomically
+from kiln.artifacts import (MANIFEST_NAME, file_sha256, fingerprint, onnx_file, read_export, read_manifest,
+                            write_json_atomically)
 from kiln.errors import ExportError, ParityError
 from kiln.export.precision import is_large
 from kiln.export.specs import QDQ_PRECISION, QUANTISED
@@ -185,11 +186,11 @@ def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibra
         raise ExportError(f"{onnx_dir} is a {manifest.precision} export; int8 is calibrated from the fp32 export",
                           hint="kiln export onnx MODEL ONNX_DIR (without --fp16/--int8), then kiln export qdq ONNX_DIR OUT")
     name = QUANTISED.name
-    fp32_path = onnx_dir / name / "model.onnx"
+    fp32_path = onnx_file(onnx_dir, name)
     toolkit = f"nvidia-modelopt {_modelopt_version()}"
     source = manifest.components[name]
     key = fingerprint({name: source.sha256, "calibration": asdict(calibration), "toolkit": toolkit, "format": QDQ_FORMAT})
-    fp32_entries = manifest.model_dump(mode="json", exclude_none=True)["components"]
+    fp32_entries = manifest.model_dump(mode="json", include={"components"}, exclude_none=True)["components"]
     previous = read_manifest(out_dir)
     if (not force and previous.get("quantization", {}).get("key") == key
             and previous.get("components") == {**fp32_entries, name: previous.get("components", {}).get(name)}
@@ -203,7 +204,7 @@ def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibra
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".qdq.", dir=out_dir))
     try:
-        qdq_path = scratch / name / "model.onnx"
+        qdq_path = onnx_file(scratch, name)
         qdq_path.parent.mkdir()
         log.info("calibrating the UNet on %d denoising steps of %d prompts (%s)", len(calibrate),
                  len(recorded) - calibration.holdout, calibration.method)
@@ -223,7 +224,7 @@ def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibra
             entry.rename(out_dir / entry.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    quantised = source.model_copy(update={"precision": QDQ_PRECISION, "sha256": file_sha256(out_dir / name / "model.onnx"),
+    quantised = source.model_copy(update={"precision": QDQ_PRECISION, "sha256": file_sha256(onnx_file(out_dir, name)),
                                           "source_sha256_fp32": source.sha256, "parity": parity})
     write_json_atomically(out_dir / MANIFEST_NAME, manifest.model_copy(update={
         "precision": QDQ_PRECISION, "components": {**manifest.components, name: quantised},

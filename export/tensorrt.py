@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.artifacts import fingerprint, read_export, read_manifest, write_json_atomically
+from kiln.artifacts import fingerprint, onnx_file, read_export, read_manifest, write_json_atomically
 from kiln.errors import ExportError
 from kiln.export.specs import COMPONENTS, QDQ_PRECISION, ComponentSpec, ShapePoint, concrete_shape
 from kiln.models.folder import ModelDims
@@ -147,7 +147,7 @@ def plan_engines(onnx_dir: Path, precision: str = "fp16", profiles: list[str] | 
     parsed = [parse_profile(p, manifest.size_multiple) for p in profiles] if profiles else [default_profile(dims)]
     plan = EnginePlan(precision, parsed, export_key=manifest.key)
     plan.components = [plan_component(COMPONENTS[name], dims, parsed, precision) for name in components
-                       if (Path(onnx_dir) / name / "model.onnx").is_file()]
+                       if onnx_file(onnx_dir, name).is_file()]
     if not plan.components:
         raise ExportError(f"{onnx_dir} holds none of the components {list(components)}")
     return plan
@@ -344,7 +344,7 @@ def export_engines(onnx_dir: Path, out_dir: Path, plan: EnginePlan, parity_check
     parity = {}
     for c in tqdm(plan.components, desc="build TensorRT engines", unit="engine"):
         (out_dir / c.component).mkdir(exist_ok=True)
-        source = onnx_dir / c.component / "model.onnx"
+        source = onnx_file(onnx_dir, c.component)
         info = build_engine(source, out_dir / c.component / ENGINE_NAME, c, out_dir / TIMING_CACHE, plan.workspace_gib)
         parity[c.component] = {**info, **(parity_check(c.component, source, out_dir / c.component / ENGINE_NAME)
                                            if parity_check else {})}

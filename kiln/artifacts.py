@@ -176,8 +176,17 @@ class ExportManifest(BaseModel):
         """Image sides must be multiples of this: the VAE factor times the UNet's down-sampling."""
         return self.dims.vae_scale_factor * self.dims.unet_factor
 
-    def has(self, folder: Path, component: str) -> bool:
-        return (Path(folder) / component / "model.onnx").is_file()
+
+def onnx_file(onnx_dir: Path, component: str) -> Path:
+    """Where an export keeps a component's ONNX model (optimum's layout: unet/model.onnx)."""
+    return Path(onnx_dir) / component / "model.onnx"
+
+
+def exported_components(onnx_dir: Path) -> list[str]:
+    """The declared components an export folder holds, in their declared order."""
+    from kiln.export.specs import COMPONENTS
+
+    return [name for name in COMPONENTS if onnx_file(onnx_dir, name).is_file()]
 
 
 def read_export(onnx_dir: Path) -> ExportManifest:
@@ -195,8 +204,9 @@ def read_export(onnx_dir: Path) -> ExportManifest:
     except ValidationError as exc:
         raise ModelError(f"{onnx_dir / MANIFEST_NAME} is not a manifest this Kiln reads: {exc.errors()[0]['loc']} "
                          f"{exc.errors()[0]['msg']}", hint=f"re-export: kiln export onnx MODEL_DIR {onnx_dir}") from None
-    missing = [name for name, spec in COMPONENTS.items() if spec.required and not manifest.has(onnx_dir, name)]
-    unrecorded = [name for name in COMPONENTS if manifest.has(onnx_dir, name) and name not in manifest.components]
+    present = exported_components(onnx_dir)
+    missing = [name for name, spec in COMPONENTS.items() if spec.required and name not in present]
+    unrecorded = [name for name in present if name not in manifest.components]
     if missing or unrecorded:
         what = f"lacks {missing}" if missing else f"has {unrecorded} that its manifest does not record"
         raise ModelError(f"{onnx_dir} {what}", hint=f"kiln export onnx MODEL_DIR {onnx_dir}")

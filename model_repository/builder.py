@@ -25,7 +25,8 @@ from pathlib import Path
 
 from kiln import __version__
 from kiln.errors import RepositoryError
-from kiln.artifacts import MANIFEST_NAME, read_export, tree_sha256, write_folder_atomically, write_json_atomically
+from kiln.artifacts import (MANIFEST_NAME, exported_components, read_export, tree_sha256, write_folder_atomically,
+                            write_json_atomically)
 from kiln.export.specs import COMPONENTS
 from kiln.model_repository import configs
 from kiln.pipeline.onnx_pipeline import model_constants, model_defaults
@@ -141,7 +142,7 @@ def build_models_repository(
             manifest = manifests[name]
             dims = manifest.dims
             component_models = {}
-            for component in [c for c in COMPONENTS if manifest.has(onnx_dir, c)]:
+            for component in exported_components(onnx_dir):
                 source = engines[name] / component if backend == "tensorrt" else onnx_dir / component
                 triton_name, digest = model_name(component, source)
                 component_models[component] = triton_name
@@ -181,7 +182,7 @@ def build_models_repository(
             ensemble = PUBLIC_MODEL if single else name
             _write_model(tmp, configs.txt2img_config(ensemble, tokenizer_name, pipeline_name))
             summary[ensemble] = {"source": {"onnx_dir": str(onnx_dir.resolve()), "export_key": manifest.key},
-                                 "model": manifest.model_dump(mode="json", exclude_none=True)["model"],
+                                 "model": manifest.model_dump(mode="json", include={"model"}, exclude_none=True)["model"],
                                  "precision": manifest.precision,
                                  "components": component_models, "tokenizer": tokenizer_name, "pipeline": pipeline_name}
         write_json_atomically(

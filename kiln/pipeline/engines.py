@@ -65,10 +65,11 @@ class OnnxRuntimeRunner:
     device = torch.device("cpu")
 
     def __init__(self, onnx_dir: Path, threads: int = 0, arena: bool = True, providers: list[str] | None = None):
+        from kiln.artifacts import exported_components, onnx_file
         from kiln.pipeline.onnx_session import ComponentSession
 
-        self.sessions = {name: ComponentSession(spec, Path(onnx_dir) / name / "model.onnx", threads, arena, providers)
-                         for name, spec in COMPONENTS.items() if (Path(onnx_dir) / name / "model.onnx").is_file()}
+        self.sessions = {name: ComponentSession(COMPONENTS[name], onnx_file(onnx_dir, name), threads, arena, providers)
+                         for name in exported_components(onnx_dir)}
         self.components = tuple(self.sessions)
 
     def __call__(self, spec: ComponentSpec, feeds: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, torch.Tensor]:

@@ -101,27 +101,28 @@ class GenerationRequest:
         return [self.seed + i for i in range(self.num_images)]
 
 
-def _scalar(raw: dict, name: str):
+def _single(raw: dict, name: str):
+    """The one value a field holds, as sent (bytes stay bytes), or None when it is absent."""
     value = raw.get(name)
     if value is None:
         return None
     array = np.asarray(value)
     if array.size != 1:
         raise RequestError(name, f"shape {list(array.shape)}", "a single value, shape [1]")
-    item = array.reshape(-1)[0]
+    return array.reshape(-1)[0]
+
+
+def _scalar(raw: dict, name: str):
+    item = _single(raw, name)
     return item.decode("utf-8", errors="strict") if isinstance(item, bytes) else item
 
 
 def text_field(raw: dict, name: str, default: str, limits: Limits) -> str:
     """A BYTES field as text. Its bytes are bounded before decoding (UTF-8 has at most 4 a character),
     then its characters."""
-    value = raw.get(name)
-    if value is None:
+    item = _single(raw, name)
+    if item is None:
         return default
-    array = np.asarray(value)
-    if array.size != 1:
-        raise RequestError(name, f"shape {list(array.shape)}", "a single value, shape [1]")
-    item = array.reshape(-1)[0]
     if isinstance(item, bytes):
         if len(item) > 4 * limits.max_prompt_chars:
             raise RequestError(name, f"<{len(item)} bytes>", f"at most {limits.max_prompt_chars} characters")
