@@ -22,10 +22,10 @@ def measure(url: str, runs: int) -> dict:
 
     from kiln.benchmarks.timing import timed
     from kiln.clients.client import KilnClient
-    from kiln.export.specs import COMPONENTS
+    from kiln.export.specs import SD
 
     client = httpclient.InferenceServerClient(url)
-    (encoder,) = [spec for spec in COMPONENTS.values() if spec.cache_outputs]
+    (encoder,) = SD.cached  # the demo's SD model: one text encoder
     (ids_spec,) = encoder.inputs
     rng = np.random.default_rng(0)
 

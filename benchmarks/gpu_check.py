@@ -51,14 +51,17 @@ class Generation:
     """One prompt, tokenized once, drawn through kiln.pipeline.denoise.generate on any engines."""
 
     def __init__(self, model_dir: Path, size: int, steps: int, scheduler: str):
+        from kiln.export.specs import family
         from kiln.models.folder import inspect_model
         from kiln.pipeline.denoise import ModelConstants
-        from kiln.pipeline.prompt_weights import tokenize_pair
+        from kiln.pipeline.prompt_weights import tokenize_prompts
         from kiln.pipeline.prompts import load_tokenizer
 
         info = inspect_model(model_dir)
-        self.constants = ModelConstants(info.latent_channels, info.vae_scale_factor, info.scaling_factor)
-        self.prompt, self.negative = tokenize_pair(load_tokenizer(Path(model_dir) / "tokenizer"), PROMPT, "")
+        self.constants = ModelConstants(info.latent_channels, info.vae_scale_factor, info.scaling_factor,
+                                        info.zero_empty_negative)
+        tokenizers = [load_tokenizer(Path(model_dir) / name) for name in family(info.family).tokenizers]
+        self.prompt, self.negative = tokenize_prompts(tokenizers, PROMPT, "")
         self.scheduler_config = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
         self.size, self.steps, self.scheduler = size, steps, scheduler
 
@@ -67,7 +70,8 @@ class Generation:
         from kiln.pipeline.schedulers import make_scheduler
 
         return generate(engines, make_scheduler(self.scheduler, self.scheduler_config), self.constants, self.prompt,
-                        self.negative, [0], self.steps, GUIDANCE, self.size, self.size)
+                        self.negative, [0], self.steps, GUIDANCE, self.size, self.size,
+                        zero_negative=self.constants.zero_empty_negative)
 
 
 def _sync(engines):
@@ -81,12 +85,13 @@ def time_engines(engines, generation: Generation, dims, runs: int) -> dict:
     import torch
 
     from kiln.benchmarks.timing import timed
-    from kiln.export.specs import UNET, ShapePoint, dummy_inputs
+    from kiln.export.specs import ShapePoint, dummy_inputs
 
+    unet = engines.family.spec("unet")
     latent = generation.size // dims.vae_scale_factor
-    feeds = dummy_inputs(UNET, ShapePoint(UNET.batch(1), latent, latent), dims)
-    args = [torch.from_numpy(feeds[name]).to(engines.device) for name in UNET.input_names]
-    step = timed(lambda: engines.call(UNET, *args), runs * 5, warmup=2, sync=_sync(engines))
+    feeds = dummy_inputs(unet, ShapePoint(unet.batch(1), latent, latent), dims)
+    args = [torch.from_numpy(feeds[name]).to(engines.device) for name in unet.input_names]
+    step = timed(lambda: engines.call(unet, *args), runs * 5, warmup=2, sync=_sync(engines))
     whole = timed(lambda: generation(engines), runs, warmup=1, sync=_sync(engines))
     # every generation above checked its latents and image: an fp16 overflow (inf/NaN) raised GenerationError
     return {"unet_step_s": step.median_ms / 1000, "generation_s": whole.median_ms / 1000,
@@ -194,23 +199,23 @@ def run(out: Path, model_dir: Path | None = None, size: int = 512, steps: int = 
     t = time.perf_counter()
     onnx_dir = export_onnx(model_dir, out / "onnx").out_dir
     report["onnx_export_s"] = round(time.perf_counter() - t, 1)
-    dims = read_export(onnx_dir).dims
+    manifest = read_export(onnx_dir)
+    dims = manifest.dims
     generation = Generation(model_dir, size, steps, scheduler)
     backends: list = []  # (name, factory of engines)
     skipped: dict = {}
 
     # TensorRT: fp16 engines for one image at `size`, each checked against ONNX Runtime
     try:
-        from kiln.export.specs import COMPONENTS
         from kiln.export.tensorrt import EngineRunner, Runtime, check_engines, export_engines, plan_engines, trt_parity_check
 
-        required = tuple(n for n, spec in COMPONENTS.items() if spec.required)
+        required = tuple(n for n, spec in manifest.family.components.items() if spec.required)
         plan = plan_engines(onnx_dir, "fp16", [f"1x{size}:1x{size}:1x{size}"], components=required)
         t = time.perf_counter()
         export_engines(onnx_dir, out / "engines", plan, trt_parity_check)
         report["engine_build_s"] = round(time.perf_counter() - t, 1)
         report["engines"] = check_engines(out / "engines", Runtime.detect(), plan.export_key)["parity"]
-        backends.append(("tensorrt", lambda: Engines(EngineRunner(out / "engines", required))))
+        backends.append(("tensorrt", lambda: Engines(EngineRunner(out / "engines", required, manifest.family))))
     except Exception as exc:  # no TensorRT, no GPU, a failed build or parity: said in the report, the rest runs
         skipped["tensorrt"] = _failure(exc)
     provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"

@@ -27,7 +27,6 @@ def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps:
     from kiln.artifacts import read_export
     from kiln.export.onnx_export import export_onnx
     from kiln.export.quantize import QDQ_PRECISION, Calibration, export_qdq
-    from kiln.export.specs import QUANTISED
     from kiln.pipeline.onnx_pipeline import OnnxPipeline
     from kiln.pipeline.request import GenerationRequest
 
@@ -44,7 +43,7 @@ def run(model_dir: Path, classifier_dir: Path, out: Path, seeds: int = 8, steps:
                                       method=precision.removeprefix(QDQ_PRECISION + "-"))
             onnx_dir = export_qdq(out / "onnx-fp32", out / f"onnx-{precision}", calibration)
             manifest = read_export(onnx_dir)
-            qdq[precision] = {"quantization": manifest.quantization, "parity": manifest.components[QUANTISED.name].parity}
+            qdq[precision] = {"quantization": manifest.quantization, "parity": manifest.components[manifest.family.quantised.name].parity}
         else:
             onnx_dir = export_onnx(model_dir, out / f"onnx-{precision}", precision=precision).out_dir
         pipe = OnnxPipeline(onnx_dir)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from kiln.benchmarks.timing import timed
-from kiln.export.specs import COMPONENTS, UNET
+from kiln.export import specs
 
 
 def _shape_point(spec, size: int, dims):
@@ -81,15 +81,15 @@ def family_totals(by_op: dict[str, float]) -> dict[str, float]:
     return dict(totals)
 
 
-def run(model_dir: Path, onnx_dir: Path, out: Path, component: str = UNET.name, size: int = 256, runs: int = 3) -> dict:
+def run(model_dir: Path, onnx_dir: Path, out: Path, component: str = "unet", size: int = 256, runs: int = 3) -> dict:
     import torch
 
     from kiln.artifacts import onnx_file
     from kiln.benchmarks.latency import matmul_gflops, unet_flops
     from kiln.export.specs import dummy_inputs
-    from kiln.models.folder import model_dims
+    from kiln.models.folder import inspect_model, model_dims
 
-    spec = COMPONENTS[component]
+    spec = specs.family(inspect_model(Path(model_dir)).family).spec(component)
     dims = model_dims(Path(model_dir))
     feeds = dummy_inputs(spec, _shape_point(spec, size, dims), dims)
     ort_side = profile_onnxruntime(onnx_file(onnx_dir, component), feeds, runs)
@@ -98,7 +98,7 @@ def run(model_dir: Path, onnx_dir: Path, out: Path, component: str = UNET.name, 
     report = {"component": component, "size": size, "runs": runs, "onnxruntime": ort_side, "pytorch": torch_side,
               "families_ms": {"onnxruntime": family_totals(ort_side["by_op_ms"]), "pytorch": family_totals(torch_side["by_op_ms"])},
               "matmul_gflops": matmul_gflops()}
-    if spec is UNET:
+    if spec.name == "unet":
         flop = unet_flops(module, *(torch.from_numpy(feeds[k]) for k in spec.input_names)) / 1e9
         report["gflop"] = flop
         report["gflops"] = {k: flop / (report[k]["median_ms"] / 1e3) for k in ("onnxruntime", "pytorch")}
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("onnx_dir", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--component", default=UNET.name, choices=list(COMPONENTS))
+    parser.add_argument("--component", default="unet",
+                        choices=list(dict.fromkeys(name for layout in specs.FAMILIES.values() for name in layout.components)))
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)

@@ -37,6 +37,10 @@ class Generation:
         return targets
 
 
+def _pair(names: tuple[str, str], values: tuple[int, int] | None) -> dict:
+    return {} if values is None else dict(zip(names, values, strict=True))
+
+
 class KilnClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = PUBLIC_MODEL, timeout_s: float = 600.0,
                  admin_key: str | None = None):
@@ -108,8 +112,13 @@ class KilnClient:
         num_images: int | None = None,
         image: bytes | Path | None = None,
         strength: float | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
     ) -> Generation:
-        """txt2img, or img2img when `image` (encoded PNG/JPEG bytes or a file path) is given."""
+        """txt2img, or img2img when `image` (encoded PNG/JPEG bytes or a file path) is given.
+        `original_size`, `crop_top_left`, `target_size` ((height, width), (top, left)): SDXL's size
+        conditioning (default: the generated size, no crop)."""
         if isinstance(image, (str, Path)):
             image = Path(image).read_bytes()
         inputs = self.request_inputs(
@@ -124,6 +133,9 @@ class KilnClient:
             num_images=num_images,
             init_image=image,
             strength=strength,
+            **_pair(("original_height", "original_width"), original_size),
+            **_pair(("crop_top", "crop_left"), crop_top_left),
+            **_pair(("target_height", "target_width"), target_size),
         )
         outputs = [self._module.InferRequestedOutput(name) for name, _, _ in TXT2IMG_OUTPUTS]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}

@@ -31,14 +31,14 @@ from kiln.artifacts import (
 from kiln.errors import ExportError
 from kiln.export import parity
 from kiln.export.precision import PRECISIONS, convert, is_large, save_model
-from kiln.export.specs import COMPONENTS, ComponentSpec, dummy_inputs, parity_points
+from kiln.export.specs import ComponentSpec, dummy_inputs, family, parity_points
 from kiln.models.folder import ModelDims, inspect_model, model_dims
 
 log = logging.getLogger("kiln.export")
 
 DEFAULT_OPSET = 17
 EXPORT_FORMAT = 1  # bump when the export code changes what it writes
-COPIED_FOLDERS = ("tokenizer", "scheduler")
+COPIED_FOLDERS = ("scheduler",)  # and the family's tokenizers
 
 
 @dataclass
@@ -116,27 +116,29 @@ def export_onnx(
     out_dir: Path,
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
-    components: tuple[str, ...] = tuple(COMPONENTS),
+    components: tuple[str, ...] | None = None,
     force: bool = False,
 ) -> ExportResult:
-    """Export (or reuse) every requested component of `model_dir` into `out_dir`."""
+    """Export (or reuse) every requested component of `model_dir` (default: all of its family's) into `out_dir`."""
     from tqdm import tqdm
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if precision not in PRECISIONS:
         raise ExportError(f"precision={precision!r} is not one of {PRECISIONS}", hint="use --fp16 or --int8")
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise ExportError(f"unknown components {unknown}: expected some of {list(COMPONENTS)}")
     info = inspect_model(model_dir)
+    layout = family(info.family)
+    components = tuple(layout.components) if components is None else tuple(components)
+    unknown = [c for c in components if c not in layout.components]
+    if unknown:
+        raise ExportError(f"unknown components {unknown}: a {info.family} model has {list(layout.components)}")
     dims = model_dims(model_dir, info)
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = _previous_entries(out_dir)
+    previous = {k: v for k, v in _previous_entries(out_dir).items() if k in layout.components}
     versions = library_versions()
     source_hashes: dict[str, str] = {}
     entries, results = {}, []
     for name in tqdm(components, desc="export onnx", unit="model"):
-        spec = COMPONENTS[name]
+        spec = layout.spec(name)
         if spec.source not in source_hashes:
             source_hashes[spec.source] = tree_sha256(model_dir / spec.source)
         component_precision = spec.precision(precision)
@@ -168,7 +170,7 @@ def export_onnx(
         worst = max(t["max_abs"] for r in report for t in r["tensors"])
         log.info("%s: exported to %s in %.1f s, parity max|diff| %.2e", name, path, seconds, worst)
         results.append(ComponentResult(name, path, False, component_precision, report, seconds))
-    for folder in COPIED_FOLDERS:
+    for folder in (*layout.tokenizers, *COPIED_FOLDERS):
         _copy_folder(model_dir / folder, out_dir / folder)
     write_json_atomically(out_dir / MANIFEST_NAME, ExportManifest(
         kiln_version=__version__, format=EXPORT_FORMAT, source={"path": str(model_dir.resolve()), "sha256": source_hashes},

@@ -32,7 +32,7 @@ from kiln.artifacts import (MANIFEST_NAME, file_sha256, fingerprint, onnx_file, 
                             write_json_atomically)
 from kiln.errors import ExportError, ParityError
 from kiln.export.precision import is_large
-from kiln.export.specs import QDQ_PRECISION, QUANTISED
+from kiln.export.specs import QDQ_PRECISION, ComponentSpec
 
 log = logging.getLogger("kiln.export")
 
@@ -113,7 +113,7 @@ def record_unet_inputs(onnx_dir: Path, prompts, calibration: Calibration) -> lis
     recorded: list[list[dict[str, np.ndarray]]] = []
 
     def recording(spec, feeds, outputs):
-        if spec is QUANTISED:
+        if spec.quantisable:
             recorded[-1].append({t.name: np.array(feeds[t.name], t.dtype) for t in spec.inputs})
         return run(spec, feeds, outputs)
 
@@ -159,13 +159,13 @@ def quantize_unet(fp32_path: Path, out_path: Path, feeds: list[dict[str, np.ndar
         shutil.rmtree(work, ignore_errors=True)
 
 
-def unet_parity(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict:
+def unet_parity(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]], spec: ComponentSpec) -> dict:
     """Relative L2 of the int8 UNet's predicted noise against the fp32 UNet's, per held-out step."""
     from kiln.export.parity import compare
     from kiln.pipeline.onnx_session import ComponentSession
 
-    reference, quantised = ComponentSession(QUANTISED, fp32_path), ComponentSession(QUANTISED, qdq_path)
-    out = QUANTISED.output_names[0]
+    reference, quantised = ComponentSession(spec, fp32_path), ComponentSession(spec, qdq_path)
+    out = spec.output_names[0]
     diffs = [compare(out, quantised.run(f)[out], reference.run(f)[out]) for f in feeds]
     rel = np.array([d.rel_l2 for d in diffs])
     report = {"steps": len(feeds), "median_rel_l2": float(np.median(rel)), "max_rel_l2": float(rel.max()),
@@ -185,7 +185,7 @@ def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibra
     if manifest.precision != "fp32":
         raise ExportError(f"{onnx_dir} is a {manifest.precision} export; int8 is calibrated from the fp32 export",
                           hint="kiln export onnx MODEL ONNX_DIR (without --fp16/--int8), then kiln export qdq ONNX_DIR OUT")
-    name = QUANTISED.name
+    name = manifest.family.quantised.name
     fp32_path = onnx_file(onnx_dir, name)
     toolkit = f"nvidia-modelopt {_modelopt_version()}"
     source = manifest.components[name]
@@ -209,7 +209,7 @@ def export_qdq(onnx_dir: Path, out_dir: Path, calibration: Calibration = Calibra
         log.info("calibrating the UNet on %d denoising steps of %d prompts (%s)", len(calibrate),
                  len(recorded) - calibration.holdout, calibration.method)
         quantize_unet(fp32_path, qdq_path, calibrate, calibration.method)
-        parity = unet_parity(fp32_path, qdq_path, held_out)
+        parity = unet_parity(fp32_path, qdq_path, held_out, manifest.family.quantised)
         log.info("int8 UNet vs fp32 on %d held-out steps: median rel L2 %.3g, max %.3g", parity["steps"],
                  parity["median_rel_l2"], parity["max_rel_l2"])
         for entry in sorted(onnx_dir.iterdir()):

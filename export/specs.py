@@ -4,7 +4,8 @@ ONNX export (the PyTorch wrapper it traces), parity checks and their tolerances 
 precision conversion and quantisation, TensorRT profiles (its batch under classifier-free guidance),
 Triton config.pbtxt dims, input validation, the embedding cache and the engine adapter that runs it
 (kiln.pipeline.engines) all read these declarations. Adding a component is one ComponentSpec here and
-its wrapper in kiln.export.wrappers. Tensor names follow optimum's ONNX layout for Stable Diffusion."""
+its wrapper in kiln.export.wrappers; a model family (SD 1.x/2.x, SDXL) is the tuple of specs its
+export holds (Family). Tensor names follow optimum's ONNX layout for Stable Diffusion."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
-from kiln.models.folder import ModelDims
+from kiln.models.folder import SDXL_TIME_IDS, ModelDims
 
 # Axes that vary per request. Every other symbolic name is a constant of the model (ModelDims).
 DYNAMIC_AXES = ("batch", "sequence", "latent_height", "latent_width", "height", "width")
@@ -25,7 +26,7 @@ class TensorSpec:
     name: str
     dtype: str  # numpy name: float32, int32
     shape: tuple[str | int, ...]  # symbolic names from DYNAMIC_AXES or ModelDims, or fixed ints
-    sampler: str = "normal"  # how a dummy input is drawn: normal | token_ids | timestep
+    sampler: str = "normal"  # how a dummy input is drawn: normal | token_ids | timestep | sizes
 
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.shape) if d in DYNAMIC_AXES}
@@ -150,6 +151,9 @@ def _model_constants(dims: ModelDims) -> dict[str, int]:
         "latent_parameters": dims.latent_parameters,
         "hidden_size": dims.hidden_size,
         "image_channels": dims.image_channels,
+        "hidden_size_2": dims.hidden_size_2,
+        "pooled_size": dims.pooled_size,
+        "cross_attention_dim": dims.cross_attention_dim,
     }
 
 
@@ -208,6 +212,8 @@ def dummy_inputs(spec: ComponentSpec, point: ShapePoint, dims: ModelDims, seed: 
             feeds[t.name] = rng.integers(0, dims.vocab_size, size=shape).astype(t.dtype)
         elif t.sampler == "timestep":
             feeds[t.name] = rng.uniform(0, 1000, size=shape).astype(t.dtype)
+        elif t.sampler == "sizes":  # SDXL's size conditioning: pixel sizes and crop offsets
+            feeds[t.name] = rng.integers(0, 2048, size=shape).astype(t.dtype)
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
     return feeds
@@ -282,5 +288,96 @@ VAE_ENCODER = ComponentSpec(
     required=False,  # img2img only
 )
 
-COMPONENTS: dict[str, ComponentSpec] = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
-QUANTISED = next(s for s in COMPONENTS.values() if s.quantisable)  # what `kiln export qdq` calibrates
+# SDXL: two text encoders whose penultimate hidden states sit side by side (the first CLIP ViT-L, the
+# second OpenCLIP ViT-bigG with its pooled, projected `text_embeds`), and a UNet that also takes the
+# pooled embedding and six size-conditioning values per image (diffusers' added_cond_kwargs).
+SDXL_TEXT_ENCODER = ComponentSpec(
+    name="text_encoder",
+    source="text_encoder",
+    inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence"), "token_ids"),),
+    outputs=(TensorSpec("hidden_states", "float32", ("batch", "sequence", "hidden_size")),),
+    wrapper="PenultimateTextEncoder",
+    tolerances=TEXT_ENCODER.tolerances,
+    guided=True,
+    cache_outputs=True,
+)
+
+SDXL_TEXT_ENCODER_2 = ComponentSpec(
+    name="text_encoder_2",
+    source="text_encoder_2",
+    inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence"), "token_ids"),),
+    outputs=(
+        TensorSpec("hidden_states", "float32", ("batch", "sequence", "hidden_size_2")),
+        TensorSpec("text_embeds", "float32", ("batch", "pooled_size")),
+    ),
+    wrapper="PenultimateTextEncoderWithProjection",
+    tolerances=TEXT_ENCODER.tolerances,
+    guided=True,
+    cache_outputs=True,
+)
+
+SDXL_UNET = ComponentSpec(
+    name="unet",
+    source="unet",
+    inputs=(
+        TensorSpec("sample", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ("batch",), "timestep"),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", "cross_attention_dim")),
+        TensorSpec("text_embeds", "float32", ("batch", "pooled_size")),
+        TensorSpec("time_ids", "float32", ("batch", SDXL_TIME_IDS), "sizes"),
+    ),
+    outputs=UNET.outputs,
+    wrapper="ConditionedUNet",
+    tolerances=UNET.tolerances,
+    guided=True,
+    quantisable=True,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """The component layout of a model family: which specs an export holds, which text encoders run
+    on which tokenizer's ids (in the order their hidden states are concatenated), and which encoder's
+    pooled output the UNet also takes."""
+
+    name: str  # sd | sdxl
+    specs: tuple[ComponentSpec, ...]
+    tokenizers: tuple[str, ...]  # tokenizer folder per text encoder
+    text_encoders: tuple[str, ...]
+    pooled: str | None = None  # "component.output" the UNet takes as text_embeds (first chunk, unweighted)
+
+    @property
+    def components(self) -> dict[str, ComponentSpec]:
+        return {s.name: s for s in self.specs}
+
+    def spec(self, name: str) -> ComponentSpec:
+        try:
+            return self.components[name]
+        except KeyError:
+            raise KeyError(f"the {self.name} family has no component {name!r}: it has {list(self.components)}") from None
+
+    @property
+    def quantised(self) -> ComponentSpec:
+        """What `kiln export qdq` calibrates."""
+        return next(s for s in self.specs if s.quantisable)
+
+    @property
+    def cached(self) -> tuple[ComponentSpec, ...]:
+        return tuple(s for s in self.specs if s.cache_outputs)
+
+
+SD = Family("sd", (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER), ("tokenizer",), ("text_encoder",))
+SDXL = Family("sdxl", (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER),
+              ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), pooled="text_encoder_2.text_embeds")
+FAMILIES: dict[str, Family] = {"sd1": SD, "sd2": SD, "sdxl": SDXL}  # by kiln.models.folder's family names
+
+
+def family(name: str) -> Family:
+    """The component layout of a model family (sd1, sd2, sdxl; sd and sdxl name the layouts too)."""
+    layouts = {**FAMILIES, "sd": SD}
+    if name not in layouts:
+        raise KeyError(f"unknown model family {name!r}: expected one of {list(FAMILIES)}")
+    return layouts[name]
+
+
+COMPONENTS: dict[str, ComponentSpec] = SD.components  # the SD 1.x/2.x layout; any family's: family(name).components

@@ -19,7 +19,7 @@ import numpy as np
 
 from kiln.artifacts import fingerprint, onnx_file, read_export, read_manifest, write_json_atomically
 from kiln.errors import ExportError
-from kiln.export.specs import COMPONENTS, QDQ_PRECISION, ComponentSpec, ShapePoint, concrete_shape
+from kiln.export.specs import SD, QDQ_PRECISION, ComponentSpec, Family, ShapePoint, concrete_shape
 from kiln.models.folder import ModelDims
 
 log = logging.getLogger("kiln.export")
@@ -130,8 +130,9 @@ class EnginePlan:
 
 
 def plan_engines(onnx_dir: Path, precision: str = "fp16", profiles: list[str] | None = None,
-                 components: tuple[str, ...] = tuple(COMPONENTS)) -> EnginePlan:
-    """Read the export manifest and derive every engine's profiles and precision. No GPU needed."""
+                 components: tuple[str, ...] | None = None) -> EnginePlan:
+    """Read the export manifest and derive every engine's profiles and precision (every exported
+    component of its family, or `components`). No GPU needed."""
     if precision not in ("fp32", "fp16", "int8"):
         raise ExportError(f"precision {precision!r} is invalid: expected fp32, fp16 or int8")
     manifest = read_export(Path(onnx_dir))
@@ -146,7 +147,12 @@ def plan_engines(onnx_dir: Path, precision: str = "fp16", profiles: list[str] | 
     dims = manifest.dims
     parsed = [parse_profile(p, manifest.size_multiple) for p in profiles] if profiles else [default_profile(dims)]
     plan = EnginePlan(precision, parsed, export_key=manifest.key)
-    plan.components = [plan_component(COMPONENTS[name], dims, parsed, precision) for name in components
+    layout = manifest.family
+    components = tuple(layout.components) if components is None else components
+    unknown = [name for name in components if name not in layout.components]
+    if unknown:
+        raise ExportError(f"unknown components {unknown}: a {manifest.model.family} export has {list(layout.components)}")
+    plan.components = [plan_component(layout.spec(name), dims, parsed, precision) for name in components
                        if onnx_file(onnx_dir, name).is_file()]
     if not plan.components:
         raise ExportError(f"{onnx_dir} holds none of the components {list(components)}")
@@ -298,8 +304,8 @@ def trt_parity_check(component: str, onnx_path: Path, engine_path: Path) -> dict
     from kiln.errors import ParityError
     from kiln.export.specs import dummy_inputs
 
-    spec = COMPONENTS[component]
     manifest = read_export(onnx_path.parent.parent)
+    spec = manifest.family.spec(component)
     dims = manifest.dims
     feeds = dummy_inputs(spec, ShapePoint(spec.batch(1), dims.default_latent, dims.default_latent), dims)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -320,11 +326,12 @@ def trt_parity_check(component: str, onnx_path: Path, engine_path: Path) -> dict
 class EngineRunner:
     """Built engines as a kiln.pipeline.engines runner: torch tensors on the GPU in and out (float32)."""
 
-    def __init__(self, engine_dir: Path, components=None):
+    def __init__(self, engine_dir: Path, components=None, family: Family = SD):
         import torch
 
         self.device = torch.device("cuda")
-        names = [n for n in (components or COMPONENTS) if (Path(engine_dir) / n / ENGINE_NAME).is_file()]
+        self.family = family
+        names = [n for n in (components or family.components) if (Path(engine_dir) / n / ENGINE_NAME).is_file()]
         self.engines = {n: TrtRunner(Path(engine_dir) / n / ENGINE_NAME) for n in names}
         self.components = tuple(self.engines)
 

@@ -25,6 +25,42 @@ class TextEncoder(torch.nn.Module):
         return out[0], out[1]
 
 
+class PenultimateTextEncoder(torch.nn.Module):
+    """SDXL's first text encoder: the penultimate layer's hidden states (diffusers' SDXL pipelines
+    with clip_skip unset)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def load(cls, folder: Path) -> "PenultimateTextEncoder":
+        from transformers import CLIPTextModel
+
+        return cls(CLIPTextModel.from_pretrained(folder, dtype=torch.float32))
+
+    def forward(self, input_ids):
+        return self.model(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True).hidden_states[-2]
+
+
+class PenultimateTextEncoderWithProjection(torch.nn.Module):
+    """SDXL's second text encoder: penultimate hidden states and the pooled, projected text_embeds."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def load(cls, folder: Path) -> "PenultimateTextEncoderWithProjection":
+        from transformers import CLIPTextModelWithProjection
+
+        return cls(CLIPTextModelWithProjection.from_pretrained(folder, dtype=torch.float32))
+
+    def forward(self, input_ids):
+        out = self.model(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        return out.hidden_states[-2], out.text_embeds
+
+
 class UNet(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -38,6 +74,20 @@ class UNet(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class ConditionedUNet(UNet):
+    """SDXL's UNet: also the pooled text embedding and the size conditioning (added_cond_kwargs)."""
+
+    @classmethod
+    def load(cls, folder: Path) -> "ConditionedUNet":
+        from diffusers import UNet2DConditionModel
+
+        return cls(UNet2DConditionModel.from_pretrained(folder, dtype=torch.float32))
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 def _autoencoder(folder: Path):

@@ -160,7 +160,8 @@ class ExportManifest(BaseModel):
     @field_validator("dims")
     @classmethod
     def _positive_dims(cls, dims: ModelDims) -> ModelDims:
-        bad = {k: v for k, v in vars(dims).items() if v < 1}
+        optional = ("hidden_size_2", "pooled_size", "cross_attention_dim")  # SDXL's; 0 for other families
+        bad = {k: v for k, v in vars(dims).items() if v < (0 if k in optional else 1)}
         if bad:
             raise ValueError(f"model dimensions must be positive, not {bad}")
         return dims
@@ -170,6 +171,22 @@ class ExportManifest(BaseModel):
         """The identity of the exported files, which engines and repositories record."""
         return fingerprint({name: entry.model_dump(mode="json", exclude_none=True)
                             for name, entry in self.components.items()})
+
+    @field_validator("model")
+    @classmethod
+    def _known_family(cls, model: ModelInfo) -> ModelInfo:
+        from kiln.models.folder import FAMILIES
+
+        if model.family not in FAMILIES:
+            raise ValueError(f"model family {model.family!r} is not one of {list(FAMILIES)}")
+        return model
+
+    @property
+    def family(self):
+        """The component layout of the exported model's family (kiln.export.specs.Family)."""
+        from kiln.export.specs import family
+
+        return family(self.model.family)
 
     @property
     def size_multiple(self) -> int:
@@ -182,17 +199,13 @@ def onnx_file(onnx_dir: Path, component: str) -> Path:
     return Path(onnx_dir) / component / "model.onnx"
 
 
-def exported_components(onnx_dir: Path) -> list[str]:
-    """The declared components an export folder holds, in their declared order."""
-    from kiln.export.specs import COMPONENTS
-
-    return [name for name in COMPONENTS if onnx_file(onnx_dir, name).is_file()]
+def exported_components(onnx_dir: Path, family) -> list[str]:
+    """The components of `family` (kiln.export.specs.Family) an export folder holds, in their declared order."""
+    return [name for name in family.components if onnx_file(onnx_dir, name).is_file()]
 
 
 def read_export(onnx_dir: Path) -> ExportManifest:
     """The manifest of a Kiln ONNX export, checked to describe a complete export."""
-    from kiln.export.specs import COMPONENTS
-
     onnx_dir = Path(onnx_dir)
     raw = read_manifest(onnx_dir)
     if not raw:
@@ -204,8 +217,12 @@ def read_export(onnx_dir: Path) -> ExportManifest:
     except ValidationError as exc:
         raise ModelError(f"{onnx_dir / MANIFEST_NAME} is not a manifest this Kiln reads: {exc.errors()[0]['loc']} "
                          f"{exc.errors()[0]['msg']}", hint=f"re-export: kiln export onnx MODEL_DIR {onnx_dir}") from None
-    present = exported_components(onnx_dir)
-    missing = [name for name, spec in COMPONENTS.items() if spec.required and name not in present]
+    try:
+        layout = manifest.family
+    except KeyError as exc:
+        raise ModelError(f"{onnx_dir / MANIFEST_NAME}: {exc.args[0]}", hint=f"re-export: kiln export onnx MODEL_DIR {onnx_dir}") from None
+    present = exported_components(onnx_dir, layout)
+    missing = [name for name, spec in layout.components.items() if spec.required and name not in present]
     unrecorded = [name for name in present if name not in manifest.components]
     if missing or unrecorded:
         what = f"lacks {missing}" if missing else f"has {unrecorded} that its manifest does not record"

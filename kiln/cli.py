@@ -28,6 +28,7 @@ from kiln.cli_choices import (
     PredictionType,
     Protocol,
     Target,
+    TinyFamily,
     Width,
     declared,
     protocol_list,
@@ -61,20 +62,23 @@ PROTOCOL = typer.Option(Protocol.http, "--protocol")
 
 TINY = declared("kiln.models.tiny", "write_tiny_model")
 SD15 = declared("kiln.models.benchmark", "write_sd15_model")
+SDXL = declared("kiln.models.benchmark", "write_sdxl_model")
 
 
 @model_app.command("tiny")
 def model_tiny(
     out: Path,
     prediction_type: PredictionType = typer.Option(PredictionType(TINY.prediction_type),
-                                                   help="epsilon: SD 1.x style; v_prediction: SD 2.x style"),
+                                                   help="epsilon: SD 1.x style; v_prediction: SD 2.x style (sd family)"),
+    family: TinyFamily = typer.Option(TinyFamily(TINY.family), "--family",
+                                      help="sd: SD 1.x/2.x layout; sdxl: SDXL's (two text encoders, size conditioning)"),
     seed: int = TINY.seed,
 ):
-    """Write a tiny SD pipeline with random weights and the real CLIP tokenizer."""
+    """Write a tiny SD or SDXL pipeline with random weights and the real CLIP tokenizer."""
     from kiln.models.tiny import write_tiny_model
 
-    write_tiny_model(out, prediction_type.value, seed)
-    console.print(f"tiny {prediction_type} model written to {out}")
+    write_tiny_model(out, prediction_type.value, seed, family.value)
+    console.print(f"tiny {family} {prediction_type} model written to {out}")
 
 
 @model_app.command("sd15")
@@ -88,13 +92,27 @@ def model_sd15(out: Path, width: Width = typer.Option(Width(SD15.width), "--widt
     console.print(f"SD 1.5 architecture ({width} width, random weights) written to {out}")
 
 
+@model_app.command("sdxl")
+def model_sdxl(out: Path, width: Width = typer.Option(Width(SDXL.width), "--width",
+                                                      help="full: SDXL base exactly; half: half of every width"),
+               seed: int = SDXL.seed):
+    """Write SDXL base's architecture with random weights, for benchmarks at real size."""
+    from kiln.models.benchmark import write_sdxl_model
+
+    write_sdxl_model(out, width.value, seed)
+    console.print(f"SDXL base architecture ({width} width, random weights) written to {out}")
+
+
 @model_app.command("info")
 def model_info(model_dir: Path):
-    """Describe a local Stable Diffusion folder without loading its weights."""
-    from kiln.models.folder import inspect_model
+    """Describe a local Stable Diffusion folder (SD 1.x, 2.x or XL) without loading its weights."""
+    from kiln.models.folder import FAMILY_NAMES, inspect_model
 
-    for key, value in vars(inspect_model(model_dir)).items():
-        typer.echo(f"{key}: {value}")
+    info = inspect_model(model_dir)
+    typer.echo(f"family: {info.family} ({FAMILY_NAMES[info.family]})")
+    for key, value in vars(info).items():
+        if key != "family":
+            typer.echo(f"{key}: {value}")
 
 
 PREPARE = declared("kiln.dataset.prepare", "PrepareOptions")
@@ -241,13 +259,12 @@ def export_qdq(
     the input of `kiln export trt --int8`, and runnable by ONNX Runtime."""
     from kiln.artifacts import read_export
     from kiln.export.quantize import DEFAULT_PROMPTS, Calibration, export_qdq as run, read_prompts
-    from kiln.export.specs import QUANTISED
 
     calibration = Calibration(prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS, holdout=holdout,
                               steps=steps, guidance=guidance, height=size, width=size, method=method.value).validate()
     run(onnx_dir, out_dir, calibration, force=force)
     manifest = read_export(out_dir)
-    parity, quant = manifest.components[QUANTISED.name].parity, manifest.quantization
+    parity, quant = manifest.components[manifest.family.quantised.name].parity, manifest.quantization
     console.print(f"int8 UNet ({quant['toolkit']}, {method}, {quant['calibration']['calibration_steps']} calibration steps) "
                   f"vs fp32 on {parity['steps']} held-out steps: median rel L2 {parity['median_rel_l2']:.3g}, "
                   f"max {parity['max_rel_l2']:.3g}")

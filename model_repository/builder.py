@@ -25,9 +25,9 @@ from pathlib import Path
 
 from kiln import __version__
 from kiln.errors import RepositoryError
-from kiln.artifacts import (MANIFEST_NAME, exported_components, read_export, tree_sha256, write_folder_atomically,
-                            write_json_atomically)
-from kiln.export.specs import COMPONENTS
+from kiln.artifacts import (MANIFEST_NAME, exported_components, fingerprint, read_export, tree_sha256,
+                            write_folder_atomically, write_json_atomically)
+from kiln.export.specs import FAMILIES
 from kiln.model_repository import configs
 from kiln.pipeline.onnx_pipeline import model_constants, model_defaults
 from kiln.pipeline.request import Limits
@@ -38,7 +38,7 @@ TARGETS = ("embedded", "ngc")
 BACKENDS = {"embedded": ("onnxruntime",), "ngc": ("onnxruntime", "tensorrt")}
 PUBLIC_MODEL = "txt2img"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
-RESERVED = {"tokenizer", "pipeline", *COMPONENTS}
+RESERVED = {"tokenizer", "pipeline", *(name for layout in FAMILIES.values() for name in layout.components)}
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -128,12 +128,13 @@ def build_models_repository(
     written: dict[str, str | None] = {}  # Triton model name -> the SHA-256 of its files (several models only)
     summary = {}
 
-    def model_name(kind: str, folder: Path) -> tuple[str, str | None]:
+    def model_name(kind: str, *folders: Path) -> tuple[str, str | None]:
         """One model: the plain name, and no hashing of (possibly GBs of) weights on every build.
         Several: the name carries the files' digest, so identical components become one model."""
         if single:
             return kind, None
-        digest = tree_sha256(folder)  # the weights' identity: model.onnx and any external data
+        digests = [tree_sha256(folder) for folder in folders]  # the weights' identity: model.onnx and any external data
+        digest = digests[0] if len(digests) == 1 else fingerprint(digests)
         return f"{kind}_{digest[:12]}", digest
 
     with write_folder_atomically(repo_dir) as tmp:
@@ -141,17 +142,19 @@ def build_models_repository(
             onnx_dir = Path(onnx_dir)
             manifest = manifests[name]
             dims = manifest.dims
+            layout = manifest.family
+            encoders = len(layout.text_encoders)
             component_models = {}
-            for component in exported_components(onnx_dir):
+            for component in exported_components(onnx_dir, layout):
                 source = engines[name] / component if backend == "tensorrt" else onnx_dir / component
                 triton_name, digest = model_name(component, source)
                 component_models[component] = triton_name
                 if triton_name in written:
                     continue  # identical weights: stored and loaded once
                 files = _component_files(source, backend)
-                spec = COMPONENTS[component]
+                spec = layout.spec(component)
                 if target == "embedded":
-                    settings = {"component": component, "onnx_threads": tuning.onnx_threads,
+                    settings = {"component": component, "family": layout.name, "onnx_threads": tuning.onnx_threads,
                                 "dims": asdict(dims), "limits": asdict(limits)}
                     config = configs.component_config(spec, dims, tuning, settings)
                 else:
@@ -160,11 +163,12 @@ def build_models_repository(
                 config.name = triton_name
                 _write_model(tmp, config, files=files)
                 written[triton_name] = digest
-            tokenizer_name, tokenizer_digest = model_name("tokenizer", onnx_dir / "tokenizer")
+            tokenizer_name, tokenizer_digest = model_name("tokenizer", *(onnx_dir / folder for folder in layout.tokenizers))
             if tokenizer_name not in written:
-                config = configs.tokenizer_config({"tokenizer": "tokenizer", "limits": asdict(limits)}, tuning)
+                config = configs.tokenizer_config({"tokenizers": list(layout.tokenizers), "limits": asdict(limits)},
+                                                  tuning, encoders)
                 config.name = tokenizer_name
-                _write_model(tmp, config, folders={"tokenizer": onnx_dir / "tokenizer"})
+                _write_model(tmp, config, folders={folder: onnx_dir / folder for folder in layout.tokenizers})
                 written[tokenizer_name] = tokenizer_digest
             pipeline_name = "pipeline" if single else f"pipeline_{name}"
             pipeline_settings = {
@@ -173,14 +177,15 @@ def build_models_repository(
                 "limits": asdict(limits),
                 "size_multiple": manifest.size_multiple,
                 "vocab_size": dims.vocab_size,
+                "family": layout.name,
                 "models": component_models,
                 "device": device,
             }
-            config = configs.pipeline_config(tuning, pipeline_settings, gpu=target == "ngc")
+            config = configs.pipeline_config(tuning, pipeline_settings, gpu=target == "ngc", encoders=encoders)
             config.name = pipeline_name
             _write_model(tmp, config, folders={"scheduler": onnx_dir / "scheduler"})
             ensemble = PUBLIC_MODEL if single else name
-            _write_model(tmp, configs.txt2img_config(ensemble, tokenizer_name, pipeline_name))
+            _write_model(tmp, configs.txt2img_config(ensemble, tokenizer_name, pipeline_name, encoders))
             summary[ensemble] = {"source": {"onnx_dir": str(onnx_dir.resolve()), "export_key": manifest.key},
                                  "model": manifest.model_dump(mode="json", include={"model"}, exclude_none=True)["model"],
                                  "precision": manifest.precision,

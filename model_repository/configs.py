@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from kiln.export.specs import QDQ_PRECISION, ComponentSpec, ModelDims, config_dims
-from kiln.pipeline.request import TOKEN_TENSORS, TXT2IMG_INPUTS, TXT2IMG_OUTPUTS
+from kiln.pipeline.request import TXT2IMG_INPUTS, TXT2IMG_OUTPUTS, token_tensors
 
 NUMPY_TO_TRITON = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64}
 WIRE_TO_TRITON = {
@@ -106,20 +106,20 @@ def ngc_component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, b
     return config
 
 
-def tokenizer_config(settings: dict, tuning: Tuning = Tuning()) -> mc.ModelConfig:
-    """Prompt text -> weighted 77-token chunks (see kiln.pipeline.prompt_weights). Several instances,
-    so one long prompt never holds up the others."""
+def tokenizer_config(settings: dict, tuning: Tuning = Tuning(), encoders: int = 1) -> mc.ModelConfig:
+    """Prompt text -> weighted 77-token chunks (see kiln.pipeline.prompt_weights), for each of
+    `encoders` text encoders' tokenizers. Several instances, so one long prompt never holds up the others."""
     config = mc.ModelConfig(name="tokenizer", backend="python", max_batch_size=0)
     _tensor(config.input.add(), "prompt", mc.TYPE_STRING, [1], optional=True)  # required: checked by Kiln
     _tensor(config.input.add(), "negative_prompt", mc.TYPE_STRING, [1], optional=True)
-    for name, wire in TOKEN_TENSORS.items():
+    for name, wire in token_tensors(encoders).items():
         _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], [-1, -1])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=tuning.tokenizer_instances)
     _parameters(config, {"kiln_model": "tokenizer", "kiln_settings": json.dumps(settings)})
     return config
 
 
-def pipeline_config(tuning: Tuning, settings: dict, gpu: bool = False) -> mc.ModelConfig:
+def pipeline_config(tuning: Tuning, settings: dict, gpu: bool = False, encoders: int = 1) -> mc.ModelConfig:
     """The BLS model: the denoising loop around text_encoder, unet and vae_decoder.
 
     Batch size 1 only so that it may have a queue policy: requests beyond `max_queue` waiting for an
@@ -132,7 +132,7 @@ def pipeline_config(tuning: Tuning, settings: dict, gpu: bool = False) -> mc.Mod
     policy.max_queue_size = tuning.max_queue
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.allow_timeout_override = True  # a client may bound its own wait (request timeout)
-    for name, wire in TOKEN_TENSORS.items():
+    for name, wire in token_tensors(encoders).items():
         _tensor(config.input.add(), name, WIRE_TO_TRITON[wire], [-1, -1])
     for field in TXT2IMG_INPUTS:  # the prompts too: the pipeline validates the whole request
         _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=True)
@@ -147,8 +147,9 @@ def pipeline_config(tuning: Tuning, settings: dict, gpu: bool = False) -> mc.Mod
     return config
 
 
-def txt2img_config(name: str = "txt2img", tokenizer: str = "tokenizer", pipeline: str = "pipeline") -> mc.ModelConfig:
-    """The public entry point: an ensemble of tokenizer -> pipeline."""
+def txt2img_config(name: str = "txt2img", tokenizer: str = "tokenizer", pipeline: str = "pipeline",
+                   encoders: int = 1) -> mc.ModelConfig:
+    """The public entry point: an ensemble of tokenizer -> pipeline (`encoders`: the family's text encoders)."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
     for field in TXT2IMG_INPUTS:
         _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=True)
@@ -157,10 +158,10 @@ def txt2img_config(name: str = "txt2img", tokenizer: str = "tokenizer", pipeline
     tokenize = config.ensemble_scheduling.step.add(model_name=tokenizer, model_version=-1)
     tokenize.input_map["prompt"] = "prompt"
     tokenize.input_map["negative_prompt"] = "negative_prompt"
-    for name in TOKEN_TENSORS:
+    for name in token_tensors(encoders):
         tokenize.output_map[name] = name
     denoise = config.ensemble_scheduling.step.add(model_name=pipeline, model_version=-1)
-    for name in TOKEN_TENSORS:
+    for name in token_tensors(encoders):
         denoise.input_map[name] = name
     for field in TXT2IMG_INPUTS:
         denoise.input_map[field.name] = field.name

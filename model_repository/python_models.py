@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import GenerationError, RequestError
-from kiln.export.specs import COMPONENTS, ComponentSpec
+from kiln.export.specs import ComponentSpec, family
 from kiln.pipeline.denoise import ModelConstants, generate_request
 from kiln.pipeline.engines import Engines
 from kiln.pipeline.schedulers import make_scheduler
-from kiln.pipeline.request import (PROMPT_SIDES, TOKEN_TENSORS, TXT2IMG_INPUTS, Defaults, Limits, parse_request,
-                                   text_field, token_names)
+from kiln.pipeline.request import (PROMPT_SIDES, TXT2IMG_INPUTS, Defaults, Limits, parse_request, text_field,
+                                   token_names, token_tensors)
 
 log = logging.getLogger("kiln.model_repository")
 
@@ -91,7 +91,7 @@ class OnnxComponentModel:
         from kiln.export.specs import ModelDims
         from kiln.pipeline.onnx_session import ComponentSession
 
-        self.spec = COMPONENTS[settings["component"]]
+        self.spec = family(settings.get("family", "sd")).spec(settings["component"])
         # No memory arena: one large request (1024x1024, four images) grew ONNX Runtime's arena to 9 GB
         # and kept it; without one, large blocks go back to the system when the request is done.
         self.session = ComponentSession(self.spec, version_dir / "model.onnx", int(settings.get("onnx_threads", 0)),
@@ -162,27 +162,31 @@ class OnnxComponentModel:
 
 
 class TokenizerModel:
-    """Prompt text -> weighted 77-token chunks, prompt and negative prompt padded to the same count.
-    Every limit is checked before the work it bounds: bytes before decoding, characters before
-    parsing, chunks before tokenizing, tokens before building arrays."""
+    """Prompt text -> weighted 77-token chunks for each text encoder's tokenizer (SDXL has two), prompt
+    and negative prompt padded to the same count. Every limit is checked before the work it bounds:
+    bytes before decoding, characters before parsing, chunks before tokenizing, tokens before
+    building arrays."""
 
     def __init__(self, version_dir: Path, settings: dict):
         from kiln.pipeline.prompts import load_tokenizer
 
-        self.tokenizer = load_tokenizer(version_dir / settings["tokenizer"])
+        folders = settings.get("tokenizers") or [settings["tokenizer"]]
+        self.tokenizers = [load_tokenizer(version_dir / folder) for folder in folders]
         self.limits = Limits(**settings["limits"]) if "limits" in settings else Limits()
 
     def run(self, prompt: np.ndarray | None, negative: np.ndarray | None) -> dict[str, np.ndarray]:
-        from kiln.pipeline.prompt_weights import tokenize_pair
+        from kiln.pipeline.prompt_weights import tokenize_prompts
 
         if prompt is None:
             raise RequestError("prompt", None, "non-empty text (the prompt is required)")
         raw = dict(zip(PROMPT_SIDES, (prompt, negative)))
-        pair = tokenize_pair(self.tokenizer, *(text_field(raw, side, "", self.limits) for side in PROMPT_SIDES), self.limits)
+        sides = tokenize_prompts(self.tokenizers, *(text_field(raw, side, "", self.limits) for side in PROMPT_SIDES),
+                                 self.limits)
         out = {}
-        for side, chunks in zip(PROMPT_SIDES, pair, strict=True):
-            ids, weights = token_names(side)
-            out[ids], out[weights] = chunks.ids, chunks.weights
+        for side, per_encoder in zip(PROMPT_SIDES, sides, strict=True):
+            for encoder, chunks in enumerate(per_encoder):
+                ids, weights = token_names(side, encoder)
+                out[ids], out[weights] = chunks.ids, chunks.weights
         return out
 
     def execute(self, requests):
@@ -201,11 +205,12 @@ class TokenizerModel:
         pass
 
 
-def checked_chunks(side: str, ids: np.ndarray | None, weights: np.ndarray | None, limits: Limits, vocab_size: int):
+def checked_chunks(side: str, ids: np.ndarray | None, weights: np.ndarray | None, limits: Limits, vocab_size: int,
+                   encoder: int = 0):
     """The tokenizer's output as the pipeline accepts it: a client may call the pipeline directly."""
     from kiln.pipeline.prompt_weights import MAX_WEIGHT, TokenChunks
 
-    ids_name, weights_name = token_names(side)
+    ids_name, weights_name = token_names(side, encoder)
     expected = f"token ids and weights of shape (1 to {limits.max_prompt_chunks}, 77), as the tokenizer model writes"
     if ids is None or weights is None or ids.shape != weights.shape or ids.ndim != 2:
         raise RequestError(ids_name, None if ids is None else f"shape {list(ids.shape)}", expected)
@@ -228,6 +233,8 @@ class PipelineModel:
         self.limits = Limits(**settings["limits"])
         self.size_multiple = int(settings["size_multiple"])
         self.vocab_size = int(settings.get("vocab_size", 49408))
+        self.family = family(settings.get("family", "sd"))
+        self.token_tensors = token_tensors(len(self.family.text_encoders))
         self.engines = engines
         self.component_models = settings.get("models") or {}
         self.device = settings.get("device")
@@ -245,26 +252,30 @@ class PipelineModel:
         torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
 
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:
-        request = parse_request(raw, self.defaults, self.limits, self.size_multiple)
+        conditioned = "time_ids" in self.family.spec("unet").input_names
+        request = parse_request(raw, self.defaults, self.limits, self.size_multiple, conditioned)
         chunks = {}
         for side in PROMPT_SIDES:
-            ids, weights = (raw.get(name) for name in token_names(side))
-            if ids is not None and weights is not None and ids.ndim == 3 and ids.shape[0] == 1:
-                ids, weights = ids[0], weights[0]  # the batch dimension Triton adds
-            chunks[side] = checked_chunks(side, ids, weights, self.limits, self.vocab_size)
-        if len({c.ids.shape for c in chunks.values()}) > 1:
-            first, second = PROMPT_SIDES
-            raise RequestError(token_names(second)[0], f"shape {list(chunks[second].ids.shape)}",
-                               f"as many chunks as {token_names(first)[0]}, {list(chunks[first].ids.shape)}")
-        images = generate_request(engines, request, self.scheduler_config, self.constants,
-                                  *(chunks[side] for side in PROMPT_SIDES), self.size_multiple)
+            for encoder in range(len(self.family.text_encoders)):
+                ids, weights = (raw.get(name) for name in token_names(side, encoder))
+                if ids is not None and weights is not None and ids.ndim == 3 and ids.shape[0] == 1:
+                    ids, weights = ids[0], weights[0]  # the batch dimension Triton adds
+                chunks[side, encoder] = checked_chunks(side, ids, weights, self.limits, self.vocab_size, encoder)
+        first = next(iter(chunks))
+        for key, value in chunks.items():
+            if value.ids.shape != chunks[first].ids.shape:
+                raise RequestError(token_names(*key)[0], f"shape {list(value.ids.shape)}",
+                                   f"as many chunks as {token_names(*first)[0]}, {list(chunks[first].ids.shape)}")
+        prompt, negative = (tuple(chunks[side, e] for e in range(len(self.family.text_encoders))) for side in PROMPT_SIDES)
+        images = generate_request(engines, request, self.scheduler_config, self.constants, prompt, negative,
+                                  self.size_multiple)
         return {"image": images, "seeds": np.array(request.seeds, dtype=np.int64)}
 
     def execute(self, requests):
         from kiln.model_repository import triton_adapter as triton
 
-        engines = self.engines or Engines(triton.BlsRunner(self.component_models, self.device))
-        names = list(TOKEN_TENSORS) + [f.name for f in TXT2IMG_INPUTS]
+        engines = self.engines or Engines(triton.BlsRunner(self.component_models, self.device), family=self.family)
+        names = list(self.token_tensors) + [f.name for f in TXT2IMG_INPUTS]
         responses = []
         for request in requests:
             try:

@@ -73,6 +73,34 @@ def triton(repo_dir):
 
 
 @pytest.fixture(scope="session")
+def sdxl_model(tmp_path_factory):
+    """Tiny SDXL folders (epsilon and v_prediction), their exports, repositories and servers."""
+    root = tmp_path_factory.mktemp("sdxl-models")
+    return _per_kind(lambda kind: write_tiny_model(root / kind, kind, family="sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_onnx(sdxl_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-onnx")
+    return _per_kind(lambda kind: export_onnx(sdxl_model(kind), root / kind).out_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl_triton(sdxl_onnx, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-repos")
+    with contextlib.ExitStack() as servers:
+        running = {}
+
+        def get(kind: str = "epsilon") -> server.ServerInfo:
+            if kind not in running:
+                repo = build_repository(sdxl_onnx(kind), root / kind)
+                running[kind] = servers.enter_context(server.running_server(repo))
+            return running[kind]
+
+        yield get
+
+
+@pytest.fixture(scope="session")
 def reference_image():
     """diffusers' in-process image for (model_dir, scheduler, prompt, negative, seed, steps, guidance, h, w)."""
     pipes = {}

@@ -1,5 +1,7 @@
-"""Stable Diffusion 1.5's architecture with random weights, for measuring costs at the size users
-run: `full` is SD 1.5 exactly (UNet 860M parameters); `half` halves the UNet and VAE widths."""
+"""Real architectures with random weights, for measuring costs at the size users run: SD 1.5 (`full`
+is SD 1.5 exactly, UNet 860M parameters; `half` halves the UNet and VAE widths) and SDXL base
+(`full`: UNet 2.6B parameters, CLIP ViT-L and OpenCLIP ViT-bigG text encoders; `half` halves every
+width, text encoders included)."""
 
 from __future__ import annotations
 
@@ -47,10 +49,54 @@ def build_sd15_pipeline(width: str = "half", seed: int = 0):
 
 
 def write_sd15_model(out_dir: Path, width: str = "half", seed: int = 0) -> Path:
-    from kiln.artifacts import write_folder_atomically
+    from kiln.models.tiny import save_pipeline
 
-    pipe = build_sd15_pipeline(width, seed)
-    with write_folder_atomically(out_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        write_clip_tokenizer(tmp / "tokenizer", EOS)
-    return Path(out_dir)
+    return save_pipeline(build_sd15_pipeline(width, seed), out_dir)
+
+
+def build_sdxl_pipeline(width: str = "half", seed: int = 0):
+    """SDXL base's architecture (stabilityai/stable-diffusion-xl-base-1.0's configs) with random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if width not in WIDTHS:
+        raise ValueError(f"width={width!r}: expected one of {list(WIDTHS)}")
+    d = WIDTHS[width]
+    torch.manual_seed(seed)
+    hidden, hidden_2 = 768 // d, 1280 // d
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=tuple(c // d for c in (320, 640, 1280)),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        cross_attention_dim=hidden + hidden_2, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=6 * 256 + hidden_2,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
+        block_out_channels=tuple(c // d for c in (128, 256, 512, 512)), scaling_factor=0.13025, force_upcast=True,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=12, num_hidden_layers=12,
+        hidden_act="quick_gelu", projection_dim=768, pad_token_id=49407, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=hidden_2, intermediate_size=4 * hidden_2, num_attention_heads=20, num_hidden_layers=32,
+        hidden_act="gelu", projection_dim=hidden_2, pad_token_id=0, **common))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "1", EOS))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "2", "!"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       interpolation_type="linear", prediction_type="epsilon")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def write_sdxl_model(out_dir: Path, width: str = "half", seed: int = 0) -> Path:
+    from kiln.models.tiny import save_pipeline
+
+    return save_pipeline(build_sdxl_pipeline(width, seed), out_dir)

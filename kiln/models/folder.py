@@ -8,7 +8,11 @@ from pathlib import Path
 
 from kiln.errors import ModelError
 
+SDXL_TIME_IDS = 6  # original size, crop top-left, target size
 REQUIRED_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # and a UNet conditioned on pooled text and sizes
+FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,9 @@ class ModelInfo:
     text_hidden_size: int
     max_length: int
     scaling_factor: float
+    family: str = "sd1"  # sd1 | sd2 | sdxl (see FAMILIES)
+    # SDXL: an empty negative prompt is encoded as zeros (diffusers' force_zeros_for_empty_prompt)
+    zero_empty_negative: bool = False
     path: Path | None = None  # the folder it was read from (an export's manifest records the source apart)
 
 
@@ -35,8 +42,16 @@ def _read_json(path: Path) -> dict:
         raise ModelError(f"{path} is not valid JSON: {e}") from None
 
 
+def detect_family(unet: dict, text: dict) -> str:
+    """SDXL's UNet takes pooled text and size conditioning (`addition_embed_type` text_time); SD 2.x's
+    text encoder is OpenCLIP (GELU), SD 1.x's is OpenAI CLIP (quick GELU)."""
+    if unet.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if text.get("hidden_act") == "gelu" else "sd1"
+
+
 def inspect_model(model_dir: Path) -> ModelInfo:
-    """Validate a local Stable Diffusion 1.x/2.x diffusers folder and describe it, loading no weights."""
+    """Validate a local Stable Diffusion 1.x, 2.x or XL diffusers folder and describe it, loading no weights."""
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise ModelError(
@@ -56,6 +71,20 @@ def inspect_model(model_dir: Path) -> ModelInfo:
     prediction = scheduler.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise ModelError(f"scheduler prediction_type={prediction!r} is not supported (epsilon, v_prediction)")
+    family = detect_family(unet, text)
+    if family == "sdxl":
+        missing = [c for c in SDXL_COMPONENTS if not (model_dir / c).is_dir()]
+        if missing:
+            raise ModelError(f"{model_dir} has an SDXL UNet but lacks {missing}",
+                             hint="pass an SDXL base folder saved with StableDiffusionXLPipeline.save_pretrained")
+        if unet.get("projection_class_embeddings_input_dim") is None or "addition_time_embed_dim" not in unet:
+            raise ModelError(f"{model_dir / 'unet' / 'config.json'} declares text_time conditioning without its sizes")
+        text_2 = _read_json(model_dir / "text_encoder_2" / "config.json")
+        time_ids = (unet["projection_class_embeddings_input_dim"] - text_2.get("projection_dim", 0)) // unet["addition_time_embed_dim"]
+        if time_ids != SDXL_TIME_IDS:
+            raise ModelError(f"{model_dir} takes {time_ids} size-conditioning values, not SDXL base's {SDXL_TIME_IDS}",
+                             hint="the SDXL refiner (aesthetic score conditioning) is not supported; use an SDXL base model")
+    index = _read_json(model_dir / "model_index.json")
     sample_size = unet["sample_size"]
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     return ModelInfo(
@@ -68,6 +97,8 @@ def inspect_model(model_dir: Path) -> ModelInfo:
         text_hidden_size=text["hidden_size"],
         max_length=min(int(tok.get("model_max_length", 77)), text.get("max_position_embeddings", 77)),
         scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        family=family,
+        zero_empty_negative=family == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True)),
     )
 
 
@@ -83,6 +114,11 @@ class ModelDims:
     unet_factor: int  # latent sides must be multiples of this (UNet down-sampling)
     default_latent: int  # latent side at the model's native resolution
     image_channels: int = 3
+    # SDXL (0 elsewhere): the second text encoder's width, its pooled projection, and the UNet's
+    # cross-attention width (both encoders' hidden states side by side)
+    hidden_size_2: int = 0
+    pooled_size: int = 0
+    cross_attention_dim: int = 0
 
     @property
     def latent_parameters(self) -> int:
@@ -94,6 +130,14 @@ def model_dims(model_dir: Path, info: ModelInfo | None = None) -> ModelDims:
     info = info or inspect_model(model_dir)
     unet = _read_json(model_dir / "unet" / "config.json")
     text = _read_json(model_dir / "text_encoder" / "config.json")
+    sdxl = {}
+    if info.family == "sdxl":
+        text_2 = _read_json(model_dir / "text_encoder_2" / "config.json")
+        sdxl = dict(hidden_size_2=text_2["hidden_size"], pooled_size=text_2["projection_dim"],
+                    cross_attention_dim=unet["cross_attention_dim"])
+        if sdxl["cross_attention_dim"] != text["hidden_size"] + text_2["hidden_size"]:
+            raise ModelError(f"{model_dir}: the UNet's cross_attention_dim {unet['cross_attention_dim']} is not the two "
+                             f"text encoders' widths side by side ({text['hidden_size']} + {text_2['hidden_size']})")
     return ModelDims(
         latent_channels=info.latent_channels,
         hidden_size=text["hidden_size"],
@@ -102,4 +146,5 @@ def model_dims(model_dir: Path, info: ModelInfo | None = None) -> ModelDims:
         vae_scale_factor=info.vae_scale_factor,
         unet_factor=2 ** (len(unet["block_out_channels"]) - 1),
         default_latent=info.default_size // info.vae_scale_factor,
+        **sdxl,
     )

@@ -11,6 +11,7 @@ import torch
 from kiln.models.tokenizer import EOS, write_clip_tokenizer
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TINY_FAMILIES = ("sd", "sdxl")  # sd: SD 1.x (epsilon) or 2.x (v_prediction) style; sdxl: SDXL's layout
 
 
 def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
@@ -19,7 +20,7 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     `v_prediction` gives an SD 2.x-style model: linear attention projections, `!` padding and a
     DDIM scheduler configured for v-prediction, as stabilityai/stable-diffusion-2-1 ships.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -39,16 +40,7 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
         attention_head_dim=(2, 4),
         use_linear_projection=sd2,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32, 64, 64),  # four levels: the 8x spatial factor of SD's VAE
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        sample_size=64,
-    )
+    vae = _tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             hidden_size=32,
@@ -91,12 +83,82 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     )
 
 
-def write_tiny_model(out_dir: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it as a plain diffusers folder (atomically)."""
+def _tiny_vae(scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64),  # four levels: the 8x spatial factor of SD's VAE
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def build_tiny_sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """A StableDiffusionXLPipeline with SDXL's component classes and tiny widths: CLIPTextModel and
+    CLIPTextModelWithProjection of different widths (32 and 48, so a swapped concatenation cannot
+    pass), a UNet with `text_time` added conditioning, SDXL's VAE scaling and Euler scheduler, and both
+    tokenizers (the second pads with `!`, as SDXL's does)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
+    torch.manual_seed(seed)
+    widths, pooled, time_embed = (32, 48), 40, 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_embed + pooled,
+        cross_attention_dim=sum(widths),
+    )
+    common = dict(intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, vocab_size=49408,
+                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=widths[0], pad_token_id=49407, projection_dim=32,
+                                                hidden_act="quick_gelu", **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=widths[1], pad_token_id=0,
+                                                                projection_dim=pooled, hidden_act="gelu", **common))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "1", EOS))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "2", "!"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       interpolation_type="linear", prediction_type=prediction_type)
+    return StableDiffusionXLPipeline(vae=_tiny_vae(0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def save_pipeline(pipe, out_dir: Path) -> Path:
+    """A pipeline as a plain diffusers folder (atomically), its tokenizers written in full."""
     from kiln.artifacts import write_folder_atomically
 
-    pipe = build_tiny_pipeline(prediction_type, seed)
     with write_folder_atomically(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        write_clip_tokenizer(tmp / "tokenizer", pipe.tokenizer.pad_token)
-    return out_dir
+        for name in ("tokenizer", "tokenizer_2"):
+            if getattr(pipe, name, None) is not None:
+                write_clip_tokenizer(tmp / name, getattr(pipe, name).pad_token)
+    return Path(out_dir)
+
+
+def write_tiny_model(out_dir: Path, prediction_type: str = "epsilon", seed: int = 0, family: str = "sd") -> Path:
+    """Build the tiny pipeline of `family` (see TINY_FAMILIES) and save it as a plain diffusers folder."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family={family!r}: expected one of {TINY_FAMILIES}")
+    pipe = (build_tiny_sdxl_pipeline if family == "sdxl" else build_tiny_pipeline)(prediction_type, seed)
+    return save_pipeline(pipe, out_dir)

@@ -3,9 +3,11 @@
 The same functions run inside Triton's BLS model and in-process: `engines` (kiln.pipeline.engines)
 runs each component on some backend and hands back torch tensors on its device, so the core works on
 torch tensors alone and latents stay on that device between steps. It reproduces diffusers'
-StableDiffusionPipeline and StableDiffusionImg2ImgPipeline step for step: latent noise from seeded
+StableDiffusionPipeline, StableDiffusionXLPipeline and their img2img pipelines step for step: latent noise from seeded
 CPU torch.Generators (one per image, so image i of a request equals a one-image request with seed i),
 diffusers' own scheduler classes, classifier-free guidance, and the same VAE pre- and post-processing.
+SDXL adds a second text encoder (hidden states side by side), the pooled text embedding and the size
+conditioning (original size, crop top-left, target size) as further UNet inputs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from kiln.errors import GenerationError, RequestError
 from kiln.pipeline.engines import Engines
 from kiln.pipeline.prompt_weights import TokenChunks, apply_weights
+from kiln.pipeline.request import SizeConditioning
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,17 @@ class ModelConstants:
     latent_channels: int
     vae_scale_factor: int
     scaling_factor: float
+    zero_empty_negative: bool = False  # SDXL: an empty negative prompt is zeros, not the encoded ""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet sees besides the latents, one row per UNet batch row (unconditional rows first
+    under guidance): the text embeddings and, by input name, any further inputs (SDXL: text_embeds,
+    time_ids)."""
+
+    embeddings: torch.Tensor  # (rows, 77k, D)
+    added: dict[str, torch.Tensor]
 
 
 def step_kwargs(scheduler, generator) -> dict:
@@ -54,20 +68,49 @@ def check_finite(values: torch.Tensor, stage: str) -> None:
                                    "weights overflow at this precision")
 
 
-def encode_prompts(engines: Engines, prompt: TokenChunks, negative: TokenChunks | None,
-                   count: int) -> torch.Tensor:
-    """Both prompts through the text encoder in one call, weights applied, each repeated per image:
-    (2N, 77k, D) negative first under guidance (`negative` given), else (N, 77k, D)."""
-    ids = prompt.ids if negative is None else np.concatenate([negative.ids, prompt.ids])
-    encoded = engines.encode_text(torch.from_numpy(ids).to(engines.device))  # (k or 2k, 77, D)
+def encode_prompts(engines: Engines, prompt: tuple[TokenChunks, ...], negative: tuple[TokenChunks, ...] | None,
+                   count: int, zero_negative: bool = False) -> Conditioning:
+    """Both prompts through each of the family's text encoders (one call per encoder, the encoder's
+    own tokens: `prompt[i]` for encoder i), weights applied per encoder, hidden states side by side,
+    each repeated per image: 2N rows, negative first, under guidance (`negative` given), else N.
+    `zero_negative`: the negative side is zeros, embeddings and pooled alike, and is not encoded
+    (diffusers' SDXL for an empty negative prompt). The pooled embedding (SDXL) is the first chunk's."""
+    family = engines.family
+    encode_negative = negative is not None and not zero_negative
+    conds, unconds, pooled = [], [], None
+    for encoder, tokens, negative_tokens in zip(family.text_encoders, prompt, negative or prompt, strict=True):
+        k = negative_tokens.ids.shape[0] if encode_negative else 0
+        ids = np.concatenate([negative_tokens.ids, tokens.ids]) if encode_negative else tokens.ids
+        outputs = engines.encode_text(encoder, torch.from_numpy(ids).to(engines.device))  # (k + chunks, 77, D), ...
+        hidden = next(iter(outputs.values()))
+        conds.append(apply_weights(hidden[k:], tokens.weights))
+        if encode_negative:
+            unconds.append(apply_weights(hidden[:k], negative_tokens.weights))
+        if family.pooled and family.pooled.startswith(f"{encoder}."):
+            values = outputs[family.pooled.split(".", 1)[1]]
+            pooled = (values[k : k + 1], values[:1] if encode_negative else torch.zeros_like(values[:1]))
+    cond = torch.cat(conds, dim=-1)  # (1, 77k, D1 + D2 ...)
+    check_finite(cond, "prompt embeddings")
+    added = {}
     if negative is None:
-        cond = apply_weights(encoded, prompt.weights)
-        check_finite(cond, "prompt embeddings")
-        return cond.repeat(count, 1, 1)
-    k = negative.ids.shape[0]
-    cond, uncond = apply_weights(encoded[k:], prompt.weights), apply_weights(encoded[:k], negative.weights)
-    check_finite(torch.cat([cond, uncond]), "prompt embeddings")
-    return torch.cat([uncond.repeat(count, 1, 1), cond.repeat(count, 1, 1)])
+        if pooled is not None:
+            added["text_embeds"] = pooled[0].repeat(count, 1)
+        return Conditioning(cond.repeat(count, 1, 1), added)
+    uncond = torch.cat(unconds, dim=-1) if encode_negative else torch.zeros_like(cond)
+    check_finite(uncond, "negative prompt embeddings")
+    if pooled is not None:
+        added["text_embeds"] = torch.cat([pooled[1].repeat(count, 1), pooled[0].repeat(count, 1)])
+    return Conditioning(torch.cat([uncond.repeat(count, 1, 1), cond.repeat(count, 1, 1)]), added)
+
+
+def with_size_conditioning(engines: Engines, cond: Conditioning, sizes: SizeConditioning, height: int,
+                           width: int) -> Conditioning:
+    """Adds the UNet's `time_ids` row for every embedding row when the family's UNet takes them."""
+    if "time_ids" not in engines.family.spec("unet").input_names:
+        return cond
+    rows = cond.embeddings.shape[0]
+    time_ids = torch.tensor([sizes.time_ids(height, width)], dtype=torch.float32, device=engines.device).repeat(rows, 1)
+    return Conditioning(cond.embeddings, {**cond.added, "time_ids": time_ids})
 
 
 def _generators(seeds: list[int]):
@@ -105,14 +148,14 @@ def prepare_latents(engines: Engines, scheduler, constants: ModelConstants, gene
     return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(count)), timesteps
 
 
-def guided_step(engines: Engines, scheduler, latents: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+def guided_step(engines: Engines, scheduler, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                 guidance_scale: float, extra: dict) -> torch.Tensor:
     """One denoising step: the UNet on the (unconditional, conditional) pair when guided, the guided
-    noise, the scheduler's update. `embeddings` are encode_prompts' for this guidance."""
+    noise, the scheduler's update. `cond` is encode_prompts' for this guidance."""
     guided = guidance_scale > 1.0
     model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)  # (2N | N, C, h, w)
     timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32, device=engines.device)
-    noise_pred = engines.predict_noise(model_input, timestep, embeddings)
+    noise_pred = engines.predict_noise(model_input, timestep, cond.embeddings, cond.added)
     if guided:
         noise_uncond, noise_text = noise_pred.chunk(2)
         noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
@@ -130,8 +173,8 @@ def generate(
     engines: Engines,
     scheduler,
     constants: ModelConstants,
-    prompt: TokenChunks,
-    negative: TokenChunks,
+    prompt: tuple[TokenChunks, ...],
+    negative: tuple[TokenChunks, ...],
     seeds: list[int],
     steps: int,
     guidance_scale: float,
@@ -140,19 +183,26 @@ def generate(
     init_image: np.ndarray | None = None,
     strength: float = 1.0,
     on_step: Callable[[int, int], None] | None = None,
+    zero_negative: bool = False,
+    sizes: SizeConditioning = SizeConditioning(),
 ) -> np.ndarray:
-    """One image per seed; `init_image` (1, 3, H, W) in [-1, 1] makes it img2img. Returns (N, H, W, 3) uint8."""
+    """One image per seed; `init_image` (1, 3, H, W) in [-1, 1] makes it img2img. `prompt` and
+    `negative`: one TokenChunks per text encoder of the family, all with the same chunk count
+    (tokenize_prompts). Returns (N, H, W, 3) uint8."""
     guided = guidance_scale > 1.0
-    if guided and prompt.ids.shape != negative.ids.shape:
-        raise ValueError(f"prompt chunks {prompt.ids.shape} and negative chunks {negative.ids.shape} differ: "
-                         "tokenize them with tokenize_pair")
-    embeddings = encode_prompts(engines, prompt, negative if guided else None, len(seeds))
+    shapes = {c.ids.shape for c in (*prompt, *(negative if guided else ()))}
+    if len(prompt) != len(engines.family.text_encoders) or len(shapes) > 1:
+        raise ValueError(f"{len(prompt)} prompt tokenizations of chunk shapes {sorted(shapes)} for the text encoders "
+                         f"{engines.family.text_encoders}: tokenize them with tokenize_prompts")
+    cond = encode_prompts(engines, prompt, negative if guided else None, len(seeds), zero_negative)
     generator = _generators(seeds)
     latents, timesteps = prepare_latents(engines, scheduler, constants, generator, len(seeds), steps, height, width,
                                          init_image, strength)
+    factor = constants.vae_scale_factor
+    cond = with_size_conditioning(engines, cond, sizes, latents.shape[2] * factor, latents.shape[3] * factor)
     extra = step_kwargs(scheduler, generator)
     for i, t in enumerate(timesteps):
-        latents = guided_step(engines, scheduler, latents, t, embeddings, guidance_scale, extra)
+        latents = guided_step(engines, scheduler, latents, t, cond, guidance_scale, extra)
         check_finite(latents, f"latents at step {i + 1} of {len(timesteps)}")
         if on_step is not None:
             on_step(i + 1, len(timesteps))
@@ -181,7 +231,7 @@ def load_init_image(data: bytes, height: int | None, width: int | None, multiple
 
 
 def generate_request(engines: Engines, request, scheduler_config: dict, constants: ModelConstants,
-                     prompt: TokenChunks, negative: TokenChunks, size_multiple: int) -> np.ndarray:
+                     prompt: tuple[TokenChunks, ...], negative: tuple[TokenChunks, ...], size_multiple: int) -> np.ndarray:
     """A validated GenerationRequest through `generate`: scheduler built, init image decoded."""
     from kiln.pipeline.schedulers import make_scheduler
 
@@ -206,4 +256,6 @@ def generate_request(engines: Engines, request, scheduler_config: dict, constant
         width=request.width,
         init_image=init_image,
         strength=request.strength,
+        zero_negative=constants.zero_empty_negative and not request.negative_prompt.strip(),
+        sizes=request.sizes,
     )

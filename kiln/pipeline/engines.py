@@ -1,7 +1,8 @@
 """The one engine adapter between the pipeline core and the declared components.
 
-The core (kiln.pipeline.denoise) asks four things: encode text, predict noise, decode latents, encode
-an image. Each is one run of a component spec, and a *runner* executes runs on one backend: ONNX
+The core (kiln.pipeline.denoise) asks four things: encode text (one run per text encoder of the model's
+family), predict noise, decode latents, encode an image. Each is one run of a component spec of the
+family (kiln.export.specs.Family), and a *runner* executes runs on one backend: ONNX
 Runtime in-process (here), a Triton BLS call (model_repository.triton_adapter), a TensorRT engine
 (export.tensorrt) or the PyTorch wrapper (here, the reference the GPU check times). Runners take and
 return torch tensors on their `device` and convert at their own edge; the core sees nothing else.
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from kiln.errors import ModelError
-from kiln.export.specs import COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec
+from kiln.export.specs import SD, ComponentSpec, Family
 
 
 class Runner(Protocol):
@@ -27,35 +28,47 @@ class Runner(Protocol):
 
 
 class Engines:
-    """The core's calls as component runs: inputs fed by the spec's input order, the first output returned."""
+    """The core's calls as runs of `family`'s components: inputs fed in the spec's input order."""
 
-    def __init__(self, run: Runner, components: Iterable[str] | None = None):
-        """`components`: what `run` can run (default: what it says it runs, else every component)."""
+    def __init__(self, run: Runner, components: Iterable[str] | None = None, family: Family | None = None):
+        """`components`: what `run` can run (default: what it says it runs, else every component of
+        `family`); `family`: default the runner's, else SD 1.x/2.x."""
         self.run = run
-        self.components = set(getattr(run, "components", COMPONENTS) if components is None else components)
+        self.family = family or getattr(run, "family", SD)
+        self.components = set(getattr(run, "components", self.family.components) if components is None else components)
 
     @property
     def device(self) -> torch.device:
         return self.run.device
 
-    def call(self, spec: ComponentSpec, *values: torch.Tensor) -> torch.Tensor:
+    def outputs(self, spec: ComponentSpec, *values: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """`names` (default: all) of the spec's outputs for inputs `values` in its declared order."""
         if spec.name not in self.components:
             raise ModelError(f"this export has no {spec.name}", hint="re-export the model: kiln export onnx MODEL_DIR ONNX_DIR")
         feeds = dict(zip(spec.input_names, values, strict=True))
+        return self.run(spec, feeds, list(names or spec.output_names))
+
+    def call(self, spec: ComponentSpec, *values: torch.Tensor) -> torch.Tensor:
+        """The spec's first output."""
         first = spec.output_names[0]
-        return self.run(spec, feeds, [first])[first]
+        return self.outputs(spec, *values, names=[first])[first]
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, 77) int32 -> (B, 77, D)
-        return self.call(TEXT_ENCODER, input_ids)
+    def encode_text(self, encoder: str, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 77) int32 -> every output of the named text encoder: hidden states (B, 77, D) first."""
+        return self.outputs(self.family.spec(encoder), input_ids)
 
-    def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.call(UNET, sample, timestep, embeddings)
+    def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor,
+                      added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`added`: the UNet's inputs beyond the embeddings, by name (SDXL: text_embeds, time_ids)."""
+        unet = self.family.spec("unet")
+        added = added or {}
+        return self.call(unet, sample, timestep, embeddings, *(added[name] for name in unet.input_names[3:]))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:  # (B, 4, h, w) -> (B, 3, H, W) in [-1, 1]
-        return self.call(VAE_DECODER, latents)
+        return self.call(self.family.spec("vae_decoder"), latents)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [-1, 1] -> (B, 2C, h, w)
-        return self.call(VAE_ENCODER, pixels)
+        return self.call(self.family.spec("vae_encoder"), pixels)
 
 
 class OnnxRuntimeRunner:
@@ -65,11 +78,12 @@ class OnnxRuntimeRunner:
     device = torch.device("cpu")
 
     def __init__(self, onnx_dir: Path, threads: int = 0, arena: bool = True, providers: list[str] | None = None):
-        from kiln.artifacts import exported_components, onnx_file
+        from kiln.artifacts import exported_components, onnx_file, read_export
         from kiln.pipeline.onnx_session import ComponentSession
 
-        self.sessions = {name: ComponentSession(COMPONENTS[name], onnx_file(onnx_dir, name), threads, arena, providers)
-                         for name in exported_components(onnx_dir)}
+        self.family = read_export(onnx_dir).family
+        self.sessions = {name: ComponentSession(self.family.spec(name), onnx_file(onnx_dir, name), threads, arena, providers)
+                         for name in exported_components(onnx_dir, self.family)}
         self.components = tuple(self.sessions)
 
     def __call__(self, spec: ComponentSpec, feeds: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, torch.Tensor]:
@@ -86,10 +100,14 @@ class TorchRunner:
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  components: Iterable[str] | None = None):
+        from kiln.export.specs import family
+        from kiln.models.folder import inspect_model
+
         self.device, self.dtype = torch.device(device), dtype
-        names = [n for n, s in COMPONENTS.items() if s.required] if components is None else list(components)
-        self.modules = {n: COMPONENTS[n].load_torch(model_dir).to(self.device, self._dtype(COMPONENTS[n]))
-                        for n in names}
+        self.family = family(inspect_model(model_dir).family)
+        specs = self.family.components
+        names = [n for n, s in specs.items() if s.required] if components is None else list(components)
+        self.modules = {n: specs[n].load_torch(model_dir).to(self.device, self._dtype(specs[n])) for n in names}
         self.components = tuple(self.modules)
 
     def _dtype(self, spec: ComponentSpec) -> torch.dtype:

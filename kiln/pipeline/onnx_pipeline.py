@@ -12,14 +12,14 @@ import numpy as np
 from kiln.artifacts import ExportManifest, read_export
 from kiln.pipeline.denoise import ModelConstants, generate_request
 from kiln.pipeline.engines import onnx_engines
-from kiln.pipeline.prompt_weights import tokenize_pair
+from kiln.pipeline.prompt_weights import tokenize_prompts
 from kiln.pipeline.prompts import load_tokenizer
 from kiln.pipeline.request import Defaults, GenerationRequest
 
 
 def model_constants(manifest: ExportManifest) -> ModelConstants:
     model = manifest.model
-    return ModelConstants(model.latent_channels, model.vae_scale_factor, model.scaling_factor)
+    return ModelConstants(model.latent_channels, model.vae_scale_factor, model.scaling_factor, model.zero_empty_negative)
 
 
 def model_defaults(manifest: ExportManifest) -> Defaults:
@@ -31,12 +31,12 @@ class OnnxPipeline:
         onnx_dir = Path(onnx_dir)
         self.manifest = read_export(onnx_dir)
         self.engines = onnx_engines(onnx_dir, threads)
-        self.tokenizer = load_tokenizer(onnx_dir / "tokenizer")
+        self.tokenizers = [load_tokenizer(onnx_dir / name) for name in self.manifest.family.tokenizers]
         self.scheduler_config = json.loads((onnx_dir / "scheduler" / "scheduler_config.json").read_text())
         self.constants = model_constants(self.manifest)
         self.defaults = model_defaults(self.manifest)
 
     def __call__(self, request: GenerationRequest) -> np.ndarray:
-        prompt, negative = tokenize_pair(self.tokenizer, request.prompt, request.negative_prompt)
+        prompt, negative = tokenize_prompts(self.tokenizers, request.prompt, request.negative_prompt)
         return generate_request(self.engines, request, self.scheduler_config, self.constants, prompt, negative,
                                 self.manifest.size_multiple)

@@ -192,14 +192,23 @@ def apply_weights(embeddings, weights) -> torch.Tensor:
     return out.reshape(1, chunks * length, dim)
 
 
+def tokenize_prompts(tokenizers, prompt: str, negative: str,
+                     limits: Limits | None = None) -> tuple[tuple[TokenChunks, ...], tuple[TokenChunks, ...]]:
+    """Prompt and negative prompt through each tokenizer (one per text encoder: SDXL has two, which
+    differ in padding), every result with the same number of chunks (the shorter padded with empty
+    ones), so their encodings stack for classifier-free guidance and sit side by side across encoders.
+    `limits`: see tokenize_weighted."""
+    sides = [[tokenize_weighted(tokenizer, text, field=field, limits=limits) for tokenizer in tokenizers]
+             for text, field in ((prompt, "prompt"), (negative, "negative_prompt"))]
+    chunks = max(c.ids.shape[0] for side in sides for c in side)
+    for side, text, field in zip(sides, (prompt, negative), ("prompt", "negative_prompt")):
+        for i, tokenizer in enumerate(tokenizers):
+            if side[i].ids.shape[0] < chunks:
+                side[i] = tokenize_weighted(tokenizer, text, chunks, field)
+    return tuple(sides[0]), tuple(sides[1])
+
+
 def tokenize_pair(tokenizer, prompt: str, negative: str, limits: Limits | None = None) -> tuple[TokenChunks, TokenChunks]:
-    """Prompt and negative prompt with the same number of chunks (the shorter padded with empty ones),
-    so their encodings stack for classifier-free guidance. `limits`: see tokenize_weighted."""
-    first = tokenize_weighted(tokenizer, prompt, field="prompt", limits=limits)
-    second = tokenize_weighted(tokenizer, negative, field="negative_prompt", limits=limits)
-    chunks = max(first.ids.shape[0], second.ids.shape[0])
-    if first.ids.shape[0] < chunks:
-        first = tokenize_weighted(tokenizer, prompt, chunks, "prompt")
-    if second.ids.shape[0] < chunks:
-        second = tokenize_weighted(tokenizer, negative, chunks, "negative_prompt")
+    """One tokenizer's tokenize_prompts."""
+    (first,), (second,) = tokenize_prompts([tokenizer], prompt, negative, limits)
     return first, second

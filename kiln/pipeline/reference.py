@@ -1,6 +1,7 @@
 """What diffusers' own pipelines draw in-process: the reference every served image is compared with.
 Plain prompts go to diffusers as text; weighted or long prompts go as embeddings computed with
-Kiln's weighting on the PyTorch text encoder."""
+Kiln's weighting on the PyTorch text encoders. SDXL folders get StableDiffusionXLPipeline (an empty
+negative prompt goes as None, which diffusers encodes as zeros, as Kiln does)."""
 
 from __future__ import annotations
 
@@ -9,48 +10,77 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kiln.pipeline.prompt_weights import apply_weights, tokenize_pair
+from kiln.pipeline.prompt_weights import apply_weights, tokenize_prompts
+from kiln.pipeline.request import SizeConditioning
 from kiln.pipeline.schedulers import make_scheduler
 
 
-def load_diffusers_pipeline(model_dir: Path):
-    from diffusers import StableDiffusionPipeline
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
+
+def load_diffusers_pipeline(model_dir: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from kiln.models.folder import inspect_model
+
+    sdxl = inspect_model(model_dir).family == "sdxl"
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(model_dir), dtype=torch.float32, **({"add_watermarker": False} if sdxl else {}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
-def weighted_embeddings(pipe, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 77k, D) each, from the PyTorch text encoder with Kiln's chunking and weights."""
-    first, second = tokenize_pair(pipe.tokenizer, prompt, negative)
-
-    def encode(ids):
-        return pipe.text_encoder(torch.from_numpy(ids).long())[0]
-
-    return apply_weights(encode(first.ids), first.weights), apply_weights(encode(second.ids), second.weights)
+def weighted_embeddings(pipe, prompt: str, negative: str) -> dict[str, torch.Tensor]:
+    """diffusers' embedding arguments, from the PyTorch text encoders with Kiln's chunking and weights:
+    each (1, 77k, D); SDXL: both encoders' penultimate hidden states side by side, and the pooled
+    embedding of the first chunk (zeros for an empty negative prompt, as diffusers)."""
+    sdxl = is_sdxl(pipe)
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
+    encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
+    prompts, negatives = tokenize_prompts(tokenizers, prompt, negative)
+    sides = {"prompt_embeds": ("pooled_prompt_embeds", prompts),
+             "negative_prompt_embeds": ("negative_pooled_prompt_embeds", negatives)}
+    embeds = {}
+    for key, (pooled_key, tokenized) in sides.items():
+        hidden = []
+        for encoder, chunks in zip(encoders, tokenized):
+            result = encoder(torch.from_numpy(chunks.ids).long(), output_hidden_states=True)
+            hidden.append(apply_weights(result.hidden_states[-2] if sdxl else result[0], chunks.weights))
+            if sdxl and encoder is pipe.text_encoder_2:
+                embeds[pooled_key] = result.text_embeds[:1]
+        embeds[key] = torch.cat(hidden, dim=-1)
+    if sdxl and not negative.strip() and pipe.config.force_zeros_for_empty_prompt:
+        embeds["negative_prompt_embeds"] = torch.zeros_like(embeds["prompt_embeds"])
+        embeds["negative_pooled_prompt_embeds"] = torch.zeros_like(embeds["pooled_prompt_embeds"])
+    return embeds
 
 
 def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int, steps: int, guidance: float,
                     height: int, width: int, num_images: int = 1, weighted: bool = False,
-                    image=None, strength: float = 0.8) -> np.ndarray:
-    """(N, H, W, 3) uint8, image i drawn with seed + i; `image` (PIL) makes it img2img."""
-    from diffusers import StableDiffusionImg2ImgPipeline
+                    image=None, strength: float = 0.8, sizes: SizeConditioning = SizeConditioning()) -> np.ndarray:
+    """(N, H, W, 3) uint8, image i drawn with seed + i; `image` (PIL) makes it img2img; `sizes`: SDXL's
+    size conditioning."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
+    sdxl = is_sdxl(pipe)
     pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                   generator=generators[0] if num_images == 1 else generators)
+    if sdxl:
+        kwargs.update(original_size=sizes.original, crops_coords_top_left=sizes.crop_top_left, target_size=sizes.target)
     if weighted:
-        cond, uncond = weighted_embeddings(pipe, prompt, negative)
-        kwargs.update(prompt_embeds=cond.repeat(num_images, 1, 1), negative_prompt_embeds=uncond.repeat(num_images, 1, 1))
+        embeds = weighted_embeddings(pipe, prompt, negative)
+        kwargs.update({k: v.repeat(num_images, *[1] * (v.dim() - 1)) for k, v in embeds.items()})
     else:
-        kwargs.update(prompt=prompt, negative_prompt=negative, num_images_per_prompt=num_images)
+        empty = sdxl and not negative.strip()  # diffusers' SDXL zeroes a negative prompt of None, not ""
+        kwargs.update(prompt=prompt, negative_prompt=None if empty else negative, num_images_per_prompt=num_images)
     if image is None:
         images = pipe(height=height, width=width, **kwargs).images
     else:
-        img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+        img2img = (StableDiffusionXLImg2ImgPipeline if sdxl else StableDiffusionImg2ImgPipeline)(**pipe.components)
         img2img.set_progress_bar_config(disable=True)
         images = img2img(image=image, strength=strength, **kwargs).images
     return (images * 255).round().astype(np.uint8)

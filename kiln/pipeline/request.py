@@ -34,23 +34,38 @@ TXT2IMG_INPUTS: tuple[RequestField, ...] = (
     RequestField("num_images", "INT32"),
     RequestField("init_image", "BYTES"),  # img2img: an encoded PNG or JPEG
     RequestField("strength", "FP32"),  # img2img: how much of the schedule re-draws the image
+    # SDXL's size conditioning (SizeConditioning); other families refuse them
+    RequestField("original_height", "INT32"),
+    RequestField("original_width", "INT32"),
+    RequestField("crop_top", "INT32"),
+    RequestField("crop_left", "INT32"),
+    RequestField("target_height", "INT32"),
+    RequestField("target_width", "INT32"),
 )
+SIZE_CONDITIONING = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
+MAX_CONDITIONING_SIZE = 8192  # pixels: SDXL was trained on originals up to about 4096
 # image: (N, H, W, 3), one row per image; seeds: the seed each image was drawn with (drawn when absent).
 TXT2IMG_OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
     ("image", "UINT8", [-1, -1, -1, 3]),
     ("seeds", "INT64", [-1]),
 )
-# tokenizer -> pipeline, for each prompt side: 77-token chunks and per-token weights, shape (chunks, 77)
+# tokenizer -> pipeline, for each prompt side and each text encoder's tokenizer: 77-token chunks and
+# per-token weights, shape (chunks, 77); the first tokenizer's names carry no suffix, the second's `_2`
 PROMPT_SIDES = ("prompt", "negative_prompt")
 
 
-def token_names(side: str) -> tuple[str, str]:
-    """The ids and weights tensors the tokenizer writes for one prompt side."""
-    return f"{side}_ids", f"{side}_weights"
+def token_names(side: str, encoder: int = 0) -> tuple[str, str]:
+    """The ids and weights tensors the tokenizer writes for one prompt side and text encoder (0, 1)."""
+    suffix = f"_{encoder + 1}" if encoder else ""
+    return f"{side}_ids{suffix}", f"{side}_weights{suffix}"
 
 
-TOKEN_TENSORS: dict[str, str] = {name: wire for side in PROMPT_SIDES
-                                 for name, wire in zip(token_names(side), ("INT32", "FP32"))}
+def token_tensors(encoders: int = 1) -> dict[str, str]:
+    """Every tensor the tokenizer model writes for a family of `encoders` text encoders, with its wire type."""
+    return {name: wire for side in PROMPT_SIDES for encoder in range(encoders)
+            for name, wire in zip(token_names(side, encoder), ("INT32", "FP32"))}
+
+
 NUMPY_DTYPES = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "UINT8": np.uint8}
 RANDOM_SEED = -1
 MAX_SEED = 2**63 - 1
@@ -82,6 +97,18 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning; None: the generated size (diffusers' defaults)."""
+
+    original: tuple[int, int] | None = None  # (height, width)
+    crop_top_left: tuple[int, int] = (0, 0)
+    target: tuple[int, int] | None = None
+
+    def time_ids(self, height: int, width: int) -> list[float]:
+        return [*(self.original or (height, width)), *self.crop_top_left, *(self.target or (height, width))]
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     negative_prompt: str
@@ -94,6 +121,7 @@ class GenerationRequest:
     num_images: int = 1
     image: bytes | None = None
     strength: float = 1.0
+    sizes: SizeConditioning = SizeConditioning()
 
     @property
     def seeds(self) -> list[int]:
@@ -177,8 +205,27 @@ def _image(raw: dict, limits: Limits) -> bytes | None:
     return data
 
 
-def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: int) -> GenerationRequest:
-    """Validate a request's raw tensors (name -> array, absent inputs missing or None)."""
+def _sizes(raw: dict, conditioned: bool) -> SizeConditioning:
+    given = [name for name in SIZE_CONDITIONING if raw.get(name) is not None]
+    if given and not conditioned:
+        raise RequestError(given[0], _scalar(raw, given[0]), "nothing: only SDXL models take size conditioning "
+                           "(original/target size, crop); leave it out for this model")
+    values = {name: _integer(raw, name, -1, 0 if name.startswith("crop") else 1, MAX_CONDITIONING_SIZE) for name in given}
+
+    def pair(first: str, second: str, default):
+        if (first in values) != (second in values):
+            missing = second if first in values else first
+            raise RequestError(missing, None, f"an integer given together with {first if missing == second else second}")
+        return (values[first], values[second]) if first in values else default
+
+    return SizeConditioning(pair("original_height", "original_width", None), pair("crop_top", "crop_left", (0, 0)),
+                            pair("target_height", "target_width", None))
+
+
+def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: int,
+                  conditioned: bool = False) -> GenerationRequest:
+    """Validate a request's raw tensors (name -> array, absent inputs missing or None). `conditioned`:
+    the model takes SDXL's size conditioning."""
     from kiln.pipeline.schedulers import canonical_name
 
     if raw.get("prompt") is None:
@@ -209,4 +256,5 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
         num_images=num_images,
         image=image,
         strength=strength,
+        sizes=_sizes(raw, conditioned),
     )
