@@ -91,8 +91,9 @@ gpu-setup: $(STAMP) ## on a CUDA host: install the `gpu` extra (TensorRT, ONNX R
 	$(VENV)/bin/pip uninstall --quiet -y onnxruntime
 	$(VENV)/bin/pip install --quiet -e ".[gpu]"
 
-gpu-check: $(STAMP) ## on a GPU host: fp16 TensorRT engines for full SD 1.5, parity and timings through Kiln's loop vs ORT CUDA and PyTorch
-	$(VENV)/bin/python -m kiln.benchmarks.gpu_check $(GPU_CHECK_OUT)
+gpu-check: $(STAMP) ## on a GPU host: fp16 TensorRT engines for full SD 1.5 (512) and SDXL (1024), parity, timings through Kiln's loop vs ORT CUDA and PyTorch
+	$(VENV)/bin/python -m kiln.benchmarks.gpu_check $(GPU_CHECK_OUT)/sd15 --family sd15 --size 512 --steps 30
+	$(VENV)/bin/python -m kiln.benchmarks.gpu_check $(GPU_CHECK_OUT)/sdxl --family sdxl --size 1024 --steps 30
 
 stop: $(STAMP) ## stop the background server
 	$(KILN) stop $(PORTS)

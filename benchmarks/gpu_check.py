@@ -1,7 +1,9 @@
-"""`make gpu-check`: the GPU target measured in one script (one H100 or A100, about 8 minutes).
+"""`make gpu-check`: the GPU target measured in one script, for SD 1.5 at 512x512 and SDXL at
+1024x1024 (one H100 or A100; about 8 minutes for SD 1.5, longer for SDXL's engines).
 
-1. full SD 1.5 architecture with random weights -> ONNX (fp32, parity-checked against PyTorch);
-2. fp16 TensorRT engines at 512x512 (1 image; guidance doubles the UNet and text-encoder batch),
+1. the full architecture (SD 1.5, or SDXL base with `--family sdxl`) with random weights -> ONNX
+   (fp32, parity-checked against PyTorch; SDXL's UNet keeps its weights as external data);
+2. fp16 TensorRT engines at the size (1 image; guidance doubles the UNet and text-encoder batch),
    each checked against ONNX Runtime running the same ONNX file (relative L2, the spec's tolerance);
 3. one UNet step (batch 2) and a whole generation timed through Kiln's own denoising loop
    (kiln.pipeline.denoise with a real diffusers scheduler) over each backend's runner: TensorRT
@@ -12,12 +14,13 @@
 It installs nothing: `make gpu-setup` (the `gpu` extra) brings TensorRT and ONNX Runtime's CUDA
 build. What is missing is reported rather than fatal: each skipped backend says why, and the rest
 still runs. Without a GPU the same code runs on the CPU (ONNX Runtime's CPU provider, PyTorch fp32),
-which is how the test suite exercises this script.
+which is how the test suite exercises this script; run from the command line on a host without a
+CUDA GPU and without --model, it writes a report saying so and builds nothing.
 
 Published reference for the same shape: TensorRT about 0.82-0.86 s for 50 steps at 512x512 fp16 on
 an A100 (NVIDIA's TensorRT demo).
 
-    python -m kiln.benchmarks.gpu_check OUT_DIR [--model DIR] [--size 512] [--steps 30] [--scheduler euler]
+    python -m kiln.benchmarks.gpu_check OUT_DIR [--family sd15|sdxl] [--model DIR] [--size 512] [--steps 30]
 """
 
 from __future__ import annotations
@@ -149,51 +152,57 @@ def _versions() -> dict:
     return found
 
 
-SD15_MULTIPLE = 64  # image sides of the default model: its VAE's 8 x its UNet's down-sampling 8
+# The built-in architectures: image sides must be multiples of the VAE's 8 x the UNet's down-sampling
+BUILT_IN = {"sd15": {"name": "SD 1.5", "multiple": 64, "size": 512},
+            "sdxl": {"name": "SDXL base", "multiple": 32, "size": 1024}}
 
 
-def check_settings(size: int, steps: int, runs: int, scheduler: str, model_dir: Path | None = None) -> str:
+def check_settings(size: int, steps: int, runs: int, scheduler: str, model_dir: Path | None = None,
+                   family: str = "sd15") -> str:
     """Refuse what would make every backend fail (or measure a size the product refuses) before any
     work; returns the scheduler's canonical name."""
     from kiln.errors import RequestError
     from kiln.models.folder import model_dims
-    from kiln.pipeline.request import Limits
+    from kiln.pipeline.request import Limits, size_limit
     from kiln.pipeline.schedulers import canonical_name
 
-    limits = Limits()
     if runs < 1:
         raise RequestError("runs", runs, "at least 1")
-    if not 1 <= steps <= limits.max_steps:
-        raise RequestError("steps", steps, f"1 to {limits.max_steps}")
+    if not 1 <= steps <= Limits().max_steps:
+        raise RequestError("steps", steps, f"1 to {Limits().max_steps}")
     dims = model_dims(model_dir) if model_dir is not None else None
-    multiple = dims.vae_scale_factor * dims.unet_factor if dims else SD15_MULTIPLE
-    if size % multiple or not multiple <= size <= limits.max_size:
-        raise RequestError("size", size, f"a multiple of {multiple} up to {limits.max_size} (this model's image sides)")
+    if family not in BUILT_IN:
+        raise RequestError("family", family, f"one of {list(BUILT_IN)}")
+    multiple = dims.vae_scale_factor * dims.unet_factor if dims else BUILT_IN[family]["multiple"]
+    largest = size_limit(dims.default_latent * dims.vae_scale_factor if dims else BUILT_IN[family]["size"])
+    if size % multiple or not multiple <= size <= largest:
+        raise RequestError("size", size, f"a multiple of {multiple} up to {largest} (this model's image sides)")
     return canonical_name(scheduler)
 
 
 def run(out: Path, model_dir: Path | None = None, size: int = 512, steps: int = 30, runs: int = 3,
-        scheduler: str = "euler") -> dict:
+        scheduler: str = "euler", family: str = "sd15") -> dict:
     import onnxruntime as ort
     import torch
 
     from kiln.artifacts import read_export
     from kiln.export.onnx_export import export_onnx
-    from kiln.models.benchmark import write_sd15_model
+    from kiln.models.benchmark import write_sd15_model, write_sdxl_model
     from kiln.pipeline.engines import Engines, TorchRunner
 
     start = time.perf_counter()
     out = Path(out)
-    scheduler = check_settings(size, steps, runs, scheduler, model_dir)
+    scheduler = check_settings(size, steps, runs, scheduler, model_dir, family)
     cuda = _cuda()
     report: dict = {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
                     "versions": _versions() | {"torch_cuda": torch.version.cuda},
                     "size": size, "steps": steps, "runs": runs, "scheduler": scheduler, "guidance": GUIDANCE,
-                    "reference": REFERENCE}
+                    "reference": REFERENCE if family == "sd15" else None}
     if model_dir is None:
-        sd15 = out / "sd15"
-        model_dir = sd15 if (sd15 / "model_index.json").is_file() else write_sd15_model(sd15, "full")
-        report["model"] = "SD 1.5 architecture (full width), random weights"
+        built = out / family
+        write = write_sdxl_model if family == "sdxl" else write_sd15_model
+        model_dir = built if (built / "model_index.json").is_file() else write(built, "full")
+        report["model"] = f"{BUILT_IN[family]['name']} architecture (full width), random weights"
     else:
         report["model"] = str(model_dir)
     t = time.perf_counter()
@@ -261,17 +270,29 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: SD 1.5, random weights)")
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--family", default="sd15", choices=list(BUILT_IN),
+                        help="the built-in architecture measured without --model (random weights)")
+    parser.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: --family's architecture)")
+    parser.add_argument("--size", type=int, default=None, help="pixels (default: 512 for sd15, 1024 for sdxl)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scheduler", default="euler", help="any name `kiln generate --scheduler` takes")
     args = parser.parse_args(argv)
+    size = args.size or BUILT_IN[args.family]["size"]
     try:
-        check_settings(args.size, args.steps, args.runs, args.scheduler, args.model)
+        check_settings(size, args.steps, args.runs, args.scheduler, args.model, args.family)
     except KilnError as exc:
         parser.error(str(exc))  # exit 2, before anything is built
-    report = run(args.out_dir, args.model, args.size, args.steps, args.runs, args.scheduler)
+    if args.model is None and not _cuda():
+        report = {"family": args.family, "size": size, "steps": args.steps,
+                  "skipped": {"all": "no CUDA GPU (torch.cuda.is_available() is False): the full-size "
+                                     f"{BUILT_IN[args.family]['name']} check runs on a GPU host; pass --model DIR "
+                                     "to time a small model on this CPU"}}
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(report["skipped"]["all"])
+        return 0
+    report = run(args.out_dir, args.model, size, args.steps, args.runs, args.scheduler, args.family)
     print(json.dumps(report, indent=2))
     print(f"report written to {args.out_dir / 'gpu_check.json'}")
     return 0

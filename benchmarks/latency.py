@@ -1,6 +1,7 @@
 """`kiln bench`: per-stage and end-to-end latency for the same model, steps, size and seed through
 diffusers' PyTorch pipeline, Kiln's ONNX Runtime pipeline (in-process), and Kiln through Triton
-over HTTP and gRPC, measured in one run. Medians after warm-up; JSON, markdown and a PNG plot."""
+over HTTP and gRPC, measured in one run. Medians after warm-up; JSON, markdown and a PNG plot.
+The stages are the model family's: each text encoder, a UNet step, the VAE decode."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from kiln.benchmarks.timing import timed as _timed
-from kiln.export.specs import TEXT_ENCODER, UNET, VAE_DECODER
+from kiln.export.specs import Family
 
 PROMPT = "a red digit 7 on a white background"
 
@@ -38,58 +39,60 @@ def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
     return 2 * n**3 / (result["median_ms"] / 1000) / 1e9
 
 
-def unet_flops(unet, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> float:
+def unet_flops(unet, *inputs: torch.Tensor) -> float:
+    """Floating-point operations of one call of `unet` (a module taking the UNet spec's inputs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        unet(sample, timestep, hidden)
+        unet(*inputs)
     return float(counter.get_total_flops())
 
 
-STAGES = {TEXT_ENCODER.name: TEXT_ENCODER, "unet_step": UNET, "vae_decode": VAE_DECODER}  # what one image runs
+def stages(family: Family) -> dict:
+    """What one image runs: each text encoder, a UNet step, the VAE decode (stage name -> spec)."""
+    return {**{name: family.spec(name) for name in family.text_encoders},
+            "unet_step": family.spec("unet"), "vae_decode": family.spec("vae_decoder")}
 
 
-def stage_inputs(dims, size: int) -> dict[str, dict[str, np.ndarray]]:
+def stage_inputs(family: Family, dims, size: int) -> dict[str, dict[str, np.ndarray]]:
     """Each stage's inputs for one guided image at `size` pixels, drawn as the spec declares them."""
     from kiln.export.specs import ShapePoint, dummy_inputs
 
     latent = size // dims.vae_scale_factor
     return {stage: dummy_inputs(spec, ShapePoint(spec.batch(1), latent, latent), dims)
-            for stage, spec in STAGES.items()}
+            for stage, spec in stages(family).items()}
 
 
-def bench_pytorch(model_dir: Path, spec: BenchSpec, size: int, x: dict) -> dict:
+def bench_pytorch(model_dir: Path, family: Family, spec: BenchSpec, size: int, x: dict) -> dict:
+    """diffusers' own modules (each in the spec's wrapper: the same call export traced) and pipeline."""
+    from kiln.export import wrappers
     from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
 
     pipe = load_diffusers_pipeline(model_dir)
-    t = {stage: {k: torch.from_numpy(v) for k, v in feeds.items()} for stage, feeds in x.items()}
-    u = t["unet_step"]
+    modules = {stage: getattr(wrappers, c.wrapper)(getattr(pipe, c.source)) for stage, c in stages(family).items()}
+    t = {stage: [torch.from_numpy(x[stage][name]) for name in c.input_names] for stage, c in stages(family).items()}
     with torch.inference_mode():
-        stages = {
-            TEXT_ENCODER.name: timed(lambda: pipe.text_encoder(t[TEXT_ENCODER.name]["input_ids"].long()), spec.runs, spec.warmup),
-            "unet_step": timed(lambda: pipe.unet(u["sample"], u["timestep"], u["encoder_hidden_states"]), spec.runs, spec.warmup),
-            "vae_decode": timed(lambda: pipe.vae.decode(t["vae_decode"]["latent_sample"]), spec.runs, spec.warmup),
-        }
-        flops = unet_flops(pipe.unet, u["sample"], u["timestep"], u["encoder_hidden_states"])
+        measured = {stage: timed(lambda: modules[stage](*t[stage]), spec.runs, spec.warmup) for stage in modules}
+    flops = unet_flops(modules["unet_step"], *t["unet_step"])
     end = timed(lambda: diffusers_image(pipe, spec.scheduler, PROMPT, "", spec.seed, spec.steps, 7.5, size, size),
                 spec.runs, spec.warmup)
-    return {"stages": stages, "end_to_end": end, "unet_gflop": flops / 1e9}
+    return {"stages": measured, "end_to_end": end, "unet_gflop": flops / 1e9}
 
 
-def bench_onnx(onnx_dir: Path, spec: BenchSpec, size: int, x: dict) -> dict:
+def bench_onnx(onnx_dir: Path, family: Family, spec: BenchSpec, size: int, x: dict) -> dict:
     from kiln.pipeline.onnx_pipeline import OnnxPipeline
     from kiln.pipeline.request import GenerationRequest
 
     pipe = OnnxPipeline(onnx_dir)
-    stages = {}
-    for stage, component in STAGES.items():  # the pipeline's own engine calls
+    measured = {}
+    for stage, component in stages(family).items():  # the pipeline's own engine calls
         feeds = [torch.from_numpy(x[stage][name]) for name in component.input_names]
-        stages[stage] = timed(lambda: pipe.engines.call(component, *feeds), spec.runs, spec.warmup)
+        measured[stage] = timed(lambda: pipe.engines.outputs(component, *feeds), spec.runs, spec.warmup)
     request = GenerationRequest(PROMPT, "", spec.seed, spec.steps, 7.5, size, size, spec.scheduler)
-    return {"stages": stages, "end_to_end": timed(lambda: pipe(request), spec.runs, spec.warmup)}
+    return {"stages": measured, "end_to_end": timed(lambda: pipe(request), spec.runs, spec.warmup)}
 
 
-def bench_triton(url: str, protocol: str, spec: BenchSpec, size: int, x: dict, loops: int = 1) -> dict:
+def bench_triton(url: str, protocol: str, family: Family, spec: BenchSpec, size: int, x: dict, loops: int = 1) -> dict:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -111,12 +114,12 @@ def bench_triton(url: str, protocol: str, spec: BenchSpec, size: int, x: dict, l
         """Distinct token ids each call: the embedding cache must not answer for the encoder."""
         return {k: np.random.randint(0, 49000, v.shape).astype(v.dtype) for k, v in feeds.items()}
 
-    stages = {stage: timed(lambda: call(component, fresh(x[stage]) if component.cache_outputs else x[stage]),
-                           spec.runs, spec.warmup) for stage, component in STAGES.items()}
+    measured = {stage: timed(lambda: call(component, fresh(x[stage]) if component.cache_outputs else x[stage]),
+                             spec.runs, spec.warmup) for stage, component in stages(family).items()}
     with KilnClient(url, protocol) as client:
         end = timed(lambda: client.generate(PROMPT, seed=spec.seed, steps=spec.steps, height=size, width=size,
                                             scheduler=spec.scheduler), spec.runs, max(spec.warmup, loops))
-    return {"stages": stages, "end_to_end": end}  # warm-up reaches every BLS loop instance once
+    return {"stages": measured, "end_to_end": end}  # warm-up reaches every BLS loop instance once
 
 
 def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchSpec(), tuning=None) -> dict:
@@ -128,19 +131,21 @@ def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchS
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_export(onnx_dir)
+    family = manifest.family
     size = spec.size or manifest.model.default_size
-    x = stage_inputs(manifest.dims, size)
+    x = stage_inputs(family, manifest.dims, size)
     tuning = tuning or Tuning()
-    results = {"pytorch": bench_pytorch(model_dir, spec, size, x), "onnxruntime": bench_onnx(onnx_dir, spec, size, x)}
+    results = {"pytorch": bench_pytorch(model_dir, family, spec, size, x),
+               "onnxruntime": bench_onnx(onnx_dir, family, spec, size, x)}
     repo = build_repository(onnx_dir, out_dir / "repository", tuning=tuning)
     with running_server(repo) as served:
-        results["triton_http"] = bench_triton(served.http_url, "http", spec, size, x, tuning.pipeline_instances)
-        results["triton_grpc"] = bench_triton(served.grpc_url, "grpc", spec, size, x, tuning.pipeline_instances)
+        for protocol, url in (("http", served.http_url), ("grpc", served.grpc_url)):
+            results[f"triton_{protocol}"] = bench_triton(url, protocol, family, spec, size, x, tuning.pipeline_instances)
     end = {k: v["end_to_end"]["median_ms"] for k, v in results.items()}
     unet_ms = results["onnxruntime"]["stages"]["unet_step"]["median_ms"]
     gflop = results["pytorch"]["unet_gflop"]
     report = {
-        "spec": asdict(spec), "size": size, "tuning": asdict(tuning), "results": results,
+        "spec": asdict(spec), "size": size, "family": manifest.model.family, "tuning": asdict(tuning), "results": results,
         "ratios": {
             "onnxruntime_speedup_vs_pytorch": end["pytorch"] / end["onnxruntime"],
             "triton_http_overhead": end["triton_http"] / end["onnxruntime"] - 1,
@@ -155,13 +160,14 @@ def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchS
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"size {report['size']}px, {report['spec']['steps']} steps, {report['spec']['scheduler']}, medians of "
-             f"{report['spec']['runs']} runs (ms)", "",
-             "| path | text encoder | UNet step (batch 2) | VAE decode | end to end |", "|---|---|---|---|---|"]
+    names = list(next(iter(report["results"].values()))["stages"])
+    heads = [n.replace("_", " ").replace("unet step", "UNet step (batch 2)").replace("vae", "VAE") for n in names]
+    lines = [f"{report.get('family', 'sd1')} model, size {report['size']}px, {report['spec']['steps']} steps, "
+             f"{report['spec']['scheduler']}, medians of {report['spec']['runs']} runs (ms)", "",
+             f"| path | {' | '.join(heads)} | end to end |", "|---|" + "---|" * (len(names) + 1)]
     for name, r in report["results"].items():
-        s = r["stages"]
-        lines.append(f"| {name} | {s[TEXT_ENCODER.name]['median_ms']:.1f} | {s['unet_step']['median_ms']:.1f} | "
-                     f"{s['vae_decode']['median_ms']:.1f} | {r['end_to_end']['median_ms']:.1f} |")
+        cells = " | ".join(f"{r['stages'][n]['median_ms']:.1f}" for n in names)
+        lines.append(f"| {name} | {cells} | {r['end_to_end']['median_ms']:.1f} |")
     r, u = report["ratios"], report["unet_step"]
     lines += ["", f"- ONNX Runtime vs PyTorch end to end: {r['onnxruntime_speedup_vs_pytorch']:.2f}x",
               f"- Triton overhead vs in-process: HTTP {100 * r['triton_http_overhead']:+.1f} %, gRPC {100 * r['triton_grpc_overhead']:+.1f} %",
@@ -177,7 +183,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["results"])
-    stages = list(STAGES)
+    stages = list(report["results"][names[0]]["stages"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.2
     for i, name in enumerate(names):

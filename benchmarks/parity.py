@@ -1,5 +1,6 @@
-"""Parity report: served image vs diffusers' in-process image, and ONNX vs PyTorch per component,
-for one model folder. Prints a table and saves JSON and markdown.
+"""Parity report: served image vs diffusers' in-process image (each scheduler over HTTP and gRPC), and
+ONNX vs PyTorch per component, for one model folder of any family. Prints a table and saves JSON and
+markdown.
 
     python -m kiln.benchmarks.parity MODEL_DIR OUT_DIR [--steps 4] [--size 64]
 """
@@ -37,15 +38,14 @@ def serve_rows(model_dir: Path, repo_dir: Path, steps: int, size: int, seed: int
     pipe = load_diffusers_pipeline(model_dir)
     rows = []
     with running_server(repo_dir) as info:
-        for i, scheduler in enumerate(SCHEDULERS):
-            protocol = ("http", "grpc")[i % 2]
-            url = info.http_url if protocol == "http" else info.grpc_url
-            with KilnClient(url, protocol) as client:
-                served = client.generate(PROMPT, NEGATIVE, seed, steps, 7.5, size, size, scheduler).images
+        for scheduler in SCHEDULERS:
             expected = diffusers_image(pipe, scheduler, PROMPT, NEGATIVE, seed, steps, 7.5, size, size)
-            diff = np.abs(served.astype(int) - expected)
-            rows.append({"scheduler": scheduler, "protocol": protocol, "max_abs": int(diff.max()),
-                         "mean_abs": float(diff.mean()), "pixels_differing": float((diff > 0).mean())})
+            for protocol, url in (("http", info.http_url), ("grpc", info.grpc_url)):
+                with KilnClient(url, protocol) as client:
+                    served = client.generate(PROMPT, NEGATIVE, seed, steps, 7.5, size, size, scheduler).images
+                diff = np.abs(served.astype(int) - expected)
+                rows.append({"scheduler": scheduler, "protocol": protocol, "max_abs": int(diff.max()),
+                             "mean_abs": float(diff.mean()), "pixels_differing": float((diff > 0).mean())})
     return rows
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         repo = build_repository(onnx_dir, Path(tmp) / "repository")
         served = serve_rows(args.model_dir, repo, args.steps, size, args.seed)
     export = export_rows(manifest)
-    report = {"model": str(args.model_dir), "prediction_type": manifest.model.prediction_type,
+    report = {"model": str(args.model_dir), "family": manifest.model.family, "prediction_type": manifest.model.prediction_type,
               "steps": args.steps, "size": size, "export": export, "served": served}
     write_json_atomically(args.out_dir / "parity.json", report)
     markdown = to_markdown(export, served)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
@@ -21,6 +22,10 @@ def save_model(model: onnx.ModelProto, path: Path, large: bool) -> None:
         all_tensors_to_one_file=True,
         location=EXTERNAL_DATA_NAME,
     )
+    if large:  # onnx writes external data owner-only (0600): a Triton running as another user could not read it
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(Path(path).parent / EXTERNAL_DATA_NAME, 0o666 & ~umask)
 
 
 def is_large(path: Path) -> bool:

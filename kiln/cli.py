@@ -342,7 +342,8 @@ def repo_build(
     also: list[str] = typer.Option([], "--also", help="NAME=ONNX_DIR[,ENGINE_DIR]: another model served side by side "
                                    "(identical components are stored and loaded once)"),
     max_steps: int = typer.Option(LIMITS.max_steps, "--max-steps"),
-    max_size: int = typer.Option(LIMITS.max_size, "--max-size", help="largest height or width a request may ask for"),
+    max_size: int = typer.Option(LIMITS.max_size, "--max-size", help="largest height or width a request may ask for "
+                                 "(0: per model, twice its native size and at least 1024: SD 1.5 1024, SDXL 2048)"),
     max_batch_size: int = typer.Option(TUNING.max_batch_size, "--max-batch-size"),
     pipeline_instances: int = typer.Option(TUNING.pipeline_instances, "--pipeline-instances", help="BLS denoising loops feeding the batched models"),
     max_queue: int = typer.Option(TUNING.max_queue, "--max-queue", help="generations allowed to wait; more are refused at once"),
@@ -432,6 +433,19 @@ def stop(http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT, metrics_port: i
 PUBLIC_MODEL = declared("kiln.clients.client", "PUBLIC_MODEL")
 
 
+def _pair_option(separator: str):
+    """`A<separator>B` of two integers -> (A, B); anything else is refused with the expected form."""
+
+    def parse(value: str) -> tuple[int, int]:
+        parts = value.split(separator)
+        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+            form = "HEIGHTxWIDTH, e.g. 1024x1024" if separator == "x" else "TOP,LEFT, e.g. 0,0"
+            raise typer.BadParameter(f"{value!r}: expected {form}")
+        return int(parts[0]), int(parts[1])
+
+    return parse
+
+
 @app.command()
 def generate(
     prompt: str,
@@ -451,6 +465,12 @@ def generate(
     strength: Optional[float] = typer.Option(None, "--strength", help="img2img: 0 keeps the image, 1 redraws it"),
     model: str = typer.Option(PUBLIC_MODEL, "--model", help=f"the ensemble to call: {PUBLIC_MODEL}, or a model's name in a "
                               "repository serving several"),
+    original_size: Optional[str] = typer.Option(None, "--original-size", metavar="HxW", parser=_pair_option("x"),
+                                                help="SDXL: the size conditioning's original size (default: the image's)"),
+    crop: Optional[str] = typer.Option(None, "--crop", metavar="TOP,LEFT", parser=_pair_option(","),
+                                       help="SDXL: the crop conditioning's top-left corner (default 0,0)"),
+    target_size: Optional[str] = typer.Option(None, "--target-size", metavar="HxW", parser=_pair_option("x"),
+                                              help="SDXL: the size conditioning's target size (default: the image's)"),
 ):
     """Generate images through the served txt2img endpoint and save them as PNG.
     Prompts take weights: (word), \\[word], (word:1.5); BREAK starts a new 77-token chunk."""
@@ -459,7 +479,8 @@ def generate(
     with KilnClient(url, protocol.value, model=model) as client:
         result = client.generate(prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
                                  height=height, width=width, scheduler=scheduler, num_images=num_images, image=image,
-                                 strength=strength)
+                                 strength=strength, original_size=original_size, crop_top_left=crop,
+                                 target_size=target_size)
     paths = result.save(output)
     console.print(f"{len(paths)} image(s) in {result.seconds:.2f} s over {protocol} (seeds {result.seeds}): "
                   + ", ".join(map(str, paths)))

@@ -30,7 +30,7 @@ from kiln.artifacts import (MANIFEST_NAME, exported_components, fingerprint, rea
 from kiln.export.specs import FAMILIES
 from kiln.model_repository import configs
 from kiln.pipeline.onnx_pipeline import model_constants, model_defaults
-from kiln.pipeline.request import Limits
+from kiln.pipeline.request import Limits, limits_for
 
 log = logging.getLogger("kiln.model_repository")
 
@@ -143,6 +143,7 @@ def build_models_repository(
             manifest = manifests[name]
             dims = manifest.dims
             layout = manifest.family
+            model_limits = limits_for(limits, manifest.model.default_size)
             encoders = len(layout.text_encoders)
             component_models = {}
             for component in exported_components(onnx_dir, layout):
@@ -155,7 +156,7 @@ def build_models_repository(
                 spec = layout.spec(component)
                 if target == "embedded":
                     settings = {"component": component, "family": layout.name, "onnx_threads": tuning.onnx_threads,
-                                "dims": asdict(dims), "limits": asdict(limits)}
+                                "dims": asdict(dims), "limits": asdict(model_limits)}
                     config = configs.component_config(spec, dims, tuning, settings)
                 else:
                     config = configs.ngc_component_config(spec, dims, tuning, backend,
@@ -165,7 +166,7 @@ def build_models_repository(
                 written[triton_name] = digest
             tokenizer_name, tokenizer_digest = model_name("tokenizer", *(onnx_dir / folder for folder in layout.tokenizers))
             if tokenizer_name not in written:
-                config = configs.tokenizer_config({"tokenizers": list(layout.tokenizers), "limits": asdict(limits)},
+                config = configs.tokenizer_config({"tokenizers": list(layout.tokenizers), "limits": asdict(model_limits)},
                                                   tuning, encoders)
                 config.name = tokenizer_name
                 _write_model(tmp, config, folders={folder: onnx_dir / folder for folder in layout.tokenizers})
@@ -174,7 +175,7 @@ def build_models_repository(
             pipeline_settings = {
                 "constants": asdict(model_constants(manifest)),
                 "defaults": asdict(replace(model_defaults(manifest), **defaults)),
-                "limits": asdict(limits),
+                "limits": asdict(model_limits),
                 "size_multiple": manifest.size_multiple,
                 "vocab_size": dims.vocab_size,
                 "family": layout.name,
@@ -187,6 +188,7 @@ def build_models_repository(
             ensemble = PUBLIC_MODEL if single else name
             _write_model(tmp, configs.txt2img_config(ensemble, tokenizer_name, pipeline_name, encoders))
             summary[ensemble] = {"source": {"onnx_dir": str(onnx_dir.resolve()), "export_key": manifest.key},
+                                 "limits": asdict(model_limits),
                                  "model": manifest.model_dump(mode="json", include={"model"}, exclude_none=True)["model"],
                                  "precision": manifest.precision,
                                  "components": component_models, "tokenizer": tokenizer_name, "pipeline": pipeline_name}

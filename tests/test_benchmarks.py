@@ -9,13 +9,16 @@ pytestmark = pytest.mark.triton
 
 
 @pytest.mark.slow  # starts a Triton server of its own
-def test_bench_writes_json_markdown_and_plot(tiny_model, onnx_dir, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_bench_writes_json_markdown_and_plot(tiny_model, onnx_dir, sdxl_model, sdxl_onnx, tmp_path, family):
     from kiln.benchmarks.latency import BenchSpec, run
 
-    report = run(tiny_model("epsilon"), onnx_dir("epsilon"), tmp_path, BenchSpec(steps=2, runs=2))
+    model, onnx = (sdxl_model(), sdxl_onnx()) if family == "sdxl" else (tiny_model("epsilon"), onnx_dir("epsilon"))
+    report = run(model, onnx, tmp_path, BenchSpec(steps=2, runs=2))
     assert set(report["results"]) == {"pytorch", "onnxruntime", "triton_http", "triton_grpc"}
+    encoders = {"text_encoder", "text_encoder_2"} if family == "sdxl" else {"text_encoder"}
     for result in report["results"].values():
-        assert set(result["stages"]) == {"text_encoder", "unet_step", "vae_decode"}
+        assert set(result["stages"]) == {*encoders, "unet_step", "vae_decode"}
         assert result["end_to_end"]["median_ms"] > 0
     assert report["unet_step"]["gflop"] > 0 and report["unet_step"]["matmul_gflops"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["ratios"]
@@ -36,12 +39,14 @@ def test_concurrent_generations_through_several_loops_match_lone_ones(onnx_dir, 
     assert result["concurrent"][4]["max_abs_diff_vs_alone"] == 0
 
 
-def test_gpu_check_runs_on_the_cpu_and_reports_what_it_skipped(tiny_model, tmp_path):
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_gpu_check_runs_on_the_cpu_and_reports_what_it_skipped(tiny_model, sdxl_model, tmp_path, family):
     """`make gpu-check`'s script, run here without a GPU or TensorRT: the same timing loop for every
     backend it has, and a report that says why TensorRT was skipped instead of stopping."""
     from kiln.benchmarks import gpu_check
 
-    report = gpu_check.run(tmp_path, tiny_model("epsilon"), size=64, steps=2, runs=1)
+    model = sdxl_model() if family == "sdxl" else tiny_model("epsilon")
+    report = gpu_check.run(tmp_path, model, size=64, steps=2, runs=1, family=family)
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == report
     assert report["device"].startswith("cpu") and "setup" not in report  # it installs nothing
     assert "TensorRT is not installed" in report["skipped"]["tensorrt"]
@@ -63,3 +68,16 @@ def test_gpu_check_refuses_bad_settings_before_any_work(tiny_model, tmp_path, ca
                         "--runs", "1", flag, value])
     assert exit_.value.code == 2 and f"{flag.lstrip('-')}=" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_without_a_gpu_says_so_and_builds_nothing(tmp_path, capsys):
+    import torch
+
+    from kiln.benchmarks import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA GPU: the check would run in full")
+    assert gpu_check.main([str(tmp_path / "xl"), "--family", "sdxl"]) == 0
+    report = json.loads((tmp_path / "xl" / "gpu_check.json").read_text())
+    assert report["size"] == 1024 and "no CUDA GPU" in report["skipped"]["all"]
+    assert sorted(p.name for p in (tmp_path / "xl").iterdir()) == ["gpu_check.json"]

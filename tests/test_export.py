@@ -169,3 +169,26 @@ def test_a_damaged_manifest_is_called_damaged_and_rebuilt(tiny_model, onnx_dir, 
         read_export(copy)
     result = export_onnx(tiny_model("epsilon"), copy)  # proves nothing: every component is rebuilt
     assert not any(c.reused for c in result.components) and read_export(copy).precision == "fp32"
+
+
+def test_external_data_is_readable_like_the_model_file(tmp_path):
+    """Files above 2 GB (SDXL's UNet) keep their weights beside model.onnx; onnx writes that file
+    owner-only, which a Triton running as another user could not read."""
+    import os
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.export.precision import EXTERNAL_DATA_NAME, save_model
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    save_model(helper.make_model(graph), tmp_path / "model.onnx", large=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (tmp_path / EXTERNAL_DATA_NAME).stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / "model.onnx").stat().st_mode & 0o777
+    stored = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    assert stored.graph.initializer[0].data_location == onnx.TensorProto.EXTERNAL

@@ -277,7 +277,7 @@ def test_non_finite_latents_fail_instead_of_drawing_black(onnx_dir):
 
     pipe = OnnxPipeline(onnx_dir("epsilon"))
     request = parse_request({"prompt": np.array([b"a cat"], dtype=object), "steps": np.array([3], np.int32)},
-                            Defaults(height=64, width=64), Limits(), 8)
+                            Defaults(height=64, width=64), Limits(max_size=1024), 8)
     unet = pipe.engines.predict_noise
     pipe.engines.predict_noise = lambda *args: unet(*args) * np.float32(np.inf)
     with pytest.raises(GenerationError, match=r"latents at step 1 of \d+ became non-finite"):

@@ -67,7 +67,7 @@ def _raw(**values):
 
 
 def test_request_defaults_and_drawn_seed():
-    request = parse_request(_raw(prompt="a cat"), Defaults(height=64, width=64), Limits(), 16)
+    request = parse_request(_raw(prompt="a cat"), Defaults(height=64, width=64), Limits(max_size=1024), 16)
     assert (request.steps, request.guidance_scale, request.height, request.scheduler) == (20, 7.5, 64, "default")
     assert 0 <= request.seed < 2**31
 
@@ -92,16 +92,16 @@ def test_request_errors_name_field_value_and_range(field, value, allowed):
     raw = _raw(prompt="a cat", init_image=b"\x89PNG" if field == "strength" else None)
     raw.update(_raw(**{field: value}))
     with pytest.raises(RequestError) as err:
-        parse_request(raw, Defaults(height=64, width=64), Limits(), 16)
+        parse_request(raw, Defaults(height=64, width=64), Limits(max_size=1024), 16)
     assert err.value.field == field
     assert allowed in str(err.value)
 
 
 def test_request_rejects_wrong_shape_and_type():
     with pytest.raises(RequestError, match="shape"):
-        parse_request({"prompt": np.array([b"a", b"b"])}, Defaults(), Limits(), 8)
+        parse_request({"prompt": np.array([b"a", b"b"])}, Defaults(), Limits(max_size=1024), 8)
     with pytest.raises(RequestError, match="integer"):
-        parse_request({"prompt": np.array([b"a"]), "steps": np.array([2.5])}, Defaults(), Limits(), 8)
+        parse_request({"prompt": np.array([b"a"]), "steps": np.array([2.5])}, Defaults(), Limits(max_size=1024), 8)
 
 
 class CheckingRunner:

@@ -195,3 +195,118 @@ def test_size_conditioning_is_checked_and_refused_by_other_families(sdxl_triton,
 def _infer_raw(c, **fields):
     inputs = c.request_inputs(prompt=PROMPT, steps=1, **fields)
     return c._call("generate", c._client.infer, c.model, inputs)
+
+
+@pytest.mark.triton
+def test_one_repository_serves_sd_and_sdxl_side_by_side(onnx_dir, sdxl_onnx, pipes, reference_image, tiny_model,
+                                                        tmp_path):
+    """Each family keeps its own ensemble, tokenizer (one or two), pipeline and native size."""
+    from kiln.model_repository.builder import build_models_repository
+    from kiln.pipeline.reference import diffusers_image
+    from kiln.serving import server
+
+    repo = build_models_repository({"sd": onnx_dir("epsilon"), "xl": sdxl_onnx()}, tmp_path / "repo")
+    summary = json.loads((repo / "manifest.json").read_text())["ensembles"]
+    assert summary["sd"]["model"]["family"] == "sd1" and summary["xl"]["model"]["family"] == "sdxl"
+    assert summary["sd"]["tokenizer"] != summary["xl"]["tokenizer"]
+    assert summary["sd"]["limits"]["max_size"] == summary["xl"]["limits"]["max_size"] == 1024  # both tiny: native 64
+    with server.running_server(repo) as info:
+        with KilnClient(info.grpc_url, "grpc", model="xl") as c:
+            xl = c.generate(PROMPT, NEGATIVE, seed=2, steps=3, scheduler="euler_a", height=64, width=96)
+        with KilnClient(info.http_url, "http", model="sd") as c:
+            sd = c.generate(PROMPT, NEGATIVE, seed=2, steps=3, scheduler="euler_a")
+            with pytest.raises(ClientError, match="only SDXL models take size conditioning"):
+                c.generate(PROMPT, steps=1, target_size=(64, 64))
+    assert np.abs(xl.images.astype(int) - diffusers_image(pipes(), "euler_a", PROMPT, NEGATIVE, 2, 3, 7.5, 64, 96)).max() <= MAX_DIFF
+    expected = reference_image(tiny_model("epsilon"), "euler_a", PROMPT, NEGATIVE, 2, 3, 7.5, 64, 64)
+    assert np.abs(sd.images.astype(int) - expected).max() <= MAX_DIFF
+
+
+def test_ngc_target_and_tensorrt_profiles_cover_sdxl(sdxl_onnx, tmp_path):
+    """The NGC repository serves every SDXL component on the native backends with its spec's tensors,
+    and the TensorRT plan profiles each at 1024x1024 with the guided batch doubled."""
+    from kiln.export.specs import SDXL
+    from kiln.export.tensorrt import plan_engines
+    from kiln.model_repository import configs
+    from kiln.model_repository.builder import build_repository
+
+    repo = build_repository(sdxl_onnx(), tmp_path / "repo", target="ngc",
+                            tuning=configs.Tuning(ort_accelerator="tensorrt"))
+    for spec in SDXL.specs:
+        config = configs.parse_pbtxt((repo / spec.name / "config.pbtxt").read_text())
+        assert config.platform == "onnxruntime_onnx"
+        assert [i.name for i in config.input] == spec.input_names and [o.name for o in config.output] == spec.output_names
+        mode = config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"]
+        assert mode == ("FP32" if spec.name.startswith("vae") else "FP16")  # SDXL's VAE overflows in fp16
+    unet_inputs = {i.name: list(i.dims) for i in configs.parse_pbtxt((repo / "unet" / "config.pbtxt").read_text()).input}
+    assert unet_inputs["text_embeds"] == [40] and unet_inputs["time_ids"] == [6] and unet_inputs["encoder_hidden_states"] == [-1, 80]
+    tokenizer = configs.parse_pbtxt((repo / "tokenizer" / "config.pbtxt").read_text())
+    assert [o.name for o in tokenizer.output] == ["prompt_ids", "prompt_weights", "prompt_ids_2", "prompt_weights_2",
+                                                  "negative_prompt_ids", "negative_prompt_weights",
+                                                  "negative_prompt_ids_2", "negative_prompt_weights_2"]
+    plan = plan_engines(sdxl_onnx(), "fp16", ["1x1024:1x1024:2x1024"])
+    shapes = {c.component: c.profiles[0] for c in plan.components}
+    assert sorted(shapes) == sorted(SDXL.components)
+    assert shapes["unet"]["sample"] == [[2, 4, 128, 128]] * 2 + [[4, 4, 128, 128]]
+    assert shapes["unet"]["time_ids"][2] == [4, 6] and shapes["unet"]["text_embeds"][2] == [4, 40]
+    assert shapes["vae_decoder"]["latent_sample"][2] == [2, 4, 128, 128]
+    assert {c.component: c.precision for c in plan.components}["vae_decoder"] == "fp32"
+
+
+def test_each_model_gets_its_own_size_limit_unless_the_deployment_sets_one():
+    from kiln.pipeline.request import Limits, limits_for, size_limit
+
+    assert (size_limit(64), size_limit(512), size_limit(768), size_limit(1024)) == (1024, 1024, 1536, 2048)
+    assert limits_for(Limits(), 1024).max_size == 2048  # SDXL's 1536x640 buckets fit
+    assert limits_for(Limits(max_size=768), 1024).max_size == 768  # an operator's bound is kept
+
+
+@pytest.mark.slow  # starts a Triton server of its own
+@pytest.mark.triton
+def test_make_deploy_serves_an_sdxl_folder_and_kiln_generate_draws_over_both_protocols(sdxl_model, tmp_path):
+    """`make deploy MODEL=<sdxl folder>` runs `kiln deploy --model`: export, repository, background
+    server, smoke image; then the CLI draws through it with SDXL's size conditioning."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kiln.serving import server
+
+    kiln = [sys.executable, "-m", "kiln.cli"]
+    ports = server.free_ports()
+    port_flags = ["--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
+    try:
+        done = subprocess.run([*kiln, "deploy", "--model", str(sdxl_model()), "--artifacts", str(tmp_path), *port_flags],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp_path / "smoke.png").is_file() and "smoke image" in done.stderr + done.stdout
+        for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
+            out = tmp_path / f"{protocol}.png"
+            drawn = subprocess.run([*kiln, "generate", "a (red:1.2) digit 7", "-o", str(out), "--protocol", protocol,
+                                    "--url", f"127.0.0.1:{port}", "--seed", "5", "--steps", "3",
+                                    "--original-size", "1024x768", "--crop", "0,32"],
+                                   capture_output=True, text=True, timeout=120)
+            assert drawn.returncode == 0, drawn.stderr
+        http, grpc = (np.asarray(Image.open(tmp_path / f"{p}.png")) for p in ("http", "grpc"))
+        assert http.shape == (64, 64, 3) and np.array_equal(http, grpc)
+        bad = subprocess.run([*kiln, "generate", "x", "-o", str(tmp_path / "x.png"), "--url", f"127.0.0.1:{ports.http}",
+                              "--target-size", "1024"], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "expected HEIGHTxWIDTH" in bad.stderr
+    finally:
+        subprocess.run([*kiln, "stop", "--http-port", str(ports.http)], capture_output=True, timeout=120)
+    assert Path(tmp_path / "onnx").is_dir()
+
+
+@pytest.mark.parametrize("scheduler", ["default", "ddpm", "pndm", "heun", "dpmpp_2m_karras", "unipc",
+                                       "LMSDiscreteScheduler"])
+def test_every_other_scheduler_matches_diffusers_in_process(sdxl_onnx, pipes, scheduler):
+    """The served schedulers above, and the rest Kiln takes, through Kiln's core in-process."""
+    from kiln.pipeline.onnx_pipeline import OnnxPipeline
+    from kiln.pipeline.reference import diffusers_image
+    from kiln.pipeline.request import GenerationRequest
+    from kiln.pipeline.schedulers import canonical_name
+
+    name = canonical_name(scheduler)
+    image = OnnxPipeline(sdxl_onnx())(GenerationRequest(PROMPT, NEGATIVE, 11, 4, 7.5, 64, 64, name))
+    expected = diffusers_image(pipes(), name, PROMPT, NEGATIVE, 11, 4, 7.5, 64, 64)
+    assert np.abs(image.astype(int) - expected).max() <= MAX_DIFF, scheduler

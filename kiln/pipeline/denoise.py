@@ -82,7 +82,7 @@ def encode_prompts(engines: Engines, prompt: tuple[TokenChunks, ...], negative: 
         k = negative_tokens.ids.shape[0] if encode_negative else 0
         ids = np.concatenate([negative_tokens.ids, tokens.ids]) if encode_negative else tokens.ids
         outputs = engines.encode_text(encoder, torch.from_numpy(ids).to(engines.device))  # (k + chunks, 77, D), ...
-        hidden = next(iter(outputs.values()))
+        hidden = outputs[family.spec(encoder).output_names[0]]
         conds.append(apply_weights(hidden[k:], tokens.weights))
         if encode_negative:
             unconds.append(apply_weights(hidden[:k], negative_tokens.weights))

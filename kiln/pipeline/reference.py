@@ -28,6 +28,7 @@ def load_diffusers_pipeline(model_dir: Path):
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     pipe = cls.from_pretrained(str(model_dir), dtype=torch.float32, **({"add_watermarker": False} if sdxl else {}))
     pipe.set_progress_bar_config(disable=True)
+    pipe.kiln_scheduler_config = dict(pipe.scheduler.config)  # what "default" and every override start from
     return pipe
 
 
@@ -65,7 +66,8 @@ def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int,
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
     sdxl = is_sdxl(pipe)
-    pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    # from the folder's own scheduler config, as the server does: not the last call's (its class and overrides)
+    pipe.scheduler = make_scheduler(scheduler, getattr(pipe, "kiln_scheduler_config", None) or dict(pipe.scheduler.config))
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                   generator=generators[0] if num_images == 1 else generators)

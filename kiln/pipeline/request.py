@@ -78,12 +78,25 @@ class Limits:
     max_steps: int = 150
     max_guidance: float = 30.0
     min_size: int = 64
-    max_size: int = 1024
+    max_size: int = 0  # largest height or width; 0: this model's size_limit (resolved when a repository is built)
     max_prompt_chars: int = 4000
     max_prompt_tokens: int = 300  # four 77-token chunks
     max_prompt_chunks: int = 8  # BREAK adds chunks; prompt + negative chunks are one text-encoder batch (16)
     max_images: int = 4
     max_image_bytes: int = 8 << 20
+
+
+def size_limit(native: int) -> int:
+    """A model's largest side unless the deployment sets one: twice its native size, at least 1024
+    (SD 1.5: 1024; SDXL: 2048, which holds its 1536x640 aspect buckets)."""
+    return max(1024, 2 * native)
+
+
+def limits_for(limits: Limits, native: int) -> Limits:
+    """`limits` for one model of `native` size: max_size 0 becomes its size_limit."""
+    from dataclasses import replace
+
+    return limits if limits.max_size else replace(limits, max_size=size_limit(native))
 
 
 @dataclass(frozen=True)
