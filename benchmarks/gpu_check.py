@@ -72,8 +72,8 @@ class Generation:
         from kiln.pipeline.denoise import generate
         from kiln.pipeline.schedulers import make_scheduler
 
-        return generate(engines, make_scheduler(self.scheduler, self.scheduler_config), self.constants, self.prompt,
-                        self.negative, [0], self.steps, GUIDANCE, self.size, self.size,
+        return generate(engines, make_scheduler(self.scheduler, self.scheduler_config, engines.family.name),
+                        self.constants, self.prompt, self.negative, [0], self.steps, GUIDANCE, self.size, self.size,
                         zero_negative=self.constants.zero_empty_negative)
 
 

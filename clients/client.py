@@ -140,7 +140,14 @@ class KilnClient:
         outputs = [self._module.InferRequestedOutput(name) for name, _, _ in TXT2IMG_OUTPUTS]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         start = time.perf_counter()
-        result = self._call("generate", self._client.infer, self.model, inputs, outputs=outputs, **kwargs)
+        try:
+            result = self._call("generate", self._client.infer, self.model, inputs, outputs=outputs, **kwargs)
+        except ClientError as exc:
+            if "unknown model" not in str(exc):
+                raise
+            raise ClientError(str(exc), hint=f"this server has no model {self.model!r}: a repository serving several "
+                              "models names each endpoint after its model; pass model=NAME (kiln generate --model NAME; "
+                              "kiln models lists them)") from None
         seconds = time.perf_counter() - start
         return Generation(result.as_numpy("image"), [int(s) for s in result.as_numpy("seeds")], seconds)
 

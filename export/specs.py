@@ -344,7 +344,7 @@ class Family:
     specs: tuple[ComponentSpec, ...]
     tokenizers: tuple[str, ...]  # tokenizer folder per text encoder
     text_encoders: tuple[str, ...]
-    pooled: str | None = None  # "component.output" the UNet takes as text_embeds (first chunk, unweighted)
+    pooled: tuple[str, str] | None = None  # (component, output) the UNet takes as text_embeds (first chunk, unweighted)
 
     @property
     def components(self) -> dict[str, ComponentSpec]:
@@ -368,7 +368,7 @@ class Family:
 
 SD = Family("sd", (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER), ("tokenizer",), ("text_encoder",))
 SDXL = Family("sdxl", (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER),
-              ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), pooled="text_encoder_2.text_embeds")
+              ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), pooled=("text_encoder_2", "text_embeds"))
 FAMILIES: dict[str, Family] = {"sd1": SD, "sd2": SD, "sdxl": SDXL}  # by kiln.models.folder's family names
 
 

@@ -84,9 +84,11 @@ def check_models(models: dict[str, Path]) -> None:
         raise RepositoryError("no model given", hint="kiln repo build ONNX_DIR REPO_DIR, or --model NAME=ONNX_DIR ...")
     if len(models) > 1:
         for name in models:
-            if not MODEL_NAME.fullmatch(name) or name in RESERVED:
+            internal = name in RESERVED or any(name.startswith(f"{word}_") for word in RESERVED)
+            if not MODEL_NAME.fullmatch(name) or internal:
                 raise RepositoryError(f"model name {name!r} is invalid: expected lower-case letters, digits and _ "
-                                      f"(starting with a letter), none of {sorted(RESERVED)}")
+                                      f"(starting with a letter), neither one of {sorted(RESERVED)} nor beginning with "
+                                      "one of them and _ (the repository's own model names)")
 
 
 def build_models_repository(
@@ -160,7 +162,7 @@ def build_models_repository(
                     config = configs.component_config(spec, dims, tuning, settings)
                 else:
                     config = configs.ngc_component_config(spec, dims, tuning, backend,
-                                                          manifest.components[component].precision)
+                                                          manifest.components[component].precision, triton_name)
                 config.name = triton_name
                 _write_model(tmp, config, files=files)
                 written[triton_name] = digest

@@ -89,20 +89,23 @@ def trt_precision_mode(spec: ComponentSpec, exported_precision: str) -> str:
 
 
 def ngc_component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, backend: str,
-                         exported_precision: str = "fp32") -> mc.ModelConfig:
+                         exported_precision: str = "fp32", name: str | None = None) -> mc.ModelConfig:
     """One component on the NGC container's native backend, on the GPU, batched across requests.
 
     onnxruntime: the CUDA execution provider, with TensorRT as its accelerator when `tuning.ort_accelerator`
     is "tensorrt" (see trt_precision_mode, engine cache on disk); tensorrt: a `kiln export trt` engine."""
     platform, filename = NGC_PLATFORMS[backend]
-    config = _component(mc.ModelConfig(name=spec.name, platform=platform, max_batch_size=tuning.max_batch_size,
+    name = name or spec.name  # the Triton model's name: several models' UNets each get their own
+    config = _component(mc.ModelConfig(name=name, platform=platform, max_batch_size=tuning.max_batch_size,
                                        default_model_filename=filename), spec, dims, tuning, mc.ModelInstanceGroup.KIND_GPU)
     if backend == "onnxruntime" and tuning.ort_accelerator == "tensorrt":
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters["precision_mode"] = trt_precision_mode(spec, exported_precision)
         accelerator.parameters["max_workspace_size_bytes"] = str(4 << 30)
         accelerator.parameters["trt_engine_cache_enable"] = "1"
-        accelerator.parameters["trt_engine_cache_path"] = f"/tmp/kiln-trt-cache/{spec.name}"
+        # one cache per Triton model: ONNX Runtime keys cached engines by graph, so two fine-tunes of one
+        # architecture sharing a folder could load each other's engines (weights and all)
+        accelerator.parameters["trt_engine_cache_path"] = f"/tmp/kiln-trt-cache/{name}"
     return config
 
 

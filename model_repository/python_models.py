@@ -248,7 +248,7 @@ class PipelineModel:
         from kiln.pipeline.schedulers import SCHEDULERS
 
         for name in ("default", *SCHEDULERS):
-            make_scheduler(name, self.scheduler_config).set_timesteps(2)
+            make_scheduler(name, self.scheduler_config, self.family.name).set_timesteps(2)
         torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
 
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:

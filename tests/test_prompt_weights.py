@@ -77,10 +77,12 @@ def test_apply_weights_restores_the_mean():
     weights[0, 3] = 1.5
     out = apply_weights(embeddings, weights)
     assert out.shape == (1, 154, 8)
-    assert np.isclose(out.mean(), embeddings.mean(), rtol=1e-5)
-    ratio = out.reshape(2, 77, 8) / embeddings
+    chunks = out.reshape(2, 77, 8)
+    assert np.isclose(chunks[0].mean(), embeddings[0].mean(), rtol=1e-5)  # per chunk, as A1111
+    assert np.array_equal(chunks[1], embeddings[1])  # a chunk without weights is left exactly as encoded
+    ratio = chunks / embeddings
     assert np.allclose(ratio[0, 3], 1.5 * ratio[0, 4])
-    centred = embeddings - embeddings.mean()  # no mean to restore: weights scale, nothing else
+    centred = embeddings - embeddings.mean(axis=(1, 2), keepdims=True)  # no mean to restore: weights scale, nothing else
     assert np.allclose(apply_weights(centred, weights).reshape(2, 77, 8)[0, 3], 1.5 * centred[0, 3])
 
 

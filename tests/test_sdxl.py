@@ -177,6 +177,18 @@ def test_img2img_equals_diffusers_sdxl_img2img(sdxl_triton, pipes):
     expected = diffusers_image(pipes(), "euler", "a red square", NEGATIVE, 8, 5, 7.5, 64, 64,
                                image=Image.fromarray(source), strength=0.6)
     assert np.abs(served.images.astype(int) - expected).max() <= MAX_DIFF
+    wide = np.zeros((64, 128, 3), np.uint8)
+    wide[16:48, 40:90] = (30, 30, 220)
+    with client(sdxl_triton(), "grpc") as c:  # no height or width: the image keeps its own size, as diffusers'
+        kept = c.generate("a blue bar", NEGATIVE, seed=3, steps=4, image=_png(wide), strength=0.7, scheduler="euler_a")
+        with pytest.raises(ClientError, match=r"init_image='<8x8 pixels>' is invalid: expected sides from 64"):
+            c.generate("a dot", steps=2, image=_png(np.zeros((8, 8, 3), np.uint8)))
+        with pytest.raises(ClientError, match="strength=0.5 is invalid: expected nothing without init_image"):
+            c.generate("a dot", steps=2, strength=0.5)
+    expected = diffusers_image(pipes(), "euler_a", "a blue bar", NEGATIVE, 3, 4, 7.5, None, None,
+                               image=Image.fromarray(wide), strength=0.7)
+    assert kept.images.shape == expected.shape == (1, 64, 128, 3)
+    assert np.abs(kept.images.astype(int) - expected).max() <= MAX_DIFF
 
 
 @pytest.mark.triton
@@ -201,11 +213,17 @@ def _infer_raw(c, **fields):
 def test_one_repository_serves_sd_and_sdxl_side_by_side(onnx_dir, sdxl_onnx, pipes, reference_image, tiny_model,
                                                         tmp_path):
     """Each family keeps its own ensemble, tokenizer (one or two), pipeline and native size."""
+    from kiln.model_repository import configs
     from kiln.model_repository.builder import build_models_repository
     from kiln.pipeline.reference import diffusers_image
     from kiln.serving import server
 
     repo = build_models_repository({"sd": onnx_dir("epsilon"), "xl": sdxl_onnx()}, tmp_path / "repo")
+    ngc = build_models_repository({"sd": onnx_dir("epsilon"), "xl": sdxl_onnx()}, tmp_path / "ngc", target="ngc",
+                                  tuning=configs.Tuning(ort_accelerator="tensorrt"))
+    caches = [configs.parse_pbtxt(p.read_text()).optimization.execution_accelerators.gpu_execution_accelerator[0]
+              .parameters["trt_engine_cache_path"] for p in ngc.glob("unet_*/config.pbtxt")]
+    assert len(caches) == len(set(caches)) == 2  # each UNet its own TensorRT engine cache
     summary = json.loads((repo / "manifest.json").read_text())["ensembles"]
     assert summary["sd"]["model"]["family"] == "sd1" and summary["xl"]["model"]["family"] == "sdxl"
     assert summary["sd"]["tokenizer"] != summary["xl"]["tokenizer"]
@@ -217,6 +235,10 @@ def test_one_repository_serves_sd_and_sdxl_side_by_side(onnx_dir, sdxl_onnx, pip
             sd = c.generate(PROMPT, NEGATIVE, seed=2, steps=3, scheduler="euler_a")
             with pytest.raises(ClientError, match="only SDXL models take size conditioning"):
                 c.generate(PROMPT, steps=1, target_size=(64, 64))
+        with KilnClient(info.http_url, "http") as c:  # no model named: the one-model endpoint is absent here
+            with pytest.raises(ClientError, match="unknown model") as err:
+                c.generate(PROMPT, steps=1)
+            assert "--model NAME" in err.value.hint
     assert np.abs(xl.images.astype(int) - diffusers_image(pipes(), "euler_a", PROMPT, NEGATIVE, 2, 3, 7.5, 64, 96)).max() <= MAX_DIFF
     expected = reference_image(tiny_model("epsilon"), "euler_a", PROMPT, NEGATIVE, 2, 3, 7.5, 64, 64)
     assert np.abs(sd.images.astype(int) - expected).max() <= MAX_DIFF
@@ -310,3 +332,29 @@ def test_every_other_scheduler_matches_diffusers_in_process(sdxl_onnx, pipes, sc
     image = OnnxPipeline(sdxl_onnx())(GenerationRequest(PROMPT, NEGATIVE, 11, 4, 7.5, 64, 64, name))
     expected = diffusers_image(pipes(), name, PROMPT, NEGATIVE, 11, 4, 7.5, 64, 64)
     assert np.abs(image.astype(int) - expected).max() <= MAX_DIFF, scheduler
+
+
+def test_damaged_or_refiner_configs_are_refused_naming_the_keys(sdxl_model, tmp_path):
+    import shutil
+
+    def edited(name, folder, change):
+        copy = tmp_path / name
+        shutil.copytree(sdxl_model(), copy)
+        path = copy / folder / ("config.json" if folder != "." else "model_index.json")
+        config = json.loads(path.read_text())
+        change(config)
+        path.write_text(json.dumps(config))
+        return copy
+
+    zero = edited("zero", "unet", lambda c: c.update(addition_time_embed_dim=0))
+    with pytest.raises(ModelError, match="addition_time_embed_dim=0 is invalid: expected a positive integer"):
+        inspect_model(zero)
+    unprojected = edited("unprojected", "text_encoder_2", lambda c: c.pop("projection_dim"))
+    with pytest.raises(ModelError, match=r"projection_dim=<absent: 512> disagree"):
+        inspect_model(unprojected)
+    refiner = edited("refiner", ".", lambda c: c.update(_class_name="StableDiffusionXLImg2ImgPipeline"))
+    shutil.rmtree(refiner / "text_encoder")
+    shutil.rmtree(refiner / "tokenizer")
+    with pytest.raises(ModelError, match="is an SDXL refiner") as err:
+        inspect_model(refiner)
+    assert "SDXL base" in err.value.hint

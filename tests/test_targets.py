@@ -181,6 +181,10 @@ def test_identical_components_are_stored_once(two_models, tmp_path):
         assert _config(repo, name).name == name
     with pytest.raises(RepositoryError, match="model name 'unet' is invalid"):
         build_models_repository({"unet": two_models["base"], "b": two_models["tuned"]}, tmp_path / "bad")
+    for clash in ("pipeline_b", "tokenizer_9b5f91dca9e2", "text_encoder_2"):  # what the repository names its own models
+        with pytest.raises(RepositoryError, match=f"model name '{clash}' is invalid"):
+            build_models_repository({"a": two_models["base"], clash: two_models["tuned"], "b": two_models["base"]},
+                                    tmp_path / "bad")
 
 
 @pytest.mark.slow  # starts a Triton server of its own

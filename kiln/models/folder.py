@@ -50,6 +50,24 @@ def detect_family(unet: dict, text: dict) -> str:
     return "sd2" if text.get("hidden_act") == "gelu" else "sd1"
 
 
+def _time_ids(model_dir: Path, unet: dict) -> int | None:
+    """How many size-conditioning values an SDXL-style UNet takes (None: not one, or no second text
+    encoder to tell by). Its class
+    embedding's input is those values' embeddings plus the second text encoder's pooled projection
+    (transformers' default projection_dim is 512)."""
+    if unet.get("addition_embed_type") != "text_time":
+        return None
+    width, total = unet.get("addition_time_embed_dim"), unet.get("projection_class_embeddings_input_dim")
+    for key, value in (("addition_time_embed_dim", width), ("projection_class_embeddings_input_dim", total)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelError(f"{model_dir / 'unet' / 'config.json'}: {key}={value!r} is invalid: expected a positive "
+                             "integer (SDXL base: addition_time_embed_dim 256, projection_class_embeddings_input_dim 2816)")
+    text_2 = model_dir / "text_encoder_2" / "config.json"
+    if not text_2.is_file():
+        return None  # cannot tell: the missing folder is reported instead
+    return (total - _read_json(text_2).get("projection_dim", 512)) // width
+
+
 def inspect_model(model_dir: Path) -> ModelInfo:
     """Validate a local Stable Diffusion 1.x, 2.x or XL diffusers folder and describe it, loading no weights."""
     model_dir = Path(model_dir)
@@ -59,10 +77,27 @@ def inspect_model(model_dir: Path) -> ModelInfo:
             hint="pass a local folder saved with StableDiffusionPipeline.save_pretrained, "
             "or make one with: kiln model tiny OUT",
         )
+    index = _read_json(model_dir / "model_index.json")
+    unet_config = model_dir / "unet" / "config.json"
+    unet = _read_json(unet_config) if unet_config.is_file() else {}
+    time_ids = _time_ids(model_dir, unet)
+    if "Img2Img" in str(index.get("_class_name", "")) or time_ids == SDXL_TIME_IDS - 1:
+        raise ModelError(f"{model_dir} is an SDXL refiner ({index.get('_class_name')}: aesthetic-score conditioning, "
+                         f"{time_ids} size-conditioning values where SDXL base takes {SDXL_TIME_IDS})",
+                         hint="the refiner is not supported; use an SDXL base model")
+    if time_ids not in (None, SDXL_TIME_IDS):
+        text_2 = _read_json(model_dir / "text_encoder_2" / "config.json")
+        raise ModelError(f"{model_dir}: unet projection_class_embeddings_input_dim="
+                         f"{unet['projection_class_embeddings_input_dim']} and text_encoder_2 projection_dim="
+                         f"{text_2.get('projection_dim', '<absent: 512>')} disagree: they leave {time_ids} size-conditioning "
+                         f"values of width {unet['addition_time_embed_dim']}, where SDXL takes {SDXL_TIME_IDS}",
+                         hint="the text encoder's pooled projection plus 6 x addition_time_embed_dim must equal the UNet's input")
     missing = [c for c in REQUIRED_COMPONENTS if not (model_dir / c).is_dir()]
     if missing:
-        raise ModelError(f"{model_dir} lacks the component folders {missing}")
-    unet = _read_json(model_dir / "unet" / "config.json")
+        raise ModelError(f"{model_dir} lacks the component folders {missing}",
+                         hint="a Stable Diffusion folder has text_encoder, tokenizer, unet, vae and scheduler "
+                              "(SDXL also text_encoder_2 and tokenizer_2)")
+    unet = _read_json(unet_config)
     vae = _read_json(model_dir / "vae" / "config.json")
     text = _read_json(model_dir / "text_encoder" / "config.json")
     scheduler = _read_json(model_dir / "scheduler" / "scheduler_config.json")
@@ -77,13 +112,6 @@ def inspect_model(model_dir: Path) -> ModelInfo:
         if missing:
             raise ModelError(f"{model_dir} has an SDXL UNet but lacks {missing}",
                              hint="pass an SDXL base folder saved with StableDiffusionXLPipeline.save_pretrained")
-        if unet.get("projection_class_embeddings_input_dim") is None or "addition_time_embed_dim" not in unet:
-            raise ModelError(f"{model_dir / 'unet' / 'config.json'} declares text_time conditioning without its sizes")
-        text_2 = _read_json(model_dir / "text_encoder_2" / "config.json")
-        time_ids = (unet["projection_class_embeddings_input_dim"] - text_2.get("projection_dim", 0)) // unet["addition_time_embed_dim"]
-        if time_ids != SDXL_TIME_IDS:
-            raise ModelError(f"{model_dir} takes {time_ids} size-conditioning values, not SDXL base's {SDXL_TIME_IDS}",
-                             hint="the SDXL refiner (aesthetic score conditioning) is not supported; use an SDXL base model")
     index = _read_json(model_dir / "model_index.json")
     sample_size = unet["sample_size"]
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size

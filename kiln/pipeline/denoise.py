@@ -86,8 +86,8 @@ def encode_prompts(engines: Engines, prompt: tuple[TokenChunks, ...], negative: 
         conds.append(apply_weights(hidden[k:], tokens.weights))
         if encode_negative:
             unconds.append(apply_weights(hidden[:k], negative_tokens.weights))
-        if family.pooled and family.pooled.startswith(f"{encoder}."):
-            values = outputs[family.pooled.split(".", 1)[1]]
+        if family.pooled and family.pooled[0] == encoder:
+            values = outputs[family.pooled[1]]
             pooled = (values[k : k + 1], values[:1] if encode_negative else torch.zeros_like(values[:1]))
     cond = torch.cat(conds, dim=-1)  # (1, 77k, D1 + D2 ...)
     check_finite(cond, "prompt embeddings")
@@ -245,7 +245,7 @@ def generate_request(engines: Engines, request, scheduler_config: dict, constant
             raise RequestError("init_image", f"<{len(request.image)} bytes>", "a PNG or JPEG file") from None
     return generate(
         engines,
-        make_scheduler(request.scheduler, scheduler_config),
+        make_scheduler(request.scheduler, scheduler_config, engines.family.name),
         constants,
         prompt,
         negative,

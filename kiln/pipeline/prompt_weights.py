@@ -4,7 +4,7 @@
 factor, nesting multiplies, `\\(` `\\)` `\\[` `\\]` `\\\\` are literal, and `BREAK` starts a new 77-token
 chunk. Text is tokenized into chunks of 75 tokens between BOS and EOS; each chunk is encoded on
 its own and the results are concatenated, so nothing is silently truncated. Weights scale the
-text encoder's output per token, then the original mean is restored.
+text encoder's output per token, then each chunk's original mean is restored.
 """
 
 from __future__ import annotations
@@ -174,21 +174,29 @@ def apply_weights(embeddings, weights) -> torch.Tensor:
     """(chunks, 77, D) encoder output, (chunks, 77) weights (torch or numpy) -> (1, chunks*77, D) torch,
     on the embeddings' device.
 
-    Scales each token's embedding by its weight, then rescales so the mean equals the original's:
-    emphasis shifts attention between tokens without changing the overall magnitude. A mean that is
-    nought next to the values' magnitude (an encoder whose final LayerNorm has no bias, as a
+    Scales each token's embedding by its weight, then rescales each 77-token chunk so its mean equals
+    its original mean, as A1111 does chunk by chunk: emphasis shifts attention between tokens without
+    changing the overall magnitude, and a chunk without weights is left exactly as encoded. A mean
+    that is nought next to the values' magnitude (an encoder whose final LayerNorm has no bias, as a
     random-weight one) carries no level to restore: dividing by it would amplify rounding noise."""
     embeddings = torch.as_tensor(embeddings)
     weights = torch.as_tensor(weights, device=embeddings.device)
     chunks, length, dim = embeddings.shape
     out = embeddings.to(torch.float32)
     if bool((weights != 1.0).any()):
-        original_mean = float(out.double().mean())
-        out = out * weights[..., None].to(torch.float32)
-        new_mean = float(out.double().mean())
-        level = float(embeddings.abs().double().mean()) * MEAN_FLOOR
-        if abs(original_mean) > level and abs(new_mean) > level:
-            out = out * np.float32(original_mean / new_mean).item()
+        scaled = []
+        for chunk, chunk_weights in zip(out, weights):
+            if not bool((chunk_weights != 1.0).any()):
+                scaled.append(chunk)
+                continue
+            original_mean = float(chunk.double().mean())
+            level = float(chunk.abs().double().mean()) * MEAN_FLOOR
+            chunk = chunk * chunk_weights[:, None].to(torch.float32)
+            new_mean = float(chunk.double().mean())
+            if abs(original_mean) > level and abs(new_mean) > level:
+                chunk = chunk * np.float32(original_mean / new_mean).item()
+            scaled.append(chunk)
+        out = torch.stack(scaled)
     return out.reshape(1, chunks * length, dim)
 
 

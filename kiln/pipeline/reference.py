@@ -12,7 +12,7 @@ import torch
 
 from kiln.pipeline.prompt_weights import apply_weights, tokenize_prompts
 from kiln.pipeline.request import SizeConditioning
-from kiln.pipeline.schedulers import make_scheduler
+from kiln.pipeline.schedulers import scheduler_class
 
 
 def is_sdxl(pipe) -> bool:
@@ -28,7 +28,9 @@ def load_diffusers_pipeline(model_dir: Path):
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     pipe = cls.from_pretrained(str(model_dir), dtype=torch.float32, **({"add_watermarker": False} if sdxl else {}))
     pipe.set_progress_bar_config(disable=True)
-    pipe.kiln_scheduler_config = dict(pipe.scheduler.config)  # what "default" and every override start from
+    # what every switch starts from, as a diffusers user's X.from_config(pipe.scheduler.config) right
+    # after loading: the pipeline's own config, its own corrections applied by diffusers, not Kiln
+    pipe.kiln_scheduler = pipe.scheduler
     return pipe
 
 
@@ -66,8 +68,11 @@ def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int,
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
     sdxl = is_sdxl(pipe)
-    # from the folder's own scheduler config, as the server does: not the last call's (its class and overrides)
-    pipe.scheduler = make_scheduler(scheduler, getattr(pipe, "kiln_scheduler_config", None) or dict(pipe.scheduler.config))
+    import diffusers
+
+    loaded = getattr(pipe, "kiln_scheduler", pipe.scheduler)  # the folder's, not the last call's switch
+    class_name, overrides = scheduler_class(scheduler, type(loaded).__name__)
+    pipe.scheduler = getattr(diffusers, class_name).from_config(loaded.config, **overrides)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                   generator=generators[0] if num_images == 1 else generators)

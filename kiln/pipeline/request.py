@@ -235,6 +235,25 @@ def _sizes(raw: dict, conditioned: bool) -> SizeConditioning:
                             pair("target_height", "target_width", None))
 
 
+def _own_size(image: bytes, low: int, high: int, multiple: int) -> tuple[int, int]:
+    """An init image's (height, width) from its header, each rounded down to `multiple`: img2img keeps
+    the image's size unless the request gives one, as diffusers' img2img pipelines do."""
+    import io
+
+    from PIL import Image
+
+    try:
+        width, height = Image.open(io.BytesIO(image)).size  # the header only
+    except Exception:
+        raise RequestError("init_image", f"<{len(image)} bytes>", "a PNG or JPEG file") from None
+    rounded = (height // multiple * multiple, width // multiple * multiple)
+    if not all(low <= side <= high for side in rounded):
+        raise RequestError("init_image", f"<{width}x{height} pixels>",
+                           f"sides from {low} to {high} pixels once rounded down to multiples of {multiple}, "
+                           "or height and width to resize it to")
+    return rounded
+
+
 def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: int,
                   conditioned: bool = False) -> GenerationRequest:
     """Validate a request's raw tensors (name -> array, absent inputs missing or None). `conditioned`:
@@ -253,7 +272,13 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
     low_size = max(limits.min_size, size_multiple)
     image = _image(raw, limits)
     steps = _integer(raw, "steps", defaults.steps, 1, limits.max_steps)
+    if image is None and raw.get("strength") is not None:
+        raise RequestError("strength", _scalar(raw, "strength"), "nothing without init_image: strength is img2img's "
+                           "(leave it out, or send init_image)")
     strength = _number(raw, "strength", defaults.strength, 0.0, 1.0, low_open=True) if image is not None else 1.0
+    default_size = (defaults.height, defaults.width)
+    if image is not None and (raw.get("height") is None or raw.get("width") is None):
+        default_size = _own_size(image, low_size, limits.max_size, size_multiple)
     if int(steps * strength) < 1:  # img2img skips the first (1 - strength) of the schedule: nothing would be left
         raise RequestError("strength", strength, f"at least 1/steps = {1 / steps:.4g} at steps={steps} "
                            "(or more steps), so that a denoising step remains")
@@ -263,8 +288,8 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
         seed=seed,
         steps=steps,
         guidance_scale=_number(raw, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance),
-        height=_integer(raw, "height", defaults.height, low_size, limits.max_size, size_multiple),
-        width=_integer(raw, "width", defaults.width, low_size, limits.max_size, size_multiple),
+        height=_integer(raw, "height", default_size[0], low_size, limits.max_size, size_multiple),
+        width=_integer(raw, "width", default_size[1], low_size, limits.max_size, size_multiple),
         scheduler=canonical_name(text_field(raw, "scheduler", defaults.scheduler, limits)),
         num_images=num_images,
         image=image,

@@ -58,25 +58,40 @@ def canonical_name(name: str) -> str:
     raise RequestError("scheduler", name, allowed)
 
 
-def make_scheduler(name: str, model_config: dict):
-    """A fresh scheduler instance (they hold per-run state) built from the model's own config,
-    as `Scheduler.from_config(pipe.scheduler.config)` does in diffusers."""
-    import diffusers
-
+def scheduler_class(name: str, loaded_class: str) -> tuple[str, dict]:
+    """The diffusers class and config overrides a request's scheduler name stands for; `default`
+    is the class the model folder ships (`loaded_class`)."""
     canonical = canonical_name(name)
     if canonical == DEFAULT:
-        cls, overrides = getattr(diffusers, model_config["_class_name"]), {}
-    elif canonical not in SCHEDULERS:  # a diffusers class name
-        cls, overrides = getattr(diffusers, canonical), {}
-    else:
-        choice = SCHEDULERS[canonical]
-        cls, overrides = getattr(diffusers, choice.class_name), dict(choice.overrides)
-    scheduler = cls.from_config(model_config, **overrides)
-    # The corrections diffusers' Stable Diffusion pipelines make to an old scheduler config when they
-    # are built (clip_sample off, steps_offset 1), so every path draws what those pipelines draw.
-    fixes = {}
-    if getattr(scheduler.config, "clip_sample", False) is True:
-        fixes["clip_sample"] = False
-    if getattr(scheduler.config, "steps_offset", 1) != 1:
-        fixes["steps_offset"] = 1
-    return cls.from_config(model_config, **overrides, **fixes) if fixes else scheduler
+        return loaded_class, {}
+    if canonical not in SCHEDULERS:  # a diffusers class name
+        return canonical, {}
+    choice = SCHEDULERS[canonical]
+    return choice.class_name, dict(choice.overrides)
+
+
+def pipeline_scheduler_config(model_config: dict, family: str = "sd") -> dict:
+    """The scheduler config a diffusers pipeline holds after loading the folder: the shipped class's
+    full config (every default filled in: a scheduler switched with `X.from_config(pipe.scheduler.config)`
+    inherits those, e.g. PNDM's `leading` timestep spacing), with the corrections
+    StableDiffusionPipeline makes when it is built (steps_offset 1, clip_sample off); SDXL's
+    pipeline makes none."""
+    import diffusers
+
+    config = dict(getattr(diffusers, model_config["_class_name"]).from_config(model_config).config)
+    if family != "sdxl":
+        if config.get("steps_offset", 1) != 1:
+            config["steps_offset"] = 1
+        if config.get("clip_sample", False) is True:
+            config["clip_sample"] = False
+    return config
+
+
+def make_scheduler(name: str, model_config: dict, family: str = "sd"):
+    """A fresh scheduler instance (they hold per-run state), as a diffusers user switches one:
+    `X.from_config(pipe.scheduler.config)` on the pipeline of `family` (sd | sdxl) loaded from the
+    folder whose scheduler config is `model_config`."""
+    import diffusers
+
+    class_name, overrides = scheduler_class(name, model_config["_class_name"])
+    return getattr(diffusers, class_name).from_config(pipeline_scheduler_config(model_config, family), **overrides)
