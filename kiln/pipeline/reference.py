@@ -65,14 +65,17 @@ def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int,
                     image=None, strength: float = 0.8, sizes: SizeConditioning = SizeConditioning()) -> np.ndarray:
     """(N, H, W, 3) uint8, image i drawn with seed + i; `image` (PIL) makes it img2img; `sizes`: SDXL's
     size conditioning."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
-
-    sdxl = is_sdxl(pipe)
     import diffusers
 
+    sdxl = is_sdxl(pipe)
     loaded = getattr(pipe, "kiln_scheduler", pipe.scheduler)  # the folder's, not the last call's switch
+    target = pipe
+    if image is not None:  # built as a user loads it (the folder's scheduler), then switched like the other
+        cls = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
+        target = cls(**{**pipe.components, "scheduler": loaded})
+        target.set_progress_bar_config(disable=True)
     class_name, overrides = scheduler_class(scheduler, type(loaded).__name__)
-    pipe.scheduler = getattr(diffusers, class_name).from_config(loaded.config, **overrides)
+    target.scheduler = getattr(diffusers, class_name).from_config(target.scheduler.config, **overrides)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                   generator=generators[0] if num_images == 1 else generators)
@@ -85,9 +88,7 @@ def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int,
         empty = sdxl and not negative.strip()  # diffusers' SDXL zeroes a negative prompt of None, not ""
         kwargs.update(prompt=prompt, negative_prompt=None if empty else negative, num_images_per_prompt=num_images)
     if image is None:
-        images = pipe(height=height, width=width, **kwargs).images
+        images = target(height=height, width=width, **kwargs).images
     else:
-        img2img = (StableDiffusionXLImg2ImgPipeline if sdxl else StableDiffusionImg2ImgPipeline)(**pipe.components)
-        img2img.set_progress_bar_config(disable=True)
-        images = img2img(image=image, strength=strength, **kwargs).images
+        images = target(image=image, strength=strength, **kwargs).images
     return (images * 255).round().astype(np.uint8)
