@@ -44,7 +44,9 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
     """Fuse every adapter into `base` and write the result to `out` (atomically)."""
     from diffusers import StableDiffusionPipeline
 
-    inspect_model(base)
+    if inspect_model(base).family == "sdxl":
+        raise MergeError(f"{base} is an SDXL model: Kiln's merge covers SD 1.x and 2.x for now",
+                         hint="serve SDXL fine-tunes as separate models (kiln repo build --also)")
     if not loras and not textual_inversions:
         raise MergeError("nothing to merge", hint="pass --lora FILE[:SCALE] and/or --textual-inversion FILE")
     for lora in loras:

@@ -17,7 +17,7 @@ import torch
 
 from kiln.dataset.augment import Augmentations
 from kiln.artifacts import write_json_atomically
-from kiln.errors import ConfigError, TrainingError
+from kiln.errors import ModelError, ConfigError, TrainingError
 from kiln.models.folder import inspect_model
 from kiln.training import checkpoints
 from kiln.training.config import TrainConfig
@@ -56,7 +56,9 @@ def load_models(model_dir: Path) -> Models:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    inspect_model(model_dir)
+    if inspect_model(model_dir).family == "sdxl":
+        raise ModelError(f"{model_dir} is an SDXL model: Kiln's training covers SD 1.x and 2.x for now",
+                         hint="export, serve and benchmark it (kiln export onnx, kiln repo build); train an SD 1.x/2.x model")
     model_dir = Path(model_dir)
     models = Models(
         model_dir=model_dir,
