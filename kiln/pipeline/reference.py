@@ -69,6 +69,7 @@ def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int,
 
     sdxl = is_sdxl(pipe)
     loaded = getattr(pipe, "kiln_scheduler", pipe.scheduler)  # the folder's, not the last call's switch
+    pipe.scheduler = loaded  # never the last call's switch (its class and overrides would carry over)
     target = pipe
     if image is not None:  # built as a user loads it (the folder's scheduler), then switched like the other
         cls = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
