@@ -376,7 +376,11 @@ def repo_build(
     chosen = {"guidance_scale": default_guidance, "steps": default_steps, "scheduler": default_scheduler}
     build_models_repository(models, repo_dir, target=target.value, backend=backend.value, limits=limits, tuning=tuning,
                             engines=engine_dirs, defaults={k: v for k, v in chosen.items() if v is not None})
-    names = ", ".join(PUBLIC_MODEL if not also else n for n in models)
+    import json
+
+    ensembles = json.loads((repo_dir / "manifest.json").read_text())["ensembles"]
+    names = ", ".join(f"{n} ({e['model']['family']}, {e['model']['default_size']} px, up to {e['limits']['max_size']})"
+                      for n, e in ensembles.items())
     console.print(f"model repository ({target}, {backend}) for {names} written to {repo_dir}; "
                   + (f"serve it with: kiln serve {repo_dir}" if target == "embedded" else "serve it with NVIDIA's Triton container (see deploy/)"))
 

@@ -370,3 +370,14 @@ def test_training_and_merging_refuse_sdxl_with_the_reason(sdxl_model, tmp_path):
     with pytest.raises(MergeError, match="is an SDXL model: Kiln's merge covers SD 1.x and 2.x"):
         merge(sdxl_model(), tmp_path / "out", loras=[LoraInput(tmp_path / "lora.safetensors", 1.0)])
     assert not (tmp_path / "out").exists()
+
+
+def test_repo_build_says_each_models_family_size_and_limit(onnx_dir, sdxl_onnx, tmp_path):
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    shown = CliRunner().invoke(app, ["repo", "build", str(sdxl_onnx()), str(tmp_path / "repo"), "--name", "xl",
+                                     "--also", f"sd={onnx_dir('epsilon')}"], env={"COLUMNS": "300", "NO_COLOR": "1"})
+    assert shown.exit_code == 0, shown.output
+    assert "sd (sd1, 64 px, up to 1024), xl (sdxl, 64 px, up to 1024)" in " ".join(shown.output.split())
