@@ -22,6 +22,7 @@ from kiln.cli_choices import (
     Backend,
     CalibrationMethod,
     Crop,
+    ImportFamily,
     Method,
     OrtAccelerator,
     Precision,
@@ -101,6 +102,44 @@ def model_sdxl(out: Path, width: Width = typer.Option(Width(SDXL.width), "--widt
 
     write_sdxl_model(out, width.value, seed)
     console.print(f"SDXL base architecture ({width} width, random weights) written to {out}")
+
+
+@model_app.command("import")
+def model_import(
+    file: Path,
+    out: Path,
+    family: Optional[ImportFamily] = typer.Option(None, "--family", help="when the keys cannot tell (default: read from "
+                                                  "the file; sd2: 512 px epsilon, sd2-v: 768 px v-prediction)"),
+    prediction_type: Optional[PredictionType] = typer.Option(None, "--prediction-type",
+                                                             help="overrides what the file says (default: its metadata "
+                                                                  "or v_pred key, else epsilon; SD 2.x must say or be told)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="a diffusers folder of the checkpoint's architecture "
+                                          "(default: Kiln's configs of SD 1.5, SD 2.x or SDXL base)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load a .ckpt/.pt pickle (it runs the code it holds: "
+                                      "only for files you trust)"),
+):
+    """Convert a single-file checkpoint (A1111/ComfyUI layout) into a diffusers folder, offline, checked
+    tensor by tensor against the file."""
+    from kiln.models.single_file import MANIFEST, import_single_file
+
+    import_single_file(file, out, family.value if family else None, prediction_type.value if prediction_type else None,
+                       config, allow_pickle)
+    import json
+
+    manifest = json.loads((out / MANIFEST).read_text())
+    console.print(f"{file} ({manifest['family']}, {manifest['prediction_type']}: {manifest['decided_by']}) imported to "
+                  f"{out}: {manifest['tensors']} tensors, max |diff| {manifest['max_abs_diff']}, "
+                  f"{manifest['unused_keys']} unused; deploy it with: make deploy MODEL={out}")
+
+
+@model_app.command("export-single-file")
+def model_export_single_file(model_dir: Path, out: Path,
+                             fp16: bool = typer.Option(False, "--fp16", help="store the weights in fp16 (half the size)")):
+    """Write a diffusers folder as one .safetensors file in the original layout A1111 and ComfyUI load."""
+    from kiln.models.single_file import export_single_file
+
+    export_single_file(model_dir, out, fp16)
+    console.print(f"{model_dir} written to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
 @model_app.command("info")
@@ -207,12 +246,16 @@ def merge(
     out: Path,
     lora: Optional[list[str]] = typer.Option(None, "--lora", help="FILE[:SCALE], repeatable"),
     textual_inversion: Optional[list[Path]] = typer.Option(None, "--textual-inversion", help="FILE, repeatable"),
+    single_file: Optional[Path] = typer.Option(None, "--single-file", help="also write the merged model as one "
+                                               ".safetensors file in the original layout (A1111, ComfyUI)"),
 ):
     """Fuse LoRA adapters and Textual Inversion tokens into a plain diffusers folder with a manifest."""
     from kiln.merge.fuse import merge as run, parse_lora
 
-    run(base, out, [parse_lora(item) for item in lora or []], list(textual_inversion or []))
+    run(base, out, [parse_lora(item) for item in lora or []], list(textual_inversion or []), single_file=single_file)
     console.print(f"merged model written to {out}; export it with: kiln export onnx {out} ONNX_DIR")
+    if single_file:
+        console.print(f"and as one file for A1111/ComfyUI: {single_file}")
 
 
 def _precision(fp16: bool, int8: bool) -> str:
@@ -543,8 +586,8 @@ def models(url: Optional[str] = URL, protocol: Protocol = PROTOCOL,
 
 @app.command()
 def deploy(
-    model: Optional[Path] = typer.Option(None, "--model", help="a local diffusers folder (default: the glyph demo model, "
-                                         "built or reused)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="a local diffusers folder or a single-file "
+                                         ".safetensors checkpoint (imported first; default: the glyph demo model, built or reused)"),
     tiny: bool = typer.Option(False, "--tiny", help="the tiny random-weight model instead (seconds; draws noise)"),
     artifacts: Path = typer.Option(Path("artifacts"), "--artifacts"),
     precision: Precision = typer.Option(Precision(declared("kiln.deploy", "deploy").precision), "--precision"),

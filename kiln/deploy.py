@@ -36,6 +36,23 @@ def tiny_model(artifacts: Path) -> Path:
     return path
 
 
+def imported_model(checkpoint: Path, artifacts: Path) -> Path:
+    """A single-file checkpoint imported to artifacts/models/<name>: imported once, then reused while
+    the file's hash is the one imported."""
+    import json
+
+    from kiln.artifacts import file_sha256
+    from kiln.models.single_file import MANIFEST, import_single_file
+
+    out = artifacts / "models" / checkpoint.stem
+    manifest = out / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text())["source"]["sha256"] == file_sha256(checkpoint):
+        log.info("reusing %s, imported from %s", out, checkpoint)
+        return out
+    log.info("importing the single-file checkpoint %s to %s", checkpoint, out)
+    return import_single_file(checkpoint, out)
+
+
 SAMPLE_COLOURS = ("red", "green", "blue", "yellow", "purple")
 
 
@@ -75,6 +92,8 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
     artifacts = Path(artifacts)
     if model_dir:
         model_dir = Path(model_dir)
+        if model_dir.is_file():
+            model_dir = imported_model(model_dir, artifacts)
     elif demo:
         from kiln.demo import build_demo
 

@@ -40,8 +40,10 @@ def _require(path: Path, flag: str) -> None:
         raise MergeError(f"{flag} {path} does not exist", hint="give the .safetensors file training wrote")
 
 
-def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions: list[Path] = ()) -> Path:
-    """Fuse every adapter into `base` and write the result to `out` (atomically)."""
+def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions: list[Path] = (),
+          single_file: Path | None = None) -> Path:
+    """Fuse every adapter into `base` and write the result to `out` (atomically); with `single_file`,
+    also as one original-layout .safetensors file."""
     from diffusers import StableDiffusionPipeline
 
     if inspect_model(base).family == "sdxl":
@@ -49,6 +51,13 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
                          hint="serve SDXL fine-tunes as separate models (kiln repo build --also)")
     if not loras and not textual_inversions:
         raise MergeError("nothing to merge", hint="pass --lora FILE[:SCALE] and/or --textual-inversion FILE")
+    if single_file is not None and textual_inversions:
+        raise MergeError("--single-file cannot carry Textual Inversion tokens: A1111 and ComfyUI read single files with "
+                         "CLIP's own 49408-token vocabulary", hint="merge the LoRAs into the single file and ship the "
+                         "embedding file beside it (both tools load it as is)")
+    if single_file is not None and Path(single_file).suffix != ".safetensors":
+        raise MergeError(f"--single-file {single_file}: single files are written as .safetensors",
+                         hint=f"--single-file {Path(single_file).with_suffix('.safetensors')}")
     for lora in loras:
         _require(lora.path, "--lora")
     for ti in textual_inversions:
@@ -89,6 +98,11 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
             },
         )
     log.info("merged %d LoRA and %d Textual Inversion file(s) into %s", len(loras), len(textual_inversions), out)
+    if single_file is not None:
+        from kiln.models.single_file import write_single_file
+
+        info = inspect_model(out)
+        write_single_file(pipe, info.family, info.prediction_type, Path(single_file), title=Path(out).name)
     return Path(out)
 
 
