@@ -51,6 +51,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 app.add_typer(repo_app, name="repo")
+lora_app = typer.Typer(help="LoRA files: diffusers' layout and kohya's (A1111, ComfyUI).", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
 cluster_app = typer.Typer(help="Kubernetes manifests for NVIDIA's Triton container.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 
@@ -140,6 +142,29 @@ def model_export_single_file(model_dir: Path, out: Path,
 
     export_single_file(model_dir, out, fp16)
     console.print(f"{model_dir} written to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+@lora_app.command("convert")
+def lora_convert(lora: Path, out: Path, base: Path = typer.Option(..., "--base", help="the model folder the LoRA was "
+                                                                  "trained on (it names the layers)")):
+    """Rewrite a diffusers-format LoRA (what Kiln trains) in kohya's layout, which A1111 and ComfyUI load."""
+    from kiln.models.lora_files import scan, to_kohya
+
+    to_kohya(lora, base, out)
+    summary = scan(out)
+    console.print(f"{lora} written in kohya's layout to {out}: modules {summary.modules}, "
+                  f"{summary.convolutions} convolution (LoCon)")
+
+
+@lora_app.command("info")
+def lora_info(lora: Path):
+    """Name a LoRA file's layout and modules; refuses (naming them) keys Kiln would not apply."""
+    from kiln.models.lora_files import scan
+
+    summary = scan(lora)
+    typer.echo(f"layout: {summary.layout}")
+    typer.echo(f"modules: {summary.modules}")
+    typer.echo(f"convolution modules (LoCon): {summary.convolutions}")
 
 
 @model_app.command("info")

@@ -66,7 +66,7 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
     names = [f"lora_{i}" for i in range(len(loras))]
     try:
         for name, lora in zip(names, loras):
-            pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name)
+            _load_every_module(pipe, lora.path, name, Path(base))
         if names:
             pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
             pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
@@ -104,6 +104,34 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
         info = inspect_model(out)
         write_single_file(pipe, info.family, info.prediction_type, Path(single_file), title=Path(out).name)
     return Path(out)
+
+
+def _load_every_module(pipe, path: Path, adapter: str, base: Path) -> None:
+    """Load one LoRA file and check that every module it holds was applied: diffusers' loader drops
+    modules silently in some layouts (the attention modules of a diffusers-format file that also
+    holds convolution LoRAs), so such a file is loaded through its kohya rewrite, which keeps them."""
+    import tempfile
+
+    from kiln.errors import ModelError
+    from kiln.models.lora_files import injected_modules, scan, to_kohya
+
+    try:
+        summary = scan(path)
+    except ModelError as e:
+        raise MergeError(str(e), hint=e.hint) from None
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+    applied = injected_modules(pipe, adapter)
+    if applied != summary.modules and summary.layout == "diffusers":
+        log.info("%s: diffusers applied %s of the modules %s; loading its kohya rewrite", path, applied, summary.modules)
+        pipe.delete_adapters(adapter)
+        with tempfile.TemporaryDirectory() as tmp:
+            rewritten = to_kohya(path, base, Path(tmp) / "lora.safetensors")
+            pipe.load_lora_weights(tmp, weight_name=rewritten.name, adapter_name=adapter)
+        applied = injected_modules(pipe, adapter)
+    if applied != summary.modules:
+        raise MergeError(f"{path}: the model took {applied} of the LoRA modules the file holds ({summary.modules}); "
+                         "the rest name layers this model does not have", hint="check that the LoRA was trained on this base "
+                         "model's family (SD 1.x, SD 2.x or SDXL)")
 
 
 def _write_tokenizer(tokenizer, base_tokenizer: Path, target: Path) -> None:

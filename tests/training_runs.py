@@ -1,7 +1,7 @@
 """Settings for the short training runs the tests share."""
 
 METHOD_SETTINGS = {
-    "lora": ["optim.learning_rate=3e-2", "lora.rank=4", "lora.alpha=8"],
+    "lora": ["optim.learning_rate=3e-2", "lora.rank=4", "lora.alpha=8", "lora.format=kohya"],
     # Only two embedding rows train and the random tiny model listens little to text: a gentle rate.
     "textual-inversion": ["optim.learning_rate=1e-2", "optim.adam_weight_decay=0", "train_batch_size=4",
                           "textual_inversion.placeholder_token=<shape-style>",

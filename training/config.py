@@ -54,6 +54,8 @@ class LoraConfig(Strict):
     target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
     text_encoder: bool = False
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # kohya: also write lora_kohya.safetensors, the layout A1111 and ComfyUI load
+    format: Literal["diffusers", "kohya"] = "diffusers"
 
 
 class DreamBoothConfig(Strict):

@@ -47,11 +47,21 @@ def save_lora(models: Models, output_dir: Path, spec: LoraConfig) -> Path:
     return Path(output_dir) / WEIGHTS_NAME
 
 
+def save_lora_files(models: Models, output_dir: Path, spec: LoraConfig, base: Path) -> list[Path]:
+    """The diffusers-format file, and with `format=kohya` the same LoRA in kohya's layout beside it."""
+    saved = [save_lora(models, output_dir, spec)]
+    if spec.format == "kohya":
+        from kiln.models.lora_files import KOHYA_NAME, to_kohya
+
+        saved.append(to_kohya(saved[0], base, Path(output_dir) / KOHYA_NAME))
+    return saved
+
+
 def build(config: TrainConfig, models: Models) -> MethodSetup:
     trainable = add_lora(models, config.lora)
     parameters = [p for name in trainable for p in getattr(models, name).parameters() if p.requires_grad]
     return MethodSetup(
         trainable=trainable,
         parameters=parameters,
-        save=lambda m, out: [save_lora(m, out, config.lora)],
+        save=lambda m, out: save_lora_files(m, out, config.lora, config.model),
     )

@@ -1,0 +1,143 @@
+"""LoRA files in kohya's layout (what A1111 and ComfyUI load): written from Kiln's LoRAs, read back
+by diffusers to the same fused weights, merged module for module, and foreign keys refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from kiln.errors import MergeError, ModelError
+from kiln.merge.fuse import LoraInput, merge
+from kiln.models.lora_files import KOHYA_NAME, scan, to_kohya
+from kiln.models.single_file import load_pipeline
+from kiln.models.tiny import write_tiny_model
+from kiln.training.config import LoraConfig
+from kiln.training.lora import add_lora, save_lora
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+LOCON = ATTENTION + ("conv1", "conv2", "proj_in")
+
+
+def _weights(pipe) -> dict:
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None
+            for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def _lora(base: Path, family: str, out: Path, targets=ATTENTION, seed: int = 0) -> Path:
+    """A Kiln-format LoRA (UNet and first text encoder, rank 4, alpha 8) with random up weights, so it
+    changes what it touches (a freshly initialised LoRA is the identity)."""
+    pipe = load_pipeline(base, family)
+    spec = LoraConfig(rank=4, alpha=8, text_encoder=True, target_modules=targets)
+    add_lora(SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder), spec)
+    path = save_lora(SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder), out, spec)
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    g = torch.Generator().manual_seed(seed)
+    up = (".up.", "lora_B")
+    save_file({k: torch.randn(v.shape, generator=g) * 0.1 if any(u in k for u in up) else v for k, v in tensors.items()},
+              str(path), metadata=metadata)
+    return path
+
+
+def _fused(base: Path, family: str, lora: Path) -> dict:
+    pipe = load_pipeline(base, family)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
+    pipe.fuse_lora(adapter_names=["x"], lora_scale=1.0)
+    pipe.unload_lora_weights()
+    return _weights(pipe)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_kohya_file_reads_back_to_the_same_fused_weights(tmp_path, family):
+    base = write_tiny_model(tmp_path / "base", family="sdxl" if family == "sdxl" else "sd")
+    lora = _lora(base, family, tmp_path / "lora")
+    kohya = to_kohya(lora, base, tmp_path / KOHYA_NAME)
+    with safe_open(str(kohya), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    te = "lora_te1_text_model_" if family == "sdxl" else "lora_te_text_model_"
+    unet = "lora_unet_input_blocks_4_1_" if family == "sdxl" else "lora_unet_down_blocks_1_attentions_0_"
+    assert any(k.startswith(te) for k in keys) and any(k.startswith(unet) for k in keys), sorted(keys)[:5]
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert {float(load_file(str(kohya))[k]) for k in keys if k.endswith(".alpha")} == {8.0}
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "8.0"
+    assert scan(kohya).modules == scan(lora).modules
+    a, b = _fused(base, family, lora), _fused(base, family, kohya)
+    plain = _weights(load_pipeline(base, family))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    changed = [k for k in a if not torch.equal(a[k], plain[k])]
+    assert any(k.startswith("text_encoder.") for k in changed) and any(k.startswith("unet.") for k in changed)
+
+
+def test_merge_applies_every_module_of_a_locon_lora(tmp_path):
+    """Each module fused as W + alpha/rank * up @ down, computed here from the file itself; diffusers
+    alone drops the attention modules of such a diffusers-format file."""
+    base = write_tiny_model(tmp_path / "base")
+    lora = _lora(base, "sd1", tmp_path / "lora", targets=LOCON)
+    assert scan(lora).convolutions > 0
+    merged = merge(base, tmp_path / "merged", [LoraInput(lora, 0.5)])
+    after, before = _weights(load_pipeline(merged, "sd1")), _weights(load_pipeline(base, "sd1"))
+    state = load_file(str(lora))
+    worst, modules = 0.0, 0
+    for key in state:
+        if ".lora_A." not in key and ".lora.down." not in key and ".lora_linear_layer.down." not in key:
+            continue
+        for down_name, up_name in ((".lora_A.", ".lora_B."), (".lora.down.", ".lora.up."),
+                                   (".lora_linear_layer.down.", ".lora_linear_layer.up.")):
+            if down_name in key:
+                module = key.split(down_name)[0]
+                down, up = state[key], state[key.replace(down_name, up_name)]
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * (8 / 4) * 0.5
+        weight = module + ".weight"
+        if weight.startswith("text_encoder.") and weight not in before:
+            weight = "text_encoder.text_model." + weight.removeprefix("text_encoder.")
+        worst = max(worst, float((after[weight] - before[weight] - delta).abs().max()))
+        modules += 1
+    assert modules == sum(scan(lora).modules.values()) and worst < 1e-5, (modules, worst)
+
+
+def test_foreign_lora_keys_are_refused_by_name(tmp_path):
+    base = write_tiny_model(tmp_path / "base")
+    loha = save_file({"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)},
+                     str(tmp_path / "loha.safetensors")) or tmp_path / "loha.safetensors"
+    with pytest.raises(MergeError, match="LoHa .*hada_w1_a"):
+        merge(base, tmp_path / "m", [LoraInput(loha)])
+    odd = tmp_path / "odd.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4), "something_else": torch.zeros(1)}, str(odd))
+    with pytest.raises(ModelError, match="something_else"):
+        scan(odd)
+    assert not (tmp_path / "m").exists()
+    # a LoRA of another family: its modules name layers this model lacks
+    xl = write_tiny_model(tmp_path / "xl", family="sdxl")
+    xl_lora = to_kohya(_lora(xl, "sdxl", tmp_path / "xl_lora"), xl, tmp_path / "xl_kohya.safetensors")
+    with pytest.raises(MergeError):
+        merge(base, tmp_path / "m", [LoraInput(xl_lora)])
+    assert not (tmp_path / "m").exists()
+
+
+def test_training_writes_the_kohya_file(trained, tiny_model, tmp_path):
+    """`lora.format=kohya`: the trained LoRA in both layouts, fusing to the same weights."""
+    lora_dir, _ = trained("lora")
+    base = tiny_model("epsilon")
+    a = _fused(base, "sd1", lora_dir / "pytorch_lora_weights.safetensors")
+    b = _fused(base, "sd1", lora_dir / KOHYA_NAME)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    plain = _weights(load_pipeline(base, "sd1"))
+    assert any(not torch.equal(a[k], plain[k]) for k in a)
+
+
+def test_cli_lora_convert_and_info(tmp_path):
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    base = write_tiny_model(tmp_path / "base")
+    lora = _lora(base, "sd1", tmp_path / "lora")
+    result = CliRunner().invoke(app, ["lora", "convert", str(lora), str(tmp_path / "k.safetensors"), "--base", str(base)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["lora", "info", str(tmp_path / "k.safetensors")])
+    assert result.exit_code == 0 and "layout: kohya" in result.output and "'unet': 48" in result.output, result.output
