@@ -44,11 +44,9 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
           single_file: Path | None = None) -> Path:
     """Fuse every adapter into `base` and write the result to `out` (atomically); with `single_file`,
     also as one original-layout .safetensors file."""
-    from diffusers import StableDiffusionPipeline
+    from kiln.models.single_file import load_pipeline
 
-    if inspect_model(base).family == "sdxl":
-        raise MergeError(f"{base} is an SDXL model: Kiln's merge covers SD 1.x and 2.x for now",
-                         hint="serve SDXL fine-tunes as separate models (kiln repo build --also)")
+    family = inspect_model(base).family
     if not loras and not textual_inversions:
         raise MergeError("nothing to merge", hint="pass --lora FILE[:SCALE] and/or --textual-inversion FILE")
     if single_file is not None and textual_inversions:
@@ -62,7 +60,7 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
         _require(lora.path, "--lora")
     for ti in textual_inversions:
         _require(ti, "--textual-inversion")
-    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
+    pipe = load_pipeline(Path(base), family)
     names = [f"lora_{i}" for i in range(len(loras))]
     try:
         for name, lora in zip(names, loras):
@@ -74,13 +72,15 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
         tokens = []
         for ti in textual_inversions:
             before = len(pipe.tokenizer)
-            pipe.load_textual_inversion(str(ti.parent), weight_name=ti.name)
+            _load_textual_inversion(pipe, ti, family)
             tokens.append(pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer)))))
     except (ValueError, KeyError, RuntimeError) as e:
         raise MergeError(f"could not apply the adapters to {base}: {e}") from None
     with write_folder_atomically(Path(out)) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        _write_tokenizer(pipe.tokenizer, Path(base) / "tokenizer", tmp / "tokenizer")
+        for name in ("tokenizer", "tokenizer_2"):
+            if getattr(pipe, name, None) is not None:
+                _write_tokenizer(getattr(pipe, name), Path(base) / name, tmp / name)
         write_json_atomically(
             tmp / MANIFEST,
             {
@@ -104,6 +104,26 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
         info = inspect_model(out)
         write_single_file(pipe, info.family, info.prediction_type, Path(single_file), title=Path(out).name)
     return Path(out)
+
+
+def _load_textual_inversion(pipe, path: Path, family: str) -> None:
+    """SD: diffusers' own layout ({token: rows}) or A1111's; SDXL: one set of rows per text encoder
+    (clip_l, clip_g), the layout Kiln trains and A1111 shares, under the token Kiln recorded (else the
+    file's name, as A1111 names it)."""
+    if family != "sdxl":
+        pipe.load_textual_inversion(str(path.parent), weight_name=path.name)
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata() or {}
+        if not {"clip_l", "clip_g"} <= keys:
+            raise MergeError(f"{path} is not an SDXL embedding: it holds {sorted(keys)[:4]}, not clip_l and clip_g",
+                             hint="train it on an SDXL model (kiln train textual-inversion)")
+        rows = {k: f.get_tensor(k) for k in ("clip_l", "clip_g")}
+    token = metadata.get("kiln.placeholder_token", path.stem)
+    pipe.load_textual_inversion(rows["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(rows["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
 
 
 def _load_every_module(pipe, path: Path, adapter: str, base: Path) -> None:

@@ -53,6 +53,7 @@ class LoraConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
     text_encoder: bool = False
+    text_encoder_2: bool = False  # SDXL's second text encoder (OpenCLIP bigG)
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     # kohya: also write lora_kohya.safetensors, the layout A1111 and ComfyUI load
     format: Literal["diffusers", "kohya"] = "diffusers"
@@ -120,6 +121,12 @@ class TrainConfig(Strict):
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
+    # Memory and time savers for large models (SDXL): encode each image's VAE posterior and each
+    # caption's text embeddings once, then reuse them (the VAE and text encoders can then stay off the
+    # training device's hot path). Latents need data.augment.enabled=false; text embeddings need
+    # frozen text encoders.
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     noise_offset: float = Field(0.0, ge=0)
     snr_gamma: float | None = Field(None, gt=0)  # min-SNR weighting, 5.0 is the paper's choice
@@ -144,6 +151,17 @@ class TrainConfig(Strict):
             raise ValueError(f"method {self.method} needs a `{section}:` section")
         if self.validation_steps and not self.validation_prompts:
             raise ValueError("validation_steps is set but validation_prompts is empty")
+        if self.cache_latents and self.data.augment.enabled:
+            raise ValueError("cache_latents=true needs data.augment.enabled=false: augmented images differ every step")
+        lora = self.lora if self.method == "lora" else None
+        if self.method == "dreambooth" and self.dreambooth and self.dreambooth.use_lora:
+            lora = self.lora
+        training_text = (self.method == "textual-inversion"
+                         or (lora is not None and (lora.text_encoder or lora.text_encoder_2))
+                         or (self.method == "full" and self.full is not None and self.full.train_text_encoder))
+        if self.cache_text_embeddings and training_text:
+            raise ValueError("cache_text_embeddings=true needs frozen text encoders, but this run trains one "
+                             "(lora.text_encoder / lora.text_encoder_2, full.train_text_encoder or textual-inversion)")
         return self
 
 

@@ -52,6 +52,13 @@ def stream_indices(seed: int, count: int, start: int, length: int) -> list[int]:
     return [int(_permutation(seed, p // count, count)[p % count]) for p in range(start, start + length)]
 
 
+def _size_conditioning(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """(original height, original width, crop top, crop left) for resize_for_training's centre crop."""
+    scale = resolution / min(width, height)
+    resized_w, resized_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    return height, width, (resized_h - resolution) // 2, (resized_w - resolution) // 2
+
+
 class ImageBatches:
     """Loads the micro-batch of one process for one accumulation step."""
 
@@ -66,15 +73,25 @@ class ImageBatches:
         self.process_index = process_index
         self.caption_dropout = caption_dropout
         self._cache: dict[int, torch.Tensor] = {}
+        self._sizes: dict[int, tuple[int, int, int, int]] = {}
 
     def pixels(self, index: int) -> torch.Tensor:
         """(3, R, R) in [0, 1]; decoded images are kept, the sets are small."""
         if index not in self._cache:
             with Image.open(self.examples[index].path) as image:
+                self._sizes[index] = _size_conditioning(image.width, image.height, self.resolution)
                 image = resize_for_training(image.convert("RGB"), self.resolution, "center")
                 array = np.asarray(image, dtype=np.float32) / 255.0
             self._cache[index] = torch.from_numpy(array.transpose(2, 0, 1).copy())
         return self._cache[index]
+
+    def sizes(self, indices: list[int]) -> torch.Tensor:
+        """SDXL's size conditioning per image, (B, 6): its size as the set holds it (height, width),
+        the top-left of the centre crop after the resize, and the training size, as diffusers' SDXL
+        training example records them."""
+        for i in indices:
+            self.pixels(i)
+        return torch.tensor([[*self._sizes[i], self.resolution, self.resolution] for i in indices], dtype=torch.float32)
 
     def indices(self, micro_step: int) -> list[int]:
         per_step = self.batch_size * self.num_processes

@@ -13,7 +13,7 @@ from kiln.dataset.captions import IMAGE_SUFFIXES
 from kiln.training.config import TrainConfig
 from kiln.training.data import ImageBatches, read_examples
 from kiln.training.full import save_pipeline
-from kiln.training.lora import add_lora, save_lora
+from kiln.training.lora import add_lora, save_lora_files
 from kiln.training.loop import MethodSetup, Models
 
 log = logging.getLogger("kiln.training")
@@ -22,8 +22,9 @@ log = logging.getLogger("kiln.training")
 def ensure_class_images(models: Models, config: TrainConfig) -> Path:
     """Draw the missing class images with the base model (main process first, the others then read them)."""
     from accelerate import PartialState
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from tqdm import tqdm
+
+    from kiln.training.loop import inference_pipeline
 
     spec = config.dreambooth
     folder = Path(spec.class_data_dir)
@@ -33,12 +34,7 @@ def ensure_class_images(models: Models, config: TrainConfig) -> Path:
         have = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
         missing = spec.num_class_images - len(have)
         if missing > 0 and state.is_main_process:
-            pipe = StableDiffusionPipeline(
-                vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
-                scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
-            pipe.set_progress_bar_config(disable=True)
+            pipe = inference_pipeline(models)
             size = config.data.resolution
             for i in tqdm(range(missing), desc="class images", unit="image"):
                 generator = torch.Generator().manual_seed(config.seed * 100_003 + len(have) + i)
@@ -64,7 +60,7 @@ def build(config: TrainConfig, models: Models) -> MethodSetup:
         trainable = add_lora(models, config.lora)
 
         def save(m: Models, out: Path) -> list[Path]:
-            return [save_lora(m, out, config.lora)]
+            return save_lora_files(m, out, config.lora, config.model)
     else:
         models.unet.requires_grad_(True)
         trainable = ["unet"]

@@ -15,17 +15,23 @@ def save_pipeline(models: Models, output_dir: Path) -> Path:
     """A plain diffusers folder that every later stage (merge, export) takes as it is."""
     import shutil
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from kiln.artifacts import write_folder_atomically
 
     target = Path(output_dir) / MODEL_FOLDER
-    pipe = StableDiffusionPipeline.from_pretrained(str(models.model_dir), unet=models.unet, text_encoder=models.text_encoder,
-                                                   safety_checker=None, requires_safety_checker=False)
+    encoders = {name: getattr(models, name) for name in models.text_encoders}
+    if models.family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(models.model_dir), unet=models.unet, **encoders)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(models.model_dir), unet=models.unet, safety_checker=None,
+                                                       requires_safety_checker=False, **encoders)
     with write_folder_atomically(target) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(tmp / "tokenizer")
-        shutil.copytree(models.model_dir / "tokenizer", tmp / "tokenizer")
+        for tokenizer in ("tokenizer", "tokenizer_2"):
+            if (models.model_dir / tokenizer).is_dir():
+                shutil.rmtree(tmp / tokenizer)
+                shutil.copytree(models.model_dir / tokenizer, tmp / tokenizer)
     return target
 
 
@@ -35,8 +41,9 @@ def build(config: TrainConfig, models: Models) -> MethodSetup:
     models.unet.requires_grad_(True)
     trainable = ["unet"]
     if config.full.train_text_encoder:
-        models.text_encoder.requires_grad_(True)
-        trainable.append("text_encoder")
+        for name in models.text_encoders:
+            getattr(models, name).requires_grad_(True)
+            trainable.append(name)
     ema = None
     if config.full.ema:
         ema = EMAModel(models.unet.parameters(), decay=config.full.ema_decay, model_cls=type(models.unet),

@@ -17,7 +17,7 @@ import torch
 
 from kiln.dataset.augment import Augmentations
 from kiln.artifacts import write_json_atomically
-from kiln.errors import ModelError, ConfigError, TrainingError
+from kiln.errors import ConfigError, TrainingError
 from kiln.models.folder import inspect_model
 from kiln.training import checkpoints
 from kiln.training.config import TrainConfig
@@ -37,6 +37,14 @@ class Models:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    family: str = "sd1"  # sd1 | sd2 | sdxl
+    # SDXL: the second tokenizer and text encoder (OpenCLIP bigG: penultimate states and pooled projection)
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def text_encoders(self) -> list[str]:
+        return ["text_encoder", "text_encoder_2"] if self.family == "sdxl" else ["text_encoder"]
 
 
 @dataclass
@@ -54,12 +62,14 @@ class MethodSetup:
 
 def load_models(model_dir: Path) -> Models:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if inspect_model(model_dir).family == "sdxl":
-        raise ModelError(f"{model_dir} is an SDXL model: Kiln's training covers SD 1.x and 2.x for now",
-                         hint="export, serve and benchmark it (kiln export onnx, kiln repo build); train an SD 1.x/2.x model")
+    family = inspect_model(model_dir).family
     model_dir = Path(model_dir)
+    sdxl = {}
+    if family == "sdxl":
+        sdxl = dict(tokenizer_2=CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer_2")),
+                    text_encoder_2=CLIPTextModelWithProjection.from_pretrained(str(model_dir / "text_encoder_2")))
     models = Models(
         model_dir=model_dir,
         tokenizer=CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer")),
@@ -68,10 +78,29 @@ def load_models(model_dir: Path) -> Models:
         unet=UNet2DConditionModel.from_pretrained(str(model_dir / "unet")),
         # The training noise schedule: the model's own betas and objective (epsilon / v_prediction).
         noise_scheduler=DDPMScheduler.from_pretrained(str(model_dir / "scheduler")),
+        family=family,
+        **sdxl,
     )
-    for module in (models.text_encoder, models.vae, models.unet):
-        module.requires_grad_(False)
+    for module in (models.text_encoder, models.text_encoder_2, models.vae, models.unet):
+        if module is not None:
+            module.requires_grad_(False)
     return models
+
+
+def inference_pipeline(models: Models, unet=None, text_encoders: dict | None = None):
+    """A diffusers pipeline of the family over the models being trained (validation images, DreamBooth's
+    class images), with the DPM-Solver++ scheduler configured from the model's own."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    encoders = {name: getattr(models, name) for name in models.text_encoders} | (text_encoders or {})
+    common = dict(vae=models.vae, unet=unet or models.unet, tokenizer=models.tokenizer,
+                  scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config), **encoders)
+    if models.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(tokenizer_2=models.tokenizer_2, add_watermarker=False, **common)
+    else:
+        pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -94,19 +123,77 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def encode_captions(models: Models, captions: list[str], device, sizes: torch.Tensor | None = None):
+    """The UNet's text conditioning: SD's last hidden states; SDXL's two encoders' penultimate states
+    side by side, with the second's pooled projection and the size conditioning (original size, crop
+    top-left, target size per row) as the added conditions, as diffusers' SDXL pipeline builds them."""
+    if models.family != "sdxl":
+        return models.text_encoder(tokenize(models.tokenizer, captions).to(device))[0], None
+    first = models.text_encoder(tokenize(models.tokenizer, captions).to(device), output_hidden_states=True)
+    second = models.text_encoder_2(tokenize(models.tokenizer_2, captions).to(device), output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return hidden, {"text_embeds": second.text_embeds, "time_ids": sizes.to(device=device, dtype=hidden.dtype)}
+
+
+class EncodingCache:
+    """`cache_latents` / `cache_text_embeddings`: each image's VAE posterior (its moments, so a latent
+    is still drawn from it every step) and each caption's text conditioning, computed once, one item
+    at a time (so a value never depends on which batch first met it: a resumed run reuses exactly
+    what it recomputes), kept on the CPU."""
+
+    def __init__(self, latents: bool, text: bool):
+        self.use_latents, self.use_text = latents, text
+        self._moments: dict = {}
+        self._text: dict = {}
+
+    @torch.no_grad()
+    def posterior(self, models: Models, pixels: torch.Tensor, keys: list):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dtype = next(models.vae.parameters()).dtype
+        for key, image in zip(keys, pixels):
+            if key not in self._moments:
+                self._moments[key] = models.vae.encode(image[None].to(dtype)).latent_dist.parameters[0].cpu()
+        return DiagonalGaussianDistribution(torch.stack([self._moments[k] for k in keys]).to(pixels.device))
+
+    @torch.no_grad()
+    def conditioning(self, models: Models, captions: list[str], device, sizes):
+        for caption in captions:
+            if caption not in self._text:
+                hidden, added = encode_captions(models, [caption], device, sizes[:1] if sizes is not None else None)
+                pooled = added["text_embeds"][0].cpu() if added is not None else None
+                self._text[caption] = (hidden[0].cpu(), pooled)
+        hidden = torch.stack([self._text[c][0] for c in captions]).to(device)
+        if models.family != "sdxl":
+            return hidden, None
+        pooled = torch.stack([self._text[c][1] for c in captions]).to(device)
+        return hidden, {"text_embeds": pooled, "time_ids": sizes.to(device=device, dtype=hidden.dtype)}
+
+
 def compute_loss(models: Models, pixels: torch.Tensor, captions: list[str], config: TrainConfig,
-                 prior_count: int = 0, prior_weight: float = 1.0) -> torch.Tensor:
-    """One denoising loss on a batch; the last `prior_count` rows are DreamBooth's class images."""
+                 prior_count: int = 0, prior_weight: float = 1.0, sizes: torch.Tensor | None = None,
+                 keys: list | None = None, cache: EncodingCache | None = None) -> torch.Tensor:
+    """One denoising loss on a batch; the last `prior_count` rows are DreamBooth's class images;
+    `sizes`: SDXL's size conditioning per row (ImageBatches.sizes); `keys` name each row's image for
+    the `cache`."""
     vae_dtype = next(models.vae.parameters()).dtype
     with torch.no_grad():
-        latents = models.vae.encode(pixels.to(vae_dtype)).latent_dist.sample()
+        if cache is not None and cache.use_latents and keys is not None:
+            latents = cache.posterior(models, pixels, keys).sample()
+        else:
+            latents = models.vae.encode(pixels.to(vae_dtype)).latent_dist.sample()
         latents = (latents * models.vae.config.scaling_factor).float()  # (B, 4, R/8, R/8)
     noise = sample_noise(latents, config.noise_offset)
     steps = models.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (latents.shape[0],), dtype=torch.long)
     noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
-    hidden = models.text_encoder(tokenize(models.tokenizer, captions).to(latents.device))[0]
-    prediction = models.unet(noisy, timesteps, hidden.to(noisy.dtype)).sample
+    if cache is not None and cache.use_text:
+        hidden, added = cache.conditioning(models, captions, latents.device, sizes)
+    else:
+        hidden, added = encode_captions(models, captions, latents.device, sizes)
+    if added is not None:
+        added = {k: v.to(noisy.dtype) for k, v in added.items()}
+    prediction = models.unet(noisy, timesteps, hidden.to(noisy.dtype), added_cond_kwargs=added).sample
     target = target_for(models.noise_scheduler, latents, noise, timesteps)
     if not prior_count:
         return diffusion_loss(prediction, target, models.noise_scheduler, timesteps, config.snr_gamma)
@@ -122,7 +209,7 @@ def fixed_batch_loss(models: Models, data: ImageBatches, config: TrainConfig, ca
     """The loss on the first images with fixed noise and timesteps, no augmentation: comparable
     before and after training."""
     state = torch.random.get_rng_state()
-    modes = {m: m.training for m in (models.unet, models.text_encoder)}
+    modes = {m: m.training for m in (models.unet, models.text_encoder, models.text_encoder_2) if m is not None}
     for module in modes:
         module.eval()
     indices = list(range(min(4, len(data.examples))))
@@ -130,7 +217,8 @@ def fixed_batch_loss(models: Models, data: ImageBatches, config: TrainConfig, ca
     for draw in range(draws):
         torch.manual_seed(step_seed(config.seed, 10**6 + draw, 0))
         pixels, captions = data.load(indices, augment=False)
-        losses.append(float(compute_loss(models, pixels, [caption(c) for c in captions], config)))
+        losses.append(float(compute_loss(models, pixels, [caption(c) for c in captions], config,
+                                         sizes=data.sizes(indices))))
     for module, training in modes.items():
         module.train(training)
     torch.random.set_rng_state(state)
@@ -175,10 +263,11 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
     setup = build(config, models)
     if config.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-        if "text_encoder" in setup.trainable:
-            models.text_encoder.gradient_checkpointing_enable()
+        for name in models.text_encoders:
+            if name in setup.trainable:
+                getattr(models, name).gradient_checkpointing_enable()
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
-    for name in ["vae"] + [n for n in ("unet", "text_encoder") if n not in setup.trainable]:
+    for name in ["vae"] + [n for n in ("unet", *models.text_encoders) if n not in setup.trainable]:
         module = getattr(models, name).to(accelerator.device)
         if frozen_dtype is not None:  # frozen weights in half precision; what trains stays fp32
             module.to(dtype=frozen_dtype)
@@ -209,6 +298,7 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
         global_step, path = resume_from
         accelerator.load_state(str(path))
         log.info("resumed from %s at step %d", path, global_step)
+    cache = EncodingCache(config.cache_latents, config.cache_text_embeddings)
     start_loss = fixed_batch_loss(models, data, config, setup.caption)
     csv_log = CsvLog(output_dir / "logs" / "train_log.csv", global_step) if accelerator.is_main_process else None
     if config.tensorboard:
@@ -228,16 +318,24 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
         for micro in range(config.gradient_accumulation_steps):
             micro_step = global_step * config.gradient_accumulation_steps + micro
             torch.manual_seed(step_seed(config.seed, micro_step, accelerator.process_index))
-            pixels, captions = data.load(data.indices(micro_step))
+            indices = data.indices(micro_step)
+            pixels, captions = data.load(indices)
+            sizes = data.sizes(indices)
             captions = [setup.caption(c) for c in captions]
             prior_count = 0
             if setup.prior is not None:
-                class_pixels, class_captions = setup.prior.load(setup.prior.indices(micro_step))
+                class_indices = setup.prior.indices(micro_step)
+                class_pixels, class_captions = setup.prior.load(class_indices)
                 pixels, captions = torch.cat([pixels, class_pixels]), captions + class_captions
+                sizes = torch.cat([sizes, setup.prior.sizes(class_indices)])
                 prior_count = len(class_captions)
+                keys = [("instance", i) for i in indices] + [("class", i) for i in class_indices]
+            else:
+                keys = [("instance", i) for i in indices]
             with accelerator.accumulate(*trainable_modules):
                 loss = compute_loss(models, pixels.to(accelerator.device), captions, config, prior_count,
-                                    config.dreambooth.prior_loss_weight if config.dreambooth else 1.0)
+                                    config.dreambooth.prior_loss_weight if config.dreambooth else 1.0, sizes,
+                                    keys, cache)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(setup.parameters, config.optim.max_grad_norm)

@@ -17,20 +17,32 @@ def add_lora(models: Models, spec: LoraConfig) -> list:
     alpha = spec.alpha if spec.alpha is not None else spec.rank
     models.unet.add_adapter(PeftLoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.dropout,
                                            init_lora_weights="gaussian", target_modules=list(spec.target_modules)))
-    if spec.text_encoder:
+    encoders = text_encoders(models, spec)
+    for name in encoders:
         from peft import inject_adapter_in_model
 
         # peft directly: transformers 5's add_adapter demands a peft release newer than any published
         config = PeftLoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.dropout, init_lora_weights="gaussian",
                                 target_modules=list(spec.text_encoder_target_modules))
-        inject_adapter_in_model(config, models.text_encoder, adapter_name="default")
-        models.text_encoder.kiln_lora_config = config
-    trainable = ["unet"] + (["text_encoder"] if spec.text_encoder else [])
-    return trainable
+        inject_adapter_in_model(config, getattr(models, name), adapter_name="default")
+        getattr(models, name).kiln_lora_config = config
+    return ["unet"] + encoders
+
+
+def text_encoders(models: Models, spec: LoraConfig) -> list[str]:
+    """The text encoders that get a LoRA: `text_encoder` (SD's one, SDXL's CLIP ViT-L) and
+    `text_encoder_2` (SDXL's OpenCLIP bigG)."""
+    if spec.text_encoder_2 and getattr(models, "family", "sd1") != "sdxl":
+        from kiln.errors import ConfigError
+
+        raise ConfigError("lora.text_encoder_2=true needs an SDXL model (SD 1.x and 2.x have one text encoder)",
+                          hint="use lora.text_encoder=true")
+    return [name for name, wanted in (("text_encoder", spec.text_encoder), ("text_encoder_2", spec.text_encoder_2))
+            if wanted]
 
 
 def save_lora(models: Models, output_dir: Path, spec: LoraConfig) -> Path:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -40,10 +52,12 @@ def save_lora(models: Models, output_dir: Path, spec: LoraConfig) -> Path:
 
     unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
     kwargs = {"unet_lora_layers": unet_layers, "unet_lora_adapter_metadata": metadata(models.unet)}
-    if spec.text_encoder:
-        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.text_encoder))
-        kwargs["text_encoder_lora_adapter_metadata"] = metadata(models.text_encoder)
-    StableDiffusionPipeline.save_lora_weights(str(output_dir), weight_name=WEIGHTS_NAME, **kwargs)
+    for name in text_encoders(models, spec):
+        encoder = getattr(models, name)
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+        kwargs[f"{name}_lora_adapter_metadata"] = metadata(encoder)
+    cls = StableDiffusionXLPipeline if getattr(models, "family", "sd1") == "sdxl" else StableDiffusionPipeline
+    cls.save_lora_weights(str(output_dir), weight_name=WEIGHTS_NAME, **kwargs)
     return Path(output_dir) / WEIGHTS_NAME
 
 

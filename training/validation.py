@@ -10,19 +10,14 @@ import torch
 
 @torch.no_grad()
 def write_validation_images(models, config, step: int, accelerator) -> list[Path]:
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from kiln.training.loop import inference_pipeline
 
     unet = accelerator.unwrap_model(models.unet)
-    text_encoder = accelerator.unwrap_model(models.text_encoder)
-    modes = {unet: unet.training, text_encoder: text_encoder.training}
-    unet.eval()
-    text_encoder.eval()
-    pipe = StableDiffusionPipeline(
-        vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    encoders = {name: accelerator.unwrap_model(getattr(models, name)) for name in models.text_encoders}
+    modes = {m: m.training for m in (unet, *encoders.values())}
+    for module in modes:
+        module.eval()
+    pipe = inference_pipeline(models, unet, encoders)
     folder = Path(config.output_dir) / "validation" / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     paths, arrays = [], []
