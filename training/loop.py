@@ -139,7 +139,9 @@ class EncodingCache:
     """`cache_latents` / `cache_text_embeddings`: each image's VAE posterior (its moments, so a latent
     is still drawn from it every step) and each caption's text conditioning, computed once, one item
     at a time (so a value never depends on which batch first met it: a resumed run reuses exactly
-    what it recomputes), kept on the CPU."""
+    what it recomputes), kept on the CPU. The values equal per-batch encoding to float rounding; the
+    noise drawn over cached latents is not the uncached run's (randn_like follows the memory layout,
+    which oneDNN picks per batch size), so a cached run is its own reproducible run, not a copy."""
 
     def __init__(self, latents: bool, text: bool):
         self.use_latents, self.use_text = latents, text
