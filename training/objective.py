@@ -12,7 +12,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def sample_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:
     """Gaussian noise; a per-channel offset lets the model learn very dark and very bright images
     (https://www.crosslabs.org/blog/diffusion-with-offset-noise)."""
-    noise = torch.randn_like(latents)  # follows the latents' memory layout (EncodingCache keeps the VAE's)
+    noise = torch.randn_like(latents)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, dtype=latents.dtype)
     return noise
