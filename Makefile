@@ -26,7 +26,9 @@ DURATION ?= 120
 KILN := $(VENV)/bin/kiln
 PORTS := --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 STAMP := $(VENV)/.kiln-installed
-MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/models/tiny)
+# MODEL may be a diffusers folder or a single-file checkpoint (.safetensors), imported to artifacts/models/
+SINGLE_FILE := $(filter %.safetensors,$(MODEL))
+MODEL_DIR := $(if $(SINGLE_FILE),$(ARTIFACTS)/models/$(basename $(notdir $(MODEL))),$(if $(MODEL),$(MODEL),$(ARTIFACTS)/models/tiny))
 ONNX_DIR := $(ARTIFACTS)/onnx/$(notdir $(abspath $(MODEL_DIR)))-$(PRECISION)
 REPO_DIR := $(ARTIFACTS)/repository
 
@@ -49,7 +51,12 @@ setup: $(STAMP) ## create .venv and install Kiln (TORCH_SPEC picks the torch bui
 $(ARTIFACTS)/models/tiny/model_index.json: | $(STAMP)
 	$(KILN) model tiny $(ARTIFACTS)/models/tiny
 
-model: $(STAMP) $(if $(MODEL),,$(ARTIFACTS)/models/tiny/model_index.json) ## the model folder (MODEL=path, default: the tiny model)
+ifneq ($(SINGLE_FILE),)
+$(MODEL_DIR)/model_index.json: $(MODEL) | $(STAMP)
+	$(KILN) model import $(MODEL) $(MODEL_DIR)
+endif
+
+model: $(STAMP) $(if $(MODEL),$(if $(SINGLE_FILE),$(MODEL_DIR)/model_index.json),$(ARTIFACTS)/models/tiny/model_index.json) ## the model folder (MODEL=folder or FILE.safetensors, imported; default: the tiny model)
 
 export: model ## export MODEL to ONNX, checked against PyTorch (PRECISION=fp32|fp16|int8)
 	$(KILN) export onnx $(MODEL_DIR) $(ONNX_DIR) $(if $(filter fp16,$(PRECISION)),--fp16) $(if $(filter int8,$(PRECISION)),--int8)
