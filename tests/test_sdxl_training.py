@@ -196,3 +196,25 @@ def tmp_path_model(tmp_path):
     from kiln.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path / "sd1")
+
+
+@pytest.mark.slow  # training runs in subprocesses
+def test_sdxl_lora_in_two_processes_through_accelerate(sdxl_model, training_data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kiln.models.single_file import load_pipeline
+    from kiln.serving.server import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(repo / "training" / "accelerate" / "cpu-2proc.yaml"), "--main_process_port", str(free_port()),
+               "-m", "kiln.cli", "train", "lora",
+               *train_settings(sdxl_model(), training_data, tmp_path, "max_train_steps=2", "checkpointing_steps=2", *LORA)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "training_summary.json").read_text())["num_processes"] == 2
+    pipe = load_pipeline(sdxl_model(), "sdxl")
+    pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
+    assert scan(tmp_path / KOHYA_NAME).modules.keys() == {"unet", "text_encoder", "text_encoder_2"}

@@ -418,13 +418,13 @@ def write_configs_from_metadata(text: str, out_dir: Path) -> Path:
 
 
 def write_family_config(family: str, prediction_type: str, out_dir: Path) -> Path:
-    """The configs of a family's real architecture (the modules are built on the meta device, so no
-    weights are allocated)."""
-    import torch
+    """The configs of a family's real architecture (the modules' parameters are built on the meta
+    device, so no weights are allocated)."""
+    from accelerate import init_empty_weights
 
     from kiln.models.benchmark import build_sd15_pipeline, build_sd2_pipeline, build_sdxl_pipeline
 
-    with torch.device("meta"):
+    with init_empty_weights():  # parameters on the meta device; the schedulers' tables stay real
         if family == "sdxl":
             pipe = build_sdxl_pipeline("full")
         elif family == "sd2":
