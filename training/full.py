@@ -43,6 +43,7 @@ def build(config: TrainConfig, models: Models) -> MethodSetup:
     if config.full.train_text_encoder:
         for name in models.text_encoders:
             getattr(models, name).requires_grad_(True)
+            models.freeze_unused(name)
             trainable.append(name)
     ema = None
     if config.full.ema:
@@ -58,6 +59,6 @@ def build(config: TrainConfig, models: Models) -> MethodSetup:
             ema.copy_to(m.unet.parameters())
         return [save_pipeline(m, output_dir)]
 
-    parameters = [p for name in trainable for p in getattr(models, name).parameters()]
+    parameters = [p for name in trainable for p in getattr(models, name).parameters() if p.requires_grad]
     return MethodSetup(trainable=trainable, parameters=parameters, save=save, after_step=after_step,
                        checkpoint_objects=[ema] if ema is not None else [])

@@ -46,6 +46,22 @@ class Models:
     def text_encoders(self) -> list[str]:
         return ["text_encoder", "text_encoder_2"] if self.family == "sdxl" else ["text_encoder"]
 
+    def used_layers(self, name: str) -> int:
+        """How many of a text encoder's layers the UNet's conditioning depends on: SDXL reads the first
+        encoder's penultimate states (its last layer and final norm are never used: training them
+        would leave parameters without gradients, which distributed training refuses)."""
+        model = getattr(self, name)
+        layers = model.config.num_hidden_layers
+        return layers - 1 if self.family == "sdxl" and name == "text_encoder" else layers
+
+    def freeze_unused(self, name: str) -> None:
+        model = getattr(self, name)
+        text_model = getattr(model, "text_model", model)
+        for layer in text_model.encoder.layers[self.used_layers(name):]:
+            layer.requires_grad_(False)
+        if self.used_layers(name) < model.config.num_hidden_layers:
+            text_model.final_layer_norm.requires_grad_(False)
+
 
 @dataclass
 class MethodSetup:

@@ -22,8 +22,11 @@ def add_lora(models: Models, spec: LoraConfig) -> list:
         from peft import inject_adapter_in_model
 
         # peft directly: transformers 5's add_adapter demands a peft release newer than any published
+        layers = models.used_layers(name) if hasattr(models, "used_layers") else None
         config = PeftLoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.dropout, init_lora_weights="gaussian",
-                                target_modules=list(spec.text_encoder_target_modules))
+                                target_modules=list(spec.text_encoder_target_modules),
+                                layers_to_transform=list(range(layers)) if layers else None,
+                                layers_pattern="layers" if layers else None)
         inject_adapter_in_model(config, getattr(models, name), adapter_name="default")
         getattr(models, name).kiln_lora_config = config
     return ["unet"] + encoders
