@@ -73,21 +73,36 @@ def write_json_atomically(path: Path, payload: Any) -> None:
     if isinstance(payload, BaseModel):
         payload = payload.model_dump(mode="json", exclude_none=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users and containers
+    make_readable(tmp)
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
     os.replace(tmp, path)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def make_readable(path: Path) -> None:
+    """The mode a plain open() would have given (mkstemp and mkdtemp give 0600/0700, which hides
+    the result from other users and containers)."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
-def write_folder_atomically(out_dir: Path):
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename."""
-    out_dir = Path(out_dir)
+def write_folder_atomically(out_dir: Path, replaces: tuple[str, ...] = ()):
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename.
+
+    `replaces`: file names of which an existing, non-empty `out_dir` must hold one to be replaced
+    (say, model_index.json: a model folder), so a user's own folder given by mistake is refused
+    rather than deleted."""
+    out_dir = check_output_folder(out_dir, replaces)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    make_readable(tmp)
     try:
         yield tmp
         if out_dir.exists():
@@ -100,6 +115,24 @@ def write_folder_atomically(out_dir: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_folder(out_dir: Path, replaces: tuple[str, ...] = ()) -> Path:
+    """The absolute output folder, or a KilnError when it is a file, the current folder (or above
+    it), or (with `replaces`) a non-empty folder holding none of those names."""
+    from kiln.errors import KilnError
+
+    out_dir = Path(os.path.abspath(out_dir))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise KilnError(f"{out_dir} is a file: the output is a folder", hint="give a folder path that does not exist yet")
+    if out_dir == Path.cwd() or out_dir in Path.cwd().parents:
+        raise KilnError(f"{out_dir} is the current folder (or holds it): it cannot be replaced",
+                        hint="give a new folder, e.g. ./out")
+    if replaces and out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / n).exists() for n in replaces):
+        example = sorted(p.name for p in out_dir.iterdir())[:3]
+        raise KilnError(f"{out_dir} already holds files Kiln did not write ({', '.join(example)}): refusing to replace it",
+                        hint=f"give a new or empty folder (one Kiln wrote holds {' or '.join(replaces)})")
+    return out_dir
 
 
 def read_manifest(folder: Path) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln import __version__
-from kiln.artifacts import file_sha256, tree_sha256, write_folder_atomically, write_json_atomically
+from kiln.artifacts import check_output_folder, file_sha256, tree_sha256, write_folder_atomically, write_json_atomically
 from kiln.errors import MergeError
 from kiln.models.folder import inspect_model
 
@@ -47,6 +47,7 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
     from kiln.models.single_file import load_pipeline
 
     family = inspect_model(base).family
+    check_output_folder(Path(out), replaces=("model_index.json",))
     if not loras and not textual_inversions:
         raise MergeError("nothing to merge", hint="pass --lora FILE[:SCALE] and/or --textual-inversion FILE")
     if single_file is not None and textual_inversions:
@@ -75,8 +76,10 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
             _load_textual_inversion(pipe, ti, family)
             tokens.append(pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer)))))
     except (ValueError, KeyError, RuntimeError) as e:
-        raise MergeError(f"could not apply the adapters to {base}: {e}") from None
-    with write_folder_atomically(Path(out)) as tmp:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MergeError(f"could not apply the adapters to {base}: {first[:300]}{' ...' if len(first) > 300 else ''}",
+                         hint="check that each adapter was trained on this base model's family") from None
+    with write_folder_atomically(Path(out), replaces=("model_index.json",)) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name in ("tokenizer", "tokenizer_2"):
             if getattr(pipe, name, None) is not None:
@@ -111,6 +114,13 @@ def _load_textual_inversion(pipe, path: Path, family: str) -> None:
     (clip_l, clip_g), the layout Kiln trains and A1111 shares, under the token Kiln recorded (else the
     file's name, as A1111 names it)."""
     if family != "sdxl":
+        from safetensors import safe_open
+
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                if {"clip_l", "clip_g"} & set(f.keys()):
+                    raise MergeError(f"{path} is an SDXL embedding (clip_l/clip_g) but the base is {family}",
+                                     hint="apply it to an SDXL model")
         pipe.load_textual_inversion(str(path.parent), weight_name=path.name)
         return
     from safetensors import safe_open
@@ -135,11 +145,19 @@ def _load_every_module(pipe, path: Path, adapter: str, base: Path) -> None:
     from kiln.errors import ModelError
     from kiln.models.lora_files import injected_modules, scan, to_kohya
 
+    from kiln.models.lora_files import check_fits
+
     try:
         summary = scan(path)
+        check_fits(path, base)
     except ModelError as e:
         raise MergeError(str(e), hint=e.hint) from None
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+    import warnings
+
+    with warnings.catch_warnings():  # peft warns when it drops modules; the count below says which way
+        warnings.filterwarnings("ignore", message=".*inconsistency was discovered between the PEFT config",
+                                category=RuntimeWarning)
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
     applied = injected_modules(pipe, adapter)
     if applied != summary.modules and summary.layout == "diffusers":
         log.info("%s: diffusers applied %s of the modules %s; loading its kohya rewrite", path, applied, summary.modules)

@@ -111,12 +111,28 @@ def test_foreign_lora_keys_are_refused_by_name(tmp_path):
     with pytest.raises(ModelError, match="something_else"):
         scan(odd)
     assert not (tmp_path / "m").exists()
-    # a LoRA of another family: its modules name layers this model lacks
+    # LoRAs and embeddings of another family: one line naming both, nothing written
     xl = write_tiny_model(tmp_path / "xl", family="sdxl")
-    xl_lora = to_kohya(_lora(xl, "sdxl", tmp_path / "xl_lora"), xl, tmp_path / "xl_kohya.safetensors")
-    with pytest.raises(MergeError):
-        merge(base, tmp_path / "m", [LoraInput(xl_lora)])
-    assert not (tmp_path / "m").exists()
+    xl_diffusers = _lora(xl, "sdxl", tmp_path / "xl_lora")
+    xl_lora = to_kohya(xl_diffusers, xl, tmp_path / "xl_kohya.safetensors")
+    sd_lora = to_kohya(_lora(base, "sd1", tmp_path / "sd_lora"), base, tmp_path / "sd_kohya.safetensors")
+    for lora, target, words in ((xl_lora, base, "is an SDXL LoRA"), (sd_lora, xl, "is an SD 1.x/2.x LoRA"),
+                                (xl_diffusers, base, "does not fit")):
+        with pytest.raises(MergeError, match=words) as caught:
+            merge(target, tmp_path / "m", [LoraInput(lora)])
+        assert len(str(caught.value)) < 400 and not (tmp_path / "m").exists()
+    with pytest.raises(ModelError, match="does not fit"):  # converting against the wrong base
+        to_kohya(_lora(base, "sd1", tmp_path / "sd_again"), xl, tmp_path / "wrong.safetensors")
+    assert not (tmp_path / "wrong.safetensors").exists()
+    embedding = tmp_path / "xl_ti.safetensors"
+    save_file({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 48)}, str(embedding))
+    with pytest.raises(MergeError, match="is an SDXL embedding"):
+        merge(base, tmp_path / "m", textual_inversions=[embedding])
+    # a whole checkpoint given as a LoRA
+    from kiln.models.single_file import export_single_file
+
+    with pytest.raises(ModelError, match="whole checkpoint"):
+        scan(export_single_file(base, tmp_path / "checkpoint.safetensors"))
 
 
 def test_training_writes_the_kohya_file(trained, tiny_model, tmp_path):

@@ -171,13 +171,87 @@ def test_damaged_and_foreign_files_are_named(tmp_path, case):
     _expect(_fake(tmp_path / "partial.safetensors", tensors, metadata), out, "does not fit|lacks")
 
 
-def test_existing_output_survives_a_failed_import(tmp_path):
+def test_a_users_own_folder_or_file_is_never_replaced(tmp_path, monkeypatch):
+    from kiln.errors import KilnError
+
+    single = export_single_file(write_tiny_model(tmp_path / "folder"), tmp_path / "m.safetensors")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ModelError):
-        import_single_file(_fake(tmp_path / "lora.safetensors", {"lora_te_x.lora_up.weight": torch.zeros(2, 2)}), out)
+    with pytest.raises(KilnError, match="holds files Kiln did not write"):
+        import_single_file(single, out)
     assert (out / "keep.txt").read_text() == "mine"
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(KilnError, match="is a file"):
+        import_single_file(single, tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "mine" and not list(tmp_path.glob(".afile*"))
+    monkeypatch.chdir(out)
+    with pytest.raises(KilnError, match="current folder"):
+        import_single_file(single, Path("."))
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(ModelError, match="is a folder"):
+        export_single_file(tmp_path / "folder", tmp_path / "d.safetensors")
+    with pytest.raises(ModelError, match="is a folder, not a checkpoint"):
+        import_single_file(tmp_path / "folder", tmp_path / "new")
+    # a model folder Kiln wrote is replaced (a re-import), and the file is readable by others
+    made = import_single_file(single, tmp_path / "model")
+    assert import_single_file(single, made) == made
+    assert single.stat().st_mode & 0o044 and made.stat().st_mode & 0o055
+
+
+def test_damaged_configs_metadata_is_named_and_nothing_lands(tmp_path):
+    single = export_single_file(write_tiny_model(tmp_path / "folder"), tmp_path / "m.safetensors")
+    with safe_open(str(single), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    configs = json.loads(metadata[CONFIGS_KEY])
+
+    def variant(name, change):
+        damaged = json.loads(json.dumps(configs))
+        change(damaged)
+        return _fake(tmp_path / f"{name}.safetensors", tensors, {**metadata, CONFIGS_KEY: json.dumps(damaged)})
+
+    cases = {
+        "string-config": lambda c: c.__setitem__("unet/config.json", "x"),
+        "list-config": lambda c: c.__setitem__("unet/config.json", [1]),
+        "odd-scheduler": lambda c: c["scheduler/scheduler_config.json"].__setitem__("_class_name", "__class__"),
+        "vae-as-scheduler": lambda c: c["scheduler/scheduler_config.json"].__setitem__("_class_name", "AutoencoderKL"),
+        "no-scheduler": lambda c: c.pop("scheduler/scheduler_config.json"),
+        "folder-name": lambda c: c.__setitem__("unet", {}),
+        "traversal": lambda c: c.__setitem__("../../x.json", {}),
+        "wrong-family": lambda c: c["unet/config.json"].update(addition_embed_type="text_time"),
+    }
+    for name, change in cases.items():
+        _expect(variant(name, change), tmp_path / f"out-{name}", "metadata is damaged|not a diffusers scheduler")
+    deep = _fake(tmp_path / "deep.safetensors", tensors, {**metadata, CONFIGS_KEY: "[" * 100000 + "]" * 100000})
+    _expect(deep, tmp_path / "out-deep", "metadata is damaged")
+
+
+def test_prediction_type_conflicts_are_named(tmp_path):
+    single = export_single_file(write_tiny_model(tmp_path / "sd2", "v_prediction"), tmp_path / "sd2.safetensors")
+    _expect(single, tmp_path / "a", "--family sd2 means epsilon, but .* says v_prediction", family="sd2")
+    _expect(single, tmp_path / "b", "means v_prediction but --prediction-type says epsilon", family="sd2-v",
+            prediction_type="epsilon")
+    made = import_single_file(single, tmp_path / "c", family="sd2", prediction_type="epsilon")  # an explicit override
+    assert "over the v_pred key" in json.loads((made / MANIFEST).read_text())["decided_by"]
+    with safe_open(str(single), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys() if k != "v_pred"}, f.metadata()
+    odd = _fake(tmp_path / "odd.safetensors", tensors, {**metadata, "modelspec.prediction_type": "banana"})
+    _expect(odd, tmp_path / "d", "banana")
+
+
+def test_upper_case_suffix_and_pickle_messages_name_the_users_file(tmp_path):
+    folder = write_tiny_model(tmp_path / "folder")
+    single = export_single_file(folder, tmp_path / "m.safetensors")
+    upper = tmp_path / "M.SAFETENSORS"
+    upper.write_bytes(single.read_bytes())
+    assert inspect_model(import_single_file(upper, tmp_path / "upper")).family == "sd1"
+    with safe_open(str(single), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "first_stage_model.quant_conv.weight"}
+    ckpt = tmp_path / "partial.ckpt"
+    torch.save({"state_dict": tensors}, ckpt)
+    with pytest.raises(ModelError) as caught:
+        import_single_file(ckpt, tmp_path / "p", allow_pickle=True, config=folder)
+    assert str(ckpt) in str(caught.value) and "kiln-import-" not in str(caught.value)
 
 
 def test_prediction_type_is_read_or_asked_for(tmp_path):
@@ -198,7 +272,7 @@ def test_prediction_type_is_read_or_asked_for(tmp_path):
     sd1 = export_single_file(write_tiny_model(tmp_path / "sd1"), tmp_path / "sd1.safetensors")
     made = import_single_file(sd1, tmp_path / "sd1v", prediction_type="v_prediction")
     assert inspect_model(made).prediction_type == "v_prediction"
-    assert json.loads((made / MANIFEST).read_text())["decided_by"] == "--prediction-type"
+    assert json.loads((made / MANIFEST).read_text())["decided_by"].startswith("--prediction-type")
 
 
 def test_pickles_are_refused_unless_allowed(tmp_path):

@@ -23,10 +23,10 @@ KOHYA_NAME = "lora_kohya.safetensors"
 _DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|"
                             r"lora_linear_layer\.down|lora_linear_layer\.up)\.weight$")
 _KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-UNSUPPORTED = {  # key fragment -> what it is
-    "hada_w": "LoHa (LyCORIS)", "lokr_w": "LoKr (LyCORIS)", "dora_scale": "DoRA", ".diff": "a full-weight difference",
-    "lora_mid": "LoCon with a CP-decomposed middle (LyCORIS)", ".glora_": "GLoRA (LyCORIS)",
-    ".oft_": "OFT", ".w_norm": "a weight norm (LyCORIS)",
+UNSUPPORTED = {  # key pattern -> what it is
+    r"\.hada_w": "LoHa (LyCORIS)", r"\.lokr_w": "LoKr (LyCORIS)", r"\.dora_scale$": "DoRA",
+    r"\.diff(_b)?$": "full-weight difference", r"\.lora_mid\.": "CP-decomposed LoCon (LyCORIS)",
+    r"\.[ab][12]\.weight$": "GLoRA (LyCORIS)", r"\.oft_": "OFT", r"\.w_norm$": "weight-norm (LyCORIS)",
 }
 TEXT_PREFIXES = {("sd", "text_encoder"): "lora_te", ("sdxl", "text_encoder"): "lora_te1",
                  ("sdxl", "text_encoder_2"): "lora_te2"}
@@ -53,8 +53,10 @@ def _read(path: Path) -> tuple[dict, dict]:
 def scan(path: Path) -> LoraSummary:
     """What a LoRA file holds; a ModelError naming any key Kiln would otherwise ignore."""
     state, _ = _read(path)
-    for fragment, what in UNSUPPORTED.items():
-        found = [k for k in state if fragment in k]
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in state):
+        raise ModelError(f"{path} is a whole checkpoint, not a LoRA", hint="import it with: kiln model import FILE OUT")
+    for pattern, what in UNSUPPORTED.items():
+        found = [k for k in state if re.search(pattern, k)]
         if found:
             raise ModelError(f"{path} holds {what} weights ({found[0]!r} and {len(found) - 1} more), which Kiln does not apply",
                              hint="convert it to a plain LoRA (lora_down/lora_up) or merge it with the tool that trained it")
@@ -94,6 +96,7 @@ def to_kohya(lora_file: Path, base_dir: Path, out: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    from kiln.artifacts import make_readable
     from kiln.models.folder import _read_json, inspect_model
     from kiln.models.single_file import _rename, _unet_prefixes
 
@@ -101,6 +104,7 @@ def to_kohya(lora_file: Path, base_dir: Path, out: Path) -> Path:
     summary = scan(lora_file)
     if summary.layout != "diffusers":
         raise ModelError(f"{lora_file} is already in kohya's layout")
+    check_fits(lora_file, base_dir)
     info = inspect_model(base_dir)
     family = "sdxl" if info.family == "sdxl" else "sd"
     unet_table = sorted(_unet_prefixes(_read_json(Path(base_dir) / "unet" / "config.json")), key=lambda r: -len(r[0]))
@@ -134,10 +138,63 @@ def to_kohya(lora_file: Path, base_dir: Path, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         save_file(kohya, str(tmp), metadata=meta)
+        make_readable(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _weight_shapes(folder: Path) -> dict[str, list[int]]:
+    """Every weight's shape in a component folder's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = list(f.get_slice(key).get_shape())
+    return shapes
+
+
+def sdxl_only(summary_keys) -> bool:
+    return any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in summary_keys)
+
+
+def check_fits(lora_file: Path, base_dir: Path) -> None:
+    """A ModelError naming the mismatch when a LoRA does not fit `base_dir`: another family's text
+    encoders, or (diffusers' layout) modules the base lacks or holds at other shapes."""
+    from kiln.models.folder import inspect_model
+
+    lora_file, base_dir = Path(lora_file), Path(base_dir)
+    family = inspect_model(base_dir).family
+    state, _ = _read(lora_file)
+    layout = scan(lora_file).layout
+    if family != "sdxl" and sdxl_only(state):
+        raise ModelError(f"{lora_file} is an SDXL LoRA (lora_te1_/lora_te2_/text_encoder_2 keys) but {base_dir} is {family}",
+                         hint="apply it to the SDXL model it was trained on")
+    if family == "sdxl" and any(k.startswith("lora_te_") for k in state):
+        raise ModelError(f"{lora_file} is an SD 1.x/2.x LoRA (lora_te_ keys) but {base_dir} is SDXL",
+                         hint="apply it to the SD 1.x/2.x model it was trained on")
+    if layout != "diffusers":
+        return
+    shapes = {c: _weight_shapes(base_dir / c) for c in ("unet", "text_encoder", "text_encoder_2") if (base_dir / c).is_dir()}
+    problems, modules = [], 0
+    for key, value in state.items():
+        component, module, kind = _DIFFUSERS_KEY.match(key).groups()
+        if kind not in ("lora_A", "lora.down", "lora_linear_layer.down"):
+            continue
+        modules += 1
+        weights = shapes.get(component, {})
+        name = next((n for n in (f"{module}.weight", f"text_model.{module}.weight", f"{module.removeprefix('text_model.')}.weight")
+                     if n in weights), None)
+        if name is None:
+            problems.append(f"{component}.{module} is not in the model")
+        elif weights[name][1] != value.shape[1]:
+            problems.append(f"{component}.{module} takes {weights[name][1]} inputs, the LoRA {value.shape[1]}")
+    if problems:
+        raise ModelError(f"{lora_file} does not fit {base_dir} ({family}): {len(problems)} of {modules} modules do not, "
+                         f"e.g. {problems[0]}", hint="it was trained on another model: give the one it was trained on")
 
 
 def injected_modules(pipe, adapter: str) -> dict[str, int]:

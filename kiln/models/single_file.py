@@ -217,10 +217,14 @@ def write_single_file(pipe, family: str, prediction_type: str, out: Path, fp16: 
     from safetensors.torch import save_file
 
     from kiln import __version__
+    from kiln.artifacts import make_readable
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ModelError(f"{out}: single files are written as .safetensors", hint=f"name it {out.with_suffix('.safetensors')}")
+    if out.is_dir():
+        raise ModelError(f"{out} is a folder: the single file is written at that path",
+                         hint=f"give a file path, e.g. {out / 'model.safetensors'}")
     state = original_state_dict(pipe, family)
     if fp16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
@@ -232,6 +236,7 @@ def write_single_file(pipe, family: str, prediction_type: str, out: Path, fp16: 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         save_file(state, str(tmp), metadata=metadata)
+        make_readable(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -273,16 +278,16 @@ class Detected:
 class _Reader:
     """Keys, shapes, metadata and tensors of a safetensors file, with errors that name it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, shown: Path | None = None):
         from safetensors import safe_open
 
-        self.path = path
+        self.path = shown or path  # what messages name: the user's file, not a converted copy
         try:
             self._file = safe_open(str(path), framework="pt")
             self.keys = set(self._file.keys())
             self.metadata = self._file.metadata() or {}
         except Exception as e:  # safetensors raises its own error types and OSError
-            raise ModelError(f"{path} is not a readable .safetensors file (truncated or corrupted?): {e}",
+            raise ModelError(f"{self.path} is not a readable .safetensors file (truncated or corrupted?): {e}",
                              hint="download it again and compare its size and hash with the source's") from None
 
     def shape(self, key: str) -> list[int]:
@@ -341,6 +346,7 @@ def detect(reader: _Reader, family_flag: str | None = None, prediction_flag: str
     if not any(k.startswith(VAE) for k in keys):
         raise ModelError(f"{path} lacks the VAE (no first_stage_model.* keys)",
                          hint="import a checkpoint that includes its VAE (most shared ones do)")
+    implied = None
     if family_flag is not None:
         if family_flag not in FAMILY_FLAGS:
             raise ModelError(f"--family {family_flag!r} is not one Kiln knows", hint=f"one of {', '.join(FAMILY_FLAGS)}")
@@ -348,25 +354,48 @@ def detect(reader: _Reader, family_flag: str | None = None, prediction_flag: str
         if wanted != family:
             raise ModelError(f"--family {family_flag} but {path} has the keys of {family}",
                              hint="leave --family out: Kiln reads the family from the keys")
-        if prediction_flag is None and implied is not None:
-            return Detected(family, implied, f"--family {family_flag}", channels)
+    if prediction_flag is not None and prediction_flag not in PREDICTION_TYPES:
+        raise ModelError(f"--prediction-type {prediction_flag!r} is not one Kiln knows", hint=f"one of {PREDICTION_TYPES}")
+    if prediction_flag is not None and implied is not None and prediction_flag != implied:
+        raise ModelError(f"--family {family_flag} means {implied} but --prediction-type says {prediction_flag}",
+                         hint="pass one of them")
+    recorded, source = _recorded_prediction(reader)
     if prediction_flag is not None:
-        if prediction_flag not in PREDICTION_TYPES:
-            raise ModelError(f"--prediction-type {prediction_flag!r} is not one Kiln knows", hint=f"one of {PREDICTION_TYPES}")
-        return Detected(family, prediction_flag, "--prediction-type", channels)
-    spec = reader.metadata.get("modelspec.prediction_type", "").lower()
-    architecture = reader.metadata.get("modelspec.architecture", "")
-    if spec in ("v", "v_prediction") or architecture.endswith("-v") or V_PRED_KEY in keys:
-        source = "the v_pred key" if V_PRED_KEY in keys else "the file's modelspec metadata"
-        return Detected(family, "v_prediction", source, channels)
-    if spec == "epsilon" or (family == "sd2" and architecture.endswith("-512")):
-        return Detected(family, "epsilon", "the file's modelspec metadata", channels)
+        overriding = f" over {source}'s {recorded}" if recorded and recorded != prediction_flag else ""
+        return Detected(family, prediction_flag, f"--prediction-type{overriding}", channels)
+    if implied is not None:
+        if recorded is not None and recorded != implied:
+            raise ModelError(f"--family {family_flag} means {implied}, but {path} says {recorded} ({source})",
+                             hint=f"leave --family out, or pass --prediction-type {implied} to override the file")
+        return Detected(family, implied, f"--family {family_flag}", channels)
+    if recorded is not None:
+        return Detected(family, recorded, source, channels)
     if family == "sd2":
         raise ModelError(f"{path} is an SD 2.x checkpoint whose prediction type the file does not record "
                          "(SD 2.x 768 models predict v, the 512 base models predict noise)",
                          hint="pass --family sd2-v (768 px, v_prediction) or --family sd2 (512 px, epsilon)")
     return Detected(family, "epsilon", f"the default for {family} (the file names no v-prediction; pass "
                     "--prediction-type v_prediction for a v-prediction fine-tune)", channels)
+
+
+def _recorded_prediction(reader: _Reader) -> tuple[str | None, str | None]:
+    """The prediction type the file itself records, and where: ComfyUI's `v_pred` key, kohya's
+    modelspec metadata (prediction_type, or an architecture ending in -v / -512)."""
+    spec = reader.metadata.get("modelspec.prediction_type")
+    architecture = reader.metadata.get("modelspec.architecture", "")
+    if V_PRED_KEY in reader.keys:
+        return "v_prediction", "the v_pred key"
+    if spec is not None:
+        known = {"v": "v_prediction", "v_prediction": "v_prediction", "epsilon": "epsilon", "eps": "epsilon"}
+        if spec.lower() not in known:
+            raise ModelError(f"{reader.path}: its metadata modelspec.prediction_type={spec!r} is neither epsilon nor v",
+                             hint="pass --prediction-type epsilon or v_prediction")
+        return known[spec.lower()], "the file's modelspec metadata"
+    if architecture.endswith("-v"):
+        return "v_prediction", "the file's modelspec metadata"
+    if architecture.endswith("-512"):
+        return "epsilon", "the file's modelspec metadata"
+    return None, None
 
 
 def save_configs(pipe, out_dir: Path) -> Path:
@@ -398,23 +427,64 @@ def configs_metadata(pipe) -> str:
     return json.dumps(files, sort_keys=True)
 
 
-def write_configs_from_metadata(text: str, out_dir: Path) -> Path:
-    from kiln.models.tokenizer import write_clip_tokenizer
+CONFIG_FILES = ({"model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"}
+                | {f"{c}/config.json" for c in ("text_encoder", "text_encoder_2")}
+                | {f"{t}/{n}" for t in ("tokenizer", "tokenizer_2") for n in ("special_tokens_map.json", "tokenizer_config.json")})
+
+
+def write_configs_from_metadata(text: str, out_dir: Path, family: str) -> Path:
+    """The configs a Kiln-written file carries, written out after checking them: only the files
+    `configs_metadata` writes, each a JSON object, every one a family needs present, and the result a
+    folder `inspect_model` reads as the family the keys say."""
+    from kiln.models.folder import inspect_model
+
+    def damaged(why: str):
+        return ModelError(f"the file's {CONFIGS_KEY} metadata is damaged: {why}",
+                          hint="pass --config DIR: a diffusers folder of the checkpoint's architecture")
 
     try:
         files = json.loads(text)
-        for relative, content in files.items():
-            target = Path(out_dir) / relative
-            if ".." in Path(relative).parts or Path(relative).is_absolute():
-                raise ValueError(f"path {relative!r} leaves the folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(content))
-            if target.name == "special_tokens_map.json":
-                write_clip_tokenizer(target.parent, content["pad_token"])
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ModelError(f"the file's {CONFIGS_KEY} metadata is damaged: {e}",
-                         hint="pass --config DIR: a diffusers folder of the checkpoint's architecture") from None
+    except (ValueError, RecursionError) as e:
+        raise damaged(f"not readable JSON ({type(e).__name__})") from None
+    if not isinstance(files, dict):
+        raise damaged(f"a JSON {type(files).__name__}, not an object of files")
+    needed = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
+              "text_encoder/config.json", "tokenizer/special_tokens_map.json"}
+    if family == "sdxl":
+        needed |= {"text_encoder_2/config.json", "tokenizer_2/special_tokens_map.json"}
+    unknown = sorted(set(files) - CONFIG_FILES)
+    if unknown:
+        raise damaged(f"it names {unknown[:3]}, which are not config files Kiln writes")
+    missing = sorted(needed - set(files))
+    if missing:
+        raise damaged(f"it lacks {missing}")
+    try:
+        _write_config_files(files, Path(out_dir), damaged)
+    except RecursionError:
+        raise damaged("a config nests too deep") from None
+    try:
+        found = inspect_model(out_dir).family
+    except (ModelError, KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
+        raise damaged(f"the configs do not describe a model ({type(e).__name__}: {str(e)[:200]})") from None
+    if found != family:
+        raise damaged(f"its configs describe {found} but the file's keys are {family}")
     return Path(out_dir)
+
+
+def _write_config_files(files: dict, out_dir: Path, damaged) -> None:
+    from kiln.models.tokenizer import write_clip_tokenizer
+
+    for relative, content in files.items():
+        if not isinstance(content, dict):
+            raise damaged(f"{relative} is a JSON {type(content).__name__}, not an object")
+        target = Path(out_dir) / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(content))
+        if target.name == "special_tokens_map.json":
+            pad = content.get("pad_token")
+            if not isinstance(pad, str):
+                raise damaged(f"{relative}: pad_token={pad!r} is not a token")
+            write_clip_tokenizer(target.parent, pad)
 
 
 def write_family_config(family: str, prediction_type: str, out_dir: Path) -> Path:
@@ -455,25 +525,33 @@ def _read_pickle(path: Path, tmp_dir: Path) -> Path:
 def import_single_file(path: Path, out: Path, family: str | None = None, prediction_type: str | None = None,
                        config: Path | None = None, allow_pickle: bool = False) -> Path:
     """`kiln model import`: a single-file checkpoint -> a diffusers folder (atomically), checked tensor
-    by tensor against the file."""
-    from kiln.artifacts import file_sha256, write_json_atomically
+    by tensor against the file. An existing OUT is replaced only if it is a model folder (or empty)."""
+    from kiln.artifacts import check_output_folder, file_sha256, write_json_atomically
     from kiln.models.folder import inspect_model
     from kiln.models.tiny import save_pipeline
 
     path, out = Path(path), Path(out)
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder, not a checkpoint file",
+                         hint="a diffusers folder needs no import: make deploy MODEL=" + str(path))
     if not path.is_file():
         raise ModelError(f"{path} does not exist", hint="give a .safetensors checkpoint")
+    check_output_folder(out, replaces=("model_index.json",))
+    suffix = path.suffix.lower()
     with tempfile.TemporaryDirectory(prefix="kiln-import-") as tmp:
         tmp = Path(tmp)
         source = path
-        if path.suffix.lower() in PICKLE_SUFFIXES:
+        if suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise ModelError(f"{path} is a pickle file: loading it runs whatever code it holds",
                                  hint="use the .safetensors version of the model, or pass --allow-pickle for a file you trust")
             source = _read_pickle(path, tmp)
-        elif path.suffix.lower() != ".safetensors":
+        elif suffix != ".safetensors":
             raise ModelError(f"{path}: expected a .safetensors checkpoint (or a trusted .ckpt with --allow-pickle)")
-        reader = _Reader(source)
+        elif path.suffix != ".safetensors":  # diffusers reads safetensors by the lower-case suffix alone
+            source = tmp / (path.stem + ".safetensors")
+            source.symlink_to(path.resolve())
+        reader = _Reader(source, shown=path)
         found = detect(reader, family, prediction_type)
         if config is not None:
             config_info = inspect_model(config)
@@ -482,26 +560,31 @@ def import_single_file(path: Path, out: Path, family: str | None = None, predict
                                  hint="give a folder of the checkpoint's architecture, or leave --config out")
             config_dir, described = Path(config), str(config)
         elif CONFIGS_KEY in reader.metadata:
-            config_dir = write_configs_from_metadata(reader.metadata[CONFIGS_KEY], tmp / "config")
+            config_dir = write_configs_from_metadata(reader.metadata[CONFIGS_KEY], tmp / "config", found.family)
             described = "the file's own configs (written by Kiln)"
         else:
             config_dir = write_family_config(found.family, found.prediction_type, tmp / "config")
             described = f"Kiln's {found.family} configs"
         log.info("%s: %s, %s (%s)", path, found.family, found.prediction_type, found.decided_by)
-        pipe = _from_single_file(source, found, config_dir)
+        pipe = _from_single_file(source, found, config_dir, path)
         report = verify(pipe, found.family, reader)
-        title = reader.metadata.get("modelspec.title")
-        with_manifest = save_pipeline(pipe, out)
-        write_json_atomically(with_manifest / MANIFEST, {
-            "source": {"path": str(path.resolve()), "sha256": file_sha256(path), "title": title},
-            "family": found.family, "prediction_type": found.prediction_type, "decided_by": found.decided_by,
-            "config": described, **report,
-        })
-    inspect_model(out)
+        manifest = {"source": {"path": str(path.resolve()), "sha256": file_sha256(path),
+                               "title": reader.metadata.get("modelspec.title")},
+                    "family": found.family, "prediction_type": found.prediction_type, "decided_by": found.decided_by,
+                    "config": described, **report}
+
+        def finish(folder: Path) -> None:
+            write_json_atomically(folder / MANIFEST, manifest)
+            try:
+                inspect_model(folder)  # before it takes OUT's place: a folder Kiln cannot read never lands
+            except ModelError as e:
+                raise ModelError(f"importing {path} gave a folder Kiln cannot read: {e}", hint=e.hint) from None
+
+        save_pipeline(pipe, out, finish)
     return out
 
 
-def _from_single_file(source: Path, found: Detected, config_dir: Path):
+def _from_single_file(source: Path, found: Detected, config_dir: Path, shown: Path):
     import diffusers
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -510,15 +593,21 @@ def _from_single_file(source: Path, found: Detected, config_dir: Path):
     cls = StableDiffusionXLPipeline if found.family == "sdxl" else StableDiffusionPipeline
     scheduler_config = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text())
     scheduler_config["prediction_type"] = found.prediction_type
-    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    name = scheduler_config.get("_class_name")
+    scheduler_cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, diffusers.SchedulerMixin)):
+        raise ModelError(f"{shown}: the scheduler config names {name!r}, which is not a diffusers scheduler",
+                         hint="pass --config DIR: a diffusers folder of the checkpoint's architecture")
+    scheduler = scheduler_cls.from_config(scheduler_config)
     kwargs = {} if found.family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
         return cls.from_single_file(str(source), config=str(config_dir), local_files_only=True, scheduler=scheduler,
                                     torch_dtype=torch.float32, **kwargs)
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise ModelError(f"{source} does not fit the {found.family} architecture: {str(e).splitlines()[0][:400]}",
+    except Exception as e:  # diffusers and transformers raise many kinds on a file that does not fit
+        first = (str(e).splitlines() or [type(e).__name__])[0][:400]
+        raise ModelError(f"{shown} does not fit the {found.family} architecture ({type(e).__name__}: {first})",
                          hint="a checkpoint of a non-standard architecture needs --config DIR: a diffusers folder of its shape") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)

@@ -144,15 +144,19 @@ def build_tiny_sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
-def save_pipeline(pipe, out_dir: Path) -> Path:
-    """A pipeline as a plain diffusers folder (atomically), its tokenizers written in full."""
+def save_pipeline(pipe, out_dir: Path, finish=None) -> Path:
+    """A pipeline as a plain diffusers folder (atomically), its tokenizers written in full; `finish`
+    (the temporary folder) adds to it and checks it before it takes `out_dir`'s place. An existing
+    `out_dir` is replaced only if it is a model folder (or empty)."""
     from kiln.artifacts import write_folder_atomically
 
-    with write_folder_atomically(out_dir) as tmp:
+    with write_folder_atomically(out_dir, replaces=("model_index.json",)) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name in ("tokenizer", "tokenizer_2"):
             if getattr(pipe, name, None) is not None:
                 write_clip_tokenizer(tmp / name, getattr(pipe, name).pad_token)
+        if finish is not None:
+            finish(tmp)
     return Path(out_dir)
 
 
