@@ -313,13 +313,19 @@ def read_state(ports: Ports) -> ServerInfo | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` still runs: an exited process that its parent (or, orphaned, the machine's init)
+    has not reaped yet is a zombie, which holds nothing but its pid and counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): signal 0 is all there is to tell by
+    return state not in ("Z", "X")
 
 
 def kill_group(pid: int) -> None:

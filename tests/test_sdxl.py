@@ -360,18 +360,6 @@ def test_damaged_or_refiner_configs_are_refused_naming_the_keys(sdxl_model, tmp_
     assert "SDXL base" in err.value.hint
 
 
-def test_training_and_merging_refuse_sdxl_with_the_reason(sdxl_model, tmp_path):
-    from kiln.errors import MergeError
-    from kiln.merge.fuse import LoraInput, merge
-    from kiln.training.loop import load_models
-
-    with pytest.raises(ModelError, match="is an SDXL model: Kiln's training covers SD 1.x and 2.x"):
-        load_models(sdxl_model())
-    with pytest.raises(MergeError, match="is an SDXL model: Kiln's merge covers SD 1.x and 2.x"):
-        merge(sdxl_model(), tmp_path / "out", loras=[LoraInput(tmp_path / "lora.safetensors", 1.0)])
-    assert not (tmp_path / "out").exists()
-
-
 def test_repo_build_says_each_models_family_size_and_limit(onnx_dir, sdxl_onnx, tmp_path):
     from typer.testing import CliRunner
 
