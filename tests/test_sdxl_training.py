@@ -86,6 +86,7 @@ def test_size_conditioning_reaches_the_unet(sdxl_model, training_data):
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # starts a Triton server of its own
 def test_sdxl_lora_merges_exports_and_serves_as_diffusers_draws_it(sdxl_lora_run, sdxl_model, tmp_path, reference_image):
     from kiln.clients.client import KilnClient
     from kiln.export.onnx_export import export_onnx

@@ -324,6 +324,7 @@ def test_deploy_imports_a_single_file_once(tmp_path):
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # starts a Triton server of its own
 def test_make_deploy_serves_a_single_file(tmp_path):
     """`make deploy MODEL=FILE.safetensors`: import, export, repository, server, smoke image."""
     import subprocess
