@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,17 @@ class LoraInput:
 
 def parse_lora(argument: str) -> LoraInput:
     """`FILE` or `FILE:SCALE` (a trailing number after the last colon is the scale)."""
+    import math
+
     path, _, scale = argument.rpartition(":")
     if path:
         try:
-            return LoraInput(Path(path), float(scale))
+            value = float(scale)
         except ValueError:
-            pass
+            return LoraInput(Path(argument))
+        if not math.isfinite(value):
+            raise MergeError(f"--lora {argument}: the scale {scale} is not a finite number", hint="for example FILE:0.8")
+        return LoraInput(Path(path), value)
     return LoraInput(Path(argument))
 
 
@@ -47,7 +53,19 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
     from kiln.models.single_file import load_pipeline
 
     family = inspect_model(base).family
-    check_output_folder(Path(out), replaces=("model_index.json",))
+    out_dir = check_output_folder(Path(out), replaces=("model_index.json",))
+    base_dir = Path(base).resolve()
+    if out_dir.resolve() == base_dir or base_dir in out_dir.resolve().parents or out_dir.resolve() in base_dir.parents:
+        raise MergeError(f"OUT {out} is the base model's folder (or holds it, or lies in it): the merge would overwrite "
+                         "what it reads", hint="give a new folder for the merged model")
+    for lora in loras:
+        if not math.isfinite(lora.scale):
+            raise MergeError(f"--lora {lora.path}:{lora.scale}: the scale is not a finite number", hint="for example FILE:0.8")
+    if single_file is not None:
+        from kiln.models.single_file import check_single_file_target
+
+        inputs = [lora.path for lora in loras] + list(textual_inversions)
+        check_single_file_target(Path(single_file), inputs=inputs, folders=[base_dir, out_dir])
     if not loras and not textual_inversions:
         raise MergeError("nothing to merge", hint="pass --lora FILE[:SCALE] and/or --textual-inversion FILE")
     if single_file is not None and textual_inversions:
@@ -141,23 +159,24 @@ def _load_every_module(pipe, path: Path, adapter: str, base: Path) -> None:
     modules silently in some layouts (the attention modules of a diffusers-format file that also
     holds convolution LoRAs), so such a file is loaded through its kohya rewrite, which keeps them."""
     import tempfile
+    import warnings
 
     from kiln.errors import ModelError
-    from kiln.models.lora_files import injected_modules, scan, to_kohya
-
-    from kiln.models.lora_files import check_fits
+    from kiln.models.lora_files import check_fits, injected_modules, scan, to_kohya, with_kohya_alphas
 
     try:
         summary = scan(path)
         check_fits(path, base)
     except ModelError as e:
         raise MergeError(str(e), hint=e.hint) from None
-    import warnings
-
-    with warnings.catch_warnings():  # peft warns when it drops modules; the count below says which way
-        warnings.filterwarnings("ignore", message=".*inconsistency was discovered between the PEFT config",
-                                category=RuntimeWarning)
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = with_kohya_alphas(path, Path(tmp) / "lora.safetensors") if summary.layout == "kohya" else path
+        if source != path:
+            log.info("%s: modules without an alpha (or with 0) read with alpha = rank, as kohya's loader does", path)
+        with warnings.catch_warnings():  # peft warns when it drops modules; the count below says which way
+            warnings.filterwarnings("ignore", message=".*inconsistency was discovered between the PEFT config",
+                                    category=RuntimeWarning)
+            pipe.load_lora_weights(str(source.parent), weight_name=source.name, adapter_name=adapter)
     applied = injected_modules(pipe, adapter)
     if applied != summary.modules and summary.layout == "diffusers":
         log.info("%s: diffusers applied %s of the modules %s; loading its kohya rewrite", path, applied, summary.modules)

@@ -157,3 +157,57 @@ def test_cli_lora_convert_and_info(tmp_path):
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["lora", "info", str(tmp_path / "k.safetensors")])
     assert result.exit_code == 0 and "layout: kohya" in result.output and "'unet': 48" in result.output, result.output
+
+
+def test_kohya_alphas_incomplete_or_broken_files_and_unsafe_outputs(tmp_path):
+    """Modules without an alpha (or with 0) read as alpha = rank, as kohya's loader does, even when
+    others have one; non-finite values, orphan modules and rank mismatches are named; a merge never
+    overwrites what it reads, nor a file Kiln did not write."""
+    base = write_tiny_model(tmp_path / "base")
+    lora = _lora(base, "sd1", tmp_path / "lora", targets=LOCON)
+    kohya = to_kohya(lora, base, tmp_path / "k.safetensors")
+    state = load_file(str(kohya))
+    mixed = {k: (torch.tensor(2.0) if k.endswith(".alpha") else v) for k, v in state.items()
+             if not (k.endswith(".alpha") and "conv" in k)}
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    merged = merge(base, tmp_path / "m", [LoraInput(tmp_path / "mixed.safetensors")])
+    after, before = _weights(load_pipeline(merged, "sd1")), _weights(load_pipeline(base, "sd1"))
+    checked = {"with alpha": 0, "without": 0}
+    for key, down in load_file(str(lora)).items():
+        if not key.startswith("unet.") or ".lora.down." not in key and ".lora_A." not in key:
+            continue
+        module = key.split(".lora")[0]
+        up = load_file(str(lora))[key.replace("lora.down", "lora.up").replace("lora_A", "lora_B")]
+        has_alpha = "lora_unet_" + module.removeprefix("unet.").replace(".", "_") + ".alpha" in mixed
+        scale = 2.0 / down.shape[0] if has_alpha else 1.0
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * scale
+        assert float((after[module + ".weight"] - before[module + ".weight"] - delta).abs().max()) < 1e-6, module
+        checked["with alpha" if has_alpha else "without"] += 1
+    assert checked["with alpha"] > 0 and checked["without"] > 0, checked
+    broken = {
+        "nan": {**state, next(k for k in state if k.endswith(".lora_up.weight")): torch.full_like(
+            state[next(k for k in state if k.endswith(".lora_up.weight"))], float("nan"))},
+        "orphan": {k: v for k, v in state.items() if k != next(k for k in state if k.endswith(".lora_up.weight"))},
+        "rank": {**state, next(k for k in state if k.endswith(".lora_up.weight")): torch.zeros(8, 2)},
+    }
+    for name, words in (("nan", "NaN or infinite"), ("orphan", "has no up weight"), ("rank", "rank")):
+        save_file(broken[name], str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(MergeError, match=words):
+            merge(base, tmp_path / f"out-{name}", [LoraInput(tmp_path / f"{name}.safetensors")])
+        assert not (tmp_path / f"out-{name}").exists()
+    from kiln.merge.fuse import parse_lora
+
+    with pytest.raises(MergeError, match="not a finite number"):
+        parse_lora(f"{kohya}:nan")
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(base, copy)
+    with pytest.raises(MergeError, match="overwrite what it reads"):
+        merge(copy, copy, [LoraInput(kohya)])
+    with pytest.raises(ModelError, match="one of the files being read"):
+        merge(base, tmp_path / "m2", [LoraInput(kohya)], single_file=kohya)
+    (tmp_path / "victim.safetensors").write_text("mine")
+    with pytest.raises(ModelError, match="not a single file Kiln wrote"):
+        merge(base, tmp_path / "m3", [LoraInput(kohya)], single_file=tmp_path / "victim.safetensors")
+    assert (tmp_path / "victim.safetensors").read_text() == "mine" and load_file(str(kohya)).keys() == state.keys()

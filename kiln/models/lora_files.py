@@ -71,13 +71,51 @@ def scan(path: Path) -> LoraSummary:
                          hint="Kiln applies LoRA files in diffusers' or kohya's layout (lora_A/lora_B or lora_down/lora_up)")
     component = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
     modules: dict[str, set] = {}
+    parts: dict[tuple, dict] = {}
     convolutions = set()
     for key, m in matches.items():
         name = component[m.group(1)] if layout == "kohya" else m.group(1)
         modules.setdefault(name, set()).add(m.group(2))
+        kind = m.group(3)
+        role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_A": "down",
+                "lora_B": "up"}.get(kind) or kind.split(".")[-1]  # lora.down, lora_linear_layer.up, ...
+        parts.setdefault((m.group(1), m.group(2)), {})[role] = state[key]
         if state[key].ndim == 4:
             convolutions.add((name, m.group(2)))
+    for (prefix, module), found in parts.items():
+        where = f"{path}: module {prefix}_{module}" if layout == "kohya" else f"{path}: module {prefix}.{module}"
+        if "down" not in found or "up" not in found:
+            missing = "up" if "down" in found else "down"
+            raise ModelError(f"{where} has no {missing} weight (a LoRA module needs both down and up)",
+                             hint="the file is incomplete: get it again from its source")
+        if found["down"].shape[0] != found["up"].shape[1]:
+            raise ModelError(f"{where}: the down weight has rank {found['down'].shape[0]}, the up weight "
+                             f"{found['up'].shape[1]}", hint="the file is damaged: get it again from its source")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ModelError(f"{path}: {bad[0]} holds NaN or infinite values ({len(bad)} tensor(s) do)",
+                         hint="the file is damaged or the training diverged: it would break every image")
     return LoraSummary(layout, {k: len(v) for k, v in sorted(modules.items())}, len(convolutions))
+
+
+def with_kohya_alphas(path: Path, out: Path) -> Path:
+    """A kohya file whose modules all carry an alpha: a module without one, or with 0, gets its rank,
+    as kohya's own loader reads it (diffusers gives such a module another module's alpha when some
+    have one). Returns `path` itself when nothing needs filling, else the filled copy at `out`."""
+    import torch
+    from safetensors.torch import save_file
+
+    state, metadata = _read(path)
+    filled = dict(state)
+    for key, value in state.items():
+        if key.endswith(".lora_down.weight"):
+            alpha = key.removesuffix(".lora_down.weight") + ".alpha"
+            if alpha not in state or float(state[alpha].reshape(-1)[0]) == 0.0:
+                filled[alpha] = torch.tensor(float(value.shape[0]))
+    if filled.keys() == state.keys() and all(filled[k] is state[k] for k in state):
+        return Path(path)
+    save_file(filled, str(out), metadata=metadata)
+    return Path(out)
 
 
 def _alpha(metadata: dict, component: str, module: str, rank: int) -> float:

@@ -210,6 +210,34 @@ def modelspec(family: str, prediction_type: str, title: str) -> dict[str, str]:
     }
 
 
+def check_single_file_target(out: Path, inputs=(), folders=()) -> None:
+    """Where a single file may be written: not a folder, not one of the files being read, not inside
+    a model folder being read or written, and not over a file Kiln did not write (its metadata
+    names kiln.version)."""
+    from safetensors import safe_open
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ModelError(f"{out}: single files are written as .safetensors", hint=f"name it {out.with_suffix('.safetensors')}")
+    if out.is_dir():
+        raise ModelError(f"{out} is a folder: the single file is written at that path",
+                         hint=f"give a file path, e.g. {out / 'model.safetensors'}")
+    target = out.resolve()
+    if any(target == Path(p).resolve() for p in inputs):
+        raise ModelError(f"{out} is one of the files being read", hint="give a new file path")
+    if any(Path(f).resolve() in target.parents for f in folders):
+        raise ModelError(f"{out} lies inside a model folder being read or written", hint="write it beside the folder")
+    if out.exists():
+        try:
+            with safe_open(str(out), framework="pt") as f:
+                ours = "kiln.version" in (f.metadata() or {}) and any(k.startswith(UNET) for k in f.keys())
+        except Exception:
+            ours = False
+        if not ours:
+            raise ModelError(f"{out} exists and is not a single file Kiln wrote: refusing to replace it",
+                             hint="give a new file path, or remove the file first")
+
+
 def write_single_file(pipe, family: str, prediction_type: str, out: Path, fp16: bool = False,
                       title: str | None = None) -> Path:
     """Save `pipe` as one original-layout .safetensors file (atomically: a rename at the end)."""
@@ -220,11 +248,7 @@ def write_single_file(pipe, family: str, prediction_type: str, out: Path, fp16: 
     from kiln.artifacts import make_readable
 
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ModelError(f"{out}: single files are written as .safetensors", hint=f"name it {out.with_suffix('.safetensors')}")
-    if out.is_dir():
-        raise ModelError(f"{out} is a folder: the single file is written at that path",
-                         hint=f"give a file path, e.g. {out / 'model.safetensors'}")
+    check_single_file_target(out)
     state = original_state_dict(pipe, family)
     if fp16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
@@ -257,6 +281,7 @@ def export_single_file(model_dir: Path, out: Path, fp16: bool = False) -> Path:
     from kiln.models.folder import inspect_model
 
     info = inspect_model(model_dir)
+    check_single_file_target(Path(out), folders=[Path(model_dir)])
     return write_single_file(load_pipeline(model_dir, info.family), info.family, info.prediction_type, out, fp16,
                              title=Path(model_dir).resolve().name)
 
