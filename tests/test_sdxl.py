@@ -210,6 +210,7 @@ def _infer_raw(c, **fields):
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # starts a Triton server of its own
 def test_one_repository_serves_sd_and_sdxl_side_by_side(onnx_dir, sdxl_onnx, pipes, reference_image, tiny_model,
                                                         tmp_path):
     """Each family keeps its own ensemble, tokenizer (one or two), pipeline and native size."""
