@@ -135,8 +135,10 @@ def test_sdxl_textual_inversion_full_and_dreambooth(sdxl_model, training_data, t
         assert set(added) == set(tokens), name
 
     run_training("full", None, train_settings(sdxl_model(), training_data, tmp_path / "full", "max_train_steps=2",
-                                              "optim.learning_rate=1e-3", "full.ema_decay=0.5"))
+                                              "optim.learning_rate=1e-3", "full.ema_decay=0.5", "validation_steps=2",
+                                              "validation_inference_steps=2", 'validation_prompts=["a red square"]'))
     assert inspect_model(tmp_path / "full" / "model").family == "sdxl"
+    assert (tmp_path / "full" / "validation" / "step-000002" / "00.png").is_file()  # drawn by the SDXL pipeline
 
     out = tmp_path / "db"
     run_training("dreambooth", None, train_settings(

@@ -154,10 +154,12 @@ def test_config_errors_name_field_value_and_fix(tmp_path):
     assert (config.lora.rank, config.lora.alpha, config.data.resolution) == (8, 16, 64)
 
 
-@pytest.mark.parametrize("method", ["lora", "dreambooth", "textual-inversion", "full"])
-def test_shipped_example_configs_validate(method):
-    config = load_config(method, REPO / "training" / "configs" / f"{method}.yaml", [])
-    assert config.method == method and config.data.resolution == 512
+@pytest.mark.parametrize("method, name, resolution", [("lora", "lora", 512), ("dreambooth", "dreambooth", 512),
+                                                      ("textual-inversion", "textual-inversion", 512), ("full", "full", 512),
+                                                      ("lora", "lora-sdxl", 1024)])
+def test_shipped_example_configs_validate(method, name, resolution):
+    config = load_config(method, REPO / "training" / "configs" / f"{name}.yaml", [])
+    assert config.method == method and config.data.resolution == resolution
 
 
 def _lora_weights(folder: Path) -> dict:
