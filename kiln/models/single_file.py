@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import ModelError
@@ -297,7 +297,6 @@ class Detected:
     prediction_type: str
     decided_by: str  # how the prediction type was decided
     unet_in_channels: int = 4
-    notes: tuple = field(default=())
 
 
 class _Reader:
