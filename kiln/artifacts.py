@@ -92,6 +92,22 @@ def make_readable(path: Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
 
 
+def save_safetensors_atomically(tensors: dict, path: Path, metadata: dict | None = None) -> Path:
+    """A .safetensors file written beside `path`, then renamed over it, readable as open() makes files."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        make_readable(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 @contextlib.contextmanager
 def write_folder_atomically(out_dir: Path, replaces: tuple[str, ...] = ()):
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename.

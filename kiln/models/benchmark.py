@@ -16,8 +16,19 @@ from kiln.models.tokenizer import EOS, write_clip_tokenizer
 WIDTHS = {"full": 1, "half": 2}
 
 
+def _vae(divisor: int, sample_size: int, **extra):
+    """The KL VAE every Stable Diffusion family shares (SDXL's differs only in scaling and upcasting)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=sample_size,
+        block_out_channels=tuple(c // divisor for c in (128, 256, 512, 512)),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **extra,
+    )
+
+
 def build_sd15_pipeline(width: str = "half", seed: int = 0):
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if width not in WIDTHS:
@@ -31,11 +42,7 @@ def build_sd15_pipeline(width: str = "half", seed: int = 0):
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=768, attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=tuple(c // d for c in (128, 256, 512, 512)),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    vae = _vae(d, 512)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, vocab_size=49408,
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
@@ -59,7 +66,7 @@ def build_sd2_pipeline(width: str = "full", seed: int = 0, prediction_type: str 
     """SD 2.x's architecture (stabilityai/stable-diffusion-2-1's configs: OpenCLIP ViT-H text encoder,
     23 of its 24 layers as diffusers keeps them, linear attention projections) with random weights;
     `v_prediction` is the 768 px model, `epsilon` the 512 px base."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if width not in WIDTHS:
@@ -74,11 +81,7 @@ def build_sd2_pipeline(width: str = "full", seed: int = 0, prediction_type: str 
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=768 if v else 512,
-        block_out_channels=tuple(c // d for c in (128, 256, 512, 512)),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    vae = _vae(d, 768 if v else 512)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, vocab_size=49408,
         max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
@@ -95,7 +98,7 @@ def build_sd2_pipeline(width: str = "full", seed: int = 0, prediction_type: str 
 
 def build_sdxl_pipeline(width: str = "half", seed: int = 0):
     """SDXL base's architecture (stabilityai/stable-diffusion-xl-base-1.0's configs) with random weights."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if width not in WIDTHS:
@@ -112,11 +115,7 @@ def build_sdxl_pipeline(width: str = "half", seed: int = 0):
         cross_attention_dim=hidden + hidden_2, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=6 * 256 + hidden_2,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
-        block_out_channels=tuple(c // d for c in (128, 256, 512, 512)), scaling_factor=0.13025, force_upcast=True,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    vae = _vae(d, 1024, scaling_factor=0.13025, force_upcast=True)
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=12, num_hidden_layers=12,

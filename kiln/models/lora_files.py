@@ -12,7 +12,6 @@ silently dropped.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,9 +131,8 @@ def _alpha(metadata: dict, component: str, module: str, rank: int) -> float:
 def to_kohya(lora_file: Path, base_dir: Path, out: Path) -> Path:
     """A diffusers-format LoRA trained on `base_dir` rewritten in kohya's layout (atomically)."""
     import torch
-    from safetensors.torch import save_file
 
-    from kiln.artifacts import make_readable
+    from kiln.artifacts import save_safetensors_atomically
     from kiln.models.folder import _read_json, inspect_model
     from kiln.models.single_file import _rename, _unet_prefixes
 
@@ -172,15 +170,7 @@ def to_kohya(lora_file: Path, base_dir: Path, out: Path) -> Path:
             "ss_v_parameterization": str(info.prediction_type == "v_prediction"),
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture[info.family]}/lora",
             "modelspec.title": out.stem}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        save_file(kohya, str(tmp), metadata=meta)
-        make_readable(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_safetensors_atomically(kohya, out, meta)
 
 
 def _weight_shapes(folder: Path) -> dict[str, list[int]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,10 +241,9 @@ def write_single_file(pipe, family: str, prediction_type: str, out: Path, fp16: 
                       title: str | None = None) -> Path:
     """Save `pipe` as one original-layout .safetensors file (atomically: a rename at the end)."""
     import torch
-    from safetensors.torch import save_file
 
     from kiln import __version__
-    from kiln.artifacts import make_readable
+    from kiln.artifacts import save_safetensors_atomically
 
     out = Path(out)
     check_single_file_target(out)
@@ -256,14 +254,7 @@ def write_single_file(pipe, family: str, prediction_type: str, out: Path, fp16: 
         state[V_PRED_KEY] = torch.tensor([])
     metadata = {**modelspec(family, prediction_type, title or out.stem), "kiln.version": __version__,
                 "kiln.dtype": "float16" if fp16 else "float32", CONFIGS_KEY: configs_metadata(pipe)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        make_readable(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_safetensors_atomically(state, out, metadata)
     log.info("wrote %d tensors (%s, %s) to %s", len(state), family, "fp16" if fp16 else "fp32", out)
     return out
 
