@@ -250,19 +250,22 @@ def start(
     """Start a supervised tritonserver in the background and wait until every model is ready.
 
     The supervisor (kiln.serving.supervisor) runs detached in a session of its own and restarts the
-    server when it dies. Its state file is written before anything else, so `stop` finds it even when
-    this call is interrupted; an interrupted or failed start stops what it started."""
+    server when it dies; it records itself in the state file first thing, so `stop` finds it. An
+    interrupted or failed start stops what it started, however early it was interrupted."""
     repository, log_file, _ = _prepare(repository, ports, log_file, admin_key)
-    with open(log_file, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kiln.serving.supervisor", str(repository), "--http-port", str(ports.http),
-             "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log-file", str(log_file),
-             "--startup-timeout", str(timeout_s)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
-    info = ServerInfo(process.pid, ports, str(repository), str(log_file))
-    write_state(info, status="starting")
+    state_file(ports).unlink(missing_ok=True)  # a dead server's record (_prepare refused a live one)
+    process = None
     try:
+        with open(log_file, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "kiln.serving.supervisor", str(repository), "--http-port", str(ports.http),
+                 "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log-file", str(log_file),
+                 "--startup-timeout", str(timeout_s)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
+        info = ServerInfo(process.pid, ports, str(repository), str(log_file))
+        # The supervisor records itself (and then its tritonserver) in the state file; this process
+        # writes nothing there, so a record with the server's pid is never overwritten by an older one.
         while read_status(ports).get("status") != "ready":
             if process.poll() is not None:
                 why = read_status(ports).get("last_exit") or f"its supervisor exited with code {process.returncode}"
@@ -273,19 +276,28 @@ def start(
                 )
             time.sleep(0.3)
     except BaseException:
-        _stop_uninterrupted(ports)
+        _stop_uninterrupted(ports, process)
         raise
     return process, info
 
 
-def _stop_uninterrupted(ports: Ports) -> None:
-    """Stop what an interrupted start began; a second Ctrl-C must not cut the clean-up short."""
+def _stop_uninterrupted(ports: Ports, process: subprocess.Popen | None) -> None:
+    """Stop what an interrupted start began, however early it was interrupted (before the supervisor
+    recorded itself, its own pid is all there is); a second Ctrl-C must not cut the clean-up short."""
     import threading
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
-        stop(ports)
+        if read_state(ports) is not None:
+            stop(ports)
+        if process is not None:
+            terminate(process.pid)  # its SIGTERM handler stops the tritonserver it started
+            status = read_status(ports)
+            if status.get("triton_pid"):
+                terminate(status["triton_pid"])
+            state_file(ports).unlink(missing_ok=True)
+            admin_key_file(ports).unlink(missing_ok=True)
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)

@@ -104,6 +104,7 @@ class Supervision:
     def run(self) -> int:
         """Start, wait for ready, watch, restart; returns 0 when stopped, 1 when the server cannot start."""
         in_a_row = 0  # restarts since the server last stayed up STABLE_S
+        self.record("starting")  # first thing: `kiln stop` finds this process from here on
         self.guard = Guard(server.HOST, self.ports.http, self.backend.http)
         self.guard.start()
         while not self.stopping:

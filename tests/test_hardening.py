@@ -227,6 +227,43 @@ def test_an_interrupted_background_start_leaves_nothing_running(repo_dir):
         assert not server.state_file(ports).exists()
 
 
+@pytest.mark.slow  # starts a Triton server of its own
+def test_a_start_interrupted_before_the_supervisor_records_itself_leaves_nothing(repo_dir, monkeypatch):
+    """Ctrl-C in the moment after the supervisor is started and before it has written the state file
+    (a busy machine makes that moment long): its pid is all there is, and it is enough."""
+    ports = server.free_ports()
+    started, interrupted = [], []
+    real_popen, real_status = subprocess.Popen, server.read_status
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def read_status(ports_):
+        if started and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real_status(ports_)
+
+    monkeypatch.setattr(server.subprocess, "Popen", popen)
+    monkeypatch.setattr(server, "read_status", read_status)
+    with pytest.raises(KeyboardInterrupt):
+        server.start(repo_dir("epsilon"), ports)
+    assert started and started[0].wait(timeout=60) is not None  # the supervisor is gone
+    time.sleep(1)
+    flag = f"--grpc-port={ports.grpc}"
+    tritons = [p for p in Path("/proc").iterdir() if p.name.isdigit() and flag in _cmdline(p)]
+    assert not [p for p in tritons if server._alive(int(p.name))], "a tritonserver outlived its interrupted start"
+    assert not server.state_file(ports).exists()
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _error(client, inputs) -> str:
     with pytest.raises(InferenceServerException) as err:
         client.infer("txt2img", inputs)
