@@ -286,23 +286,30 @@ def test_each_model_gets_its_own_size_limit_unless_the_deployment_sets_one():
 
 @pytest.mark.slow  # starts a Triton server of its own
 @pytest.mark.triton
-def test_make_deploy_serves_an_sdxl_folder_and_kiln_generate_draws_over_both_protocols(sdxl_model, tmp_path):
-    """`make deploy MODEL=<sdxl folder>` runs `kiln deploy --model`: export, repository, background
-    server, smoke image; then the CLI draws through it with SDXL's size conditioning."""
+def test_make_deploy_serves_an_sdxl_model_and_kiln_generate_draws_over_both_protocols(sdxl_model, tmp_path):
+    """`make deploy MODEL=...` runs `kiln deploy --model`: export, repository, background server, smoke
+    image; then the CLI draws through it with SDXL's size conditioning. The model is given as a
+    single-file checkpoint, which deploy imports to a folder first: the folder path runs after it."""
+    import json
     import subprocess
     import sys
     from pathlib import Path
 
+    from kiln.models.single_file import MANIFEST, export_single_file
     from kiln.serving import server
 
+    single = export_single_file(sdxl_model(), tmp_path / "xl.safetensors")
     kiln = [sys.executable, "-m", "kiln.cli"]
     ports = server.free_ports()
     port_flags = ["--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
     try:
-        done = subprocess.run([*kiln, "deploy", "--model", str(sdxl_model()), "--artifacts", str(tmp_path), *port_flags],
+        done = subprocess.run([*kiln, "deploy", "--model", str(single), "--artifacts", str(tmp_path), *port_flags],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         assert (tmp_path / "smoke.png").is_file() and "smoke image" in done.stderr + done.stdout
+        imported = tmp_path / "models" / "xl"
+        assert json.loads((imported / MANIFEST).read_text())["max_abs_diff"] == 0.0
+        assert (tmp_path / "onnx" / "xl-fp32").is_dir()
         for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
             out = tmp_path / f"{protocol}.png"
             drawn = subprocess.run([*kiln, "generate", "a (red:1.2) digit 7", "-o", str(out), "--protocol", protocol,

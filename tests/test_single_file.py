@@ -321,26 +321,3 @@ def test_deploy_imports_a_single_file_once(tmp_path):
     assert imported_model(single, tmp_path / "artifacts") == first and (first / MANIFEST).stat().st_mtime_ns == stamp
     export_single_file(write_tiny_model(tmp_path / "other", seed=3), single)  # the file changed: imported again
     assert imported_model(single, tmp_path / "artifacts") == first and (first / MANIFEST).stat().st_mtime_ns != stamp
-
-
-@pytest.mark.triton
-@pytest.mark.slow  # starts a Triton server of its own
-def test_make_deploy_serves_a_single_file(tmp_path):
-    """`make deploy MODEL=FILE.safetensors`: import, export, repository, server, smoke image."""
-    import subprocess
-    import sys
-
-    from kiln.serving import server
-
-    single = export_single_file(write_tiny_model(tmp_path / "folder", family="sdxl"), tmp_path / "xl.safetensors")
-    kiln = [sys.executable, "-m", "kiln.cli"]
-    ports = server.free_ports()
-    flags = ["--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
-    try:
-        done = subprocess.run([*kiln, "deploy", "--model", str(single), "--artifacts", str(tmp_path / "a"), *flags],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert (tmp_path / "a" / "smoke.png").is_file()
-        assert (tmp_path / "a" / "models" / "xl" / MANIFEST).is_file() and (tmp_path / "a" / "onnx" / "xl-fp32").is_dir()
-    finally:
-        subprocess.run([*kiln, "stop", "--http-port", str(ports.http)], capture_output=True, timeout=120)
