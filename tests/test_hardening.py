@@ -212,8 +212,11 @@ def test_an_interrupted_background_start_leaves_nothing_running(repo_dir):
     try:
         for sig in (signal.SIGINT, signal.SIGKILL):
             for attempt in range(5):
+                # Ctrl-C as a terminal sends it: with SIGINT at its default (a process started while SIGINT
+                # is ignored, as this one's parent may have it by then, inherits that and never sees it)
                 cli = subprocess.Popen([*kiln, "serve", str(repo_dir("epsilon")), *flags, "--background"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
                 deadline = time.monotonic() + 120
                 while not server.read_status(ports).get("triton_pid") and time.monotonic() < deadline:
                     time.sleep(0.1)
