@@ -27,8 +27,6 @@ class LoraInput:
 
 def parse_lora(argument: str) -> LoraInput:
     """`FILE` or `FILE:SCALE` (a trailing number after the last colon is the scale)."""
-    import math
-
     path, _, scale = argument.rpartition(":")
     if path:
         try:
@@ -72,9 +70,6 @@ def merge(base: Path, out: Path, loras: list[LoraInput] = (), textual_inversions
         raise MergeError("--single-file cannot carry Textual Inversion tokens: A1111 and ComfyUI read single files with "
                          "CLIP's own 49408-token vocabulary", hint="merge the LoRAs into the single file and ship the "
                          "embedding file beside it (both tools load it as is)")
-    if single_file is not None and Path(single_file).suffix != ".safetensors":
-        raise MergeError(f"--single-file {single_file}: single files are written as .safetensors",
-                         hint=f"--single-file {Path(single_file).with_suffix('.safetensors')}")
     for lora in loras:
         _require(lora.path, "--lora")
     for ti in textual_inversions:
@@ -131,9 +126,9 @@ def _load_textual_inversion(pipe, path: Path, family: str) -> None:
     """SD: diffusers' own layout ({token: rows}) or A1111's; SDXL: one set of rows per text encoder
     (clip_l, clip_g), the layout Kiln trains and A1111 shares, under the token Kiln recorded (else the
     file's name, as A1111 names it)."""
-    if family != "sdxl":
-        from safetensors import safe_open
+    from safetensors import safe_open
 
+    if family != "sdxl":
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:
                 if {"clip_l", "clip_g"} & set(f.keys()):
@@ -141,8 +136,6 @@ def _load_textual_inversion(pipe, path: Path, family: str) -> None:
                                      hint="apply it to an SDXL model")
         pipe.load_textual_inversion(str(path.parent), weight_name=path.name)
         return
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata() or {}
         if not {"clip_l", "clip_g"} <= keys:

@@ -105,15 +105,15 @@ def with_kohya_alphas(path: Path, out: Path) -> Path:
     from safetensors.torch import save_file
 
     state, metadata = _read(path)
-    filled = dict(state)
+    missing = {}
     for key, value in state.items():
         if key.endswith(".lora_down.weight"):
             alpha = key.removesuffix(".lora_down.weight") + ".alpha"
             if alpha not in state or float(state[alpha].reshape(-1)[0]) == 0.0:
-                filled[alpha] = torch.tensor(float(value.shape[0]))
-    if filled.keys() == state.keys() and all(filled[k] is state[k] for k in state):
+                missing[alpha] = torch.tensor(float(value.shape[0]))
+    if not missing:
         return Path(path)
-    save_file(filled, str(out), metadata=metadata)
+    save_file(state | missing, str(out), metadata=metadata)
     return Path(out)
 
 
