@@ -69,14 +69,16 @@ class KilnClient:
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as e:
-            raise ClientError(f"{what} failed at {self.protocol}://{self.url}: {e.message()}") from None
+            rejected = str(e.status() or "") in ("400", "StatusCode.INVALID_ARGUMENT")
+            raise ClientError(f"{what} failed at {self.protocol}://{self.url}: {e.message()}", detail=e.message(),
+                              rejected=rejected) from None
         except TimeoutError as e:  # the server answered too slowly: it is reachable, so do not say otherwise
             raise ClientError(f"{what} at {self.protocol}://{self.url}: timed out ({e or 'no answer in time'})",
                               hint="raise the client's timeout_s, or ask for fewer steps, images or pixels") from None
         except (ConnectionError, OSError) as e:
             raise ClientError(
                 f"cannot reach the server at {self.protocol}://{self.url}: {e}",
-                hint="start one with: kiln serve REPO_DIR --background",
+                hint="start one with: kiln serve REPO_DIR --background", unreachable=True,
             ) from None
 
     def request_inputs(self, **values) -> list:
@@ -145,7 +147,7 @@ class KilnClient:
         except ClientError as exc:
             if "unknown model" not in str(exc):
                 raise
-            raise ClientError(str(exc), hint=f"this server has no model {self.model!r}: a repository serving several "
+            raise ClientError(str(exc), detail=exc.detail, hint=f"this server has no model {self.model!r}: a repository serving several "
                               "models names each endpoint after its model; pass model=NAME (kiln generate --model NAME; "
                               "kiln models lists them)") from None
         seconds = time.perf_counter() - start

@@ -60,4 +60,12 @@ class GenerationError(KilnError):
 
 
 class ClientError(KilnError):
-    """The server could not be reached or answered with an error."""
+    """The server could not be reached or answered with an error. `detail`: the server's own message;
+    `rejected`: the server refused the request as invalid (HTTP 400, gRPC INVALID_ARGUMENT);
+    `unreachable`: no server answered."""
+
+    def __init__(self, message: str, hint: str | None = None, detail: str | None = None, rejected: bool = False,
+                 unreachable: bool = False):
+        super().__init__(message, hint)
+        self.detail = detail if detail is not None else message
+        self.rejected, self.unreachable = rejected, unreachable

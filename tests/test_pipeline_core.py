@@ -16,7 +16,8 @@ MAX_DIFF = 2  # on the 0-255 scale
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("scheduler", ["default", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "unipc",
-                                       "LMSDiscreteScheduler", "KDPM2DiscreteScheduler"])
+                                       "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "DPM++ 2M SDE Karras",
+                                       "dpm_2_ancestral"])
 def test_onnx_pipeline_equals_diffusers(onnx_dir, tiny_model, reference_image, kind, scheduler):
     request = GenerationRequest("a red digit 7", "blurry", 1234, 3, 7.5, 64, 80, scheduler)
     image = OnnxPipeline(onnx_dir(kind))(request)
@@ -43,13 +44,36 @@ def test_scheduler_names_and_class_names():
     assert canonical_name("EulerAncestralDiscreteScheduler") == "euler_a"
     assert canonical_name("DPMSolverMultistepScheduler") == "dpmpp_2m"
     assert canonical_name("pndmscheduler") == "pndm"
-    assert canonical_name("lmsdiscretescheduler") == canonical_name("LMSDiscreteScheduler") == "LMSDiscreteScheduler"
+    assert canonical_name("lmsdiscretescheduler") == canonical_name("LMSDiscreteScheduler") == "lms"
     assert canonical_name("DEISMultistepScheduler") == "DEISMultistepScheduler"
     with pytest.raises(RequestError, match="LMSDiscreteScheduler"):  # the refusal lists what is accepted
         canonical_name("EDMEulerScheduler")  # ignores the model's noise schedule: not for these models
     with pytest.raises(RequestError) as err:
         canonical_name("lcm-turbo")
     assert err.value.field == "scheduler" and "euler_a" in err.value.allowed
+
+
+def test_the_sampler_names_people_type():
+    """A1111's menu and ComfyUI's KSampler names (and A1111's k_ aliases) reach the same schedulers as
+    Kiln's own names; what no diffusers scheduler draws is refused with its reason and the list."""
+    from kiln.pipeline.schedulers import A1111_SAMPLERS, COMFYUI_SAMPLERS, with_schedule
+
+    for name, short in (*A1111_SAMPLERS.items(), *COMFYUI_SAMPLERS.items()):
+        assert canonical_name(name) == short and short in SCHEDULERS, name
+    assert canonical_name("k_euler_a") == canonical_name(" euler-ancestral ") == "euler_a"
+    assert canonical_name("DPM++ 2M SDE Karras") == "dpmpp_2m_sde_karras"
+    assert make_scheduler("DPM++ 2M SDE Karras", {"_class_name": "PNDMScheduler"}).config.algorithm_type == "sde-dpmsolver++"
+    assert with_schedule("DPM++ 2M", "Karras") == with_schedule("DPM++ 2M Karras", "automatic") == "dpmpp_2m_karras"
+    for name, reason in (("DPM++ 2S a Karras", "singlestep ancestral"), ("dpm_fast", "adaptive-order"),
+                         ("DPM++ SDE", "torchsde")):
+        with pytest.raises(RequestError, match=reason) as err:
+            canonical_name(name)
+        assert "Euler a" in err.value.allowed and "euler_ancestral" in err.value.allowed
+    with pytest.raises(RequestError, match="no Karras variant") as err:
+        with_schedule("Euler a", "Karras", "scheduler_type")
+    assert err.value.field == "scheduler_type"
+    with pytest.raises(RequestError, match="Automatic or Karras"):
+        with_schedule("Euler", "Exponential")
 
 
 def test_schedulers_keep_the_models_objective(tiny_model):

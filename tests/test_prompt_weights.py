@@ -30,6 +30,10 @@ CASES = [
     ("time: 12", [("time: 12", 1.0)]),
     ("(cat:-0.5)", [("cat", -0.5)]),
     ("", []),
+    # : and | are text outside square brackets, and inside round ones within them
+    ("a | b: c", [("a | b: c", 1.0)]),
+    ("[a (b|c:1.2)]", [("a ", 1 / W), ("b|c", 1.2 / W)]),
+    (r"\[cat:dog:0.5\]", [("[cat:dog:0.5]", 1.0)]),
 ]
 
 
@@ -38,6 +42,18 @@ def test_parse(prompt, expected):
     got = parse(prompt)
     assert [f.text for f in got] == [t for t, _ in expected]
     assert np.allclose([f.weight for f in got], [w for _, w in expected])
+
+
+@pytest.mark.parametrize("prompt", ["a [cat:dog:0.5] sat", "[cat:dog:10]", "[cat:0.3]", "[cat::0.3]", "[cat|dog]",
+                                    "[[a|b]]", "((x)) [cat (y) : dog: 3]"])
+def test_prompt_editing_and_alternation_are_refused_not_read_as_text(prompt):
+    """A1111's [from:to:when] and [a|b] change the embedding during the loop; this server draws one
+    embedding, so they are refused by name instead of being drawn as the words 'cat:dog:0.5'."""
+    from kiln.errors import RequestError
+
+    with pytest.raises(RequestError, match=r"prompt editing \[from:to:when\] or alternation") as err:
+        parse(prompt, "negative_prompt")
+    assert err.value.field == "negative_prompt" and (":" in err.value.value or "|" in err.value.value)
 
 
 @pytest.fixture(scope="module")
