@@ -22,6 +22,10 @@ K8S_REPOSITORY ?= s3://models/kiln/repository
 GPU_CHECK_OUT ?= $(ARTIFACTS)/gpu-check
 USERS ?= 4
 DURATION ?= 120
+UI ?=
+UI_PORT ?= 7861
+GATEWAY ?=
+GATEWAY_PORT ?= 7860
 
 KILN := $(VENV)/bin/kiln
 PORTS := --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
@@ -41,7 +45,14 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install --quiet -e ".[test,int8]"
+	$(VENV)/bin/pip install --quiet -e ".[test,int8,gateway,ui]"
+	# a real browser for the web page's test (Debian's chromium); without root or apt that test skips and says why
+	@if ! command -v chromedriver >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null || \
+	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } || \
+	      echo "chromium could not be installed: the browser test will skip"; \
+	  else echo "no root apt-get: install chromium and chromium-driver for the browser test (it skips without them)"; fi; fi
 	# CLIP's BPE vocabulary ships in open-clip-torch; its own dependencies (torchvision) are not wanted.
 	$(VENV)/bin/pip install --quiet --no-deps open-clip-torch==3.3.0
 	touch $@
@@ -68,10 +79,12 @@ serve: repo ## serve the repository in the foreground (Ctrl-C stops it)
 	$(KILN) serve $(REPO_DIR) $(PORTS)
 
 ifeq ($(TARGET),k8s)
-deploy: deploy-k8s ## set-up, export, repository, serve in the background, sample images (TARGET=k8s: cluster manifests)
+deploy: deploy-k8s ## set-up, export, repository, serve in the background, sample images (UI=1: a web page, GATEWAY=1: the A1111/OpenAI REST gateway; TARGET=k8s: cluster manifests)
 else
 deploy: $(STAMP)
 	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) $(if $(TINY),--tiny) --artifacts $(ARTIFACTS) --precision $(PRECISION) $(PORTS)
+	$(if $(UI),$(KILN) ui --background --url 127.0.0.1:$(HTTP_PORT) --port $(UI_PORT))
+	$(if $(GATEWAY),$(KILN) gateway --background --url 127.0.0.1:$(HTTP_PORT) --port $(GATEWAY_PORT))
 endif
 
 deploy-k8s: export ## NGC repository + Kubernetes manifests (IMAGE, K8S_REPOSITORY), validated offline
@@ -102,7 +115,7 @@ gpu-check: $(STAMP) ## on a GPU host: fp16 TensorRT engines for full SD 1.5 (512
 	$(VENV)/bin/python -m kiln.benchmarks.gpu_check $(GPU_CHECK_OUT)/sd15 --family sd15 --size 512 --steps 30
 	$(VENV)/bin/python -m kiln.benchmarks.gpu_check $(GPU_CHECK_OUT)/sdxl --family sdxl --size 1024 --steps 30
 
-stop: $(STAMP) ## stop the background server
+stop: $(STAMP) ## stop the background server (and the page or gateway in front of it)
 	$(KILN) stop $(PORTS)
 
 test: $(STAMP) ## run the test suite (starts real Triton servers on free ports)

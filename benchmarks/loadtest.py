@@ -72,11 +72,13 @@ def read_stats(prefix: Path) -> dict:
 
 def run(http_url: str, grpc_url: str, metrics_url: str, out_dir: Path, users: int, spawn_rate: float,
         duration_s: int, protocols: str = "http,grpc", steps: int = 4, slo_p95_ms: float | None = None,
-        min_rps: float | None = None) -> LoadTestReport:
+        min_rps: float | None = None, gateway_url: str = "http://127.0.0.1:7860",
+        gateway_key: str | None = None) -> LoadTestReport:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / "locust"
-    env = dict(os.environ, KILN_HTTP_URL=http_url, KILN_GRPC_URL=grpc_url, KILN_PROTOCOLS=protocols, KILN_STEPS=str(steps))
+    env = dict(os.environ, KILN_HTTP_URL=http_url, KILN_GRPC_URL=grpc_url, KILN_PROTOCOLS=protocols, KILN_STEPS=str(steps),
+               KILN_GATEWAY_URL=gateway_url, KILN_GATEWAY_KEY=gateway_key or "")
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(spawn_rate),
                "-t", f"{duration_s}s", "--csv", str(prefix), "--html", str(out_dir / "report.html"), "--only-summary",
                "--stop-timeout", "30"]

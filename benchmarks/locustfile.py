@@ -1,7 +1,10 @@
 """Locust users for Kiln's txt2img endpoint, over gRPC and HTTP (tritonclient), reporting through
 Locust's request events. Run by `kiln loadtest`; settings come from the environment:
-KILN_HTTP_URL, KILN_GRPC_URL (host:port), KILN_PROTOCOLS (http,grpc), KILN_STEPS, KILN_PROMPT."""
+KILN_HTTP_URL, KILN_GRPC_URL (host:port), KILN_PROTOCOLS (http,grpc,gateway), KILN_STEPS, KILN_PROMPT;
+the gateway user posts A1111's txt2img to KILN_GATEWAY_URL (http://host:port) with KILN_GATEWAY_KEY."""
 
+import base64
+import json
 import os
 import random
 import time
@@ -60,3 +63,41 @@ class GrpcUser(_Txt2ImgUser):
 class HttpUser(_Txt2ImgUser):
     protocol = "http"
     weight = 1 if "http" in PROTOCOLS else 0
+
+
+class GatewayUser(User):
+    """A1111's txt2img through kiln gateway: a request fails unless it answers 200 with one PNG."""
+
+    weight = 1 if "gateway" in PROTOCOLS else 0
+    wait_time = constant(0)
+
+    def on_start(self):
+        from geventhttpclient import HTTPClient, URL
+
+        self.url = URL(os.environ.get("KILN_GATEWAY_URL", "http://127.0.0.1:7860") + "/sdapi/v1/txt2img")
+        self.http = HTTPClient.from_url(self.url, network_timeout=300, connection_timeout=30)
+        key = os.environ.get("KILN_GATEWAY_KEY")
+        self.headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+
+    def on_stop(self):
+        self.http.close()
+
+    @task
+    def txt2img(self):
+        start = time.perf_counter()
+        exception, length = None, 0
+        try:
+            body = json.dumps({"prompt": prompt(), "seed": random.randrange(2**31), "steps": STEPS})
+            response = self.http.post(self.url.request_uri, body=body, headers=self.headers)
+            data = response.read()
+            length = len(data)
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {data[:300]!r}")
+            images = json.loads(data)["images"]
+            if len(images) != 1 or not base64.b64decode(images[0]).startswith(b"\x89PNG"):
+                raise RuntimeError(f"expected one PNG, got {len(images)} images")
+        except Exception as e:  # noqa: BLE001 - every failure is reported to Locust
+            exception = e
+        events.request.fire(request_type="gateway", name="sdapi/v1/txt2img",
+                            response_time=(time.perf_counter() - start) * 1000, response_length=length,
+                            exception=exception, context={})

@@ -30,6 +30,7 @@ from kiln.cli_choices import (
     Protocol,
     Target,
     TinyFamily,
+    LOAD_USERS,
     Width,
     declared,
     protocol_list,
@@ -495,6 +496,10 @@ def stop(http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT, metrics_port: i
     """Stop the background server started with these ports."""
     from kiln.serving import server
 
+    from kiln.serving import front_process
+
+    for door in front_process.stop_fronting(http_port):
+        console.print(f"stopped the {door.kind} (pid {door.pid}) at {door.url}")
     result = server.stop(server.Ports(http=http_port, grpc=grpc_port, metrics=metrics_port))
     if result.was_running:
         console.print(f"stopped the server (pid {result.pid}) on HTTP port {http_port}")
@@ -503,6 +508,62 @@ def stop(http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT, metrics_port: i
 
 
 PUBLIC_MODEL = declared("kiln.clients.client", "PUBLIC_MODEL")
+GATEWAY_PORT, UI_PORT = 7860, 7861
+
+
+def _front_door(kind: str, url: Optional[str], host: str, port: int, background: bool, argv: list[str]) -> str:
+    """The Triton url a door fronts; with `background`, starts the door detached and returns ''."""
+    triton = url or URLS["http"]
+    if background:
+        from kiln.serving import front_process
+
+        door = front_process.start(kind, ["--url", triton, "--host", host, "--port", str(port), *argv], host, port, triton)
+        console.print(f"the {kind} is up at {door.url} (pid {door.pid}) in front of Triton at {triton}; log {door.log_file}")
+        console.print(f"it stops with its server: kiln stop --http-port {triton.rsplit(':', 1)[-1]}")
+        return ""
+    return triton
+
+
+@app.command()
+def gateway(
+    url: Optional[str] = typer.Option(None, "--url", help=f"the Triton server's HTTP host:port (default {URLS['http']})"),
+    host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 answers other machines too"),
+    port: int = typer.Option(GATEWAY_PORT, "--port"),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="clients must send 'Authorization: Bearer "
+                                                "KEY' with the key in this file (default: no key)"),
+    admin_key: Optional[str] = typer.Option(None, "--admin-key", help="lists every served model (default: the key kiln "
+                                            "serve kept for that port; without one only txt2img is offered)"),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="an endpoint to offer besides those listed, repeatable"),
+    background: bool = typer.Option(False, "--background", help="return once it answers; kiln stop stops it with its server"),
+):
+    """A1111's and OpenAI's image APIs (REST, FastAPI) in front of a running Kiln Triton server; /docs lists them."""
+    from kiln.serving.gateway import read_key, serve as run
+
+    key = read_key(api_key_file)  # a bad key file fails here, not in the background process
+    argv = [*(["--api-key-file", str(api_key_file)] if api_key_file else []), *(["--admin-key", admin_key] if admin_key else []),
+            *(a for m in model or [] for a in ("--model", m))]
+    triton = _front_door("gateway", url, host, port, background, argv)
+    if triton:
+        console.print(f"gateway for Triton at {triton}: http://{host}:{port} (API reference: /docs); Ctrl-C stops it")
+        run(triton, host, port, api_key=key, admin_key=admin_key or _local_admin_key(triton, Protocol.http),
+            models=tuple(model or ()))
+
+
+@app.command()
+def ui(
+    url: Optional[str] = typer.Option(None, "--url", help=f"the Triton server's HTTP host:port (default {URLS['http']})"),
+    host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 answers other machines too"),
+    port: int = typer.Option(UI_PORT, "--port"),
+    background: bool = typer.Option(False, "--background", help="return once it answers; kiln stop stops it with its server"),
+):
+    """A web page (Gradio) for drawing with the served models and looking at the images."""
+    from kiln.serving.ui import create_page
+
+    triton = _front_door("ui", url, host, port, background, [])
+    if triton:
+        console.print(f"page for Triton at {triton}: http://{host}:{port}; Ctrl-C stops it")
+        page = create_page(triton, admin_key=_local_admin_key(triton, Protocol.http))
+        page.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, show_error=True, quiet=True)
 
 
 def _pair_option(separator: str):
@@ -737,8 +798,12 @@ def loadtest(
     http_url: str = typer.Option(URLS["http"], "--http-url"),
     grpc_url: str = typer.Option(URLS["grpc"], "--grpc-url"),
     metrics_url: str = typer.Option(f"http://{declared('kiln.serving.server', 'HOST')}:{PORTS.metrics}/metrics", "--metrics-url"),
-    protocols: str = typer.Option(LOADTEST.protocols, "--protocols", metavar=f"<{'|'.join(Protocol.__members__)}>[,...]",
-                                  parser=protocol_list, help="which Locust users, comma-separated"),
+    gateway_url: str = typer.Option(f"http://127.0.0.1:{GATEWAY_PORT}", "--gateway-url",
+                                    help="kiln gateway's address, for the gateway user"),
+    gateway_key_file: Optional[Path] = typer.Option(None, "--gateway-key-file", help="the gateway's API key, if it has one"),
+    protocols: str = typer.Option(LOADTEST.protocols, "--protocols", metavar=f"<{'|'.join(LOAD_USERS)}>[,...]",
+                                  parser=protocol_list, help="which Locust users, comma-separated (gateway: A1111's "
+                                  "txt2img through kiln gateway)"),
     steps: int = typer.Option(LOADTEST.steps, "--steps"),
     slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms"),
     min_rps: Optional[float] = typer.Option(None, "--min-rps"),
@@ -747,8 +812,11 @@ def loadtest(
     """Locust, headless, against a running server; exits 1 when a request fails or a level is missed."""
     from kiln.benchmarks.loadtest import run, to_markdown
 
+    from kiln.serving.gateway import read_key
+
     report = run(http_url, grpc_url, metrics_url, out, users=users, spawn_rate=spawn_rate, duration_s=duration,
-                 protocols=protocols, steps=steps, slo_p95_ms=slo_p95_ms, min_rps=min_rps)
+                 protocols=protocols, steps=steps, slo_p95_ms=slo_p95_ms, min_rps=min_rps, gateway_url=gateway_url,
+                 gateway_key=read_key(gateway_key_file))
     typer.echo(to_markdown(report))
     console.print(f"CSV, HTML and JSON in {out}")
     raise typer.Exit(1 if report.violations else 0)

@@ -104,11 +104,14 @@ def scheduler_name(name: str) -> str:
         raise typer.BadParameter(str(e)) from None
 
 
+LOAD_USERS = (*Protocol.__members__, "gateway")  # Triton's protocols, and the gateway's A1111 door
+
+
 def protocol_list(value: str) -> str:
-    """A comma-separated subset of the protocols, e.g. http,grpc."""
+    """A comma-separated subset of the load test's users, e.g. http,grpc."""
     chosen = [p.strip() for p in value.split(",") if p.strip()]
-    if not chosen or any(p not in Protocol.__members__ for p in chosen):
-        raise typer.BadParameter(f"{value!r}: expected {' or '.join(Protocol.__members__)}, or several comma-separated")
+    if not chosen or any(p not in LOAD_USERS for p in chosen):
+        raise typer.BadParameter(f"{value!r}: expected {', '.join(LOAD_USERS)}, or several comma-separated")
     return ",".join(chosen)
 
 

@@ -29,6 +29,36 @@ class GatewayError(KilnError):
     """The gateway cannot start (a missing key file, no FastAPI installed)."""
 
 
+class BodyTooLarge(Exception):
+    """A body (chunked, so its length was not announced) grew past MAX_BODY_BYTES while being read."""
+
+
+class BodyLimit:
+    """ASGI middleware: a body announced or streamed beyond `limit` bytes is refused with a 413
+    before it is held in memory (an announced one before any of it is read)."""
+
+    def __init__(self, app, limit: int, refuse):
+        self.app, self.limit, self.refuse = app, limit, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if length and (not length.isdigit() or int(length) > self.limit):
+            return await self.refuse(scope, send, f"the body ({length} bytes) is over {self.limit} bytes")
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge(f"the body is over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 class Catalog:
     """The txt2img endpoints a Triton server serves, with each one's defaults and limits, read from
     its model configs (public); the repository index (an admin API) lists them when the admin key is
@@ -116,11 +146,15 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
         return JSONResponse({"detail": [{"loc": ["body", *field.split(".")] if field else ["body"], "msg": message,
                                          "type": code or "value_error"}]}, status_code=status, headers=headers)
 
+    async def too_large(scope, send, message: str):
+        from starlette.requests import Request as Plain
+
+        await refuse(Plain(scope), 413, "", message, "body_too_large")(scope, None, send)
+
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, refuse=too_large)
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return refuse(request, 413, "", f"the body ({length} bytes) is over {MAX_BODY_BYTES} bytes", "body_too_large")
         if api_key and request.url.path not in OPEN_PATHS:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
@@ -152,6 +186,13 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
+        if isinstance(exc.__cause__, BodyTooLarge):
+            return refuse(request, 413, "", str(exc.__cause__), "body_too_large")
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's words for
+            from kiln.serving.guard import json_depth  # a body Python's json cannot read (RecursionError)
+
+            depth = json_depth(await request.body())
+            return refuse(request, 422, "", f"the body could not be read as JSON: it nests {depth} levels deep", "json_invalid")
         return refuse(request, exc.status_code, "", str(exc.detail), None)
 
     @app.exception_handler(Exception)
@@ -250,6 +291,8 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
 
         try:
             form = await request.form(max_files=2, max_fields=32)
+        except BodyTooLarge as exc:
+            raise doors.DoorError("", str(exc), 413) from None
         except Exception as exc:  # noqa: BLE001 - not a form, or a malformed one
             raise doors.DoorError("", f"the body is not a multipart form ({exc}): send image and prompt as "
                                   "multipart/form-data") from None
