@@ -103,9 +103,10 @@ parity: model ## report served-vs-diffusers and ONNX-vs-PyTorch differences for 
 eval: $(STAMP) ## measure the glyph demo's untrained, base and merged models through Triton, against the quality bars
 	$(KILN) eval --demo --artifacts $(ARTIFACTS) --out $(ARTIFACTS)/eval
 
-loadtest: $(STAMP) ## Locust against the running server (USERS, DURATION seconds)
+loadtest: $(STAMP) ## Locust against the running server (USERS, DURATION seconds; GATEWAY=1 adds a gateway user)
 	$(KILN) loadtest --users $(USERS) --spawn-rate $(USERS) --duration $(DURATION) --http-url 127.0.0.1:$(HTTP_PORT) \
-		--grpc-url 127.0.0.1:$(GRPC_PORT) --metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics --out $(ARTIFACTS)/loadtest
+		--grpc-url 127.0.0.1:$(GRPC_PORT) --metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics --out $(ARTIFACTS)/loadtest \
+		$(if $(GATEWAY),--protocols http,grpc,gateway --gateway-url http://127.0.0.1:$(GATEWAY_PORT))
 
 gpu-setup: $(STAMP) ## on a CUDA host: install the `gpu` extra (TensorRT, ONNX Runtime's CUDA build in place of the CPU one)
 	$(VENV)/bin/pip uninstall --quiet -y onnxruntime

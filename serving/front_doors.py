@@ -74,8 +74,6 @@ class Call:
 
 def decode_image(text: str, field: str) -> bytes:
     """A base64 image (optionally a data: URL) -> its bytes, checked to be a PNG, JPEG or WebP file."""
-    from PIL import Image
-
     if not isinstance(text, str) or not text:
         raise DoorError(field, f"{field} is empty: expected a base64-encoded PNG or JPEG")
     try:

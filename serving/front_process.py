@@ -54,7 +54,7 @@ def start(kind: str, argv: list[str], host: str, port: int, triton: str) -> Door
     previous = read(kind, port)
     if previous is not None and _alive(previous.pid):
         raise ServeError(f"a Kiln {kind} already runs on port {port} (pid {previous.pid})",
-                         hint=f"kiln stop stops it with its server, or pick another --port")
+                         hint="kiln stop stops it with its server, or pick another --port")
     log_file = kiln_home() / "run" / f"{kind}-{port}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:

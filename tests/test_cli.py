@@ -97,7 +97,9 @@ def test_the_kiln_command_prints_a_usage_error_without_a_traceback():
 def test_a_scheduler_is_any_name_the_server_accepts():
     assert scheduler_name("EULER_A") == "euler_a"
     assert scheduler_name("EulerDiscreteScheduler") == "euler"  # a diffusers class Kiln has a short name for
-    assert scheduler_name("lmsdiscretescheduler") == "LMSDiscreteScheduler"
+    assert scheduler_name("lmsdiscretescheduler") == "lms"
+    assert scheduler_name("DPM++ 2M Karras") == "dpmpp_2m_karras"  # A1111's menu name
+    assert scheduler_name("DEISMultistepScheduler") == "DEISMultistepScheduler"  # a class without a short name
     with pytest.raises(typer.BadParameter, match="'warp'"):
         scheduler_name("warp")
 
