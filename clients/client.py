@@ -14,6 +14,7 @@ from kiln.pipeline.request import NUMPY_DTYPES, TXT2IMG_INPUTS, TXT2IMG_OUTPUTS
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 PUBLIC_MODEL = "txt2img"
+WIRE_RANGES = {"INT32": (-2**31, 2**31 - 1), "INT64": (-2**63, 2**63 - 1)}  # numpy would wrap anything outside
 
 
 @dataclass
@@ -69,9 +70,9 @@ class KilnClient:
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as e:
-            rejected = str(e.status() or "") in ("400", "StatusCode.INVALID_ARGUMENT")
+            status = str(e.status() or "")
             raise ClientError(f"{what} failed at {self.protocol}://{self.url}: {e.message()}", detail=e.message(),
-                              rejected=rejected) from None
+                              rejected=status in ("400", "StatusCode.INVALID_ARGUMENT"), status=status) from None
         except TimeoutError as e:  # the server answered too slowly: it is reachable, so do not say otherwise
             raise ClientError(f"{what} at {self.protocol}://{self.url}: timed out ({e or 'no answer in time'})",
                               hint="raise the client's timeout_s, or ask for fewer steps, images or pixels") from None
@@ -92,6 +93,13 @@ class KilnClient:
             if value is None:
                 continue
             field = known[name]
+            if field.datatype in WIRE_RANGES and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                                  or not WIRE_RANGES[field.datatype][0] <= value <= WIRE_RANGES[field.datatype][1]):
+                low, high = WIRE_RANGES[field.datatype]
+                raise ClientError(f"{name}={value!r} cannot be sent: expected an integer in [{low}, {high}] "
+                                  f"({field.datatype} on the wire; the server states its own narrower range)")
+            if field.datatype == "FP32" and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))):
+                raise ClientError(f"{name}={value!r} cannot be sent: expected a number")
             if field.datatype == "BYTES":
                 array = np.array([value if isinstance(value, bytes) else str(value).encode("utf-8")], dtype=np.object_)
             else:
@@ -147,7 +155,7 @@ class KilnClient:
         except ClientError as exc:
             if "unknown model" not in str(exc):
                 raise
-            raise ClientError(str(exc), detail=exc.detail, hint=f"this server has no model {self.model!r}: a repository serving several "
+            raise ClientError(str(exc), detail=exc.detail, status=exc.status, hint=f"this server has no model {self.model!r}: a repository serving several "
                               "models names each endpoint after its model; pass model=NAME (kiln generate --model NAME; "
                               "kiln models lists them)") from None
         seconds = time.perf_counter() - start

@@ -62,10 +62,11 @@ class GenerationError(KilnError):
 class ClientError(KilnError):
     """The server could not be reached or answered with an error. `detail`: the server's own message;
     `rejected`: the server refused the request as invalid (HTTP 400, gRPC INVALID_ARGUMENT);
-    `unreachable`: no server answered."""
+    `unreachable`: no server answered; `status`: the server's status code as its protocol names it
+    ("503", "StatusCode.UNAVAILABLE")."""
 
     def __init__(self, message: str, hint: str | None = None, detail: str | None = None, rejected: bool = False,
-                 unreachable: bool = False):
+                 unreachable: bool = False, status: str = ""):
         super().__init__(message, hint)
         self.detail = detail if detail is not None else message
-        self.rejected, self.unreachable = rejected, unreachable
+        self.rejected, self.unreachable, self.status = rejected, unreachable, status

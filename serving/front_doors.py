@@ -25,6 +25,7 @@ from kiln.pipeline.schedulers import A1111_SAMPLERS, COMFYUI_SAMPLERS, canonical
 
 INT32 = 2**31 - 1  # the wire type of steps, sizes and counts: larger numbers cannot reach Triton
 MAX_TEXT = 100_000  # characters: a bound on what a door holds; the served model's own limit is Triton's to name
+MAX_IMAGE_TEXT = 12 << 20  # base64 characters: an 8 MiB image (Triton's bound) is 11.2 M
 MAX_COUNT = 100  # batch_size, n_iter, n: the served model's own limit (max_images) is Triton's to name
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
@@ -34,6 +35,7 @@ Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 Positive = Annotated[int, Field(ge=1, le=INT32)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
+ImageText = Annotated[str, Field(max_length=MAX_IMAGE_TEXT)]
 Seed = Annotated[int, Field(ge=RANDOM_SEED, le=MAX_SEED)]
 
 
@@ -44,6 +46,7 @@ class DoorError(Exception):
     def __init__(self, field: str, message: str, status: int = 422):
         super().__init__(message)
         self.field, self.message, self.status = field, message, status
+        self.retry_after_s = 0  # a 503's Retry-After
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def decode_image(text: str, field: str) -> bytes:
     if not isinstance(text, str) or not text:
         raise DoorError(field, f"{field} is empty: expected a base64-encoded PNG or JPEG")
     try:
-        data = base64.b64decode(_DATA_URL.sub("", text.strip()), validate=True)
+        data = base64.b64decode(re.sub(r"\s+", "", _DATA_URL.sub("", text.strip())), validate=True)  # line-wrapped too
     except (binascii.Error, ValueError):
         raise DoorError(field, f"{field} is not valid base64: expected a base64-encoded PNG or JPEG "
                         "(optionally a data:image/png;base64, URL)") from None
@@ -111,7 +114,7 @@ def encode_png(image: np.ndarray, parameters: str | None = None) -> str:
 
 def _model(name: str | None, served: dict[str, Served], default: str, field: str) -> Served:
     if not served:
-        raise DoorError(field, "the Triton server serves no txt2img model right now", status=503)
+        raise DoorError("", "the Triton server serves no txt2img model right now", status=503)
     if name is None or name == "":
         return served.get(default) or served[sorted(served)[0]]
     chosen = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", name.strip())  # A1111's titles end with " [hash]"
@@ -121,19 +124,21 @@ def _model(name: str | None, served: dict[str, Served], default: str, field: str
 
 
 def from_kiln(exc: RequestError | str, names: dict[str, str]) -> DoorError:
-    """A Kiln request error (raised here, or Triton's answer text) as the door names its fields."""
+    """A Kiln request error (raised here, or Triton's answer text) as the door names its fields:
+    `names` maps Kiln's field to the door's, optionally with how the door's value is written
+    ("batch_size:batch_size x n_iter")."""
     text = str(exc)
     match = _KILN_ERROR.search(text)
     if match is None:
         return DoorError("", text)
     kiln_field, value, allowed = match.groups()
-    door_field = names.get(kiln_field, kiln_field)
-    return DoorError(door_field, f"{door_field}={value} is invalid: expected {allowed}")
+    door_field, _, label = names.get(kiln_field, kiln_field).partition(":")
+    return DoorError(door_field, f"{label or door_field}={value} is invalid: expected {allowed}")
 
 
 # --- A1111 ----------------------------------------------------------------------------------------
 
-A1111_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size", "scheduler": "sampler_name",
+A1111_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size:batch_size x n_iter", "scheduler": "sampler_name",
                 "init_image": "init_images", "strength": "denoising_strength"}
 A1111_SETTINGS = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"}
 
@@ -174,7 +179,7 @@ class A1111Txt2Img(BaseModel):
 class A1111Img2Img(A1111Txt2Img):
     """POST /sdapi/v1/img2img: the first of `init_images` (base64) redrawn from `denoising_strength`."""
 
-    init_images: list[Text] = Field(..., min_length=1, max_length=1)
+    init_images: list[ImageText] = Field(..., min_length=1, max_length=1)
     denoising_strength: Finite = 0.75
     mask: str | None = None
     resize_mode: int = 0
@@ -211,7 +216,7 @@ def _refuse_unsupported(req: A1111Txt2Img) -> None:
         raise DoorError("override_settings.sd_vae", f"sd_vae={vae!r}: each served model draws with its own VAE; "
                         "expected Automatic")
     clip_skip = req.override_settings.get("CLIP_stop_at_last_layers", 1)
-    if clip_skip != 1:
+    if clip_skip != 1 or isinstance(clip_skip, bool):
         raise DoorError("override_settings.CLIP_stop_at_last_layers", f"CLIP_stop_at_last_layers={clip_skip!r}: "
                         "each served model's text encoder layer is fixed by its family; expected 1")
 
@@ -246,7 +251,7 @@ def a1111_call(req: A1111Txt2Img, served: dict[str, Served], default: str) -> Ca
 
 def sampler_label(name: str | None) -> str:
     """A canonical scheduler name as A1111 shows it (its menu name where it has one)."""
-    if not name:
+    if not name or name == "default":
         return "Default"
     for label, short in A1111_SAMPLERS.items():
         if short == name:

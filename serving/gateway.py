@@ -69,6 +69,7 @@ class Catalog:
         self._lock = threading.Lock()
         self._served: dict[str, doors.Served] = {}
         self._read_at = -CATALOG_TTL_S
+        self.error = ""  # why the last read failed
 
     def served(self) -> dict[str, doors.Served]:
         with self._lock:
@@ -76,8 +77,10 @@ class Catalog:
                 try:
                     self._served = self._read()
                     self._read_at = time.monotonic()
+                    self.error = ""
                 except Exception as exc:  # noqa: BLE001 - Triton away: answer with what was known, try again next time
-                    log.warning("cannot list the served models at %s: %s", self.url, exc)
+                    self.error = f"cannot reach the Triton server at {self.url} ({type(exc).__name__}: {exc})"
+                    log.warning("%s", self.error)
             return dict(self._served)
 
     def _read(self) -> dict[str, doors.Served]:
@@ -134,17 +137,29 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
 
     catalog = Catalog(url, admin_key, models)
     state = {"default": PUBLIC_MODEL}
-    app = FastAPI(title="Kiln gateway", version="1", summary="A1111's and OpenAI's image APIs in front of Kiln's "
-                  f"Triton server at {url}")
+    from fastapi import Depends
+    from fastapi.security import HTTPBearer
+
+    # the key is checked by the middleware below; declaring the scheme gives /docs its Authorize button
+    security = [Depends(HTTPBearer(auto_error=False, description="the key in kiln gateway's --api-key-file"))] if api_key else []
+    app = FastAPI(title="Kiln gateway", version="1", dependencies=security,
+                  summary=f"A1111's and OpenAI's image APIs in front of Kiln's Triton server at {url}")
 
     def is_openai(request) -> bool:
         return request.url.path.startswith("/v1/")
 
-    def refuse(request, status: int, field: str, message: str, code: str | None = None, headers=None):
+    def refuse(request, status: int, field: str, message: str, code: str | None = None, headers=None, where: str = "body"):
         if is_openai(request):
-            return JSONResponse(doors.openai_error(message, field, code), status_code=status, headers=headers)
-        return JSONResponse({"detail": [{"loc": ["body", *field.split(".")] if field else ["body"], "msg": message,
+            kind = "server_error" if status >= 500 else "invalid_request_error"
+            return JSONResponse(doors.openai_error(message, field, code, kind), status_code=status, headers=headers)
+        return JSONResponse({"detail": [{"loc": [where, *field.split(".")] if field else [where], "msg": message,
                                          "type": code or "value_error"}]}, status_code=status, headers=headers)
+
+    def catalog_served() -> dict:
+        served = catalog.served()
+        if not served:
+            raise doors.DoorError("", f"no txt2img model is served at {url}: {catalog.error or 'the server lists none'}", 503)
+        return served
 
     async def too_large(scope, send, message: str):
         from starlette.requests import Request as Plain
@@ -159,12 +174,15 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
                 return refuse(request, 401, "authorization", "a valid API key is needed: send the header "
-                              "'Authorization: Bearer KEY'", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+                              "'Authorization: Bearer KEY'", "invalid_api_key", {"WWW-Authenticate": "Bearer"}, "header")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         def described(error: dict) -> tuple[str, str]:
+            if error.get("type") == "json_invalid":  # its loc is the character where parsing stopped
+                at = [p for p in error.get("loc", ()) if isinstance(p, int)]
+                return "", f"the body is not valid JSON ({error.get('msg')}{f' at character {at[0]}' if at else ''})"
             place = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
             if error.get("type") == "model_attributes_type" and not place:
                 return place, ("the body must be a JSON object, sent with 'Content-Type: application/json' "
@@ -181,8 +199,9 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
 
     @app.exception_handler(doors.DoorError)
     async def door_error(request, exc: doors.DoorError):
-        code = "model_not_found" if exc.status == 404 else "invalid_value"
-        return refuse(request, exc.status, exc.field, exc.message, code)
+        code = {404: "model_not_found", 413: "body_too_large", 503: "service_unavailable"}.get(exc.status, "invalid_value")
+        retry = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return refuse(request, exc.status, exc.field, exc.message, code, retry)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -191,8 +210,11 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's words for
             from kiln.serving.guard import json_depth  # a body Python's json cannot read (RecursionError)
 
-            depth = json_depth(await request.body())
-            return refuse(request, 422, "", f"the body could not be read as JSON: it nests {depth} levels deep", "json_invalid")
+            body = await request.body()
+            depth = json_depth(body)
+            why = (f"it nests {depth} levels deep" if depth > 100 else
+                   "it is not UTF-8 JSON text (compressed bodies are not accepted)")
+            return refuse(request, 422, "", f"the body could not be read as JSON: {why}", "json_invalid")
         return refuse(request, exc.status_code, "", str(exc.detail), None)
 
     @app.exception_handler(Exception)
@@ -207,8 +229,13 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
         except ClientError as exc:
             if exc.rejected:
                 raise doors.from_kiln(exc.detail, names) from None
-            status = 503 if exc.unreachable else 502
-            raise doors.DoorError("", f"the Triton server at {url} could not draw this: {exc.detail}", status) from None
+            if exc.unreachable or exc.status in ("503", "429", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"):
+                busy = "queue" in exc.detail.lower()  # the pipeline's queue is full; otherwise away or restarting
+                error = doors.DoorError("", f"the Triton server at {url} is {'busy' if busy else 'unavailable'}: "
+                                        f"{exc.detail}; try again shortly", 503)
+                error.retry_after_s = 1 if busy else 5
+                raise error from None
+            raise doors.DoorError("", f"the Triton server at {url} could not draw this: {exc.detail}", 502) from None
 
     # --- service --------------------------------------------------------------------------------
 
@@ -251,13 +278,13 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
             raise doors.DoorError(unknown[0], f"options {unknown} cannot be set here: expected only sd_model_checkpoint")
         if "sd_model_checkpoint" in options:
             value = options["sd_model_checkpoint"]
-            chosen = doors._model(value if isinstance(value, str) else repr(value), catalog.served(), state["default"],
+            chosen = doors._model(value if isinstance(value, str) else repr(value), catalog_served(), state["default"],
                                   "sd_model_checkpoint")
             state["default"] = chosen.name
         return None
 
     def a1111(req: doors.A1111Txt2Img):
-        served = catalog.served()
+        served = catalog_served()
         call = doors.a1111_call(req, served, state["default"])
         result = generate(call, doors.A1111_FIELDS)
         return doors.a1111_answer(req, call, served[call.model], result.images, result.seeds)
@@ -279,11 +306,16 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
 
     @app.post("/v1/images/generations", tags=["OpenAI"])
     def generations(req: doors.OpenAIGeneration):
-        call = doors.openai_call(req, catalog.served(), state["default"])
+        call = doors.openai_call(req, catalog_served(), state["default"])
         result = generate(call, doors.OPENAI_FIELDS)
         return doors.openai_answer(result.images, result.seeds, int(time.time()))
 
-    @app.post("/v1/images/edits", tags=["OpenAI"])
+    edit_form = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image", "prompt"],
+        "properties": {"image": {"type": "string", "format": "binary"},
+                       **{k: v for k, v in doors.OpenAIEdit.model_json_schema()["properties"].items()}}}}}}}
+
+    @app.post("/v1/images/edits", tags=["OpenAI"], openapi_extra=edit_form)
     async def edits(request: Request):
         """multipart/form-data: image (a file), prompt, and the fields of /v1/images/generations, plus strength."""
         from pydantic import ValidationError
@@ -310,7 +342,7 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
             req = doors.OpenAIEdit.model_validate(fields)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
-        call = doors.openai_call(req, catalog.served(), state["default"], image=data)
+        call = doors.openai_call(req, catalog_served(), state["default"], image=data)
         result = await run_in_threadpool(generate, call, doors.OPENAI_FIELDS)
         return doors.openai_answer(result.images, result.seeds, int(time.time()))
 

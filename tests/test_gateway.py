@@ -109,6 +109,13 @@ def test_a1111_txt2img_and_img2img_return_tritons_images(gateway):
     assert np.array_equal(pngs(answer["images"]), redrawn.images)
     assert np.abs(pngs(answer["images"]).astype(int) - expected.images[:1]).max() > 10  # it did redraw
 
+    # a realistic init image (a 256x256 photo-like PNG is hundreds of KB of base64), line-wrapped as some clients send it
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    wrapped = base64.encodebytes(png_bytes(noise)).decode()
+    assert len(wrapped) > 200_000 and "\n" in wrapped
+    status, answer = call(url, "/sdapi/v1/img2img", {"prompt": "a", "init_images": [wrapped], "seed": 1, "steps": 2})
+    assert status == 200 and pngs(answer["images"]).shape == (1, 256, 256, 3), answer
+
 
 def test_openai_generations_and_edits_return_tritons_images(gateway):
     url, info = gateway
@@ -149,7 +156,7 @@ def test_lists_health_key_and_options(gateway):
         assert b"swagger" in page.read().lower()
     # the key: missing or wrong is a 401 in each door's shape; /health and /docs need none
     status, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "a"}, key=None)
-    assert status == 401 and answer["detail"][0]["loc"] == ["body", "authorization"]
+    assert status == 401 and answer["detail"][0]["loc"] == ["header", "authorization"]
     status, answer = call(url, "/v1/images/generations", {"prompt": "a"}, key="wrong-key-wrong-key-wrong")
     assert status == 401 and answer["error"]["code"] == "invalid_api_key"
 
@@ -160,7 +167,10 @@ BAD = [
     ("/sdapi/v1/txt2img", {"prompt": "a", "cfg_scale": 1e9}, 422, "cfg_scale"),
     ("/sdapi/v1/txt2img", {"prompt": "a", "width": 65}, 422, "width"),
     ("/sdapi/v1/txt2img", {"prompt": "a", "seed": 2**80}, 422, "seed"),
-    ("/sdapi/v1/txt2img", {"prompt": "a", "batch_size": 3, "n_iter": 3}, 422, "batch_size"),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "batch_size": 3, "n_iter": 3}, 422, "batch_size x n_iter=9"),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "override_settings": {"CLIP_stop_at_last_layers": True}}, 422,
+     "CLIP_stop_at_last_layers"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "\xff\xfe"}', 422, "not UTF-8"),
     ("/sdapi/v1/txt2img", {"prompt": "a", "sampler_name": "DPM fast"}, 422, "sampler_name"),
     ("/sdapi/v1/txt2img", {"prompt": "a", "sampler_name": "Euler a", "scheduler": "Karras"}, 422, "scheduler"),
     ("/sdapi/v1/txt2img", {"prompt": "a [cat:dog:0.5]"}, 422, "prompt"),
@@ -170,7 +180,7 @@ BAD = [
     ("/sdapi/v1/txt2img", {"prompt": "a", "override_settings": {"CLIP_stop_at_last_layers": 2}}, 422,
      "CLIP_stop_at_last_layers"),
     ("/sdapi/v1/txt2img", b'{"prompt": "a", "cfg_scale": NaN}', 422, "cfg_scale"),
-    ("/sdapi/v1/txt2img", b'{"prompt": "a"', 422, "body"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "a"', 422, "not valid JSON"),
     ("/sdapi/v1/txt2img", b'[1, 2]', 422, "body"),
     ("/sdapi/v1/txt2img", b'{"prompt": ' + b"[" * 100_000 + b'"a"' + b"]" * 100_000 + b"}", 422, "nests 100001 levels"),
     ("/sdapi/v1/img2img", {"prompt": "a", "init_images": ["not base64!"]}, 422, "init_images"),
@@ -230,7 +240,7 @@ def test_a_body_over_the_bound_is_413_and_the_gateway_stays_up(gateway):
         response = connection.getresponse()
         text = response.read().decode()
         connection.close()
-        assert response.status == 413 and str(MAX_BODY_BYTES) in text, (path, text)
+        assert response.status == 413 and str(MAX_BODY_BYTES) in text and "body_too_large" in text, (path, text)
     assert call(url, "/health", key=None)[0] == 200
 
 
@@ -265,3 +275,31 @@ def test_fuzz_never_answers_5xx_and_leaves_both_servers_up(gateway):
     assert call(url, "/health", key=None)[0] == 200
     with KilnClient(info.http_url) as client:
         assert client.generate("a red digit 1", seed=1, steps=1).images.shape[0] == 1
+
+
+def test_triton_away_is_a_503_with_retry_after_not_a_blame_on_a_field():
+    """A gateway whose Triton is not there answers 503 with Retry-After-worthy words, in each door's shape."""
+    from fastapi.testclient import TestClient
+
+    from kiln.serving.gateway import create_app
+
+    away = f"127.0.0.1:{server.free_port()}"
+    with TestClient(create_app(away)) as client:
+        for path, body in (("/sdapi/v1/txt2img", {"prompt": "a"}), ("/v1/images/generations", {"prompt": "a"})):
+            response = client.post(path, json=body)
+            assert response.status_code == 503, response.text
+            text = response.text
+            assert "cannot reach the Triton server" in text and "sd_model_checkpoint" not in text, text
+        assert client.get("/health").status_code == 503
+
+
+def test_the_client_refuses_numbers_the_wire_would_wrap():
+    """numpy would wrap 2**32 + 2 steps to 2 and draw: the client refuses it, naming the field."""
+    from kiln.errors import ClientError
+
+    client = KilnClient("127.0.0.1:1")  # nothing is sent
+    for field, value in (("steps", 2**32 + 2), ("width", 2**32 + 64), ("num_images", -2**31 - 1), ("seed", 2**64),
+                         ("steps", True), ("guidance_scale", "7")):
+        with pytest.raises(ClientError, match=field):
+            client.request_inputs(**{field: value})
+    assert len(client.request_inputs(steps=2**31 - 1, seed=2**63 - 1)) == 2

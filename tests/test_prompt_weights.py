@@ -45,7 +45,7 @@ def test_parse(prompt, expected):
 
 
 @pytest.mark.parametrize("prompt", ["a [cat:dog:0.5] sat", "[cat:dog:10]", "[cat:0.3]", "[cat::0.3]", "[cat|dog]",
-                                    "[[a|b]]", "((x)) [cat (y) : dog: 3]"])
+                                    "[[a|b]]", "((x)) [cat (y) : dog: 3]", "[time:12:30]", "[x [y] | z]"])
 def test_prompt_editing_and_alternation_are_refused_not_read_as_text(prompt):
     """A1111's [from:to:when] and [a|b] change the embedding during the loop; this server draws one
     embedding, so they are refused by name instead of being drawn as the words 'cat:dog:0.5'."""

@@ -25,7 +25,7 @@ MEAN_FLOOR = 1e-3  # relative size below which an embedding mean counts as zero
 _TOKENS = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+(?:[eE][+-]?\d+)?)\s*\)|\)|\]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\bBREAK\b")  # not \s*BREAK\s*: that is quadratic on a long run of spaces
 EDITING = ("no prompt editing [from:to:when] or alternation [a|b]: this server draws one embedding for every step. "
-           "Write \\[ \\] for literal brackets, or leave : and | out of [ ]")
+           "Write \\[ \\] for literal brackets")
 WEIGHT_SYNTAX = f"weights as (word:1.2) with a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]"
 
 
@@ -55,23 +55,47 @@ def _weight_number(text: str, field: str) -> float:
     return value
 
 
-def _close(kinds: list[str], kind: str) -> None:
-    """Drop the innermost open bracket of `kind` (brackets of the other kind may stay open inside it)."""
-    for i in range(len(kinds) - 1, -1, -1):
-        if kinds[i] == kind:
-            del kinds[i]
-            return
+_ESCAPED = re.compile(r"\\.")
+_NUMBER_TAIL = set("0123456789.+- \t")
+
+
+def refuse_editing(prompt: str, field: str) -> None:
+    """Raise RequestError for A1111's prompt editing or alternation anywhere in `prompt`, nested too:
+    a closed [...] whose text ends in :NUMBER ([from:to:when], [to:when], [from::when]) or holds a |
+    at its own level. Other colons in square brackets ([url:x]) and unclosed brackets stay text, as
+    A1111 reads them. One pass: each ] looks back only over the number it may end with."""
+    text = _ESCAPED.sub("__", prompt)
+    open_groups: list[list] = []  # [kind, start, holds a |]: round groups too, a | inside them is theirs
+    for i, char in enumerate(text):
+        if char in "[(":
+            open_groups.append([char, i, False])
+        elif char == "|" and open_groups:
+            open_groups[-1][2] = True
+        elif char == ")" and open_groups and open_groups[-1][0] == "(":
+            open_groups.pop()
+        elif char == "]" and open_groups and open_groups[-1][0] == "[":
+            _, start, piped = open_groups.pop()
+            j = i - 1
+            while j > start and text[j] in _NUMBER_TAIL:
+                j -= 1
+            tail = text[j + 1:i].strip()
+            scheduled = j > start and text[j] == ":" and any(c.isdigit() for c in tail) and _SCHEDULED.fullmatch(tail)
+            if piped or scheduled:
+                raise RequestError(field, prompt[max(0, start - 20):i + 21], EDITING)
+
+
+_SCHEDULED = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 
 
 def parse(prompt: str, field: str = "prompt") -> list[Fragment]:
     """Text -> weighted fragments, adjacent fragments of equal weight merged. Raises RequestError
     (naming `field`) for a weight that is not a number or lies outside [-MAX_WEIGHT, MAX_WEIGHT],
     nesting included."""
+    refuse_editing(prompt, field)
     items: list[tuple[str, _Bracket | None, _Bracket | None]] = []
     brackets: list[_Bracket] = []  # in opening order: a parent always precedes its children
     open_round: _Bracket | None = None
     open_square: _Bracket | None = None
-    kinds: list[str] = []  # the open brackets' kinds, innermost last: ':' or '|' right inside [ ] is A1111's editing
 
     def opened(parent: _Bracket | None, factor: float) -> _Bracket:
         brackets.append(_Bracket(parent, factor))
@@ -83,24 +107,17 @@ def parse(prompt: str, field: str = "prompt") -> list[Fragment]:
             items.append((token[1], open_round, open_square))
         elif token == "(":
             open_round = opened(open_round, UP)  # unclosed brackets still apply to the rest
-            kinds.append("(")
         elif token == "[":
             open_square = opened(open_square, DOWN)
-            kinds.append("[")
-        elif kinds and kinds[-1] == "[" and (token == ":" or "|" in token):
-            raise RequestError(field, prompt[max(0, match.start() - 30):match.end() + 30], EDITING)
         elif number is not None and open_round is not None:
             open_round.factor = _weight_number(number, field)
             open_round = open_round.parent
-            _close(kinds, "(")
         elif number is not None:  # "(...:1.5)" without an opening bracket: literal text
             items.append((token, open_round, open_square))
         elif token == ")" and open_round is not None:
             open_round = open_round.parent
-            _close(kinds, "(")
         elif token == "]" and open_square is not None:
             open_square = open_square.parent
-            _close(kinds, "[")
         else:
             parts = _BREAK.split(token)
             for i, part in enumerate(parts):

@@ -74,13 +74,14 @@ A1111_SCHEDULES = {"automatic": "", "karras": "_karras"}  # A1111 >= 1.9 names t
 
 def _key(name: str) -> str:
     """A name as the tables key it: lower case, runs of spaces or hyphens as _, ++ as pp, no k_ prefix
-    (A1111's aliases k_euler_a, k_dpmpp_2m, ...)."""
+    and _ka as _karras (A1111's aliases k_euler_a, k_dpmpp_2m_ka, ...)."""
     key = re.sub(r"[\s-]+", "_", name.strip().lower()).replace("++", "pp")
-    return key[2:] if key.startswith("k_") else key
+    key = key[2:] if key.startswith("k_") else key
+    return key[:-3] + "_karras" if key.endswith("_ka") else key
 
 
 _ALIASES = {_key(k): v for table in (COMFYUI_SAMPLERS, A1111_SAMPLERS) for k, v in table.items()}
-_ALIASES.update({"euler_ancestral_karras": "euler_a_karras", "plms": "pndm"})
+_ALIASES.update({"plms": "pndm", "dpm_2_a": "dpm2_a"})
 _UNSUPPORTED = {_key(k): v for k, v in UNSUPPORTED.items()}
 
 
