@@ -35,8 +35,6 @@ class BaseSpec:
     batch_size: int = 64
     text_hidden_size: int = 64
     seed: int = 0
-    attention_at_full_resolution: bool = False  # cross-attention in the 8x8 latent blocks too, not only at 4x4
-    cache_latents: bool = False  # the UNet stage encodes each image once (its VAE posterior is kept)
 
 
 def untrained_pipeline(spec: BaseSpec):
@@ -47,11 +45,10 @@ def untrained_pipeline(spec: BaseSpec):
     vae = AutoencoderKL(block_out_channels=(16, 32, 32), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=16, sample_size=spec.resolution)
-    full = spec.attention_at_full_resolution
     unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=spec.resolution // 4,
                                 in_channels=4, out_channels=4, cross_attention_dim=spec.text_hidden_size,
-                                down_block_types=("CrossAttnDownBlock2D" if full else "DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D" if full else "UpBlock2D"),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                 attention_head_dim=8, norm_num_groups=16)
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=spec.text_hidden_size, intermediate_size=4 * spec.text_hidden_size,
                                                 num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
@@ -129,7 +126,7 @@ def train_base(data_dir: Path, out_dir: Path, spec: BaseSpec = BaseSpec(), vae_d
         "max_train_steps": spec.unet_steps, "train_batch_size": spec.batch_size,
         "optim": {"learning_rate": spec.unet_learning_rate, "lr_scheduler": "cosine", "lr_warmup_steps": 100,
                   "adam_weight_decay": 0.0},
-        "snr_gamma": 5.0, "cache_latents": spec.cache_latents, "full": {"ema_decay": 0.995, "train_text_encoder": True},
+        "snr_gamma": 5.0, "full": {"ema_decay": 0.995, "train_text_encoder": True},
         "checkpointing_steps": max(1, spec.unet_steps // 4), "checkpoints_total_limit": 1, "tensorboard": False,
     })
     train(config, full.build, "latest" if list_checkpoints(out_dir) else None)  # exact: the loop reseeds per step
