@@ -28,6 +28,7 @@ GATEWAY ?=
 GATEWAY_PORT ?= 7860
 
 KILN := $(VENV)/bin/kiln
+COMMA := ,
 PORTS := --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 STAMP := $(VENV)/.kiln-installed
 # MODEL may be a diffusers folder or a single-file checkpoint (.safetensors), imported to artifacts/models/
@@ -106,7 +107,7 @@ eval: $(STAMP) ## measure the glyph demo's untrained, base and merged models thr
 loadtest: $(STAMP) ## Locust against the running server (USERS, DURATION seconds; GATEWAY=1 adds a gateway user)
 	$(KILN) loadtest --users $(USERS) --spawn-rate $(USERS) --duration $(DURATION) --http-url 127.0.0.1:$(HTTP_PORT) \
 		--grpc-url 127.0.0.1:$(GRPC_PORT) --metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics --out $(ARTIFACTS)/loadtest \
-		$(if $(GATEWAY),--protocols http,grpc,gateway --gateway-url http://127.0.0.1:$(GATEWAY_PORT))
+		$(if $(GATEWAY),--protocols http$(COMMA)grpc$(COMMA)gateway --gateway-url http://127.0.0.1:$(GATEWAY_PORT))
 
 gpu-setup: $(STAMP) ## on a CUDA host: install the `gpu` extra (TensorRT, ONNX Runtime's CUDA build in place of the CPU one)
 	$(VENV)/bin/pip uninstall --quiet -y onnxruntime

@@ -79,7 +79,7 @@ def create_page(url: str, admin_key: str | None = None):
                     strength = gr.Slider(0.01, 1.0, value=defaults.get("strength", 0.8), label="Strength")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="gallery", show_label=True)
+                gallery = gr.Gallery(label="Images", format="png", columns=2, height="auto", elem_id="gallery", show_label=True)
         inputs = [model, prompt, negative, seed, steps, guidance, scheduler, width, height, count, init_image, strength]
         button.click(run, inputs, gallery)
         prompt.submit(run, inputs, gallery)

@@ -282,6 +282,7 @@ def test_each_model_gets_its_own_size_limit_unless_the_deployment_sets_one():
     assert (size_limit(64), size_limit(512), size_limit(768), size_limit(1024)) == (1024, 1024, 1536, 2048)
     assert limits_for(Limits(), 1024).max_size == 2048  # SDXL's 1536x640 buckets fit
     assert limits_for(Limits(max_size=768), 1024).max_size == 768  # an operator's bound is kept
+    assert limits_for(Limits(), 32).min_size == 32 and limits_for(Limits(), 512).min_size == 64  # a native size is servable
 
 
 @pytest.mark.slow  # starts a Triton server of its own

@@ -93,10 +93,12 @@ def size_limit(native: int) -> int:
 
 
 def limits_for(limits: Limits, native: int) -> Limits:
-    """`limits` for one model of `native` size: max_size 0 becomes its size_limit."""
+    """`limits` for one model of `native` size: max_size 0 becomes its size_limit, and a model whose
+    native size is below min_size (the 32-pixel glyph demo) accepts its own size when it is asked for."""
     from dataclasses import replace
 
-    return limits if limits.max_size else replace(limits, max_size=size_limit(native))
+    limits = limits if limits.max_size else replace(limits, max_size=size_limit(native))
+    return replace(limits, min_size=native) if 0 < native < limits.min_size else limits
 
 
 @dataclass(frozen=True)
