@@ -93,9 +93,9 @@ class KilnClient:
             if value is None:
                 continue
             field = known[name]
-            if field.datatype in WIRE_RANGES and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                                  or not WIRE_RANGES[field.datatype][0] <= value <= WIRE_RANGES[field.datatype][1]):
-                low, high = WIRE_RANGES[field.datatype]
+            low, high = WIRE_RANGES.get(field.datatype, (None, None))
+            if low is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                    or not low <= value <= high):
                 raise ClientError(f"{name}={value!r} cannot be sent: expected an integer in [{low}, {high}] "
                                   f"({field.datatype} on the wire; the server states its own narrower range)")
             if field.datatype == "FP32" and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))):

@@ -494,9 +494,7 @@ def serve(
 @app.command()
 def stop(http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT, metrics_port: int = METRICS_PORT):
     """Stop the background server started with these ports."""
-    from kiln.serving import server
-
-    from kiln.serving import front_process
+    from kiln.serving import front_process, server
 
     for door in front_process.stop_fronting(http_port):
         console.print(f"stopped the {door.kind} (pid {door.pid}) at {door.url}")

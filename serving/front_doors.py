@@ -67,10 +67,10 @@ class Call:
     model: str
     kwargs: dict
 
-    def effective(self, served: Served, name: str, fallback=None):
+    def effective(self, served: Served, name: str):
         """The value the server draws with: the request's, else the served model's default."""
         value = self.kwargs.get(name)
-        return value if value is not None else served.defaults.get(name, fallback)
+        return value if value is not None else served.defaults.get(name)
 
 
 # --- shared --------------------------------------------------------------------------------------
@@ -112,7 +112,8 @@ def encode_png(image: np.ndarray, parameters: str | None = None) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _model(name: str | None, served: dict[str, Served], default: str, field: str) -> Served:
+def choose_model(name: str | None, served: dict[str, Served], default: str, field: str) -> Served:
+    """The served model a request names (A1111 titles may end with " [hash]"), else `default`."""
     if not served:
         raise DoorError("", "the Triton server serves no txt2img model right now", status=503)
     if name is None or name == "":
@@ -229,14 +230,16 @@ def a1111_call(req: A1111Txt2Img, served: dict[str, Served], default: str) -> Ca
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise DoorError("override_settings.sd_model_checkpoint", f"{checkpoint!r}: expected a model title from "
                         "GET /sdapi/v1/sd-models")
-    model = _model(checkpoint, served, default, "override_settings.sd_model_checkpoint")
+    model = choose_model(checkpoint, served, default, "override_settings.sd_model_checkpoint")
     sampler = req.sampler_name or req.sampler_index
-    field_name = "sampler_name" if req.sampler_name else "sampler_index"
+    try:
+        canonical_name(sampler) if sampler else None
+    except RequestError as exc:  # Kiln's field is `scheduler`; A1111 names the sampler apart from its schedule
+        raise from_kiln(exc, {"scheduler": "sampler_name" if req.sampler_name else "sampler_index"}) from None
     try:
         scheduler = with_schedule(sampler, req.scheduler) if sampler else None
     except RequestError as exc:
-        raise DoorError(field_name if exc.value == sampler else "scheduler", str(exc).replace("scheduler=", f"{field_name}=", 1)
-                        if exc.value == sampler else str(exc)) from None
+        raise from_kiln(exc, {}) from None
     if req.scheduler and not sampler and req.scheduler.strip().lower() != "automatic":
         raise DoorError("scheduler", f"scheduler={req.scheduler!r} needs a sampler_name to apply to "
                         f"(the Karras samplers: {', '.join(a for a in A1111_SAMPLERS if 'Karras' in a)})")
@@ -354,12 +357,12 @@ def openai_call(req: OpenAIGeneration, served: dict[str, Served], default: str, 
     if req.response_format == "url":
         raise DoorError("response_format", "response_format='url' is not served: this gateway keeps no image files; "
                         "ask for b64_json")
-    model = _model(req.model, served, default, "model")
+    model = choose_model(req.model, served, default, "model")
     height, width = parse_size(req.size)
     try:
         scheduler = canonical_name(req.scheduler) if req.scheduler else None
     except RequestError as exc:
-        raise DoorError("scheduler", str(exc)) from None
+        raise from_kiln(exc, {}) from None
     kwargs = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed, "steps": req.steps,
               "guidance_scale": req.guidance_scale, "height": height, "width": width, "scheduler": scheduler,
               "num_images": req.n}

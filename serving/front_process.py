@@ -75,8 +75,12 @@ def start(kind: str, argv: list[str], host: str, port: int, triton: str) -> Door
 
 
 def read(kind: str, port: int) -> Door | None:
+    return _read_record(record_file(kind, port))
+
+
+def _read_record(path: Path) -> Door | None:
     try:
-        return Door(**json.loads(record_file(kind, port).read_text()))
+        return Door(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
@@ -87,7 +91,7 @@ def stop_fronting(triton_port: int) -> list[Door]:
     folder = kiln_home() / "run"
     for kind in DOORS:
         for path in folder.glob(f"{kind}-*.json"):
-            door = read(kind, int(path.stem.rsplit("-", 1)[1])) if path.stem.rsplit("-", 1)[1].isdigit() else None
+            door = _read_record(path)
             if door is None or door.triton.rsplit(":", 1)[-1] != str(triton_port):
                 continue
             if _alive(door.pid):

@@ -115,7 +115,7 @@ class Catalog:
                         parameters = client.get_model_config(step["model_name"]).get("parameters", {})
                     except InferenceServerException:
                         continue
-                    if "kiln_settings" in parameters and "defaults" in parameters["kiln_settings"]["string_value"]:
+                    if parameters.get("kiln_model", {}).get("string_value") == "pipeline":
                         settings = json.loads(parameters["kiln_settings"]["string_value"])
                 served[name] = doors.Served(name, settings.get("family", ""), settings.get("defaults", {}),
                                             settings.get("limits", {}))
@@ -128,18 +128,16 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
                models: tuple[str, ...] = ()):
     """The FastAPI application in front of the Triton server at `url` (host:port, HTTP)."""
     try:
-        from fastapi import FastAPI, Request
+        from fastapi import Depends, FastAPI, Request
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse
+        from fastapi.security import HTTPBearer
         from starlette.exceptions import HTTPException
     except ImportError:
         raise GatewayError("kiln gateway needs FastAPI and uvicorn", hint="pip install 'kiln[gateway]'") from None
 
     catalog = Catalog(url, admin_key, models)
     state = {"default": PUBLIC_MODEL}
-    from fastapi import Depends
-    from fastapi.security import HTTPBearer
-
     # the key is checked by the middleware below; declaring the scheme gives /docs its Authorize button
     security = [Depends(HTTPBearer(auto_error=False, description="the key in kiln gateway's --api-key-file"))] if api_key else []
     app = FastAPI(title="Kiln gateway", version="1", dependencies=security,
@@ -278,7 +276,7 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
             raise doors.DoorError(unknown[0], f"options {unknown} cannot be set here: expected only sd_model_checkpoint")
         if "sd_model_checkpoint" in options:
             value = options["sd_model_checkpoint"]
-            chosen = doors._model(value if isinstance(value, str) else repr(value), catalog_served(), state["default"],
+            chosen = doors.choose_model(value if isinstance(value, str) else repr(value), catalog_served(), state["default"],
                                   "sd_model_checkpoint")
             state["default"] = chosen.name
         return None

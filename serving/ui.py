@@ -5,13 +5,9 @@ shown in the page as they are worded."""
 
 from __future__ import annotations
 
-import logging
-
 from kiln.clients.client import KilnClient
 from kiln.errors import ClientError, KilnError
 from kiln.pipeline.schedulers import A1111_SAMPLERS, DEFAULT
-
-log = logging.getLogger("kiln.ui")
 
 SCHEDULER_CHOICES = (DEFAULT, *A1111_SAMPLERS)
 
@@ -27,9 +23,10 @@ def generate_images(url: str, model: str, prompt: str, negative: str, seed: floa
     def whole(value):
         return None if value is None or value == "" else int(value)
 
+    seed = whole(seed)
     with KilnClient(url, "http", model=model, timeout_s=600) as client:
         result = client.generate(
-            prompt, negative_prompt=negative or None, seed=whole(seed) if whole(seed) is not None and whole(seed) >= 0 else -1,
+            prompt, negative_prompt=negative or None, seed=seed if seed is not None and seed >= 0 else -1,
             steps=whole(steps), guidance_scale=guidance, scheduler=None if scheduler == DEFAULT else scheduler,
             width=whole(width), height=whole(height), num_images=whole(count),
             image=init_image or None, strength=strength if init_image else None)

@@ -57,6 +57,7 @@ def _weight_number(text: str, field: str) -> float:
 
 _ESCAPED = re.compile(r"\\.")
 _NUMBER_TAIL = set("0123456789.+- \t")
+_SCHEDULED = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")  # the `when` of [from:to:when]
 
 
 def refuse_editing(prompt: str, field: str) -> None:
@@ -78,13 +79,9 @@ def refuse_editing(prompt: str, field: str) -> None:
             j = i - 1
             while j > start and text[j] in _NUMBER_TAIL:
                 j -= 1
-            tail = text[j + 1:i].strip()
-            scheduled = j > start and text[j] == ":" and any(c.isdigit() for c in tail) and _SCHEDULED.fullmatch(tail)
+            scheduled = j > start and text[j] == ":" and _SCHEDULED.fullmatch(text[j + 1:i].strip())
             if piped or scheduled:
                 raise RequestError(field, prompt[max(0, start - 20):i + 21], EDITING)
-
-
-_SCHEDULED = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 
 
 def parse(prompt: str, field: str = "prompt") -> list[Fragment]:
