@@ -159,7 +159,7 @@ def _load_every_module(pipe, path: Path, adapter: str, base: Path) -> None:
 
     try:
         summary = scan(path)
-        check_fits(path, base)
+        check_fits(path, base, summary.layout)
     except ModelError as e:
         raise MergeError(str(e), hint=e.hint) from None
     with tempfile.TemporaryDirectory() as tmp:

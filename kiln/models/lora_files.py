@@ -140,7 +140,7 @@ def to_kohya(lora_file: Path, base_dir: Path, out: Path) -> Path:
     summary = scan(lora_file)
     if summary.layout != "diffusers":
         raise ModelError(f"{lora_file} is already in kohya's layout")
-    check_fits(lora_file, base_dir)
+    check_fits(lora_file, base_dir, summary.layout)
     info = inspect_model(base_dir)
     family = "sdxl" if info.family == "sdxl" else "sd"
     unet_table = sorted(_unet_prefixes(_read_json(Path(base_dir) / "unet" / "config.json")), key=lambda r: -len(r[0]))
@@ -189,15 +189,15 @@ def sdxl_only(summary_keys) -> bool:
     return any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in summary_keys)
 
 
-def check_fits(lora_file: Path, base_dir: Path) -> None:
+def check_fits(lora_file: Path, base_dir: Path, layout: str) -> None:
     """A ModelError naming the mismatch when a LoRA does not fit `base_dir`: another family's text
-    encoders, or (diffusers' layout) modules the base lacks or holds at other shapes."""
+    encoders, or (diffusers' layout) modules the base lacks or holds at other shapes. `layout`: the
+    file's, from the scan every caller has already made."""
     from kiln.models.folder import inspect_model
 
     lora_file, base_dir = Path(lora_file), Path(base_dir)
     family = inspect_model(base_dir).family
     state, _ = _read(lora_file)
-    layout = scan(lora_file).layout
     if family != "sdxl" and sdxl_only(state):
         raise ModelError(f"{lora_file} is an SDXL LoRA (lora_te1_/lora_te2_/text_encoder_2 keys) but {base_dir} is {family}",
                          hint="apply it to the SDXL model it was trained on")
