@@ -125,12 +125,16 @@ class KilnClient:
         original_size: tuple[int, int] | None = None,
         crop_top_left: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None,
+        loras: str | dict[str, float] | None = None,
     ) -> Generation:
         """txt2img, or img2img when `image` (encoded PNG/JPEG bytes or a file path) is given.
         `original_size`, `crop_top_left`, `target_size` ((height, width), (top, left)): SDXL's size
-        conditioning (default: the generated size, no crop)."""
+        conditioning (default: the generated size, no crop). `loras`: adapters registered with the
+        server (kiln lora add), "name:scale,name2:scale2" or {name: scale}."""
         if isinstance(image, (str, Path)):
             image = Path(image).read_bytes()
+        if isinstance(loras, dict):
+            loras = ",".join(f"{name}:{scale!r}" for name, scale in loras.items())
         inputs = self.request_inputs(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -146,6 +150,7 @@ class KilnClient:
             **_pair(("original_height", "original_width"), original_size),
             **_pair(("crop_top", "crop_left"), crop_top_left),
             **_pair(("target_height", "target_width"), target_size),
+            loras=loras or None,
         )
         outputs = [self._module.InferRequestedOutput(name) for name, _, _ in TXT2IMG_OUTPUTS]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}

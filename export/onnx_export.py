@@ -61,23 +61,41 @@ class ExportResult:
         return self.out_dir / MANIFEST_NAME
 
 
-def run_torch(module: torch.nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def input_order(spec: ComponentSpec, layers=None) -> list[str]:
+    """The exported graph's inputs: the spec's, then each adapted layer's A and B."""
+    return spec.input_names + [name for layer in layers or () for name in layer.inputs]
+
+
+def run_torch(module: torch.nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray], layers=None) -> dict[str, np.ndarray]:
     with torch.inference_mode():
-        out = module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
+        out = module(*(torch.from_numpy(feeds[name]) for name in input_order(spec, layers)))
     out = out if isinstance(out, tuple) else (out,)
     return {name: t.numpy() for name, t in zip(spec.output_names, out)}
 
 
-def check_parity(module, spec: ComponentSpec, onnx_path: Path, dims: ModelDims, precision: str) -> list[dict]:
-    """Run ONNX Runtime and PyTorch at both parity shapes; raise ParityError beyond tolerance."""
+def lora_dummies(layers, rank: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random adapter feeds for an adapted export's checks (empty for a plain one)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for layer in layers or ():
+        a, b = layer.inputs
+        feeds[a] = rng.normal(0, 0.1, (rank, layer.in_features)).astype(np.float32)
+        feeds[b] = rng.normal(0, 0.1, (layer.out_features, rank)).astype(np.float32)
+    return feeds
+
+
+def check_parity(module, spec: ComponentSpec, onnx_path: Path, dims: ModelDims, precision: str,
+                 layers=None) -> list[dict]:
+    """Run ONNX Runtime and PyTorch at both parity shapes; raise ParityError beyond tolerance. An
+    adapted export (`layers`) runs with random rank-2 adapters, a different rank at each shape."""
     from kiln.pipeline.onnx_session import ComponentSession
 
     session = ComponentSession(spec, onnx_path)
     tolerance = spec.onnx_tolerance(precision)
     report = []
     for i, point in enumerate(parity_points(dims)):
-        feeds = dummy_inputs(spec, point, dims, seed=i)
-        expected = run_torch(module, spec, feeds)
+        feeds = {**dummy_inputs(spec, point, dims, seed=i), **lora_dummies(layers, rank=2 + i, seed=i)}
+        expected = run_torch(module, spec, feeds, layers)
         actual = session.run(feeds)
         diffs = [parity.compare(name, actual[name], expected[name]) for name in spec.output_names]
         parity.check(spec.name, diffs, tolerance)
@@ -85,18 +103,24 @@ def check_parity(module, spec: ComponentSpec, onnx_path: Path, dims: ModelDims, 
     return report
 
 
-def export_component(module, spec: ComponentSpec, dims: ModelDims, path: Path, opset: int) -> None:
-    feeds = dummy_inputs(spec, parity_points(dims)[1], dims)  # batch 2: no axis gets specialised to 1
-    args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
+def export_component(module, spec: ComponentSpec, dims: ModelDims, path: Path, opset: int, layers=None) -> None:
+    # batch 2 and rank 2: no axis gets specialised to 1
+    feeds = {**dummy_inputs(spec, parity_points(dims)[1], dims), **lora_dummies(layers)}
+    names = input_order(spec, layers)
+    args = tuple(torch.from_numpy(feeds[name]) for name in names)
+    axes = spec.dynamic_axes()
+    for i, layer in enumerate(layers or ()):  # each layer's rank varies on its own (adapters differ per layer)
+        a, b = layer.inputs
+        axes[a], axes[b] = {0: f"rank_{i}"}, {1: f"rank_{i}"}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(
             module,
             args,
             str(path),
-            input_names=spec.input_names,
+            input_names=names,
             output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes(),
+            dynamic_axes=axes,
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
@@ -118,13 +142,19 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     components: tuple[str, ...] | None = None,
     force: bool = False,
+    lora_inputs: bool = False,
 ) -> ExportResult:
-    """Export (or reuse) every requested component of `model_dir` (default: all of its family's) into `out_dir`."""
+    """Export (or reuse) every requested component of `model_dir` (default: all of its family's) into
+    `out_dir`. `lora_inputs`: the UNet and text encoders also take per-request LoRA adapters
+    (kiln.pipeline.adapters)."""
     from tqdm import tqdm
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if precision not in PRECISIONS:
         raise ExportError(f"precision={precision!r} is not one of {PRECISIONS}", hint="use --fp16 or --int8")
+    if lora_inputs and precision == "int8":
+        raise ExportError("--lora-inputs with --int8: the adapters' updates would bypass the quantised weights",
+                          hint="export fp32 or --fp16 with --lora-inputs")
     info = inspect_model(model_dir)
     layout = family(info.family)
     components = tuple(layout.components) if components is None else tuple(components)
@@ -151,6 +181,7 @@ def export_onnx(
                 "precision": component_precision,
                 "versions": versions,
                 "format": EXPORT_FORMAT,
+                **({"lora_inputs": True} if lora_inputs and spec.adaptable else {}),
             }
         )
         path = onnx_file(out_dir, name)
@@ -161,7 +192,8 @@ def export_onnx(
             results.append(ComponentResult(name, path, True, component_precision, old.parity))
             continue
         start = time.perf_counter()
-        report = _build_component(model_dir, spec, dims, out_dir, opset, component_precision)
+        report = _build_component(model_dir, spec, dims, out_dir, opset, component_precision,
+                                  info.family if lora_inputs and spec.adaptable else None)
         seconds = time.perf_counter() - start
         entries[name] = ComponentEntry(key=key, file=f"{name}/model.onnx", sha256=file_sha256(path),
                                        precision=component_precision, source_sha256=source_hashes[spec.source],
@@ -188,20 +220,34 @@ def _previous_entries(out_dir: Path) -> dict[str, ComponentEntry]:
         return {}
 
 
-def _build_component(model_dir, spec, dims, out_dir, opset, precision) -> list[dict]:
-    """Export into a scratch folder, check it, then move it into place in one rename."""
+def _build_component(model_dir, spec, dims, out_dir, opset, precision, adapted_family: str | None = None) -> list[dict]:
+    """Export into a scratch folder, check it, then move it into place in one rename. With
+    `adapted_family`, the component takes LoRA inputs, declared beside its model.onnx."""
     module = spec.load_torch(model_dir)
+    layers = None
+    if adapted_family:
+        import json
+
+        from kiln.export.wrappers import WithLoraInputs, adaptable_layers
+
+        unet_config = json.loads((Path(model_dir) / "unet" / "config.json").read_text()) if spec.name == "unet" else None
+        layers = adaptable_layers(module, spec.name, adapted_family, unet_config)
+        module = WithLoraInputs(module, layers).eval()
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out_dir))
     try:
         fp32_path = scratch / "fp32" / "model.onnx"
         fp32_path.parent.mkdir()
-        export_component(module, spec, dims, fp32_path, opset)
+        export_component(module, spec, dims, fp32_path, opset, layers)
         final_path = fp32_path
         if precision != "fp32":
             final_path = scratch / precision / "model.onnx"
             final_path.parent.mkdir()
             convert(fp32_path, final_path, precision)
-        report = check_parity(module, spec, final_path, dims, precision)
+        if layers:
+            from kiln.pipeline.adapters import write_layers
+
+            write_layers(final_path.parent, layers)
+        report = check_parity(module, spec, final_path, dims, precision, layers)
         target = out_dir / spec.name
         if target.exists():
             shutil.rmtree(target)

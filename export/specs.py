@@ -73,6 +73,7 @@ class ComponentSpec:
     quantisable: bool = False  # `kiln export qdq` calibrates it to int8 Q/DQ
     cache_outputs: bool = False  # served with Kiln's per-row output cache (identical prompts skip the encoder)
     required: bool = True  # a complete export has it; optional ones enable a feature (img2img)
+    adaptable: bool = False  # `--lora-inputs` gives it per-request LoRA inputs (kiln.pipeline.adapters)
 
     def precision(self, requested: str) -> str:
         """The precision this component is exported at when `requested` is asked for."""
@@ -245,6 +246,7 @@ TEXT_ENCODER = ComponentSpec(
     tolerances=Tolerances(onnx={"fp32": _FP32, "fp16": _FP16, "int8": _INT8}, tensorrt={"fp32": 2e-2}),
     guided=True,
     cache_outputs=True,
+    adaptable=True,
 )
 
 UNET = ComponentSpec(
@@ -263,6 +265,7 @@ UNET = ComponentSpec(
                           tensorrt={"fp32": 2e-2, QDQ_PRECISION: 5e-2}),
     guided=True,
     quantisable=True,
+    adaptable=True,
 )
 
 VAE_DECODER = ComponentSpec(
@@ -300,6 +303,7 @@ SDXL_TEXT_ENCODER = ComponentSpec(
     tolerances=TEXT_ENCODER.tolerances,
     guided=True,
     cache_outputs=True,
+    adaptable=True,
 )
 
 SDXL_TEXT_ENCODER_2 = ComponentSpec(
@@ -314,6 +318,7 @@ SDXL_TEXT_ENCODER_2 = ComponentSpec(
     tolerances=TEXT_ENCODER.tolerances,
     guided=True,
     cache_outputs=True,
+    adaptable=True,
 )
 
 SDXL_UNET = ComponentSpec(
@@ -331,6 +336,7 @@ SDXL_UNET = ComponentSpec(
     tolerances=UNET.tolerances,
     guided=True,
     quantisable=True,
+    adaptable=True,
 )
 
 

@@ -126,3 +126,77 @@ class VaeEncoder(torch.nn.Module):
         if self.vae.quant_conv is not None:
             moments = self.vae.quant_conv(moments)
         return moments
+
+
+class WithLoraInputs(torch.nn.Module):
+    """A component wrapper that also takes `lora_A.<module>` (r, in) and `lora_B.<module>` (out, r)
+    for each adapted layer (after the spec's inputs, in the declared order), and adds B (A x) to that
+    layer's output: the graph `kiln export onnx --lora-inputs` writes (kiln.pipeline.adapters)."""
+
+    def __init__(self, inner: torch.nn.Module, layers):
+        super().__init__()
+        self.inner, self.layers = inner, list(layers)
+        self._current: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        model = inner.model if hasattr(inner, "model") else inner.vae
+        modules = dict(model.named_modules())
+        for layer in self.layers:  # text encoders: declared from `text_model.`, which transformers 5 leaves out
+            module = modules.get(layer.module) or modules[layer.module.removeprefix("text_model.")]
+            module.register_forward_hook(self._hook(layer))
+
+    def _hook(self, layer):
+        def add_update(module, args, output):
+            a, b = self._current[layer.module]
+            x = args[0]
+            if layer.conv:  # 1x1 convolution: the same update per pixel
+                return output + torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a[:, :, None, None]),
+                                                           b[:, :, None, None])
+            return output + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+        return add_update
+
+    def forward(self, *args):
+        count = len(args) - 2 * len(self.layers)
+        pairs = args[count:]
+        self._current = {layer.module: (pairs[2 * i], pairs[2 * i + 1]) for i, layer in enumerate(self.layers)}
+        try:
+            return self.inner(*args[:count])
+        finally:
+            self._current = {}
+
+
+def adaptable_layers(inner: torch.nn.Module, component: str, family: str, unet_config: dict | None = None):
+    """The layers kohya's standard LoRA trains, as kiln.pipeline.adapters.AdaptedLayer: the UNet's
+    linear layers and 1x1 convolutions inside its transformer blocks (`attentions`), and the linear
+    layers of a text encoder's transformer layers."""
+    from kiln.models.lora_files import TEXT_PREFIXES
+    from kiln.pipeline.adapters import AdaptedLayer
+
+    model = inner.model
+    layers = []
+    if component == "unet":
+        table = None
+        if family == "sdxl":  # kohya's SDXL files use the original (sgm) names
+            from kiln.models.single_file import _unet_prefixes
+
+            table = sorted(_unet_prefixes(unet_config), key=lambda row: -len(row[0]))
+        for name, module in model.named_modules():
+            if ".attentions." not in f".{name}":
+                continue
+            conv = isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
+            if not (isinstance(module, torch.nn.Linear) or conv):
+                continue
+            if table is not None:
+                from kiln.models.single_file import _rename
+
+                kohya_path = _rename(name, table, "unet")
+            else:
+                kohya_path = name
+            features = (module.in_channels, module.out_channels) if conv else (module.in_features, module.out_features)
+            layers.append(AdaptedLayer("unet", name, *features, "lora_unet_" + kohya_path.replace(".", "_"), conv))
+        return layers
+    prefix = TEXT_PREFIXES[("sdxl" if family == "sdxl" else "sd", component)]
+    for name, module in model.named_modules():
+        if ".encoder.layers." in f".{name}" and isinstance(module, torch.nn.Linear):
+            name = name if name.startswith("text_model.") else f"text_model.{name}"  # as LoRA files name it
+            layers.append(AdaptedLayer(component, name, module.in_features, module.out_features,
+                                       f"{prefix}_{name.replace('.', '_')}"))
+    return layers

@@ -168,6 +168,52 @@ def lora_info(lora: Path):
     typer.echo(f"convolution modules (LoCon): {summary.convolutions}")
 
 
+REPO_OPTION = typer.Option(Path("artifacts/repository"), "--repo", help="the model repository the server runs")
+SERVED_MODEL_OPTION = typer.Option(None, "--model", help="the served model (default: the one that takes adapters)")
+
+
+@lora_app.command("add")
+def lora_add(name: str, lora: Path, repo: Path = REPO_OPTION, model: Optional[str] = SERVED_MODEL_OPTION,
+             replace: bool = typer.Option(False, "--replace", help="replace an adapter of that name (requests in "
+                                          "flight finish with the old one)")):
+    """Register a LoRA file (diffusers' or kohya's layout) with a served model, while it serves:
+    requests choose it with loras="NAME:SCALE"."""
+    import time
+
+    from kiln.pipeline.adapters import served_registry
+
+    start = time.perf_counter()
+    model, registry, layers = served_registry(repo, model)
+    entry = registry.add(name, lora, layers, replace=replace)
+    console.print(f"{name} added to {model} in {time.perf_counter() - start:.1f} s: modules {entry['modules']}, "
+                  f"rank {entry['rank']}, {entry['bytes'] / 2**20:.1f} MiB, id {entry['id']}; "
+                  f"use it with: kiln generate PROMPT --lora {name}:0.8")
+
+
+@lora_app.command("list")
+def lora_list(repo: Path = REPO_OPTION, model: Optional[str] = SERVED_MODEL_OPTION):
+    """The adapters registered with a served model."""
+    from kiln.pipeline.adapters import served_registry
+
+    model, registry, _ = served_registry(repo, model)
+    entries = registry.entries()
+    if not entries:
+        console.print(f"no adapters registered with {model}; add one with: kiln lora add NAME FILE")
+    for name, entry in sorted(entries.items()):
+        typer.echo(f"{name}\trank {entry['rank']}\t{entry['bytes'] / 2**20:.1f} MiB\t{entry['modules']}\t{entry['source']}")
+
+
+@lora_app.command("remove")
+def lora_remove(name: str, repo: Path = REPO_OPTION, model: Optional[str] = SERVED_MODEL_OPTION):
+    """Unregister an adapter: requests already using it finish, later ones are refused."""
+    from kiln.pipeline.adapters import GRACE_S, served_registry
+
+    model, registry, _ = served_registry(repo, model)
+    registry.remove(name)
+    console.print(f"{name} removed from {model}; requests in flight finish with it (its file is deleted after "
+                  f"{GRACE_S / 60:.0f} minutes)")
+
+
 @model_app.command("info")
 def model_info(model_dir: Path):
     """Describe a local Stable Diffusion folder (SD 1.x, 2.x or XL) without loading its weights."""
@@ -298,11 +344,13 @@ def export_onnx(
     int8: bool = typer.Option(False, "--int8", help="dynamic int8 MatMuls for text encoder and UNet (CPU; for TensorRT: kiln export qdq)"),
     opset: int = typer.Option(declared("kiln.export.onnx_export", "DEFAULT_OPSET"), "--opset"),
     force: bool = typer.Option(False, "--force", help="rebuild even when the manifest says nothing changed"),
+    lora_inputs: bool = typer.Option(False, "--lora-inputs", help="the UNet and text encoders also take LoRA adapters "
+                                     "per request (kiln lora add, then loras=NAME:SCALE); about +1%% per step"),
 ):
     """Export text_encoder, unet, vae_decoder and vae_encoder to ONNX and check each against PyTorch."""
     from kiln.export.onnx_export import export_onnx as run
 
-    result = run(model_dir, out_dir, precision=_precision(fp16, int8), opset=opset, force=force)
+    result = run(model_dir, out_dir, precision=_precision(fp16, int8), opset=opset, force=force, lora_inputs=lora_inputs)
     for c in result.components:
         worst = max((t["max_abs"] for r in c.parity for t in r["tensors"]), default=float("nan"))
         state = "reused" if c.reused else f"exported in {c.seconds:.1f} s"
@@ -602,6 +650,8 @@ def generate(
                                        help="SDXL: the crop conditioning's top-left corner (default 0,0)"),
     target_size: Optional[str] = typer.Option(None, "--target-size", metavar="HxW", parser=_pair_option("x"),
                                               help="SDXL: the size conditioning's target size (default: the image's)"),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="NAME[:SCALE]",
+                                             help="a LoRA adapter registered with the server (kiln lora add); repeat for several"),
 ):
     """Generate images through the served txt2img endpoint and save them as PNG.
     Prompts take weights: (word), \\[word], (word:1.5); BREAK starts a new 77-token chunk."""
@@ -611,7 +661,7 @@ def generate(
         result = client.generate(prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
                                  height=height, width=width, scheduler=scheduler, num_images=num_images, image=image,
                                  strength=strength, original_size=original_size, crop_top_left=crop,
-                                 target_size=target_size)
+                                 target_size=target_size, loras=",".join(lora or []))
     paths = result.save(output)
     console.print(f"{len(paths)} image(s) in {result.seconds:.2f} s over {protocol} (seeds {result.seeds}): "
                   + ", ".join(map(str, paths)))

@@ -29,6 +29,7 @@ from kiln.artifacts import (MANIFEST_NAME, exported_components, fingerprint, rea
                             write_folder_atomically, write_json_atomically)
 from kiln.export.specs import FAMILIES
 from kiln.model_repository import configs
+from kiln.pipeline.adapters import layers_digest, read_layers
 from kiln.pipeline.onnx_pipeline import model_constants, model_defaults
 from kiln.pipeline.request import Limits, limits_for
 
@@ -147,8 +148,12 @@ def build_models_repository(
             layout = manifest.family
             model_limits = limits_for(limits, manifest.model.default_size)
             encoders = len(layout.text_encoders)
-            component_models = {}
+            component_models, adapted, layers = {}, [], []
             for component in exported_components(onnx_dir, layout):
+                declared = read_layers(onnx_dir / component)
+                if declared is not None:
+                    adapted.append(component)
+                    layers += declared
                 source = engines[name] / component if backend == "tensorrt" else onnx_dir / component
                 triton_name, digest = model_name(component, source)
                 component_models[component] = triton_name
@@ -159,7 +164,11 @@ def build_models_repository(
                 if target == "embedded":
                     settings = {"component": component, "family": layout.name, "onnx_threads": tuning.onnx_threads,
                                 "dims": asdict(dims), "limits": asdict(model_limits)}
-                    config = configs.component_config(spec, dims, tuning, settings)
+                    config = configs.component_config(spec, dims, tuning, settings, adapted=component in adapted)
+                elif component in adapted:
+                    raise RepositoryError(f"{onnx_dir} was exported with --lora-inputs, which the embedded target "
+                                          "serves; the ngc target's plan for adapters is in make gpu-check",
+                                          hint="export without --lora-inputs for --target ngc")
                 else:
                     config = configs.ngc_component_config(spec, dims, tuning, backend,
                                                           manifest.components[component].precision, triton_name)
@@ -183,17 +192,22 @@ def build_models_repository(
                 "family": layout.name,
                 "models": component_models,
                 "device": device,
+                "model": PUBLIC_MODEL if single else name,
+                **({"adapted": adapted} if adapted else {}),
             }
             config = configs.pipeline_config(tuning, pipeline_settings, gpu=target == "ngc", encoders=encoders)
             config.name = pipeline_name
             _write_model(tmp, config, folders={"scheduler": onnx_dir / "scheduler"})
+            if adapted:
+                _keep_adapters(repo_dir / pipeline_name, tmp / pipeline_name, layers_digest(layers))
             ensemble = PUBLIC_MODEL if single else name
             _write_model(tmp, configs.txt2img_config(ensemble, tokenizer_name, pipeline_name, encoders))
             summary[ensemble] = {"source": {"onnx_dir": str(onnx_dir.resolve()), "export_key": manifest.key},
                                  "limits": asdict(model_limits),
                                  "model": manifest.model_dump(mode="json", include={"model"}, exclude_none=True)["model"],
                                  "precision": manifest.precision,
-                                 "components": component_models, "tokenizer": tokenizer_name, "pipeline": pipeline_name}
+                                 "components": component_models, "tokenizer": tokenizer_name, "pipeline": pipeline_name,
+                                 **({"adapted": adapted, "adapter_layers": layers_digest(layers)} if adapted else {})}
         write_json_atomically(
             tmp / MANIFEST_NAME,
             {
@@ -213,6 +227,25 @@ def build_models_repository(
     log.info("model repository (target %s, backend %s, %d model(s), %d components, %d shared) written to %s",
              target, backend, len(models), unique, references - unique, repo_dir)
     return repo_dir
+
+
+def _keep_adapters(old_model: Path, new_model: Path, digest: str) -> None:
+    """A rebuilt repository keeps the LoRA adapters registered with a served model whose adaptable
+    layers are unchanged (they are part of the repository); adapters for other layers are dropped,
+    with a warning naming them."""
+    from kiln.pipeline.adapters import INDEX_NAME, REGISTRY_FOLDER, Registry
+
+    old, new = old_model / REGISTRY_FOLDER, new_model / REGISTRY_FOLDER
+    index = Registry(old).read() if (old / INDEX_NAME).is_file() else None
+    if index and index.get("layers") == digest:
+        shutil.copytree(old, new, ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
+        log.info("kept the %d LoRA adapter(s) registered with %s", len(index["adapters"]), new_model.name)
+        return
+    if index and index["adapters"]:
+        log.warning("dropped the LoRA adapters registered with %s (%s): the new export's layers differ",
+                    new_model.name, ", ".join(sorted(index["adapters"])))
+    new.mkdir()
+    write_json_atomically(new / INDEX_NAME, {"format": 1, "layers": digest, "adapters": {}, "removed": {}})
 
 
 def build_repository(onnx_dir: Path, repo_dir: Path, target: str = "embedded", limits: Limits = Limits(),

@@ -69,10 +69,16 @@ def _component(config: mc.ModelConfig, spec: ComponentSpec, dims: ModelDims, tun
     return config
 
 
-def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, settings: dict) -> mc.ModelConfig:
-    """A Python-backend model running ONNX Runtime on one exported component."""
+def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, settings: dict,
+                     adapted: bool = False) -> mc.ModelConfig:
+    """A Python-backend model running ONNX Runtime on one exported component; `adapted`: exported with
+    LoRA inputs, it also takes a request's adapter set (optional)."""
     config = _component(mc.ModelConfig(name=spec.name, backend="python", max_batch_size=tuning.max_batch_size),
                         spec, dims, tuning, mc.ModelInstanceGroup.KIND_CPU)
+    if adapted:
+        from kiln.pipeline.adapters import LORA_FIELD
+
+        _tensor(config.input.add(), LORA_FIELD, mc.TYPE_STRING, [1], optional=True)
     _parameters(config, {"kiln_model": "onnx_component", "kiln_settings": json.dumps(settings)})
     return config
 

@@ -48,10 +48,12 @@ class RowCache:
         self.rows: OrderedDict[bytes, dict[str, np.ndarray]] = OrderedDict()
         self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
 
-    def run(self, inputs: dict[str, np.ndarray], compute) -> dict[str, np.ndarray]:
-        """`compute(inputs restricted to the rows not cached)` -> their outputs; returns every row's."""
+    def run(self, inputs: dict[str, np.ndarray], compute, salt: bytes = b"") -> dict[str, np.ndarray]:
+        """`compute(inputs restricted to the rows not cached)` -> their outputs; returns every row's.
+        `salt` sets apart rows computed under different conditions (a request's LoRA adapters)."""
         count = len(next(iter(inputs.values())))
-        keys = [b"".join(np.ascontiguousarray(v[i]).tobytes() for v in inputs.values()) for i in range(count)]
+        keys = [b"".join([salt, b"\0", *(np.ascontiguousarray(v[i]).tobytes() for v in inputs.values())])
+                for i in range(count)]
         missing = [i for i, key in enumerate(keys) if key not in self.rows]
         self.hits += count - len(missing)
         self.misses += len(missing)
@@ -82,10 +84,13 @@ class RowCache:
 EMBEDDING_CACHE_BYTES = 256 << 20
 
 
+ADAPTER_FEED_SETS = 4  # the last adapter sets' feeds kept built (a request's every step reuses its own)
+
+
 class OnnxComponentModel:
     """One exported component on ONNX Runtime. Each request's inputs are checked against the spec
-    (internal models are reachable by any client); the valid requests Triton batched run as one call,
-    through the row cache when the spec asks for one."""
+    (internal models are reachable by any client); the valid requests Triton batched run as one call
+    per LoRA adapter set (kiln.pipeline.adapters), through the row cache when the spec asks for one."""
 
     def __init__(self, version_dir: Path, settings: dict):
         from kiln.export.specs import ModelDims
@@ -100,6 +105,48 @@ class OnnxComponentModel:
         self.limits = Limits(**settings["limits"]) if "limits" in settings else Limits()
         self.cache = RowCache(EMBEDDING_CACHE_BYTES) if self.spec.cache_outputs else None
         self.counters = None
+        self.layers = self.session.layers  # None: exported without LoRA inputs
+        self.repository = Path(version_dir).parent.parent
+        self.store = None
+        from collections import OrderedDict
+
+        self.feed_sets: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+
+    def adapters(self, feed: dict[str, np.ndarray | None]) -> str:
+        """The request's adapter set (ids and scales as the pipeline resolved them), '' for none."""
+        from kiln.pipeline.adapters import LORA_FIELD, format_selection, parse_resolved
+
+        value = feed.get(LORA_FIELD)
+        if value is None:
+            return ""
+        items = {item for item in np.asarray(value, dtype=object).reshape(-1)}
+        if len(items) != 1 or not isinstance(next(iter(items)), bytes):
+            raise RequestError(LORA_FIELD, f"<{len(items)} values>", "one adapter set per request (BYTES)")
+        text = next(iter(items)).decode("utf-8", errors="replace")
+        if len(text) > 4096:
+            raise RequestError(LORA_FIELD, f"<{len(text)} characters>", "an adapter set as the pipeline writes it")
+        pairs = parse_resolved(text)
+        if pairs and self.layers is None:
+            raise RequestError(LORA_FIELD, text[:80], f"nothing: this {self.spec.name} was exported without LoRA inputs "
+                               "(kiln export onnx --lora-inputs)")
+        return format_selection(pairs)
+
+    def adapter_feeds(self, wire: str) -> dict[str, np.ndarray]:
+        """The lora_A/lora_B feeds of an adapter set, built once while the set stays recent."""
+        from kiln.pipeline.adapters import REGISTRY_FOLDER, AdapterStore, adapter_feeds, parse_resolved
+
+        if wire in self.feed_sets:
+            self.feed_sets.move_to_end(wire)
+            return self.feed_sets[wire]
+        if self.store is None:
+            self.store = AdapterStore([])
+        # every served model's registry: ids name file contents, so any registry holding one will do
+        self.store.folders = sorted(self.repository.glob(f"*/{REGISTRY_FOLDER}"))
+        feeds = adapter_feeds(self.layers, [(self.store.get(i), scale) for i, scale in parse_resolved(wire)])
+        self.feed_sets[wire] = feeds
+        while len(self.feed_sets) > ADAPTER_FEED_SETS:
+            self.feed_sets.popitem(last=False)
+        return feeds
 
     def check(self, feed: dict[str, np.ndarray | None]) -> None:
         from kiln.export.specs import input_problem
@@ -112,35 +159,45 @@ class OnnxComponentModel:
             if problem:
                 raise RequestError(t.name, f"<{value.dtype} {list(value.shape)}>", problem)
 
-    def run(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    def run(self, feeds: list[dict[str, np.ndarray]], adapters: str = "") -> list[dict[str, np.ndarray]]:
+        """Requests that share one adapter set ('' for none) as one batch."""
         merged, sizes = batch_feeds(self.spec, feeds)
-        outputs = self.cache.run(merged, self.session.run) if self.cache else self.session.run(merged)
+        extra = self.adapter_feeds(adapters) if adapters else {}
+
+        def compute(inputs):
+            return self.session.run({**inputs, **extra})
+
+        outputs = self.cache.run(merged, compute, adapters.encode()) if self.cache else compute(merged)
         return split_outputs(outputs, sizes)
 
     def execute(self, requests):
         from kiln.model_repository import triton_adapter as triton
+        from kiln.pipeline.adapters import LORA_FIELD
 
         responses: list = [None] * len(requests)
-        valid, feeds = [], []
+        groups: dict[str, list] = {}  # adapter set -> [(request index, feed)]
+        names = self.spec.input_names + [LORA_FIELD]
         for i, request in enumerate(requests):
-            feed = triton.read_inputs(request, self.spec.input_names)
+            feed = triton.read_inputs(request, names)
             try:
                 self.check(feed)
+                adapters = self.adapters(feed)
             except RequestError as exc:
                 responses[i] = triton.fail(exc)
                 continue
-            valid.append(i)
-            feeds.append(feed)
-        if feeds:
+            groups.setdefault(adapters, []).append((i, feed))
+        for adapters, members in groups.items():
+            valid = [i for i, _ in members]
             hits = self.cache.hits if self.cache else 0
             try:
-                for i, out in zip(valid, self.run(feeds)):
+                for i, out in zip(valid, self.run([f for _, f in members], adapters)):
                     bad = [k for k, v in out.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
                     responses[i] = triton.fail(GenerationError(f"{self.spec.name}: {bad} came out non-finite (NaN or inf)",
-                                                               hint="inputs this large overflow the model")) \
+                                                               hint="inputs (or adapter scales) this large overflow the model")) \
                         if bad else triton.respond(out)
             except Exception as exc:  # one bad batch must not take the instance down
-                log.exception("%s failed", self.spec.name)
+                if not isinstance(exc, RequestError):
+                    log.exception("%s failed", self.spec.name)
                 for i in valid:
                     responses[i] = triton.fail(exc)
             if self.cache:
@@ -238,6 +295,13 @@ class PipelineModel:
         self.engines = engines
         self.component_models = settings.get("models") or {}
         self.device = settings.get("device")
+        self.adapted = tuple(settings.get("adapted") or ())  # components exported with LoRA inputs
+        self.registry = None
+        if self.adapted:
+            from kiln.pipeline.adapters import REGISTRY_FOLDER, Registry
+
+            self.registry = Registry(Path(version_dir).parent / REGISTRY_FOLDER)
+        self.model_name = settings.get("model", "this model")
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -251,9 +315,24 @@ class PipelineModel:
             make_scheduler(name, self.scheduler_config, self.family.name).set_timesteps(2)
         torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
 
+    def adapter_set(self, raw: dict[str, np.ndarray | None]) -> str:
+        """The request's `loras`, resolved to the registry's adapter ids ('' for none)."""
+        from kiln.pipeline.adapters import LORA_FIELD, parse_selection
+
+        pairs = parse_selection(text_field(raw, LORA_FIELD, "", self.limits))
+        if not pairs:
+            return ""
+        if self.registry is None:
+            raise RequestError(LORA_FIELD, format_pairs(pairs), f"nothing: {self.model_name} was exported without LoRA "
+                               "inputs (serve an export made with kiln export onnx --lora-inputs, or make deploy LORAS=1)")
+        return self.registry.resolve(pairs, self.model_name)
+
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:
         conditioned = "time_ids" in self.family.spec("unet").input_names
         request = parse_request(raw, self.defaults, self.limits, self.size_multiple, conditioned)
+        adapters = self.adapter_set(raw)
+        if adapters:
+            engines = Engines(engines.run.with_adapters(adapters, self.adapted), engines.components, engines.family)
         chunks = {}
         for side in PROMPT_SIDES:
             for encoder in range(len(self.family.text_encoders)):
@@ -275,7 +354,7 @@ class PipelineModel:
         from kiln.model_repository import triton_adapter as triton
 
         engines = self.engines or Engines(triton.BlsRunner(self.component_models, self.device), family=self.family)
-        names = list(self.token_tensors) + [f.name for f in TXT2IMG_INPUTS]
+        names = list(self.token_tensors) + [f.name for f in TXT2IMG_INPUTS]  # `loras` is one of them
         responses = []
         for request in requests:
             try:
@@ -288,6 +367,10 @@ class PipelineModel:
 
     def finalize(self):
         pass
+
+
+def format_pairs(pairs) -> str:
+    return ",".join(f"{name}:{scale:g}" for name, scale in pairs)
 
 
 KINDS = {"onnx_component": OnnxComponentModel, "tokenizer": TokenizerModel, "pipeline": PipelineModel}

@@ -98,6 +98,15 @@ class BlsRunner:
             self.components = tuple(self.models)  # what this pipeline's repository serves
         self.on_host = device is None
         self.device = torch.device(device or "cpu")
+        self.adapters, self.adapted = "", ()
+
+    def with_adapters(self, adapters: str, adapted) -> "BlsRunner":
+        """This runner for one request whose `adapted` components also get its LoRA adapter set."""
+        import copy
+
+        runner = copy.copy(self)
+        runner.adapters, runner.adapted = adapters, tuple(adapted)
+        return runner
 
     def __call__(self, spec, feeds: dict, outputs: list[str]) -> dict:
         import torch
@@ -107,5 +116,10 @@ class BlsRunner:
             value = feeds[t.name]
             value = value.reshape(-1, 1) if len(t.shape) == 1 else value
             inputs[t.name] = value.numpy() if self.on_host else value
+        if self.adapters and spec.name in self.adapted:
+            from kiln.pipeline.adapters import LORA_FIELD
+
+            batch = len(feeds[spec.inputs[0].name])
+            inputs[LORA_FIELD] = np.array([[self.adapters.encode()]] * batch, dtype=np.object_)
         result = infer(self.models.get(spec.name, spec.name), inputs, outputs, None if self.on_host else self.device)
         return {k: torch.from_numpy(v) if self.on_host else v for k, v in result.items()}

@@ -166,3 +166,33 @@ def write_tiny_model(out_dir: Path, prediction_type: str = "epsilon", seed: int 
         raise ValueError(f"family={family!r}: expected one of {TINY_FAMILIES}")
     pipe = (build_tiny_sdxl_pipeline if family == "sdxl" else build_tiny_pipeline)(prediction_type, seed)
     return save_pipeline(pipe, out_dir)
+
+
+def write_random_lora(layers, out: Path, rank: int = 4, alpha: float | None = None, seed: int = 0,
+                      layout: str = "kohya", std: float = 0.1, only: tuple[str, ...] = ()) -> Path:
+    """A LoRA file with random weights for the given adapted layers (kiln.pipeline.adapters.AdaptedLayer),
+    in kohya's or diffusers' layout: what the tests and benchmarks add to a server. `only`: keep the
+    layers whose module path ends with one of these (e.g. the attention projections)."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in layers:
+        if only and not layer.module.endswith(only):
+            continue
+        down = torch.randn(rank, layer.in_features, generator=generator) * std
+        up = torch.randn(layer.out_features, rank, generator=generator) * std
+        if layer.conv:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        if layout == "kohya":
+            state[f"{layer.kohya}.lora_down.weight"] = down
+            state[f"{layer.kohya}.lora_up.weight"] = up
+            state[f"{layer.kohya}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+        else:
+            state[f"{layer.component}.{layer.module}.lora_A.weight"] = down
+            state[f"{layer.component}.{layer.module}.lora_B.weight"] = up
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out))
+    return out

@@ -26,15 +26,23 @@ def make_session(model_path: Path, threads: int = 0, arena: bool = True, provide
 
 
 class ComponentSession:
-    """Runs one exported component: inputs cast to the spec's dtypes, outputs named as the spec."""
+    """Runs one exported component: inputs cast to the spec's dtypes, outputs named as the spec. An
+    export with LoRA inputs (`layers`, read from beside the file) runs without adapters unless its
+    `lora_A.*` / `lora_B.*` feeds are given."""
 
     def __init__(self, spec: ComponentSpec, model_path: Path, threads: int = 0, arena: bool = True,
                  providers: list[str] | None = None):
+        from kiln.pipeline.adapters import read_layers, zero_feeds
+
         self.spec = spec
         self.session = make_session(model_path, threads, arena, providers)
+        self.layers = read_layers(Path(model_path).parent)
+        self.no_adapters = zero_feeds(self.layers) if self.layers else {}
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Every declared output, or only `outputs`."""
         typed = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in self.spec.inputs}
+        for name, zeros in self.no_adapters.items():
+            typed[name] = np.ascontiguousarray(feeds.get(name, zeros), dtype=np.float32)
         names = self.spec.output_names if outputs is None else outputs
         return dict(zip(names, self.session.run(names, typed), strict=True))

@@ -41,6 +41,8 @@ TXT2IMG_INPUTS: tuple[RequestField, ...] = (
     RequestField("crop_left", "INT32"),
     RequestField("target_height", "INT32"),
     RequestField("target_width", "INT32"),
+    # LoRA adapters registered with the server: "name:scale,name2:scale2" (kiln.pipeline.adapters)
+    RequestField("loras", "BYTES"),
 )
 SIZE_CONDITIONING = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 MAX_CONDITIONING_SIZE = 8192  # pixels: SDXL was trained on originals up to about 4096
