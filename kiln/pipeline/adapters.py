@@ -159,7 +159,8 @@ def normalise(path: Path, layers: list[AdaptedLayer]) -> tuple[dict[str, np.ndar
             continue
         parts.setdefault(layer, {})[role] = value
     if outside:
-        raise ModelError(f"{path}: {len(outside)} of its modules are not layers this export takes adapters for, "
+        raise ModelError(f"{path}: {len(outside)} of its modules {'is not a layer' if len(outside) == 1 else 'are not layers'} "
+                         "this export takes adapters for, "
                          f"e.g. {outside[0]} (adapters apply to the linear layers of the UNet's transformer blocks and "
                          "of the text encoders; LoCon convolutions, time embeddings and other models' layers are not)",
                          hint="check that it was trained on this base; to use it anyway, merge it into a model: "
