@@ -145,6 +145,8 @@ class WithLoraInputs(torch.nn.Module):
 
     def _hook(self, layer):
         def add_update(module, args, output):
+            if not self._current:  # the inner module called on its own: the plain layer
+                return None
             a, b = self._current[layer.module]
             x = args[0]
             if layer.conv:  # 1x1 convolution: the same update per pixel

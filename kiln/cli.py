@@ -728,6 +728,8 @@ def deploy(
     http_port: int = HTTP_PORT,
     grpc_port: int = GRPC_PORT,
     metrics_port: int = METRICS_PORT,
+    lora_inputs: bool = typer.Option(False, "--lora-inputs", help="export so that requests choose LoRA adapters "
+                                     "(kiln lora add NAME FILE, then --lora NAME:SCALE)"),
 ):
     """Export, build the repository, serve it in the background and draw one smoke image."""
     from kiln.deploy import deploy as run
@@ -736,7 +738,7 @@ def deploy(
     if model and tiny:
         raise KilnError("--model and --tiny were both given", hint="pass one")
     d = run(model, artifacts, Ports(http=http_port, grpc=grpc_port, metrics=metrics_port), precision=precision.value,
-            demo=not (model or tiny))
+            demo=not (model or tiny), lora_inputs=lora_inputs)
     _print_endpoints(d.info)
     console.print(f"model {d.model_dir} -> ONNX {d.onnx_dir} -> repository {d.repo_dir}")
     console.print(f"smoke image: {d.smoke_png} ({d.smoke_seconds:.2f} s)")
@@ -748,6 +750,8 @@ def deploy(
     console.print(f'  {kiln} generate "a blue digit 3" -o out.png --url {d.info.http_url}')
     console.print(f'  {kiln} generate "a blue digit 3" -o out.png --protocol grpc --url {d.info.grpc_url} --scheduler euler_a')
     console.print(f"  {kiln} models --url {d.info.http_url}")
+    if lora_inputs:
+        console.print(f"  {kiln} lora add NAME lora.safetensors --repo {d.repo_dir}   # then: generate ... --lora NAME:0.8")
     console.print(f"  {kiln} stop --http-port {http_port}")
 
 

@@ -85,8 +85,10 @@ def sample_grid(url: str, out: Path, seed: int = 0) -> Path:
 
 
 def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precision: str = "fp32",
-           prompt: str = "a red digit 7 on a white background", demo: bool = False) -> Deployment:
-    """MODEL, or the glyph demo model with `demo` (built or reused), or else the tiny random model."""
+           prompt: str = "a red digit 7 on a white background", demo: bool = False,
+           lora_inputs: bool = False) -> Deployment:
+    """MODEL, or the glyph demo model with `demo` (built or reused), or else the tiny random model.
+    `lora_inputs`: exported to take LoRA adapters per request (kiln lora add)."""
     from kiln.clients.client import KilnClient
 
     artifacts = Path(artifacts)
@@ -101,8 +103,8 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
     else:
         model_dir = tiny_model(artifacts)
     inspect_model(model_dir)
-    onnx_dir = artifacts / "onnx" / f"{'demo' if demo else model_dir.resolve().name}-{precision}"
-    export_onnx(model_dir, onnx_dir, precision=precision)
+    onnx_dir = artifacts / "onnx" / f"{'demo' if demo else model_dir.resolve().name}-{precision}{'-lora' if lora_inputs else ''}"
+    export_onnx(model_dir, onnx_dir, precision=precision, lora_inputs=lora_inputs)
     if server.read_state(ports) is not None:
         log.info("stopping the server already running on HTTP port %d", ports.http)
         server.stop(ports)

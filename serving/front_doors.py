@@ -140,7 +140,8 @@ def from_kiln(exc: RequestError | str, names: dict[str, str]) -> DoorError:
 # --- A1111 ----------------------------------------------------------------------------------------
 
 A1111_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size:batch_size x n_iter", "scheduler": "sampler_name",
-                "init_image": "init_images", "strength": "denoising_strength"}
+                "init_image": "init_images", "strength": "denoising_strength", "loras": "prompt:<lora:...>"}
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^<>]*)>")
 A1111_SETTINGS = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"}
 
 
@@ -222,6 +223,22 @@ def _refuse_unsupported(req: A1111Txt2Img) -> None:
                         "each served model's text encoder layer is fixed by its family; expected 1")
 
 
+def lora_tags(*texts: str) -> tuple[list[str], str]:
+    """A1111's extra-network tags: `<lora:NAME>` or `<lora:NAME:SCALE>` taken out of each text, as
+    Kiln's `loras` ("NAME:SCALE,..."). Other networks (hypernetworks, LyCORIS tags) are refused."""
+    pairs, cleaned = [], []
+    for text in texts:
+        for kind, body in _EXTRA_NETWORK.findall(text):
+            if kind.lower() != "lora":
+                raise DoorError("prompt", f"<{kind}:{body}>: this server applies LoRA adapters only (<lora:NAME:SCALE>), "
+                                f"not {kind} networks; leave the tag out")
+            name, _, rest = body.partition(":")
+            scale = rest.split(":")[0] if rest else "1"  # A1111's <lora:NAME:TE:UNET>: one scale for both here
+            pairs.append(f"{name.strip()}:{scale.strip()}")
+        cleaned.append(re.sub(r"\s{2,}", " ", _EXTRA_NETWORK.sub("", text)).strip(" ,"))
+    return cleaned, ",".join(pairs)
+
+
 def a1111_call(req: A1111Txt2Img, served: dict[str, Served], default: str) -> Call:
     """An A1111 request -> one Kiln generation. Image i is drawn with seed + i, as A1111 numbers them
     across batch_size x n_iter, so one request for all of them draws the same images."""
@@ -243,9 +260,10 @@ def a1111_call(req: A1111Txt2Img, served: dict[str, Served], default: str) -> Ca
     if req.scheduler and not sampler and req.scheduler.strip().lower() != "automatic":
         raise DoorError("scheduler", f"scheduler={req.scheduler!r} needs a sampler_name to apply to "
                         f"(the Karras samplers: {', '.join(a for a in A1111_SAMPLERS if 'Karras' in a)})")
-    kwargs = {"prompt": req.prompt, "negative_prompt": req.negative_prompt or None, "seed": req.seed,
+    (prompt, negative), loras = lora_tags(req.prompt, req.negative_prompt)
+    kwargs = {"prompt": prompt, "negative_prompt": negative or None, "seed": req.seed,
               "steps": req.steps, "guidance_scale": req.cfg_scale, "height": req.height, "width": req.width,
-              "scheduler": scheduler, "num_images": req.batch_size * req.n_iter}
+              "scheduler": scheduler, "num_images": req.batch_size * req.n_iter, "loras": loras or None}
     if isinstance(req, A1111Img2Img):
         kwargs["image"] = decode_image(req.init_images[0], "init_images.0")
         kwargs["strength"] = req.denoising_strength
@@ -265,7 +283,9 @@ def sampler_label(name: str | None) -> str:
 def infotext(call: Call, served: Served, seed: int, height: int, width: int) -> str:
     """A1111's generation parameters text (its PNG 'parameters' chunk and infotexts)."""
     kw = call.kwargs
-    lines = [kw["prompt"]]
+    tags = "".join(f" <lora:{pair.partition(':')[0]}:{pair.partition(':')[2]}>" for pair in (kw.get("loras") or "").split(",")
+                   if pair)  # as A1111 writes them: pasted back into A1111, the image comes back with its LoRAs
+    lines = [kw["prompt"] + tags]
     if kw.get("negative_prompt"):
         lines.append(f"Negative prompt: {kw['negative_prompt']}")
     settings = [f"Steps: {call.effective(served, 'steps')}",
@@ -313,12 +333,12 @@ def a1111_models(served: dict[str, Served]) -> list[dict]:
 # --- OpenAI ---------------------------------------------------------------------------------------
 
 OPENAI_FIELDS = {"num_images": "n", "height": "size", "width": "size", "init_image": "image", "strength": "strength",
-                 "guidance_scale": "guidance_scale"}
+                 "guidance_scale": "guidance_scale", "loras": "loras"}
 
 
 class OpenAIGeneration(BaseModel):
-    """POST /v1/images/generations. `negative_prompt`, `seed`, `steps`, `guidance_scale` and
-    `scheduler` are Kiln's own additions; any other field OpenAI does not define is refused."""
+    """POST /v1/images/generations. `negative_prompt`, `seed`, `steps`, `guidance_scale`, `scheduler`
+    and `loras` are Kiln's own additions; any other field OpenAI does not define is refused."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -334,6 +354,7 @@ class OpenAIGeneration(BaseModel):
     steps: Positive | None = None
     guidance_scale: Finite | None = None
     scheduler: Text | None = None
+    loras: Text | None = Field(None, description="LoRA adapters registered with the server: NAME:SCALE,NAME2:SCALE2")
 
 
 class OpenAIEdit(OpenAIGeneration):
@@ -365,7 +386,7 @@ def openai_call(req: OpenAIGeneration, served: dict[str, Served], default: str, 
         raise from_kiln(exc, {}) from None
     kwargs = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed, "steps": req.steps,
               "guidance_scale": req.guidance_scale, "height": height, "width": width, "scheduler": scheduler,
-              "num_images": req.n}
+              "num_images": req.n, "loras": req.loras}
     if image is not None:
         kwargs["image"] = check_image(image, "image")
         kwargs["strength"] = getattr(req, "strength", None)

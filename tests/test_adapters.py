@@ -334,3 +334,40 @@ def test_a_rebuilt_repository_keeps_its_adapters(adapted, tmp_path):
     index = json.loads((repo / "pipeline" / "loras" / "index.json").read_text())
     assert registry.file(index["adapters"]["kept"]["id"]).is_file()
     assert read_layers(repo / "unet" / "1") == [x for x in layers if x.component == "unet"]
+
+
+def test_gateway_doors_take_adapters(lora_triton):
+    """A1111's `<lora:NAME:SCALE>` prompt tags and the OpenAI door's `loras` draw what Triton draws."""
+    pytest.importorskip("fastapi", reason="the gateway extra (pip install 'kiln[gateway]') is not installed")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from kiln.serving.front_doors import lora_tags
+    from kiln.serving.gateway import create_app
+
+    assert lora_tags("a cat <lora:ink:0.5>, <lora:pixel-art>", "<lora:ink:0.5:0.2> blur") == \
+        (["a cat", "blur"], "ink:0.5,pixel-art:1,ink:0.5")
+
+    def png(text):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
+
+    expected = _draw(lora_triton, loras="trained:0.7")
+    body = {"prompt": f"{PROMPT} <lora:trained:0.7>", "seed": DRAW["seed"], "steps": DRAW["steps"], "width": 64,
+            "height": 64, "sampler_name": "DDIM", "cfg_scale": DRAW["guidance_scale"]}
+    with TestClient(create_app(lora_triton.http_url)) as client:
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 200, answer.text
+        assert np.array_equal(png(answer.json()["images"][0]), expected)
+        assert "<lora:trained:0.7>" in json.loads(answer.json()["info"])["infotexts"][0]
+        openai = client.post("/v1/images/generations", json={"prompt": PROMPT, "seed": DRAW["seed"], "steps": DRAW["steps"],
+                                                             "size": "64x64", "scheduler": "ddim", "loras": "trained:0.7",
+                                                             "guidance_scale": DRAW["guidance_scale"]})
+        assert openai.status_code == 200, openai.text
+        assert np.array_equal(png(openai.json()["data"][0]["b64_json"]), expected)
+        unknown = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "x <lora:nobody:1>"})
+        assert unknown.status_code == 422 and "nobody" in unknown.text and "registered" in unknown.text
+        other = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "x <hypernet:anime:1>"})
+        assert other.status_code == 422 and "hypernet" in other.text
