@@ -9,7 +9,10 @@
    (kiln.pipeline.denoise with a real diffusers scheduler) over each backend's runner: TensorRT
    engines, ONNX Runtime (CUDA provider, fp32 export) and the components' PyTorch modules (fp16 on a
    GPU); diffusers' own pipeline for the same steps beside them; medians after warm-up;
-4. a JSON report naming the GPU and the versions.
+4. runtime LoRA adapters (lora_check): the adapted UNet against the plain one in PyTorch and, where
+   TensorRT is installed, as engines (rank as a profile dimension): no more than 5% slower, A -> B -> A
+   identical;
+5. a JSON report naming the GPU and the versions.
 
 It installs nothing: `make gpu-setup` (the `gpu` extra) brings TensorRT and ONNX Runtime's CUDA
 build. What is missing is reported rather than fatal: each skipped backend says why, and the rest
@@ -129,6 +132,117 @@ def diffusers_seconds(model_dir: Path, generation: Generation, device: str, runs
     sync = torch.cuda.synchronize if device == "cuda" else None
     return timed(lambda: diffusers_image(pipe, generation.scheduler, PROMPT, "", 0, generation.steps, GUIDANCE,
                                          generation.size, generation.size), runs, warmup=1, sync=sync).median_ms / 1000
+
+
+# ------------------------------------------------------------------ runtime LoRA adapters
+
+LORA_RANK = 16
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _random_adapters(layers, work: Path, count: int) -> list[dict]:
+    """`count` rank-16 attention adapters as the registry stores them (written as kohya files, read back
+    through kiln lora add's normalisation)."""
+    from kiln.models.tiny import write_random_lora
+    from kiln.pipeline.adapters import normalise
+
+    return [normalise(write_random_lora(layers, work / f"adapter{i}.safetensors", rank=LORA_RANK, seed=i, std=0.02,
+                                        only=ATTENTION), layers)[0] for i in range(count)]
+
+
+def lora_check(model_dir: Path, out: Path, size: int, runs: int, cuda: bool, plain_engine: Path | None = None) -> dict:
+    """Runtime LoRA adapters on the GPU target (kiln.pipeline.adapters), one guided UNet step at `size`:
+    - PyTorch (fp16 on a GPU): the plain UNet against the adapted graph's module (what `--lora-inputs`
+      exports) with no adapter, the same adapter every step, and a different one every step; A -> B -> A
+      must give identical outputs (deterministic kernels);
+    - TensorRT, where it is installed: the adapted UNet's engine (each layer's rank a profile dimension,
+      ENGINE_RANKS) against the plain engine; the target is at most 5% slower, A -> B -> A identical."""
+    import json as _json
+
+    import numpy as np
+    import torch
+
+    from kiln.benchmarks.timing import timed
+    from kiln.export.specs import ShapePoint, dummy_inputs, family
+    from kiln.export.wrappers import WithLoraInputs, adaptable_layers
+    from kiln.models.folder import inspect_model, model_dims
+    from kiln.pipeline.adapters import adapter_feeds
+
+    info = inspect_model(model_dir)
+    spec, dims = family(info.family).spec("unet"), model_dims(model_dir, info)
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    module = spec.load_torch(model_dir)
+    layers = adaptable_layers(module, "unet", info.family, _json.loads((Path(model_dir) / "unet" / "config.json").read_text()))
+    adapted = WithLoraInputs(module, layers).to(device, dtype).eval()
+    latent = size // dims.vae_scale_factor
+    base = dummy_inputs(spec, ShapePoint(spec.batch(1), latent, latent), dims)
+    work = Path(out) / "lora"
+    work.mkdir(parents=True, exist_ok=True)
+    adapters = _random_adapters(layers, work, 2)
+    sets = [adapter_feeds(layers, []), adapter_feeds(layers, [(adapters[0], 0.8)]), adapter_feeds(layers, [(adapters[1], 0.8)])]
+
+    def tensors(feeds):
+        return [torch.from_numpy(v).to(device, dtype if v.dtype == np.float32 else None) for v in feeds.values()]
+
+    args = [torch.from_numpy(base[n]).to(device, dtype) for n in spec.input_names]
+    none, a, b = ([*args, *tensors(f)] for f in sets)
+    sync = torch.cuda.synchronize if cuda else None
+    report: dict = {"size": size, "adapted_layers": len(layers), "adapter": f"rank {LORA_RANK}, attention projections"}
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    with torch.inference_mode():
+        plain = timed(lambda: module(*args), runs * 5, warmup=2, sync=sync)
+        results = {"plain": plain,
+                   "no_adapter": timed(lambda: adapted(*none), runs * 5, warmup=2, sync=sync),
+                   "same_adapter": timed(lambda: adapted(*a), runs * 5, warmup=2, sync=sync)}
+        turn = iter(range(10**6))
+        results["switching_every_step"] = timed(lambda: adapted(*(a if next(turn) % 2 else b)), runs * 5, warmup=2, sync=sync)
+        first = adapted(*a).float().cpu()
+        adapted(*b)
+        again = adapted(*a).float().cpu()
+    report["pytorch"] = {name: {"median_ms": round(t.median_ms, 3), "spread": round(t.spread, 3)} for name, t in results.items()}
+    report["pytorch"]["a_b_a_identical"] = bool(torch.equal(first, again))
+    report["pytorch"]["same_adapter_vs_plain"] = round(results["same_adapter"].median_ms / plain.median_ms - 1, 4)
+    try:
+        report["tensorrt"] = _lora_engines(model_dir, out, size, runs, adapters, layers, plain_engine)
+    except Exception as exc:  # no TensorRT, no GPU, a failed build: said in the report
+        report["tensorrt"] = {"skipped": _failure(exc)}
+    return report
+
+
+def _lora_engines(model_dir: Path, out: Path, size: int, runs: int, adapters, layers, plain_engine: Path | None) -> dict:
+    import numpy as np
+
+    from kiln.benchmarks.timing import timed
+    from kiln.errors import KilnError
+    from kiln.export.onnx_export import export_onnx
+    from kiln.export.specs import ShapePoint, dummy_inputs
+    from kiln.export.tensorrt import ENGINE_NAME, Runtime, TrtRunner, export_engines, plan_engines, trt_parity_check
+    from kiln.pipeline.adapters import adapter_feeds
+
+    Runtime.detect()  # ExportError where TensorRT or its GPU is missing
+    if plain_engine is None or not plain_engine.is_file():
+        raise KilnError("the plain UNet engine was not built, so there is nothing to compare the adapted one with")
+    onnx_dir = export_onnx(model_dir, Path(out) / "onnx-lora", components=("unet",), lora_inputs=True).out_dir
+    plan = plan_engines(onnx_dir, "fp16", [f"1x{size}:1x{size}:1x{size}"], components=("unet",))
+    export_engines(onnx_dir, Path(out) / "engines-lora", plan, trt_parity_check)
+    from kiln.artifacts import read_export
+
+    manifest = read_export(onnx_dir)
+    spec, dims = manifest.family.spec("unet"), manifest.dims
+    latent = size // dims.vae_scale_factor
+    base = dummy_inputs(spec, ShapePoint(spec.batch(1), latent, latent), dims)
+    plain, lora = TrtRunner(plain_engine), TrtRunner(Path(out) / "engines-lora" / "unet" / ENGINE_NAME)
+    a, b = ({**base, **adapter_feeds(layers, [(x, 0.8)])} for x in adapters)
+    import torch
+
+    times = {"plain": timed(lambda: plain(base), runs * 5, warmup=2, sync=torch.cuda.synchronize),
+             "same_adapter": timed(lambda: lora(a), runs * 5, warmup=2, sync=torch.cuda.synchronize)}
+    first = lora(a)["out_sample"].float().cpu().numpy()
+    lora(b)
+    again = lora(a)["out_sample"].float().cpu().numpy()
+    slower = times["same_adapter"].median_ms / times["plain"].median_ms - 1
+    return {"median_ms": {k: round(t.median_ms, 3) for k, t in times.items()}, "slower_than_plain": round(slower, 4),
+            "within_5_percent": slower <= 0.05, "a_b_a_identical": bool(np.array_equal(first, again))}
 
 
 # ------------------------------------------------------------------ the check
@@ -256,6 +370,13 @@ def run(out: Path, model_dir: Path | None = None, size: int = 512, steps: int = 
     except Exception as exc:
         skipped["diffusers_pipeline"] = _failure(exc)
     report["timings"], report["skipped"] = timings, skipped
+    try:
+        from kiln.export.tensorrt import ENGINE_NAME
+
+        report["lora_adapters"] = lora_check(model_dir, out, size, runs, cuda, out / "engines" / "unet" / ENGINE_NAME)
+        print(f"lora_adapters: {json.dumps(report['lora_adapters'])}", flush=True)
+    except Exception as exc:
+        skipped["lora_adapters"] = _failure(exc)
     if "generation_s" in timings.get("tensorrt", {}):
         report["generation_time_vs_tensorrt"] = {name: round(t["generation_s"] / timings["tensorrt"]["generation_s"], 2)
                                                  for name, t in timings.items() if "generation_s" in t}

@@ -7,13 +7,14 @@ to_v, to_out.0), kohya layout, random weights.
     python -m kiln.benchmarks.lora_adapters WORK_DIR [--out benchmarks/results/lora-adapters] [--runs 3]
 
 Measures:
-- resident memory (RSS, each in a fresh process, so no allocator reuse hides a cost) of the UNet
-  component with no adapter, and with 1, 5 and 20 adapters loaded and each one's feeds built once;
+- resident memory (RSS, each in a fresh process, so no allocator reuse hides a cost) of the plain
+  UNet export, of the adapted one with no adapter, and with 1, 5 and 20 adapters loaded and each
+  one's feeds built once;
 - the time `kiln lora add` takes for one adapter (normalise + write + index), median of `runs`;
-- one guided 512x512 UNet step (batch 2, 64x64 latents): no adapter, the same adapter as the step
-  before, and the first step of a request whose adapter differs from the previous request's (its
-  file read and its feeds built: what a switch costs); from these, what a switch adds to a 20-step
-  request.
+- one guided 512x512 UNet step (batch 2, 64x64 latents): the plain export, the adapted one with no
+  adapter, the same adapter as the step before, and the first step of a request whose adapter
+  differs from the previous request's; what a switch costs (reading the adapter's file, building its
+  feeds) timed on its own, and from it what a switch adds to a 20-step request.
 Writes results.json and prints a table.
 """
 
@@ -32,7 +33,7 @@ import numpy as np
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 RANK = 16
-COUNTS = (0, 1, 5, 20)
+COUNTS = (-1, 0, 1, 5, 20)  # -1: the plain export
 
 
 def rss_mb() -> float:
@@ -52,10 +53,12 @@ def prepare(work: Path) -> Path:
         write_sd15_model(model, "full")
     onnx_dir = work / "onnx"
     export_onnx(model, onnx_dir, components=("unet",), lora_inputs=True)
+    export_onnx(model, work / "onnx-plain", components=("unet",))
     repo = work / "repo"
-    (repo / "unet").mkdir(parents=True, exist_ok=True)
-    if not (repo / "unet" / "1").exists():
-        (repo / "unet" / "1").symlink_to((onnx_dir / "unet").resolve())
+    for name, source in (("unet", onnx_dir), ("plain_unet", work / "onnx-plain")):
+        (repo / name).mkdir(parents=True, exist_ok=True)
+        if not (repo / name / "1").exists():
+            (repo / name / "1").symlink_to((source / "unet").resolve())
     layers = read_layers(onnx_dir / "unet")
     registry = Registry(repo / "pipeline" / "loras")
     for i in range(max(COUNTS) + 3):
@@ -67,22 +70,25 @@ def prepare(work: Path) -> Path:
     return repo
 
 
-def component(repo: Path):
+def component(repo: Path, plain: bool = False):
+    """The served UNet model's core, as Triton builds it (no memory arena); `plain`: the export without
+    LoRA inputs."""
     from kiln.model_repository.python_models import OnnxComponentModel
 
-    return OnnxComponentModel(repo / "unet" / "1", {"component": "unet", "family": "sd"})
+    return OnnxComponentModel(repo / ("plain_unet" if plain else "unet") / "1", {"component": "unet", "family": "sd"})
 
 
 def memory_child(repo: Path, count: int) -> dict:
-    """In a fresh process: RSS before, with the UNet loaded, and with `count` adapters loaded (feeds built)."""
+    """In a fresh process: RSS before, with the UNet loaded, and with `count` adapters loaded (feeds
+    built); count -1: the plain export, no adapter inputs."""
     from kiln.pipeline.adapters import Registry
 
     start = rss_mb()
-    model = component(repo)
+    model = component(repo, plain=count < 0)
     base = rss_mb()
     entries = Registry(repo / "pipeline" / "loras").entries()
     model.feed_sets.clear()
-    for i in range(count):
+    for i in range(max(count, 0)):
         model.adapter_feeds(f"{entries[f'style{i}']['id']}:1.0")
     return {"adapters": count, "rss_start_mb": start, "rss_base_mb": base, "rss_mb": rss_mb(),
             "adapter_store_mb": model.store.bytes / 2**20 if model.store else 0.0}
@@ -104,19 +110,30 @@ def timed(fn) -> float:
 def latency(repo: Path, runs: int) -> dict:
     from kiln.pipeline.adapters import Registry
 
+    feeds = [step_feeds()]
+    plain = component(repo, plain=True)
+    plain.run(feeds)  # warm-up
+    out = {"plain_export_s": [timed(lambda: plain.run(feeds)) for _ in range(runs)]}
+    reference = plain.run(feeds)[0]["out_sample"]
+    plain = None  # its 3.3 GB go before the adapted session loads
     model = component(repo)
     registry = Registry(repo / "pipeline" / "loras")
     entries = registry.entries()
     wire = [f"{entries[f'style{i}']['id']}:0.8" for i in range(runs + 1)]
-    feeds = [step_feeds()]
     model.run(feeds)  # warm-up
-    out = {"no_adapter_s": [timed(lambda: model.run(feeds)) for _ in range(runs)]}
+    out["no_adapter_s"] = [timed(lambda: model.run(feeds)) for _ in range(runs)]
+    out["no_adapter_equals_plain_export"] = bool(np.array_equal(model.run(feeds)[0]["out_sample"], reference))
     model.run(feeds, wire[0])
     out["same_adapter_s"] = [timed(lambda: model.run(feeds, wire[0])) for _ in range(runs)]
     switched = []
     for i in range(1, runs + 1):  # each a new adapter: its file read from disk and its feeds built
         switched.append(timed(lambda: model.run(feeds, wire[i])))
     out["switched_first_step_s"] = switched
+    # what a switch adds, part by part: reading a new adapter's file, and building its feeds
+    from kiln.pipeline.adapters import AdapterStore
+
+    out["read_adapter_file_s"] = [timed(lambda: AdapterStore([registry.folder]).get(entries[f"style{i}"]["id"]))
+                                  for i in range(runs)]
     feed_build = []
     for i in range(runs):
         model.feed_sets.clear()
@@ -171,18 +188,21 @@ def main() -> None:
     layers = read_layers(repo / "unet" / "1")
     unet_bytes = sum(f.stat().st_size for f in (repo / "unet" / "1").iterdir() if f.name.startswith("model.onnx"))
     median = {k: statistics.median(v) for k, v in times.items() if isinstance(v, list)}
-    switch_cost = median["switched_first_step_s"] - median["same_adapter_s"]
-    base_rss = memory[0]["rss_mb"]
+    switch_cost = median["read_adapter_file_s"] + median["feeds_from_loaded_adapter_s"]
+    base_rss = next(m["rss_mb"] for m in memory if m["adapters"] == 0)
     results = {
         "model": "SD 1.5 architecture, full width, random weights; UNet exported with --lora-inputs",
         "adapted_layers": len(layers), "adapter": f"rank {RANK}, attention projections {list(ATTENTION)}, kohya layout",
         "unet_file_mb": unet_bytes / 2**20, "runs": args.runs, "prepare_s": prepared_s,
         "memory": memory,
-        "memory_per_adapter_mb": {m["adapters"]: (m["rss_mb"] - base_rss) / m["adapters"] for m in memory if m["adapters"]},
+        "memory_per_adapter_mb": {m["adapters"]: (m["rss_mb"] - base_rss) / m["adapters"] for m in memory
+                                  if m["adapters"] > 0},
         "add_adapter_s": adds, "step": times, "step_median_s": median,
-        "switch_cost_s": switch_cost,
+        "switch_cost_s": switch_cost,  # read + feeds, measured directly; the step timings below cross-check it
         "switch_cost_of_20_step_request": switch_cost / (20 * median["same_adapter_s"]),
+        "switched_step_over_same_adapter_step": median["switched_first_step_s"] / median["same_adapter_s"] - 1,
         "adapter_step_over_no_adapter": median["same_adapter_s"] / median["no_adapter_s"] - 1,
+        "no_adapter_over_plain_export": median["no_adapter_s"] / median["plain_export_s"] - 1,
         "machine": f"{os.cpu_count()} CPU cores, ONNX Runtime CPU",
     }
     args.out.mkdir(parents=True, exist_ok=True)

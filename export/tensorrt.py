@@ -99,15 +99,27 @@ class ComponentPlan:
     fp32_layers: tuple[str, ...] = ()  # name patterns kept fp32 under reduced precision
 
 
-def profile_shapes(spec: ComponentSpec, dims: ModelDims, profile: Profile, guidance: bool = True) -> dict[str, list[list[int]]]:
+# An export with LoRA inputs (kiln.pipeline.adapters): each adapted layer's rank is a profile dimension,
+# the sum of the ranks of one request's adapters (four rank-16 adapters at most, by default).
+ENGINE_RANKS = (1, 16, 64)  # min (no adapter: rank-1 zeros), opt (one rank-16 adapter), max
+
+
+def profile_shapes(spec: ComponentSpec, dims: ModelDims, profile: Profile, guidance: bool = True,
+                   layers=None) -> dict[str, list[list[int]]]:
     points = [_point(spec, p, dims, guidance) for p in (profile.min, profile.opt, profile.max)]
-    return {t.name: [list(concrete_shape(t, pt, dims)) for pt in points] for t in spec.inputs}
+    shapes = {t.name: [list(concrete_shape(t, pt, dims)) for pt in points] for t in spec.inputs}
+    for layer in layers or ():
+        a, b = layer.inputs
+        shapes[a] = [[rank, layer.in_features] for rank in ENGINE_RANKS]
+        shapes[b] = [[layer.out_features, rank] for rank in ENGINE_RANKS]
+    return shapes
 
 
 def plan_component(spec: ComponentSpec, dims: ModelDims, profiles: list[Profile], precision: str,
-                   guidance: bool = True) -> ComponentPlan:
-    """One engine per component, one TensorRT optimisation profile per `profiles` entry."""
-    shapes = [profile_shapes(spec, dims, p, guidance) for p in profiles]
+                   guidance: bool = True, layers=None) -> ComponentPlan:
+    """One engine per component, one TensorRT optimisation profile per `profiles` entry; `layers`:
+    the component's adapted layers (an export with LoRA inputs)."""
+    shapes = [profile_shapes(spec, dims, p, guidance, layers) for p in profiles]
     if precision == "fp32" or not spec.reduced_precision:  # the VAE: fp16 VAEs decode to black (overflow)
         return ComponentPlan(spec.name, "fp32", shapes)
     if precision == "int8" and not spec.quantisable:  # only the quantised component carries Q/DQ nodes
@@ -152,8 +164,10 @@ def plan_engines(onnx_dir: Path, precision: str = "fp16", profiles: list[str] | 
     unknown = [name for name in components if name not in layout.components]
     if unknown:
         raise ExportError(f"unknown components {unknown}: a {manifest.model.family} export has {list(layout.components)}")
-    plan.components = [plan_component(layout.spec(name), dims, parsed, precision) for name in components
-                       if onnx_file(onnx_dir, name).is_file()]
+    from kiln.pipeline.adapters import read_layers
+
+    plan.components = [plan_component(layout.spec(name), dims, parsed, precision, layers=read_layers(Path(onnx_dir) / name))
+                       for name in components if onnx_file(onnx_dir, name).is_file()]
     if not plan.components:
         raise ExportError(f"{onnx_dir} holds none of the components {list(components)}")
     return plan
@@ -298,7 +312,8 @@ def _rel_l2(a, b) -> float:
 
 def trt_parity_check(component: str, onnx_path: Path, engine_path: Path) -> dict:
     """The engine against ONNX Runtime (CPU) running the same ONNX file, at the native shape with one
-    guided image; raises ParityError beyond the spec's TensorRT tolerance."""
+    guided image (and a rank-16 adapter when it takes LoRA inputs); raises ParityError beyond the spec's
+    TensorRT tolerance."""
     import onnxruntime as ort
 
     from kiln.errors import ParityError
@@ -308,6 +323,10 @@ def trt_parity_check(component: str, onnx_path: Path, engine_path: Path) -> dict
     spec = manifest.family.spec(component)
     dims = manifest.dims
     feeds = dummy_inputs(spec, ShapePoint(spec.batch(1), dims.default_latent, dims.default_latent), dims)
+    from kiln.export.onnx_export import lora_dummies
+    from kiln.pipeline.adapters import read_layers
+
+    feeds.update(lora_dummies(read_layers(onnx_path.parent), rank=ENGINE_RANKS[1]))  # an adapted export: with an adapter
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     got = TrtRunner(engine_path)(feeds)

@@ -56,6 +56,10 @@ def test_gpu_check_runs_on_the_cpu_and_reports_what_it_skipped(tiny_model, sdxl_
         assert timing["unet_step_s"] > 0 and timing["generation_s"] > 0, name
     assert report["timings"]["pytorch_fp32"]["diffusers_pipeline_s"] > 0
     assert report["versions"]["torch"] and report["size"] == 64
+    lora = report["lora_adapters"]  # runtime LoRA adapters: the same check a GPU host runs
+    assert lora["adapted_layers"] > 0 and lora["pytorch"]["a_b_a_identical"] is True
+    assert all(lora["pytorch"][k]["median_ms"] > 0 for k in ("plain", "no_adapter", "same_adapter", "switching_every_step"))
+    assert "TensorRT is not installed" in lora["tensorrt"]["skipped"]
 
 
 @pytest.mark.parametrize("flag, value", [("--scheduler", "warp"), ("--runs", "0"), ("--size", "60"), ("--steps", "0")])
