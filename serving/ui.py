@@ -18,7 +18,7 @@ class UiError(KilnError):
 
 def generate_images(url: str, model: str, prompt: str, negative: str, seed: float | None, steps: float | None,
                     guidance: float | None, scheduler: str, width: float | None, height: float | None,
-                    count: float | None, init_image: str | None, strength: float | None):
+                    count: float | None, init_image: str | None, strength: float | None, loras: str = ""):
     """One Triton request; returns [(image, caption)] for the gallery. Raises ClientError as worded by the server."""
     def whole(value):
         return None if value is None or value == "" else int(value)
@@ -29,7 +29,7 @@ def generate_images(url: str, model: str, prompt: str, negative: str, seed: floa
             prompt, negative_prompt=negative or None, seed=seed if seed is not None and seed >= 0 else -1,
             steps=whole(steps), guidance_scale=guidance, scheduler=None if scheduler == DEFAULT else scheduler,
             width=whole(width), height=whole(height), num_images=whole(count),
-            image=init_image or None, strength=strength if init_image else None)
+            image=init_image or None, strength=strength if init_image else None, loras=(loras or "").strip() or None)
     return [(image, f"seed {seed}") for image, seed in zip(result.images, result.seeds)]
 
 
@@ -47,10 +47,10 @@ def create_page(url: str, admin_key: str | None = None):
     first = served.get(names[0])
     defaults = first.defaults if first else {}
 
-    def run(model, prompt, negative, seed, steps, guidance, scheduler, width, height, count, init_image, strength):
+    def run(model, prompt, negative, seed, steps, guidance, scheduler, width, height, count, init_image, strength, loras):
         try:
             return generate_images(url, model, prompt, negative, seed, steps, guidance, scheduler, width, height,
-                                   count, init_image, strength)
+                                   count, init_image, strength, loras)
         except ClientError as exc:
             raise gr.Error(exc.detail, title="The server refused this" if exc.rejected else "The server failed") from None
 
@@ -60,6 +60,7 @@ def create_page(url: str, admin_key: str | None = None):
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                loras = gr.Textbox(label="LoRA adapters (name:scale, ...; kiln lora list)", lines=1, elem_id="loras")
                 with gr.Row():
                     model = gr.Dropdown(names, value=names[0], label="Model", elem_id="model")
                     scheduler = gr.Dropdown(list(SCHEDULER_CHOICES), value=DEFAULT, label="Sampler", elem_id="sampler")
@@ -77,7 +78,7 @@ def create_page(url: str, admin_key: str | None = None):
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Images", format="png", columns=2, height="auto", elem_id="gallery", show_label=True)
-        inputs = [model, prompt, negative, seed, steps, guidance, scheduler, width, height, count, init_image, strength]
+        inputs = [model, prompt, negative, seed, steps, guidance, scheduler, width, height, count, init_image, strength, loras]
         button.click(run, inputs, gallery)
         prompt.submit(run, inputs, gallery)
     return page

@@ -337,7 +337,8 @@ def test_a_rebuilt_repository_keeps_its_adapters(adapted, tmp_path):
 
 
 def test_gateway_doors_take_adapters(lora_triton):
-    """A1111's `<lora:NAME:SCALE>` prompt tags and the OpenAI door's `loras` draw what Triton draws."""
+    """A1111's `<lora:NAME:SCALE>` prompt tags, the OpenAI door's `loras` and the web page's LoRA field
+    draw what Triton draws."""
     pytest.importorskip("fastapi", reason="the gateway extra (pip install 'kiln[gateway]') is not installed")
     import base64
     import io
@@ -371,3 +372,37 @@ def test_gateway_doors_take_adapters(lora_triton):
         assert unknown.status_code == 422 and "nobody" in unknown.text and "registered" in unknown.text
         other = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "x <hypernet:anime:1>"})
         assert other.status_code == 422 and "hypernet" in other.text
+    from kiln.serving.ui import generate_images  # the web page's request
+
+    (image, _), = generate_images(lora_triton.http_url, "txt2img", PROMPT, "", DRAW["seed"], DRAW["steps"],
+                                  DRAW["guidance_scale"], "ddim", 64, 64, 1, None, None, " trained:0.7 ")
+    assert np.array_equal(image, expected)
+
+
+def test_sdxl_kohya_names_reach_the_layers_diffusers_fuses(sdxl_model, tmp_path):
+    """SDXL's kohya files name UNet layers by the original (sgm) layout and its encoders lora_te1_/lora_te2_:
+    for every adapted layer of a tiny SDXL export, the update Kiln feeds (B x scale x alpha/r times A)
+    equals what diffusers' load_lora_weights + fuse_lora adds to that layer's weight."""
+    import torch
+
+    onnx_dir = export_onnx(sdxl_model(), tmp_path / "onnx", components=("unet", "text_encoder", "text_encoder_2"),
+                           lora_inputs=True).out_dir
+    layers = [x for c in ("unet", "text_encoder", "text_encoder_2") for x in read_layers(onnx_dir / c)]
+    assert {x.component for x in layers} == {"unet", "text_encoder", "text_encoder_2"}
+    assert any(x.kohya.startswith("lora_unet_input_blocks_") for x in layers)
+    path = write_random_lora(layers, tmp_path / "sdxl.safetensors", rank=4, alpha=2, seed=4)
+    tensors, summary = normalise(path, layers)
+    assert summary["modules"] == {c: sum(x.component == c for x in layers) for c in summary["modules"]}
+    pipe = load_diffusers_pipeline(sdxl_model())
+    before = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()}
+              for c in ("unet", "text_encoder", "text_encoder_2")}
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
+    pipe.fuse_lora(lora_scale=0.6)
+    pipe.unload_lora_weights()
+    for layer in layers:
+        after = getattr(pipe, layer.component).state_dict()
+        name = next(n for n in (f"{layer.module}.weight", f"{layer.module.removeprefix('text_model.')}.weight") if n in after)
+        key = f"{layer.component}.{layer.module}"
+        update = 0.6 * torch.from_numpy(tensors[f"B.{key}"] @ tensors[f"A.{key}"])
+        delta = (after[name] - before[layer.component][name]).reshape(update.shape)
+        assert float((delta - update).abs().max()) <= 1e-5, key
