@@ -63,7 +63,9 @@ class ExportResult:
 
 def input_order(spec: ComponentSpec, layers=None) -> list[str]:
     """The exported graph's inputs: the spec's, then each adapted layer's A and B."""
-    return spec.input_names + [name for layer in layers or () for name in layer.inputs]
+    from kiln.pipeline.adapters import live
+
+    return spec.input_names + [name for layer in live(layers) for name in layer.inputs]
 
 
 def run_torch(module: torch.nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray], layers=None) -> dict[str, np.ndarray]:
@@ -75,9 +77,11 @@ def run_torch(module: torch.nn.Module, spec: ComponentSpec, feeds: dict[str, np.
 
 def lora_dummies(layers, rank: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     """Random adapter feeds for an adapted export's checks (empty for a plain one)."""
+    from kiln.pipeline.adapters import live
+
     rng = np.random.default_rng(seed)
     feeds = {}
-    for layer in layers or ():
+    for layer in live(layers):
         a, b = layer.inputs
         feeds[a] = rng.normal(0, 0.1, (rank, layer.in_features)).astype(np.float32)
         feeds[b] = rng.normal(0, 0.1, (layer.out_features, rank)).astype(np.float32)
@@ -104,12 +108,14 @@ def check_parity(module, spec: ComponentSpec, onnx_path: Path, dims: ModelDims, 
 
 
 def export_component(module, spec: ComponentSpec, dims: ModelDims, path: Path, opset: int, layers=None) -> None:
+    from kiln.pipeline.adapters import live
+
     # batch 2 and rank 2: no axis gets specialised to 1
     feeds = {**dummy_inputs(spec, parity_points(dims)[1], dims), **lora_dummies(layers)}
     names = input_order(spec, layers)
     args = tuple(torch.from_numpy(feeds[name]) for name in names)
     axes = spec.dynamic_axes()
-    for i, layer in enumerate(layers or ()):  # each layer's rank varies on its own (adapters differ per layer)
+    for i, layer in enumerate(live(layers)):  # each layer's rank varies on its own (adapters differ per layer)
         a, b = layer.inputs
         axes[a], axes[b] = {0: f"rank_{i}"}, {1: f"rank_{i}"}
     with torch.inference_mode(), warnings.catch_warnings():
@@ -238,6 +244,14 @@ def _build_component(model_dir, spec, dims, out_dir, opset, precision, adapted_f
         fp32_path = scratch / "fp32" / "model.onnx"
         fp32_path.parent.mkdir()
         export_component(module, spec, dims, fp32_path, opset, layers)
+        if layers:  # layers whose output the component never uses lose their inputs in the graph
+            import dataclasses
+
+            import onnx
+
+            taken = {i.name for i in onnx.load(str(fp32_path), load_external_data=False).graph.input}
+            layers = [dataclasses.replace(x, inert=x.inputs[0] not in taken) for x in layers]
+            module.layers = [x for x in layers if not x.inert]
         final_path = fp32_path
         if precision != "fp32":
             final_path = scratch / precision / "model.onnx"

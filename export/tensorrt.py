@@ -108,7 +108,9 @@ def profile_shapes(spec: ComponentSpec, dims: ModelDims, profile: Profile, guida
                    layers=None) -> dict[str, list[list[int]]]:
     points = [_point(spec, p, dims, guidance) for p in (profile.min, profile.opt, profile.max)]
     shapes = {t.name: [list(concrete_shape(t, pt, dims)) for pt in points] for t in spec.inputs}
-    for layer in layers or ():
+    from kiln.pipeline.adapters import live
+
+    for layer in live(layers):
         a, b = layer.inputs
         shapes[a] = [[rank, layer.in_features] for rank in ENGINE_RANKS]
         shapes[b] = [[layer.out_features, rank] for rank in ENGINE_RANKS]

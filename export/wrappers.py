@@ -145,9 +145,10 @@ class WithLoraInputs(torch.nn.Module):
 
     def _hook(self, layer):
         def add_update(module, args, output):
-            if not self._current:  # the inner module called on its own: the plain layer
+            pair = self._current.get(layer.module)
+            if pair is None:  # the inner module called on its own, or a layer without inputs: the plain layer
                 return None
-            a, b = self._current[layer.module]
+            a, b = pair
             x = args[0]
             if layer.conv:  # 1x1 convolution: the same update per pixel
                 return output + torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a[:, :, None, None]),

@@ -131,18 +131,36 @@ class OnnxComponentModel:
                                "(kiln export onnx --lora-inputs)")
         return format_selection(pairs)
 
-    def adapter_feeds(self, wire: str) -> dict[str, np.ndarray]:
-        """The lora_A/lora_B feeds of an adapter set, built once while the set stays recent."""
-        from kiln.pipeline.adapters import REGISTRY_FOLDER, AdapterStore, adapter_feeds, parse_resolved
+    def _store(self):
+        from kiln.pipeline.adapters import REGISTRY_FOLDER, AdapterStore
 
-        if wire in self.feed_sets:
-            self.feed_sets.move_to_end(wire)
-            return self.feed_sets[wire]
         if self.store is None:
             self.store = AdapterStore([])
         # every served model's registry: ids name file contents, so any registry holding one will do
         self.store.folders = sorted(self.repository.glob(f"*/{REGISTRY_FOLDER}"))
-        feeds = adapter_feeds(self.layers, [(self.store.get(i), scale) for i, scale in parse_resolved(wire)])
+        return self.store
+
+    def touching(self, wire: str) -> str:
+        """The adapters of a set that change this component ('' when none has layers here: a UNet-only
+        LoRA leaves the text encoder, and its embedding cache, as the base's)."""
+        from kiln.pipeline.adapters import format_selection, parse_resolved
+
+        if not wire:
+            return ""
+        prefix = f"A.{self.spec.name}."
+        store = self._store()
+        return format_selection([(i, scale) for i, scale in parse_resolved(wire)
+                                 if any(key.startswith(prefix) for key in store.get(i))])
+
+    def adapter_feeds(self, wire: str) -> dict[str, np.ndarray]:
+        """The lora_A/lora_B feeds of an adapter set, built once while the set stays recent."""
+        from kiln.pipeline.adapters import adapter_feeds, parse_resolved
+
+        if wire in self.feed_sets:
+            self.feed_sets.move_to_end(wire)
+            return self.feed_sets[wire]
+        store = self._store()
+        feeds = adapter_feeds(self.layers, [(store.get(i), scale) for i, scale in parse_resolved(wire)])
         self.feed_sets[wire] = feeds
         while len(self.feed_sets) > ADAPTER_FEED_SETS:
             self.feed_sets.popitem(last=False)
@@ -181,7 +199,7 @@ class OnnxComponentModel:
             feed = triton.read_inputs(request, names)
             try:
                 self.check(feed)
-                adapters = self.adapters(feed)
+                adapters = self.touching(self.adapters(feed))
             except RequestError as exc:
                 responses[i] = triton.fail(exc)
                 continue

@@ -89,6 +89,15 @@ def _reference(model_dir, loras: list[tuple], prompt=PROMPT):
                            DRAW["height"], DRAW["width"])[0]
 
 
+def _cache_hits(info) -> float:
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(info.metrics_url, timeout=10).read().decode()
+    match = re.search(r'kiln_embedding_cache_hits\{[^}]*model="text_encoder"[^}]*\} (\d+)', text)
+    return float(match.group(1)) if match else 0.0
+
+
 def _diff(a, b) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
@@ -226,6 +235,14 @@ def test_adapter_added_while_serving_and_text_encoder_adapters(lora_triton, adap
     assert _diff(text, base) > 2
     assert _diff(text, _reference(tiny_model("epsilon"), [(adapted["files"]["text"], 1.0)])) <= BOUND
     assert np.array_equal(_draw(lora_triton), base)  # the base prompt's cached embedding is the base's
+    # a UNet-only adapter leaves the text encoder as the base's: its rows come from the embedding cache
+    prompt = f"a cached prompt {time.time()}"
+    _draw(lora_triton, prompt=prompt)
+    hits = _cache_hits(lora_triton)
+    _draw(lora_triton, prompt=prompt, loras="trained:0.5")
+    assert _cache_hits(lora_triton) - hits == 2  # prompt and negative prompt
+    _draw(lora_triton, prompt=prompt, loras="text:0.5")
+    assert _cache_hits(lora_triton) - hits == 2  # a text-encoder adapter computes its own rows
     listed = CliRunner().invoke(app, ["lora", "list", "--repo", str(adapted["repo"])])
     assert listed.exit_code == 0 and {"trained", "everything", "text"} <= {line.split("\t")[0] for line in listed.output.splitlines()}
 
@@ -392,7 +409,10 @@ def test_sdxl_kohya_names_reach_the_layers_diffusers_fuses(sdxl_model, tmp_path)
     assert any(x.kohya.startswith("lora_unet_input_blocks_") for x in layers)
     path = write_random_lora(layers, tmp_path / "sdxl.safetensors", rank=4, alpha=2, seed=4)
     tensors, summary = normalise(path, layers)
-    assert summary["modules"] == {c: sum(x.component == c for x in layers) for c in summary["modules"]}
+    inert = [x for x in layers if x.inert]  # the encoders' last layers: SDXL reads the penultimate one
+    assert inert and all(x.component.startswith("text_encoder") and ".layers.2." in x.module for x in inert)
+    layers = [x for x in layers if not x.inert]
+    assert summary["modules"] == {c: sum(x.component == c for x in layers) for c in ("unet", "text_encoder", "text_encoder_2")}
     pipe = load_diffusers_pipeline(sdxl_model())
     before = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()}
               for c in ("unet", "text_encoder", "text_encoder_2")}

@@ -59,10 +59,17 @@ class AdaptedLayer:
     out_features: int
     kohya: str
     conv: bool = False  # a 1x1 convolution (SD 1.x's transformer proj_in/proj_out)
+    inert: bool = False  # its output never reaches the component's outputs (SDXL's encoders use the
+    # penultimate layer): LoRA files may hold it, it changes nothing, the graph takes no input for it
 
     @property
     def inputs(self) -> tuple[str, str]:
         return f"lora_A.{self.module}", f"lora_B.{self.module}"
+
+
+def live(layers) -> list[AdaptedLayer]:
+    """The layers the graph takes inputs for."""
+    return [layer for layer in layers or () if not layer.inert]
 
 
 def write_layers(folder: Path, layers: list[AdaptedLayer]) -> None:
@@ -157,7 +164,8 @@ def normalise(path: Path, layers: list[AdaptedLayer]) -> tuple[dict[str, np.ndar
             if shown not in outside:
                 outside.append(shown)
             continue
-        parts.setdefault(layer, {})[role] = value
+        if not layer.inert:
+            parts.setdefault(layer, {})[role] = value
     if outside:
         raise ModelError(f"{path}: {len(outside)} of its modules {'is not a layer' if len(outside) == 1 else 'are not layers'} "
                          "this export takes adapters for, "
@@ -392,7 +400,7 @@ def adapter_feeds(layers: list[AdaptedLayer], adapters: list[tuple[dict[str, np.
     """The `lora_A.*` / `lora_B.*` feeds of one component for `adapters` ((normalised tensors, scale)
     pairs): concatenated along the rank, each B times its scale; rank-1 zeros where none applies."""
     feeds = {}
-    for layer in layers:
+    for layer in live(layers):
         key = f"{layer.component}.{layer.module}"
         a_parts = [t[f"A.{key}"] for t, _ in adapters if f"A.{key}" in t]
         b_parts = [t[f"B.{key}"] * np.float32(s) for t, s in adapters if f"A.{key}" in t]
