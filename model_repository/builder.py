@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from kiln import __version__
-from kiln.errors import RepositoryError
+from kiln.errors import KilnError, RepositoryError
 from kiln.artifacts import (MANIFEST_NAME, exported_components, fingerprint, read_export, tree_sha256,
                             write_folder_atomically, write_json_atomically)
 from kiln.export.specs import FAMILIES
@@ -236,7 +236,10 @@ def _keep_adapters(old_model: Path, new_model: Path, digest: str) -> None:
     from kiln.pipeline.adapters import INDEX_NAME, REGISTRY_FOLDER, Registry
 
     old, new = old_model / REGISTRY_FOLDER, new_model / REGISTRY_FOLDER
-    index = Registry(old).read() if (old / INDEX_NAME).is_file() else None
+    try:
+        index = Registry(old).read() if (old / INDEX_NAME).is_file() else None
+    except KilnError as exc:
+        raise RepositoryError(str(exc), hint=exc.hint) from None
     if index and index.get("layers") == digest:
         shutil.copytree(old, new, ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
         log.info("kept the %d LoRA adapter(s) registered with %s", len(index["adapters"]), new_model.name)

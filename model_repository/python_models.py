@@ -200,7 +200,9 @@ class OnnxComponentModel:
             try:
                 self.check(feed)
                 adapters = self.touching(self.adapters(feed))
-            except RequestError as exc:
+            except Exception as exc:  # a bad request, or a damaged adapter file: this request fails alone
+                if not isinstance(exc, RequestError):
+                    log.warning("%s: %s", self.spec.name, exc)
                 responses[i] = triton.fail(exc)
                 continue
             groups.setdefault(adapters, []).append((i, feed))

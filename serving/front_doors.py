@@ -232,6 +232,9 @@ def lora_tags(*texts: str) -> tuple[list[str], str]:
             if kind.lower() != "lora":
                 raise DoorError("prompt", f"<{kind}:{body}>: this server applies LoRA adapters only (<lora:NAME:SCALE>), "
                                 f"not {kind} networks; leave the tag out")
+            if "," in body:
+                raise DoorError("prompt", f"<{kind}:{body}>: one adapter per tag, <lora:NAME:SCALE> (no commas); "
+                                "write a tag for each")
             name, _, rest = body.partition(":")
             scale = rest.split(":")[0] if rest else "1"  # A1111's <lora:NAME:TE:UNET>: one scale for both here
             pairs.append(f"{name.strip()}:{scale.strip()}")

@@ -147,7 +147,7 @@ def test_feeds_concatenate_adapters_with_their_scales(adapted):
 # --- request syntax and refused files --------------------------------------------------------------
 
 @pytest.mark.parametrize("text, problem", [
-    ("a:nan", "finite scale"), ("a:inf", "finite scale"), ("a:4.5", "finite scale"), ("a:x", "not a number"),
+    ("a:\uff11", "not a number"), ("a:1_0", "not a number"), (",", "letters, digits"), ("a:nan", "not a number"), ("a:inf", "not a number"), ("a:1e309", "finite scale"), ("a:4.5", "finite scale"), ("a:x", "not a number"),
     ("a,a:0.5", "given twice"), ("../etc/passwd", "letters, digits"), ("a b", "letters, digits"), (":1", "letters"),
     (",".join(f"n{i}" for i in range(adapters.MAX_ADAPTERS + 1)), "at most"),
 ])
@@ -184,6 +184,36 @@ def test_files_that_do_not_fit_are_refused(adapted, tmp_path):
     save_file(nan, str(tmp_path / "nan.safetensors"))
     with pytest.raises(ModelError, match="NaN"):
         normalise(tmp_path / "nan.safetensors", layers)
+
+
+def test_damaged_files_and_indexes_are_named(adapted, tmp_path):
+    layers = adapted["layers"]
+    state = load_file(str(adapted["files"]["everything"]))
+    down = next(k for k in state if k.endswith("lora_down.weight"))
+    for label, change, expected in [
+        ("rank0", {down: state[down][:0], down.replace("down", "up"): state[down.replace("down", "up")][:, :0]}, "rank 0"),
+        ("ints", {down: state[down].to(torch.int32)}, "not floating point"),
+        ("alphas", {down.replace("lora_down.weight", "alpha"): torch.tensor([2.0, 3.0])}, "2 alpha values"),
+        ("overflow", {down.replace("lora_down.weight", "alpha"): torch.tensor(3e38),
+                      down.replace("down", "up"): state[down.replace("down", "up")] * 1e3}, "past float32"),
+    ]:
+        save_file({**state, **change}, str(tmp_path / f"{label}.safetensors"))
+        with pytest.raises(ModelError, match=expected):
+            normalise(tmp_path / f"{label}.safetensors", layers)
+    registry = Registry(tmp_path / "loras")
+    for text, expected in (('{"adapters": {"a": ', "not JSON"), ("{}", 'no "adapters"'),
+                           ('{"adapters": {"q": "x"}}', "'q' is not an adapter entry")):
+        registry.folder.mkdir(exist_ok=True)
+        registry.index.write_text(text)
+        with pytest.raises(ModelError, match=f"adapter index .*index.json is damaged: .*{expected}"):
+            registry.entries()
+    registry.index.unlink()
+    registry.add("a", adapted["files"]["text"], layers)  # a registry without an index records its layers
+    assert registry.read()["layers"] == adapters.layers_digest(layers)
+    with pytest.raises(ModelError, match="other adapted layers"):
+        registry.add("b", adapted["files"]["text"], layers[:-1])
+    registry.add("a2", adapted["files"]["text"], layers)  # two names of one file: one adapter, scales added
+    assert registry.resolve([("a", 0.5), ("a2", 0.25)]) == f"{registry.entries()['a']['id']}:0.75"
 
 
 def test_registry_replace_remove_and_grace(adapted, tmp_path):
@@ -300,7 +330,7 @@ def test_removing_an_adapter_in_use_finishes_the_request_and_refuses_later_ones(
 
 def test_bad_adapter_requests_leave_the_server_unchanged(lora_triton):
     base = _draw(lora_triton)
-    for loras, expected in [("nobody:1", "an adapter registered"), ("trained:nan", "finite scale"),
+    for loras, expected in [("nobody:1", "an adapter registered"), ("trained:nan", "not a number"),
                             ("trained:9", "finite scale"), ("trained;0.5", "letters, digits"),
                             ("trained:1,trained:1", "given twice")]:
         with pytest.raises(ClientError, match=expected):
@@ -315,7 +345,7 @@ def test_bad_adapter_requests_leave_the_server_unchanged(lora_triton):
             tensor = http.InferInput(name, list(value.shape), "FP32")
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
-        for bad, expected in (("0123456789abcdef:1.0", "still registered"), ("../../x:1", "letters, digits"), ("leaving:1", "16 hex digits")):
+        for bad, expected in (("0123456789abcdef:1.0", "whose file is in the registry"), ("../../x:1", "letters, digits"), ("leaving:1", "16 hex digits")):
             loras = http.InferInput("loras", [1, 1], "BYTES")
             loras.set_data_from_numpy(np.array([[bad.encode()]], dtype=np.object_))
             with pytest.raises(Exception, match=expected):
@@ -368,6 +398,10 @@ def test_gateway_doors_take_adapters(lora_triton):
 
     assert lora_tags("a cat <lora:ink:0.5>, <lora:pixel-art>", "<lora:ink:0.5:0.2> blur") == \
         (["a cat", "blur"], "ink:0.5,pixel-art:1,ink:0.5")
+    from kiln.serving.front_doors import DoorError
+
+    with pytest.raises(DoorError, match="one adapter per tag"):
+        lora_tags("x <lora:a:1,b:1>")
 
     def png(text):
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))

@@ -91,23 +91,26 @@ def layers_digest(layers: list[AdaptedLayer]) -> str:
 
 # --- a request's choice ---------------------------------------------------------------------------
 
-def parse_selection(text: str, field: str = LORA_FIELD) -> tuple[tuple[str, float], ...]:
+NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII only: float() also reads other scripts' digits
+
+
+def parse_selection(text: str, field: str = LORA_FIELD, max_scale: float = MAX_SCALE) -> tuple[tuple[str, float], ...]:
     """'name:scale,name2:scale2' -> ((name, scale), ...) in the order given; '' -> ()."""
     text = text.strip()
     if not text:
         return ()
     chosen: dict[str, float] = {}
     for part in text.split(","):
+        shown = part.strip()[:80] or text[:80]
         name, colon, scale_text = part.strip().partition(":")
         name = name.strip()
         if not NAME.fullmatch(name):
-            raise RequestError(field, part.strip()[:80], f"{SYNTAX}; a name is 1-64 letters, digits, '.', '_' or '-'")
-        try:
-            scale = float(scale_text) if colon else 1.0
-        except ValueError:
-            raise RequestError(field, part.strip()[:80], f"{SYNTAX}: {scale_text.strip()!r} is not a number") from None
-        if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
-            raise RequestError(field, part.strip()[:80], f"a finite scale in [-{MAX_SCALE:g}, {MAX_SCALE:g}] for {name}")
+            raise RequestError(field, shown, f"{SYNTAX}; a name is 1-64 letters, digits, '.', '_' or '-'")
+        if colon and not NUMBER.fullmatch(scale_text.strip()):
+            raise RequestError(field, shown, f"{SYNTAX}: {scale_text.strip()[:40]!r} is not a number")
+        scale = float(scale_text) if colon else 1.0
+        if not math.isfinite(scale) or abs(scale) > max_scale:
+            raise RequestError(field, shown, f"a finite scale in [-{max_scale:g}, {max_scale:g}] for {name}")
         if name in chosen:
             raise RequestError(field, text[:80], f"each adapter once: {name} is given twice")
         chosen[name] = scale
@@ -124,7 +127,7 @@ def format_selection(pairs) -> str:
 def parse_resolved(text: str) -> tuple[tuple[str, float], ...]:
     """What a pipeline sends its components: adapter ids (not names) and scales. Checked again here:
     the components are reachable by any client."""
-    pairs = parse_selection(text)
+    pairs = parse_selection(text, max_scale=MAX_SCALE * MAX_ADAPTERS)  # names of one file merged: scales add
     for adapter_id, _ in pairs:
         if not ADAPTER_ID.fullmatch(adapter_id):
             raise RequestError(LORA_FIELD, adapter_id, "adapter ids (16 hex digits) as the pipeline sends them")
@@ -175,6 +178,15 @@ def normalise(path: Path, layers: list[AdaptedLayer]) -> tuple[dict[str, np.ndar
                               "kiln merge BASE OUT --lora FILE")
     tensors, ranks = {}, set()
     for layer, found in parts.items():
+        where = f"{path}: module {layer.kohya if summary.layout == 'kohya' else layer.module}"
+        if not (found["down"].is_floating_point() and found["up"].is_floating_point()):
+            raise ModelError(f"{where} holds {found['down'].dtype} weights, not floating point",
+                             hint="the file is damaged: get it again from its source")
+        if found["down"].shape[0] == 0 or found["down"].numel() == 0 or found["up"].numel() == 0:
+            raise ModelError(f"{where} has rank 0 (no weights)", hint="the file is damaged: get it again from its source")
+        if "alpha" in found and found["alpha"].numel() != 1:
+            raise ModelError(f"{where} has {found['alpha'].numel()} alpha values, not one",
+                             hint="the file is damaged: get it again from its source")
         down, up = found["down"].float(), found["up"].float()
         if down.ndim == 4 and down.shape[2:] != (1, 1) or up.ndim == 4 and up.shape[2:] != (1, 1):
             raise ModelError(f"{path}: module {layer.module} has a {tuple(down.shape[2:])} convolution LoRA; the layer is "
@@ -192,8 +204,12 @@ def normalise(path: Path, layers: list[AdaptedLayer]) -> tuple[dict[str, np.ndar
         else:
             alpha = _alpha(metadata, layer.component, layer.module, rank)
         key = f"{layer.component}.{layer.module}"
+        scaled = (up * (alpha / rank)).to(torch.float32)
+        if not bool(scaled.isfinite().all()):
+            raise ModelError(f"{where}: alpha {alpha:g} over rank {rank} scales its weights past float32",
+                             hint="the file is damaged: get it again from its source")
         tensors[f"A.{key}"] = down.contiguous().numpy()
-        tensors[f"B.{key}"] = (up * (alpha / rank)).to(torch.float32).contiguous().numpy()
+        tensors[f"B.{key}"] = scaled.contiguous().numpy()
         ranks.add(rank)
     if not tensors:
         raise ModelError(f"{path} holds no LoRA module", hint="give a LoRA file kiln train lora or kohya's scripts wrote")
@@ -226,11 +242,26 @@ class Registry:
         self._entries: dict = {}
 
     def read(self) -> dict:
-        """The whole index ({"layers": digest, "adapters": {name: entry}, "removed": {id: time}})."""
+        """The whole index ({"layers": digest, "adapters": {name: entry}, "removed": {id: time}});
+        a ModelError naming the file when it is damaged."""
         try:
-            return json.loads(self.index.read_text())
+            data = json.loads(self.index.read_text())
         except FileNotFoundError:
             return {"format": 1, "layers": None, "adapters": {}, "removed": {}}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._damaged(f"it is not JSON ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("adapters"), dict):
+            raise self._damaged("it holds no \"adapters\" object")
+        for name, entry in data["adapters"].items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("id"), str) and ADAPTER_ID.fullmatch(entry["id"])):
+                raise self._damaged(f"the entry {str(name)[:64]!r} is not an adapter entry")
+        data.setdefault("removed", {})
+        data.setdefault("layers", None)
+        return data
+
+    def _damaged(self, why: str) -> ModelError:
+        return ModelError(f"the adapter index {self.index} is damaged: {why}",
+                          hint="restore it, or delete it and add the adapters again with kiln lora add")
 
     def entries(self) -> dict[str, dict]:
         """name -> entry; cheap when nothing changed (one stat)."""
@@ -248,14 +279,15 @@ class Registry:
         """Names -> the ids their files hold now, as the components' wire string; RequestError for a
         name not registered."""
         entries = self.entries()
-        resolved = []
+        resolved: dict[str, float] = {}
         for name, scale in pairs:
             if name not in entries:
                 known = ", ".join(sorted(entries)[:20]) or "none"
                 raise RequestError(LORA_FIELD, name, f"an adapter registered with {model} (registered: {known}); "
                                    "add one with: kiln lora add NAME FILE")
-            resolved.append((entries[name]["id"], scale))
-        return format_selection(resolved)
+            adapter = entries[name]["id"]  # two names of one file: their scales add, as two fused copies would
+            resolved[adapter] = resolved.get(adapter, 0.0) + scale
+        return format_selection(resolved.items())
 
     def file(self, adapter: str) -> Path:
         return self.folder / f"{adapter}.safetensors"
@@ -290,8 +322,13 @@ class Registry:
             raise ModelError(f"{source} does not exist", hint="give a LoRA .safetensors file")
         tensors, summary = normalise(source, layers)
         identity = adapter_id(tensors)
+        digest = layers_digest(layers)
         with self._lock():
             index = self.read()
+            if index["layers"] not in (None, digest):
+                raise ModelError(f"the registry {self.folder} belongs to an export with other adapted layers",
+                                 hint="rebuild the repository from the served export (kiln repo build)")
+            index["layers"] = digest
             if name in index["adapters"] and not replace:
                 raise ModelError(f"an adapter named {name} is already registered (from {index['adapters'][name]['source']})",
                                  hint="remove it first (kiln lora remove NAME), or add with --replace")
@@ -385,9 +422,14 @@ class AdapterStore:
 
         path = next((f / f"{adapter}.safetensors" for f in self.folders if (f / f"{adapter}.safetensors").is_file()), None)
         if path is None:
-            raise RequestError(LORA_FIELD, adapter, "an adapter still registered (it was removed, and its grace period "
-                               "is over)")
-        tensors = load_file(str(path))
+            raise RequestError(LORA_FIELD, adapter, "an adapter whose file is in the registry (this one was removed "
+                               "longer ago than the grace period, or its file was deleted); add it again with kiln lora add")
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ModelError(f"the stored adapter {path} is damaged ({first})",
+                             hint="add it again: kiln lora add NAME FILE --replace") from None
         self.loaded[adapter] = tensors
         self.bytes += sum(v.nbytes for v in tensors.values())
         while self.bytes > self.max_bytes and len(self.loaded) > 1:
@@ -404,6 +446,12 @@ def adapter_feeds(layers: list[AdaptedLayer], adapters: list[tuple[dict[str, np.
         key = f"{layer.component}.{layer.module}"
         a_parts = [t[f"A.{key}"] for t, _ in adapters if f"A.{key}" in t]
         b_parts = [t[f"B.{key}"] * np.float32(s) for t, s in adapters if f"A.{key}" in t]
+        for a, b in zip(a_parts, b_parts):
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features \
+                    or a.shape[0] != b.shape[1] or a.dtype != np.float32:
+                raise ModelError(f"a stored adapter does not fit {key}: A {list(a.shape)}, B {list(b.shape)} for a "
+                                 f"{layer.in_features} -> {layer.out_features} layer",
+                                 hint="the registry's file is damaged: add the adapter again with kiln lora add --replace")
         a_name, b_name = layer.inputs
         if a_parts:
             feeds[a_name] = np.concatenate(a_parts, axis=0) if len(a_parts) > 1 else a_parts[0]
