@@ -92,8 +92,13 @@ def test_diffusers_reads_the_file_and_draws_the_folders_image(tmp_path, family):
                    width=64, generator=torch.Generator().manual_seed(0), output_type="np")
         return out.images[0]
 
+    for component in ("unet", "vae", "text_encoder", *(("text_encoder_2",) if family == "sdxl" else ())):
+        mine, theirs = getattr(from_folder, component).state_dict(), getattr(from_file, component).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), component
     a, b = draw(from_folder), draw(from_file)
-    assert np.abs(a - b).max() == 0.0
+    # identical weights; the images agree to float rounding (0.0 on one CPU, 1.8e-6 on an AMD EPYC host,
+    # where kernels differ with the tensors' addresses)
+    assert np.abs(a - b).max() <= 1e-5
     assert a.std() > 0.01  # a real image, not a constant
 
 
