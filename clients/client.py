@@ -93,17 +93,21 @@ class KilnClient:
             if value is None:
                 continue
             field = known[name]
+            values = list(value) if field.many and isinstance(value, (list, tuple)) else [value]
+            if not values:
+                raise ClientError(f"{name}=[] cannot be sent: expected at least one value (or leave it out)")
             low, high = WIRE_RANGES.get(field.datatype, (None, None))
-            if low is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                    or not low <= value <= high):
-                raise ClientError(f"{name}={value!r} cannot be sent: expected an integer in [{low}, {high}] "
-                                  f"({field.datatype} on the wire; the server states its own narrower range)")
-            if field.datatype == "FP32" and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))):
-                raise ClientError(f"{name}={value!r} cannot be sent: expected a number")
+            for item in values:
+                if low is not None and (isinstance(item, bool) or not isinstance(item, (int, np.integer))
+                                        or not low <= item <= high):
+                    raise ClientError(f"{name}={item!r} cannot be sent: expected an integer in [{low}, {high}] "
+                                      f"({field.datatype} on the wire; the server states its own narrower range)")
+                if field.datatype == "FP32" and (isinstance(item, bool) or not isinstance(item, (int, float, np.number))):
+                    raise ClientError(f"{name}={item!r} cannot be sent: expected a number")
             if field.datatype == "BYTES":
-                array = np.array([value if isinstance(value, bytes) else str(value).encode("utf-8")], dtype=np.object_)
+                array = np.array([v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values], dtype=np.object_)
             else:
-                array = np.array([value], dtype=NUMPY_DTYPES[field.datatype])
+                array = np.array(values, dtype=NUMPY_DTYPES[field.datatype])
             tensor = self._module.InferInput(name, list(array.shape), field.datatype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -126,13 +130,25 @@ class KilnClient:
         crop_top_left: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None,
         loras: str | dict[str, float] | None = None,
+        control_image: bytes | Path | list | None = None,
+        controlnet: str | list[str] | None = None,
+        control_scale: float | list[float] | None = None,
+        control_start: float | list[float] | None = None,
+        control_end: float | list[float] | None = None,
     ) -> Generation:
         """txt2img, or img2img when `image` (encoded PNG/JPEG bytes or a file path) is given.
         `original_size`, `crop_top_left`, `target_size` ((height, width), (top, left)): SDXL's size
         conditioning (default: the generated size, no crop). `loras`: adapters registered with the
-        server (kiln lora add), "name:scale,name2:scale2" or {name: scale}."""
+        server (kiln lora add), "name:scale,name2:scale2" or {name: scale}. `control_image`: one image
+        (bytes or a path) per ControlNet of `controlnet` (names, default every one the model serves, in
+        its order); `control_scale`, `control_start`, `control_end`: one value for all, or one each."""
         if isinstance(image, (str, Path)):
             image = Path(image).read_bytes()
+        if control_image is not None:
+            control_image = [Path(c).read_bytes() if isinstance(c, (str, Path)) else c
+                             for c in (control_image if isinstance(control_image, (list, tuple)) else [control_image])]
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = ",".join(controlnet)
         if isinstance(loras, dict):
             loras = ",".join(f"{name}:{scale!r}" for name, scale in loras.items())
         inputs = self.request_inputs(
@@ -151,6 +167,11 @@ class KilnClient:
             **_pair(("crop_top", "crop_left"), crop_top_left),
             **_pair(("target_height", "target_width"), target_size),
             loras=loras or None,
+            controlnet=controlnet,
+            control_image=control_image,
+            control_scale=control_scale,
+            control_start=control_start,
+            control_end=control_end,
         )
         outputs = [self._module.InferRequestedOutput(name) for name, _, _ in TXT2IMG_OUTPUTS]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}

@@ -3,6 +3,7 @@ PyTorch at two shapes, keyed in a manifest so unchanged inputs reuse the artifac
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -31,8 +32,8 @@ from kiln.artifacts import (
 from kiln.errors import ExportError
 from kiln.export import parity
 from kiln.export.precision import PRECISIONS, convert, is_large, save_model
-from kiln.export.specs import ComponentSpec, dummy_inputs, family, parity_points
-from kiln.models.folder import ModelDims, inspect_model, model_dims
+from kiln.export.specs import CONTROLNET_PREFIX, ComponentSpec, dummy_inputs, family, parity_points
+from kiln.models.folder import ModelDims, control_layout, inspect_model, model_dims
 
 log = logging.getLogger("kiln.export")
 
@@ -149,10 +150,12 @@ def export_onnx(
     components: tuple[str, ...] | None = None,
     force: bool = False,
     lora_inputs: bool = False,
+    controlnets: dict[str, Path] | None = None,
 ) -> ExportResult:
     """Export (or reuse) every requested component of `model_dir` (default: all of its family's) into
     `out_dir`. `lora_inputs`: the UNet and text encoders also take per-request LoRA adapters
-    (kiln.pipeline.adapters)."""
+    (kiln.pipeline.adapters). `controlnets`: name -> diffusers ControlNet folder, each exported as the
+    component controlnet_<name>, and the UNet taking their residuals."""
     from tqdm import tqdm
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -168,6 +171,15 @@ def export_onnx(
     if unknown:
         raise ExportError(f"unknown components {unknown}: a {info.family} model has {list(layout.components)}")
     dims = model_dims(model_dir, info)
+    sources = {spec.name: model_dir / spec.source for spec in layout.specs}
+    if controlnets:
+        from kiln.models.controlnet import check_controlnets
+
+        checked = check_controlnets(controlnets, model_dir)
+        dims = replace(dims, control=control_layout(json.loads((model_dir / "unet" / "config.json").read_text())))
+        layout = layout.controlled(dims, [CONTROLNET_PREFIX + name for name in checked])
+        sources.update({CONTROLNET_PREFIX + name: folder for name, folder in checked.items()})
+        components = tuple(dict.fromkeys((*components, *layout.controlnets)))
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = {k: v for k, v in _previous_entries(out_dir).items() if k in layout.components}
     versions = library_versions()
@@ -175,14 +187,15 @@ def export_onnx(
     entries, results = {}, []
     for name in tqdm(components, desc="export onnx", unit="model"):
         spec = layout.spec(name)
-        if spec.source not in source_hashes:
-            source_hashes[spec.source] = tree_sha256(model_dir / spec.source)
+        source = name if name in layout.controlnets else spec.source  # ControlNets come from their own folders
+        if source not in source_hashes:
+            source_hashes[source] = tree_sha256(sources[name])
         component_precision = spec.precision(precision)
         key = fingerprint(
             {
-                "source": source_hashes[spec.source],
-                "spec": spec.identity(),
-                "dims": asdict(dims),
+                "source": source_hashes[source],
+                "spec": spec.identity(),  # a controlled UNet's residual inputs are part of it
+                "dims": {k: v for k, v in asdict(dims).items() if k != "control"},
                 "opset": opset,
                 "precision": component_precision,
                 "versions": versions,
@@ -199,10 +212,10 @@ def export_onnx(
             continue
         start = time.perf_counter()
         report = _build_component(model_dir, spec, dims, out_dir, opset, component_precision,
-                                  info.family if lora_inputs and spec.adaptable else None)
+                                  info.family if lora_inputs and spec.adaptable else None, sources[name])
         seconds = time.perf_counter() - start
         entries[name] = ComponentEntry(key=key, file=f"{name}/model.onnx", sha256=file_sha256(path),
-                                       precision=component_precision, source_sha256=source_hashes[spec.source],
+                                       precision=component_precision, source_sha256=source_hashes[source],
                                        inputs=[asdict(t) for t in spec.inputs], outputs=[asdict(t) for t in spec.outputs],
                                        parity=report, seconds=round(seconds, 2))
         worst = max(t["max_abs"] for r in report for t in r["tensors"])
@@ -226,14 +239,14 @@ def _previous_entries(out_dir: Path) -> dict[str, ComponentEntry]:
         return {}
 
 
-def _build_component(model_dir, spec, dims, out_dir, opset, precision, adapted_family: str | None = None) -> list[dict]:
+def _build_component(model_dir, spec, dims, out_dir, opset, precision, adapted_family: str | None = None,
+                     source: Path | None = None) -> list[dict]:
     """Export into a scratch folder, check it, then move it into place in one rename. With
-    `adapted_family`, the component takes LoRA inputs, declared beside its model.onnx."""
-    module = spec.load_torch(model_dir)
+    `adapted_family`, the component takes LoRA inputs, declared beside its model.onnx. `source`: the
+    folder its weights come from (default the model's subfolder the spec names)."""
+    module = spec.load_torch(model_dir, source)
     layers = None
     if adapted_family:
-        import json
-
         from kiln.export.wrappers import WithLoraInputs, adaptable_layers
 
         unet_config = json.loads((Path(model_dir) / "unet" / "config.json").read_text()) if spec.name == "unet" else None

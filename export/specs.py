@@ -9,7 +9,7 @@ export holds (Family). Tensor names follow optimum's ONNX layout for Stable Diff
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -17,8 +17,19 @@ import numpy as np
 
 from kiln.models.folder import SDXL_TIME_IDS, ModelDims
 
-# Axes that vary per request. Every other symbolic name is a constant of the model (ModelDims).
+# Axes that vary per request. Every other symbolic name is a constant of the model (ModelDims), or one
+# of these divided by a power of two ("latent_height/4": a ControlNet residual's side).
 DYNAMIC_AXES = ("batch", "sequence", "latent_height", "latent_width", "height", "width")
+
+
+def is_dynamic(axis) -> bool:
+    return isinstance(axis, str) and axis.split("/")[0] in DYNAMIC_AXES
+
+
+def axis_value(axis: str, values: dict[str, int]) -> int:
+    """A (possibly derived) axis' size given the base axes' sizes."""
+    base, _, divisor = axis.partition("/")
+    return values[base] // int(divisor) if divisor else values[base]
 
 
 @dataclass(frozen=True)
@@ -26,10 +37,11 @@ class TensorSpec:
     name: str
     dtype: str  # numpy name: float32, int32
     shape: tuple[str | int, ...]  # symbolic names from DYNAMIC_AXES or ModelDims, or fixed ints
-    sampler: str = "normal"  # how a dummy input is drawn: normal | token_ids | timestep | sizes
+    sampler: str = "normal"  # how a dummy input is drawn: normal | token_ids | timestep | sizes | image | scale
+    optional: bool = False  # zeros when left out (a UNet's ControlNet residuals when a request has no control)
 
     def dynamic_axes(self) -> dict[int, str]:
-        return {i: d for i, d in enumerate(self.shape) if d in DYNAMIC_AXES}
+        return {i: d for i, d in enumerate(self.shape) if is_dynamic(d)}
 
 
 @dataclass(frozen=True)
@@ -91,12 +103,13 @@ class ComponentSpec:
         """The batch it sees for `images` images of one request."""
         return 2 * images if guidance and self.guided else images
 
-    def load_torch(self, model_dir: Path):
+    def load_torch(self, model_dir: Path, folder: Path | None = None):
         """The fp32 PyTorch module whose forward matches the inputs and outputs (torch is imported
-        here, not with the specs: the CLI and the clients read them without it)."""
+        here, not with the specs: the CLI and the clients read them without it). `folder`: where its
+        weights are when not in the model's subfolder (a ControlNet's own folder)."""
         from kiln.export import wrappers
 
-        return getattr(wrappers, self.wrapper).load(Path(model_dir) / self.source).eval()
+        return getattr(wrappers, self.wrapper).load(Path(folder or Path(model_dir) / self.source)).eval()
 
     def identity(self) -> dict:
         """What its exported file depends on, for artifact keys."""
@@ -143,7 +156,7 @@ class ShapePoint:
 
 def concrete_shape(tensor: TensorSpec, point: ShapePoint, dims: ModelDims) -> tuple[int, ...]:
     values = {**point.axes(dims), **_model_constants(dims)}
-    return tuple(d if isinstance(d, int) else values[d] for d in tensor.shape)
+    return tuple(d if isinstance(d, int) else axis_value(d, values) for d in tensor.shape)
 
 
 def _model_constants(dims: ModelDims) -> dict[str, int]:
@@ -165,13 +178,14 @@ def config_dims(tensor: TensorSpec, dims: ModelDims) -> list[int]:
     for d in tensor.shape[1:] if tensor.shape and tensor.shape[0] == "batch" else tensor.shape:
         if isinstance(d, int):
             out.append(d)
-        elif d in DYNAMIC_AXES:
+        elif is_dynamic(d):
             out.append(-1)
         else:
             out.append(constants[d])
     return out
 
 
+MAX_CONTROL_SCALE = 2.0  # a ControlNet's conditioning scale (A1111's weight slider spans 0 to 2 too)
 MAX_ABS_INPUT = 1e4  # latents, embeddings, pixels and timesteps all stay far below; 3e38 overflows to NaN inside
 
 
@@ -199,9 +213,65 @@ def input_problem(tensor: TensorSpec, value: np.ndarray, dims: ModelDims, limits
             return f"{axis} a multiple of {step}, at most {bound}"
     if tensor.sampler == "token_ids" and (value.min() < 0 or value.max() >= dims.vocab_size):
         return f"token ids in [0, {dims.vocab_size})"
+    if tensor.sampler == "image" and not ((value >= 0) & (value <= 1)).all():  # NaN fails too
+        return "pixel values in [0, 1]"
+    if tensor.sampler == "scale" and not ((value >= 0) & (value <= MAX_CONTROL_SCALE)).all():
+        return f"scales in [0, {MAX_CONTROL_SCALE:g}]"
     if tensor.dtype.startswith("float") and not (np.abs(value) <= MAX_ABS_INPUT).all():  # NaN fails too
         return f"finite numbers within +-{MAX_ABS_INPUT:g}"
     return None
+
+
+def axes_problem(spec: ComponentSpec, feeds: dict[str, np.ndarray], dims: ModelDims | None = None) -> str | None:
+    """What makes a call's inputs disagree with each other (each one alone may pass input_problem):
+    one size per axis across every input, each derived axis its base divided as declared (a
+    ControlNet residual a quarter of the latents' side), and with `dims` pixel sides the latents'
+    times the VAE's factor (a ControlNet's control image)."""
+    seen: dict[str, tuple[int, str]] = {}
+    for t in spec.inputs:
+        value = feeds.get(t.name)
+        if value is None:
+            continue
+        for axis, size in zip(t.shape, np.shape(value)):
+            if not is_dynamic(axis):
+                continue
+            base, _, divisor = axis.partition("/")
+            if divisor:
+                if base in seen and seen[base][0] // int(divisor) != size:
+                    return (f"{t.name}'s {axis} is {size}: {seen[base][1]} makes {base} {seen[base][0]}, so it must be "
+                            f"{seen[base][0] // int(divisor)}")
+                continue
+            if base in seen and seen[base][0] != size:
+                return f"{t.name}'s {base} is {size}, {seen[base][1]}'s is {seen[base][0]}: they must agree"
+            seen.setdefault(base, (size, t.name))
+    for pixels, latent in (("height", "latent_height"), ("width", "latent_width")):
+        if dims and pixels in seen and latent in seen and seen[pixels][0] != seen[latent][0] * dims.vae_scale_factor:
+            return (f"{seen[pixels][1]}'s {pixels} is {seen[pixels][0]}: {seen[latent][1]} makes {latent} "
+                    f"{seen[latent][0]}, so it must be {seen[latent][0] * dims.vae_scale_factor}")
+    return None
+
+
+def complete_feeds(spec: ComponentSpec, feeds: dict) -> dict:
+    """`feeds` with every optional input left out filled with zeros of its shape, sized from the other
+    inputs' axes (numpy arrays, or torch tensors on their device)."""
+    missing = [t for t in spec.inputs if t.optional and feeds.get(t.name) is None]
+    if not missing:
+        return feeds
+    values = {}
+    for t in spec.inputs:
+        if feeds.get(t.name) is not None:
+            values.update({axis: size for axis, size in zip(t.shape, feeds[t.name].shape) if axis in DYNAMIC_AXES})
+    first = feeds[spec.inputs[0].name]
+    out = dict(feeds)
+    for t in missing:
+        shape = tuple(d if isinstance(d, int) else axis_value(d, values) for d in t.shape)
+        if isinstance(first, np.ndarray):
+            out[t.name] = np.zeros(shape, dtype=t.dtype)
+        else:
+            import torch
+
+            out[t.name] = torch.zeros(shape, dtype=getattr(torch, t.dtype), device=first.device)
+    return out
 
 
 def dummy_inputs(spec: ComponentSpec, point: ShapePoint, dims: ModelDims, seed: int = 0) -> dict[str, np.ndarray]:
@@ -215,6 +285,10 @@ def dummy_inputs(spec: ComponentSpec, point: ShapePoint, dims: ModelDims, seed: 
             feeds[t.name] = rng.uniform(0, 1000, size=shape).astype(t.dtype)
         elif t.sampler == "sizes":  # SDXL's size conditioning: pixel sizes and crop offsets
             feeds[t.name] = rng.integers(0, 2048, size=shape).astype(t.dtype)
+        elif t.sampler == "image":  # a ControlNet's control image: pixels in [0, 1]
+            feeds[t.name] = rng.uniform(0, 1, size=shape).astype(t.dtype)
+        elif t.sampler == "scale":
+            feeds[t.name] = rng.uniform(0.5, 1.5, size=shape).astype(t.dtype)
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
     return feeds
@@ -351,6 +425,22 @@ class Family:
     tokenizers: tuple[str, ...]  # tokenizer folder per text encoder
     text_encoders: tuple[str, ...]
     pooled: tuple[str, str] | None = None  # (component, output) the UNet takes as text_embeds (first chunk, unweighted)
+    controlnets: tuple[str, ...] = ()  # ControlNet components (controlled()), whose residuals the UNet adds
+
+    def controlled(self, dims: ModelDims, controlnets) -> "Family":
+        """This layout with ControlNets (component names, CONTROLNET_PREFIX + a name): each one a
+        component that reads what the UNet reads plus a control image and a scale, and the UNet
+        taking their summed residuals as optional inputs (zeros: the plain UNet's output exactly)."""
+        names = tuple(controlnets)
+        if not names:
+            return self
+        if not dims.control:
+            raise KeyError("these model dimensions have no ControlNet residual layout (ModelDims.control)")
+        unet = self.spec("unet")
+        controlled_unet = replace(unet, inputs=unet.inputs + residual_tensors(dims, optional=True),
+                                  wrapper=f"Controlled{unet.wrapper}")
+        specs = tuple(controlled_unet if s.name == "unet" else s for s in self.specs)
+        return replace(self, specs=specs + tuple(controlnet_spec(name, unet, dims) for name in names), controlnets=names)
 
     @property
     def components(self) -> dict[str, ComponentSpec]:
@@ -376,6 +466,47 @@ SD = Family("sd", (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER), ("tokenizer",)
 SDXL = Family("sdxl", (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER),
               ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2"), pooled=("text_encoder_2", "text_embeds"))
 FAMILIES: dict[str, Family] = {"sd1": SD, "sd2": SD, "sdxl": SDXL}  # by kiln.models.folder's family names
+
+
+CONTROLNET_PREFIX = "controlnet_"  # a ControlNet's component (and Triton model) name: controlnet_<name>
+
+
+def residual_names(count: int) -> list[str]:
+    """The residual tensors of a ControlNet with `count` of them: the down blocks', then the mid block's."""
+    return [f"down_block_res_{i}" for i in range(count - 1)] + ["mid_block_res"]
+
+
+def residual_tensors(dims: ModelDims, optional: bool = False) -> tuple[TensorSpec, ...]:
+    def side(axis: str, factor: int) -> str:
+        return axis if factor == 1 else f"{axis}/{factor}"
+
+    return tuple(TensorSpec(name, "float32", ("batch", channels, side("latent_height", factor), side("latent_width", factor)),
+                            optional=optional)
+                 for name, (channels, factor) in zip(residual_names(len(dims.control)), dims.control))
+
+
+def controlnet_spec(name: str, unet: ComponentSpec, dims: ModelDims) -> ComponentSpec:
+    """A ControlNet beside `unet`: the UNet's inputs, the control image (pixels in [0, 1]) and a
+    conditioning scale per row; the scaled residuals out (diffusers' ControlNetModel)."""
+    return ComponentSpec(
+        name=name,
+        source="controlnet",  # its own folder, given at export (not a subfolder of the model)
+        inputs=unet.inputs + (TensorSpec("controlnet_cond", "float32", ("batch", "image_channels", "height", "width"), "image"),
+                              TensorSpec("conditioning_scale", "float32", ("batch",), "scale")),
+        outputs=residual_tensors(dims),
+        wrapper="ControlNet",
+        tolerances=Tolerances(onnx=unet.tolerances.onnx, tensorrt={"fp32": 2e-2}),
+        guided=True,
+        required=False,
+    )
+
+
+def served_family(settings: dict) -> Family:
+    """The layout a served model's settings describe: its family, with its ControlNets when it has some."""
+    layout = family(settings.get("family", "sd"))
+    if settings.get("controlnets"):
+        layout = layout.controlled(ModelDims(**settings["dims"]), settings["controlnets"])
+    return layout
 
 
 def family(name: str) -> Family:

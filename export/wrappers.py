@@ -90,6 +90,50 @@ class ConditionedUNet(UNet):
         return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
+def _residuals(residuals) -> dict:
+    """diffusers' UNet arguments for a ControlNet's residuals (the down blocks', then the mid block's)."""
+    return {"down_block_additional_residuals": list(residuals[:-1]), "mid_block_additional_residual": residuals[-1]}
+
+
+class ControlledUNet(UNet):
+    """The UNet adding a ControlNet's residuals (summed over ControlNets by the pipeline)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False, **_residuals(residuals))[0]
+
+
+class ControlledConditionedUNet(ConditionedUNet):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False,
+                          **_residuals(residuals))[0]
+
+
+class ControlNet(torch.nn.Module):
+    """diffusers' ControlNetModel: the UNet's inputs (SDXL's pooled text and sizes too), the control
+    image in [0, 1] and one conditioning scale per row (so requests of different scales batch
+    together); the residuals out, each multiplied by its row's scale as diffusers multiplies them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.conditioned = model.config.addition_embed_type == "text_time"
+
+    @classmethod
+    def load(cls, folder: Path) -> "ControlNet":
+        from diffusers import ControlNetModel
+
+        return cls(ControlNetModel.from_pretrained(folder, dtype=torch.float32))
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        added = {"text_embeds": rest[0], "time_ids": rest[1]} if self.conditioned else None
+        controlnet_cond, scale = rest[-2], rest[-1]
+        down, mid = self.model(sample, timestep, encoder_hidden_states, controlnet_cond=controlnet_cond,
+                               conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
+        scale = scale.reshape(-1, 1, 1, 1)
+        return (*(r * scale for r in down), mid * scale)
+
+
 def _autoencoder(folder: Path):
     from diffusers import AutoencoderKL
 

@@ -210,7 +210,8 @@ class ExportManifest(BaseModel):
     @classmethod
     def _positive_dims(cls, dims: ModelDims) -> ModelDims:
         optional = ("hidden_size_2", "pooled_size", "cross_attention_dim")  # SDXL's; 0 for other families
-        bad = {k: v for k, v in vars(dims).items() if v < (0 if k in optional else 1)}
+        bad = {k: v for k, v in vars(dims).items() if k != "control" and v < (0 if k in optional else 1)}
+        bad.update({"control": dims.control} if any(v < 1 for pair in dims.control for v in pair) else {})
         if bad:
             raise ValueError(f"model dimensions must be positive, not {bad}")
         return dims
@@ -232,10 +233,11 @@ class ExportManifest(BaseModel):
 
     @property
     def family(self):
-        """The component layout of the exported model's family (kiln.export.specs.Family)."""
-        from kiln.export.specs import family
+        """The component layout of the exported model's family (kiln.export.specs.Family), with the
+        ControlNets it holds."""
+        from kiln.export.specs import CONTROLNET_PREFIX, family
 
-        return family(self.model.family)
+        return family(self.model.family).controlled(self.dims, [n for n in self.components if n.startswith(CONTROLNET_PREFIX)])
 
     @property
     def size_multiple(self) -> int:

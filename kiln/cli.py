@@ -85,6 +85,17 @@ def model_tiny(
     console.print(f"tiny {family} {prediction_type} model written to {out}")
 
 
+@model_app.command("tiny-controlnet")
+def model_tiny_controlnet(model_dir: Path, out: Path, seed: int = typer.Option(0, "--seed")):
+    """Write a ControlNet of MODEL_DIR's UNet with random weights (control moves the image from the first
+    step): the fixture for control tests and the default deploy."""
+    from kiln.models.controlnet import write_tiny_controlnet
+
+    write_tiny_controlnet(model_dir, out, seed)
+    console.print(f"tiny ControlNet of {model_dir} written to {out}; export it with: kiln export onnx {model_dir} "
+                  f"ONNX_DIR --controlnet NAME={out}")
+
+
 @model_app.command("sd15")
 def model_sd15(out: Path, width: Width = typer.Option(Width(SD15.width), "--width",
                                                       help="full: SD 1.5 exactly; half: half the UNet and VAE widths"),
@@ -346,11 +357,16 @@ def export_onnx(
     force: bool = typer.Option(False, "--force", help="rebuild even when the manifest says nothing changed"),
     lora_inputs: bool = typer.Option(False, "--lora-inputs", help="the UNet and text encoders also take LoRA adapters "
                                      "per request (kiln lora add, then loras=NAME:SCALE); about +1%% per step"),
+    controlnet: list[str] = typer.Option([], "--controlnet", help="NAME=DIR: a diffusers ControlNet of this base, exported "
+                                         "as controlnet_NAME beside a UNet that takes its residuals (repeatable)"),
 ):
     """Export text_encoder, unet, vae_decoder and vae_encoder to ONNX and check each against PyTorch."""
     from kiln.export.onnx_export import export_onnx as run
+    from kiln.training.config import parse_named
 
-    result = run(model_dir, out_dir, precision=_precision(fp16, int8), opset=opset, force=force, lora_inputs=lora_inputs)
+    controlnets = {name: Path(folder) for name, folder in parse_named(controlnet, "--controlnet", "canny=DIR").items()}
+    result = run(model_dir, out_dir, precision=_precision(fp16, int8), opset=opset, force=force, lora_inputs=lora_inputs,
+                 controlnets=controlnets)
     for c in result.components:
         worst = max((t["max_abs"] for r in c.parity for t in r["tensors"]), default=float("nan"))
         state = "reused" if c.reused else f"exported in {c.seconds:.1f} s"
@@ -652,6 +668,13 @@ def generate(
                                               help="SDXL: the size conditioning's target size (default: the image's)"),
     lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="NAME[:SCALE]",
                                              help="a LoRA adapter registered with the server (kiln lora add); repeat for several"),
+    control_image: Optional[list[Path]] = typer.Option(None, "--control-image", help="a control image (PNG or JPEG) for "
+                                                       "each ControlNet, in --controlnet's order; repeat for several"),
+    controlnet: Optional[list[str]] = typer.Option(None, "--controlnet", metavar="NAME",
+                                                   help="ControlNets to use (default: every one the model serves)"),
+    control_scale: Optional[list[float]] = typer.Option(None, "--control-scale", help="0 to 2: once for all, or once each"),
+    control_start: Optional[list[float]] = typer.Option(None, "--control-start", help="fraction of the schedule where control begins"),
+    control_end: Optional[list[float]] = typer.Option(None, "--control-end", help="fraction of the schedule where control ends"),
 ):
     """Generate images through the served txt2img endpoint and save them as PNG.
     Prompts take weights: (word), \\[word], (word:1.5); BREAK starts a new 77-token chunk."""
@@ -661,7 +684,9 @@ def generate(
         result = client.generate(prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
                                  height=height, width=width, scheduler=scheduler, num_images=num_images, image=image,
                                  strength=strength, original_size=original_size, crop_top_left=crop,
-                                 target_size=target_size, loras=",".join(lora or []))
+                                 target_size=target_size, loras=",".join(lora or []), control_image=control_image or None,
+                                 controlnet=controlnet or None, control_scale=control_scale or None,
+                                 control_start=control_start or None, control_end=control_end or None)
     paths = result.save(output)
     console.print(f"{len(paths)} image(s) in {result.seconds:.2f} s over {protocol} (seeds {result.seeds}): "
                   + ", ".join(map(str, paths)))

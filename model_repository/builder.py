@@ -27,7 +27,7 @@ from kiln import __version__
 from kiln.errors import KilnError, RepositoryError
 from kiln.artifacts import (MANIFEST_NAME, exported_components, fingerprint, read_export, tree_sha256,
                             write_folder_atomically, write_json_atomically)
-from kiln.export.specs import FAMILIES
+from kiln.export.specs import CONTROLNET_PREFIX, FAMILIES
 from kiln.model_repository import configs
 from kiln.pipeline.adapters import layers_digest, read_layers
 from kiln.pipeline.onnx_pipeline import model_constants, model_defaults
@@ -39,7 +39,8 @@ TARGETS = ("embedded", "ngc")
 BACKENDS = {"embedded": ("onnxruntime",), "ngc": ("onnxruntime", "tensorrt")}
 PUBLIC_MODEL = "txt2img"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
-RESERVED = {"tokenizer", "pipeline", *(name for layout in FAMILIES.values() for name in layout.components)}
+RESERVED = {"tokenizer", "pipeline", CONTROLNET_PREFIX.rstrip("_"),
+            *(name for layout in FAMILIES.values() for name in layout.components)}
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -149,6 +150,7 @@ def build_models_repository(
             model_limits = limits_for(limits, manifest.model.default_size)
             encoders = len(layout.text_encoders)
             component_models, adapted, layers = {}, [], []
+            controlled = {"controlnets": list(layout.controlnets)} if layout.controlnets else {}
             for component in exported_components(onnx_dir, layout):
                 declared = read_layers(onnx_dir / component)
                 if declared is not None:
@@ -163,7 +165,7 @@ def build_models_repository(
                 spec = layout.spec(component)
                 if target == "embedded":
                     settings = {"component": component, "family": layout.name, "onnx_threads": tuning.onnx_threads,
-                                "dims": asdict(dims), "limits": asdict(model_limits)}
+                                "dims": asdict(dims), "limits": asdict(model_limits), **controlled}
                     config = configs.component_config(spec, dims, tuning, settings, adapted=component in adapted)
                 elif component in adapted:
                     raise RepositoryError(f"{onnx_dir} was exported with --lora-inputs, which the embedded target "
@@ -194,6 +196,7 @@ def build_models_repository(
                 "device": device,
                 "model": PUBLIC_MODEL if single else name,
                 **({"adapted": adapted} if adapted else {}),
+                **({**controlled, "dims": asdict(dims)} if controlled else {}),
             }
             config = configs.pipeline_config(tuning, pipeline_settings, gpu=target == "ngc", encoders=encoders)
             config.name = pipeline_name
@@ -207,6 +210,8 @@ def build_models_repository(
                                  "model": manifest.model_dump(mode="json", include={"model"}, exclude_none=True)["model"],
                                  "precision": manifest.precision,
                                  "components": component_models, "tokenizer": tokenizer_name, "pipeline": pipeline_name,
+                                 **({"controlnets": [n[len(CONTROLNET_PREFIX):] for n in layout.controlnets]}
+                                    if controlled else {}),
                                  **({"adapted": adapted, "adapter_layers": layers_digest(layers)} if adapted else {})}
         write_json_atomically(
             tmp / MANIFEST_NAME,

@@ -57,11 +57,15 @@ def _tensor(message, name: str, data_type: int, dims: list[int], optional: bool 
     return message
 
 
-def _component(config: mc.ModelConfig, spec: ComponentSpec, dims: ModelDims, tuning: Tuning, kind: int) -> mc.ModelConfig:
+def _component(config: mc.ModelConfig, spec: ComponentSpec, dims: ModelDims, tuning: Tuning, kind: int,
+               optional_inputs: bool = False) -> mc.ModelConfig:
     """What every target's component model shares: tensors from the spec, dynamic batching and the
-    instance group. No response cache: Triton's replays a failed request as an empty success."""
+    instance group. No response cache: Triton's replays a failed request as an empty success.
+    `optional_inputs`: the spec's optional inputs may be left out (Kiln's own core fills them with
+    zeros; a native backend needs every graph input, so the pipeline sends them there)."""
     for t in spec.inputs:
-        _tensor(config.input.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
+        _tensor(config.input.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims),
+                optional=optional_inputs and t.optional)
     for t in spec.outputs:
         _tensor(config.output.add(), t.name, NUMPY_TO_TRITON[t.dtype], config_dims(t, dims))
     config.dynamic_batching.max_queue_delay_microseconds = tuning.max_queue_delay_us
@@ -74,7 +78,7 @@ def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, setti
     """A Python-backend model running ONNX Runtime on one exported component; `adapted`: exported with
     LoRA inputs, it also takes a request's adapter set (optional)."""
     config = _component(mc.ModelConfig(name=spec.name, backend="python", max_batch_size=tuning.max_batch_size),
-                        spec, dims, tuning, mc.ModelInstanceGroup.KIND_CPU)
+                        spec, dims, tuning, mc.ModelInstanceGroup.KIND_CPU, optional_inputs=True)
     if adapted:
         from kiln.pipeline.adapters import LORA_FIELD
 
@@ -115,6 +119,11 @@ def ngc_component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, b
     return config
 
 
+def field_dims(field) -> list[int]:
+    """A request field's wire shape: one value, or any number (one per ControlNet)."""
+    return [-1] if field.many else [1]
+
+
 def tokenizer_config(settings: dict, tuning: Tuning = Tuning(), encoders: int = 1) -> mc.ModelConfig:
     """Prompt text -> weighted 77-token chunks (see kiln.pipeline.prompt_weights), for each of
     `encoders` text encoders' tokenizers. Several instances, so one long prompt never holds up the others."""
@@ -144,7 +153,7 @@ def pipeline_config(tuning: Tuning, settings: dict, gpu: bool = False, encoders:
     for name, wire in token_tensors(encoders).items():
         _tensor(config.input.add(), name, WIRE_TO_TRITON[wire], [-1, -1])
     for field in TXT2IMG_INPUTS:  # the prompts too: the pipeline validates the whole request
-        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=True)
+        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], field_dims(field), optional=True)
     for name, wire, shape in TXT2IMG_OUTPUTS:
         _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], shape)
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
@@ -161,7 +170,7 @@ def txt2img_config(name: str = "txt2img", tokenizer: str = "tokenizer", pipeline
     """The public entry point: an ensemble of tokenizer -> pipeline (`encoders`: the family's text encoders)."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
     for field in TXT2IMG_INPUTS:
-        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], [1], optional=True)
+        _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], field_dims(field), optional=True)
     for name, wire, shape in TXT2IMG_OUTPUTS:
         _tensor(config.output.add(), name, WIRE_TO_TRITON[wire], shape)
     tokenize = config.ensemble_scheduling.step.add(model_name=tokenizer, model_version=-1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import GenerationError, RequestError
-from kiln.export.specs import ComponentSpec, family
+from kiln.export.specs import CONTROLNET_PREFIX, ComponentSpec, complete_feeds, served_family
 from kiln.pipeline.denoise import ModelConstants, generate_request
 from kiln.pipeline.engines import Engines
 from kiln.pipeline.schedulers import make_scheduler
@@ -96,7 +96,7 @@ class OnnxComponentModel:
         from kiln.export.specs import ModelDims
         from kiln.pipeline.onnx_session import ComponentSession
 
-        self.spec = family(settings.get("family", "sd")).spec(settings["component"])
+        self.spec = served_family(settings).spec(settings["component"])
         # No memory arena: one large request (1024x1024, four images) grew ONNX Runtime's arena to 9 GB
         # and kept it; without one, large blocks go back to the system when the request is done.
         self.session = ComponentSession(self.spec, version_dir / "model.onnx", int(settings.get("onnx_threads", 0)),
@@ -167,19 +167,24 @@ class OnnxComponentModel:
         return feeds
 
     def check(self, feed: dict[str, np.ndarray | None]) -> None:
-        from kiln.export.specs import input_problem
+        from kiln.export.specs import axes_problem, input_problem
 
         for t in self.spec.inputs:
             value = feed.get(t.name)
             if value is None:
+                if t.optional:  # zeros (a UNet's ControlNet residuals when no ControlNet acts)
+                    continue
                 raise RequestError(t.name, None, f"the input {t.name} of {self.spec.name}")
             problem = input_problem(t, value, self.dims, self.limits) if self.dims else None
             if problem:
                 raise RequestError(t.name, f"<{value.dtype} {list(value.shape)}>", problem)
+        problem = axes_problem(self.spec, feed, self.dims)
+        if problem:
+            raise RequestError(self.spec.name, "<inputs>", f"inputs of agreeing sizes: {problem}")
 
     def run(self, feeds: list[dict[str, np.ndarray]], adapters: str = "") -> list[dict[str, np.ndarray]]:
         """Requests that share one adapter set ('' for none) as one batch."""
-        merged, sizes = batch_feeds(self.spec, feeds)
+        merged, sizes = batch_feeds(self.spec, [complete_feeds(self.spec, f) for f in feeds])
         extra = self.adapter_feeds(adapters) if adapters else {}
 
         def compute(inputs):
@@ -310,7 +315,8 @@ class PipelineModel:
         self.limits = Limits(**settings["limits"])
         self.size_multiple = int(settings["size_multiple"])
         self.vocab_size = int(settings.get("vocab_size", 49408))
-        self.family = family(settings.get("family", "sd"))
+        self.family = served_family(settings)
+        self.controlnets = tuple(name[len(CONTROLNET_PREFIX):] for name in self.family.controlnets)
         self.token_tensors = token_tensors(len(self.family.text_encoders))
         self.engines = engines
         self.component_models = settings.get("models") or {}
@@ -349,7 +355,7 @@ class PipelineModel:
 
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:
         conditioned = "time_ids" in self.family.spec("unet").input_names
-        request = parse_request(raw, self.defaults, self.limits, self.size_multiple, conditioned)
+        request = parse_request(raw, self.defaults, self.limits, self.size_multiple, conditioned, self.controlnets)
         adapters = self.adapter_set(raw)
         if adapters:
             engines = Engines(engines.run.with_adapters(adapters, self.adapted), engines.components, engines.family)

@@ -111,9 +111,15 @@ class BlsRunner:
     def __call__(self, spec, feeds: dict, outputs: list[str]) -> dict:
         import torch
 
+        from kiln.export.specs import complete_feeds
+
+        if not self.on_host:  # a native backend needs every graph input: zeros for optional ones left out
+            feeds = complete_feeds(spec, feeds)
         inputs = {}
         for t in spec.inputs:
-            value = feeds[t.name]
+            value = feeds.get(t.name)
+            if value is None:  # optional, left out: the component fills it (kiln.export.specs.complete_feeds)
+                continue
             value = value.reshape(-1, 1) if len(t.shape) == 1 else value
             inputs[t.name] = value.numpy() if self.on_host else value
         if self.adapters and spec.name in self.adapted:

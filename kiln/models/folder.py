@@ -147,10 +147,32 @@ class ModelDims:
     hidden_size_2: int = 0
     pooled_size: int = 0
     cross_attention_dim: int = 0
+    # ControlNet residuals the UNet takes (an export holding ControlNets; () elsewhere): per down-block
+    # residual, then the mid block's, its channels and how far it is down-sampled from the latents
+    control: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "control", tuple(tuple(int(v) for v in pair) for pair in self.control))
 
     @property
     def latent_parameters(self) -> int:
         return 2 * self.latent_channels  # mean and log-variance of the VAE posterior
+
+
+def control_layout(unet: dict) -> tuple[tuple[int, int], ...]:
+    """The residuals a ControlNet of this UNet config hands it, as diffusers' ControlNetModel makes them:
+    the stem's, each resnet's and each down-sampler's of the down blocks, then the mid block's; each
+    (channels, down-sampling factor)."""
+    channels = list(unet["block_out_channels"])
+    per_block = unet["layers_per_block"]
+    per_block = [per_block] * len(channels) if isinstance(per_block, int) else list(per_block)
+    layout, factor = [(channels[0], 1)], 1
+    for i, width in enumerate(channels):
+        layout += [(width, factor)] * per_block[i]
+        if i < len(channels) - 1:
+            factor *= 2
+            layout.append((width, factor))
+    return (*layout, (channels[-1], factor))
 
 
 def model_dims(model_dir: Path, info: ModelInfo | None = None) -> ModelDims:

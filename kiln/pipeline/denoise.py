@@ -43,6 +43,39 @@ class Conditioning:
     added: dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet's part in a generation (diffusers' StableDiffusionControlNetPipeline): its
+    component, the control image (1, 3, H, W) in [0, 1] at the generated size, the conditioning scale,
+    and the fractions of the schedule between which it acts."""
+
+    component: str
+    image: torch.Tensor
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def acts(self, index: int, total: int) -> bool:
+        """diffusers' controlnet_keep for step `index` of `total` (outside it the scale is 0: skipped here)."""
+        return not (index / total < self.start or (index + 1) / total > self.end)
+
+
+def control_residuals(engines: Engines, controls: tuple[Control, ...], model_input: torch.Tensor, timestep: torch.Tensor,
+                      cond: Conditioning, index: int, total: int) -> dict[str, torch.Tensor]:
+    """The residuals of every ControlNet acting at this step, summed in order (diffusers'
+    MultiControlNetModel), by the UNet input they feed; {} when none acts."""
+    summed: dict[str, torch.Tensor] = {}
+    rows = model_input.shape[0]
+    for control in controls:
+        if not control.acts(index, total):
+            continue
+        image = control.image.to(engines.device).expand(rows, -1, -1, -1).contiguous()
+        scale = torch.full((rows,), control.scale, dtype=torch.float32, device=engines.device)
+        out = engines.control(control.component, model_input, timestep, cond.embeddings, cond.added, image, scale)
+        summed = {k: summed[k] + v for k, v in out.items()} if summed else out
+    return summed
+
+
 def step_kwargs(scheduler, generator) -> dict:
     """The extra arguments diffusers' pipeline passes to `scheduler.step` (eta=0 for DDIM)."""
     params = inspect.signature(scheduler.step).parameters
@@ -149,13 +182,16 @@ def prepare_latents(engines: Engines, scheduler, constants: ModelConstants, gene
 
 
 def guided_step(engines: Engines, scheduler, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                guidance_scale: float, extra: dict) -> torch.Tensor:
-    """One denoising step: the UNet on the (unconditional, conditional) pair when guided, the guided
-    noise, the scheduler's update. `cond` is encode_prompts' for this guidance."""
+                guidance_scale: float, extra: dict, controls: tuple[Control, ...] = (), index: int = 0,
+                total: int = 1) -> torch.Tensor:
+    """One denoising step (`index` of `total`): the ControlNets acting at it and the UNet on the
+    (unconditional, conditional) pair when guided, the guided noise, the scheduler's update. `cond` is
+    encode_prompts' for this guidance."""
     guided = guidance_scale > 1.0
     model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)  # (2N | N, C, h, w)
     timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32, device=engines.device)
-    noise_pred = engines.predict_noise(model_input, timestep, cond.embeddings, cond.added)
+    residuals = control_residuals(engines, controls, model_input, timestep, cond, index, total) if controls else {}
+    noise_pred = engines.predict_noise(model_input, timestep, cond.embeddings, {**cond.added, **residuals})
     if guided:
         noise_uncond, noise_text = noise_pred.chunk(2)
         noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
@@ -185,8 +221,10 @@ def generate(
     on_step: Callable[[int, int], None] | None = None,
     zero_negative: bool = False,
     sizes: SizeConditioning = SizeConditioning(),
+    controls: tuple[Control, ...] = (),
 ) -> np.ndarray:
-    """One image per seed; `init_image` (1, 3, H, W) in [-1, 1] makes it img2img. `prompt` and
+    """One image per seed; `init_image` (1, 3, H, W) in [-1, 1] makes it img2img; `controls` add
+    ControlNets (their images at the generated size). `prompt` and
     `negative`: one TokenChunks per text encoder of the family, all with the same chunk count
     (tokenize_prompts). Returns (N, H, W, 3) uint8."""
     guided = guidance_scale > 1.0
@@ -202,7 +240,7 @@ def generate(
     cond = with_size_conditioning(engines, cond, sizes, latents.shape[2] * factor, latents.shape[3] * factor)
     extra = step_kwargs(scheduler, generator)
     for i, t in enumerate(timesteps):
-        latents = guided_step(engines, scheduler, latents, t, cond, guidance_scale, extra)
+        latents = guided_step(engines, scheduler, latents, t, cond, guidance_scale, extra, controls, i, len(timesteps))
         check_finite(latents, f"latents at step {i + 1} of {len(timesteps)}")
         if on_step is not None:
             on_step(i + 1, len(timesteps))
@@ -210,24 +248,38 @@ def generate(
 
 
 def load_init_image(data: bytes, height: int | None, width: int | None, multiple: int,
-                    max_pixels: int = 4096 * 4096) -> np.ndarray:
+                    max_pixels: int = 4096 * 4096, field: str = "init_image") -> np.ndarray:
     """Encoded PNG/JPEG -> (1, 3, H, W) in [-1, 1], resized (Lanczos, as diffusers) to the requested
     size or to its own size rounded down to `multiple`."""
+    return load_pixels(data, height, width, multiple, max_pixels, field) * 2 - 1
+
+
+def load_pixels(data: bytes, height: int | None, width: int | None, multiple: int = 1,
+                max_pixels: int = 4096 * 4096, field: str = "init_image") -> np.ndarray:
+    """Encoded PNG/JPEG -> (1, 3, H, W) RGB in [0, 1], resized with Lanczos (diffusers' image
+    processor) to the requested size or to its own size rounded down to `multiple`. Its pixel count is
+    bounded from the header, before decoding; what is not an image is refused naming `field`."""
     import io
 
     from PIL import Image
 
-    image = Image.open(io.BytesIO(data))  # reads the header only
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Exception:
+        raise RequestError(field, f"<{len(data)} bytes>", "a PNG or JPEG file") from None
     if image.width * image.height > max_pixels:  # before decoding: a small file can hold a huge image
-        raise RequestError("init_image", f"<{image.width}x{image.height} pixels>",
+        raise RequestError(field, f"<{image.width}x{image.height} pixels>",
                            f"an image of at most {max_pixels / 1e6:.1f} megapixels")
-    image.load()
-    image = image.convert("RGB")
+    try:
+        image.load()
+        image = image.convert("RGB")
+    except Exception:
+        raise RequestError(field, f"<{len(data)} bytes>", "a PNG or JPEG file that decodes") from None
     target = (width or image.width // multiple * multiple, height or image.height // multiple * multiple)
     if image.size != target:
         image = image.resize(target, Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0
-    return (array * 2 - 1).transpose(2, 0, 1)[None]
+    return array.transpose(2, 0, 1)[None]
 
 
 def generate_request(engines: Engines, request, scheduler_config: dict, constants: ModelConstants,
@@ -235,14 +287,14 @@ def generate_request(engines: Engines, request, scheduler_config: dict, constant
     """A validated GenerationRequest through `generate`: scheduler built, init image decoded."""
     from kiln.pipeline.schedulers import make_scheduler
 
+    from kiln.export.specs import CONTROLNET_PREFIX
+
     init_image = None
     if request.image is not None:
-        try:
-            init_image = load_init_image(request.image, request.height, request.width, size_multiple)
-        except RequestError:
-            raise
-        except Exception:
-            raise RequestError("init_image", f"<{len(request.image)} bytes>", "a PNG or JPEG file") from None
+        init_image = load_init_image(request.image, request.height, request.width, size_multiple)
+    controls = tuple(Control(CONTROLNET_PREFIX + c.name,
+                             torch.from_numpy(load_pixels(c.image, request.height, request.width, field="control_image")),
+                             c.scale, c.start, c.end) for c in request.controls)
     return generate(
         engines,
         make_scheduler(request.scheduler, scheduler_config, engines.family.name),
@@ -258,4 +310,5 @@ def generate_request(engines: Engines, request, scheduler_config: dict, constant
         strength=request.strength,
         zero_negative=constants.zero_empty_negative and not request.negative_prompt.strip(),
         sizes=request.sizes,
+        controls=controls,
     )

@@ -59,10 +59,30 @@ class Engines:
 
     def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor,
                       added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """`added`: the UNet's inputs beyond the embeddings, by name (SDXL: text_embeds, time_ids)."""
+        """`added`: the UNet's inputs beyond the embeddings, by name (SDXL: text_embeds, time_ids; a
+        controlled UNet's ControlNet residuals, zeros where left out)."""
         unet = self.family.spec("unet")
-        added = added or {}
-        return self.call(unet, sample, timestep, embeddings, *(added[name] for name in unet.input_names[3:]))
+        return self.named(unet, {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeddings,
+                                 **(added or {})}, [unet.output_names[0]])[unet.output_names[0]]
+
+    def control(self, controlnet: str, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor,
+                added: dict[str, torch.Tensor], image: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A ControlNet's scaled residuals, by the UNet input they feed. `image`: (B, 3, H, W) in [0, 1];
+        `scale`: (B,)."""
+        spec = self.family.spec(controlnet)
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeddings, **added,
+                 "controlnet_cond": image, "conditioning_scale": scale}
+        return self.named(spec, feeds, spec.output_names)
+
+    def named(self, spec: ComponentSpec, feeds: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """`names` of the spec's outputs for inputs given by name: every required input, optional ones
+        when present (the runner fills the others with zeros)."""
+        if spec.name not in self.components:
+            raise ModelError(f"this export has no {spec.name}", hint="re-export the model: kiln export onnx MODEL_DIR ONNX_DIR")
+        missing = [t.name for t in spec.inputs if not t.optional and t.name not in feeds]
+        if missing:
+            raise ValueError(f"{spec.name} needs {missing}")
+        return self.run(spec, {t.name: feeds[t.name] for t in spec.inputs if t.name in feeds}, list(names))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:  # (B, 4, h, w) -> (B, 3, H, W) in [-1, 1]
         return self.call(self.family.spec("vae_decoder"), latents)
@@ -99,22 +119,36 @@ class TorchRunner:
     """The components' PyTorch wrappers (the modules export traced), on `device` in `dtype`."""
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 components: Iterable[str] | None = None):
+                 components: Iterable[str] | None = None, controlnets: dict[str, Path] | None = None):
+        """`controlnets`: ControlNet component names (CONTROLNET_PREFIX + name) -> their diffusers folders."""
         from kiln.export.specs import family
-        from kiln.models.folder import inspect_model
+        from kiln.models.folder import control_layout, inspect_model, model_dims
 
         self.device, self.dtype = torch.device(device), dtype
         self.family = family(inspect_model(model_dir).family)
+        if controlnets:
+            import dataclasses
+            import json
+
+            unet = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
+            dims = dataclasses.replace(model_dims(model_dir), control=control_layout(unet))
+            self.family = self.family.controlled(dims, controlnets)
         specs = self.family.components
         names = [n for n, s in specs.items() if s.required] if components is None else list(components)
         self.modules = {n: specs[n].load_torch(model_dir).to(self.device, self._dtype(specs[n])) for n in names}
+        for name, folder in (controlnets or {}).items():  # ControlNets live in their own folders
+            spec = self.family.spec(name)
+            self.modules[name] = spec.load_torch(model_dir, folder).to(self.device, self._dtype(spec))
         self.components = tuple(self.modules)
 
     def _dtype(self, spec: ComponentSpec) -> torch.dtype:
         return self.dtype if spec.reduced_precision else torch.float32
 
     def __call__(self, spec: ComponentSpec, feeds: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, torch.Tensor]:
+        from kiln.export.specs import complete_feeds
+
         dtype = self._dtype(spec)
+        feeds = complete_feeds(spec, {k: v.to(self.device) for k, v in feeds.items()})
         args = [feeds[t.name].to(self.device, dtype) if t.dtype.startswith("float") else feeds[t.name].to(self.device)
                 for t in spec.inputs]
         with torch.inference_mode():

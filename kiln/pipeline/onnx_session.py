@@ -41,6 +41,9 @@ class ComponentSession:
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Every declared output, or only `outputs`."""
+        from kiln.export.specs import complete_feeds
+
+        feeds = complete_feeds(self.spec, feeds)  # optional inputs left out are zeros
         typed = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in self.spec.inputs}
         for name, zeros in self.no_adapters.items():
             typed[name] = np.ascontiguousarray(feeds.get(name, zeros), dtype=np.float32)

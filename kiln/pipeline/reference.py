@@ -5,6 +5,7 @@ negative prompt goes as None, which diffusers encodes as zeros, as Kiln does).""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -62,16 +63,32 @@ def weighted_embeddings(pipe, prompt: str, negative: str) -> dict[str, torch.Ten
 
 def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int, steps: int, guidance: float,
                     height: int, width: int, num_images: int = 1, weighted: bool = False,
-                    image=None, strength: float = 0.8, sizes: SizeConditioning = SizeConditioning()) -> np.ndarray:
+                    image=None, strength: float = 0.8, sizes: SizeConditioning = SizeConditioning(),
+                    controls: list | None = None) -> np.ndarray:
     """(N, H, W, 3) uint8, image i drawn with seed + i; `image` (PIL) makes it img2img; `sizes`: SDXL's
-    size conditioning."""
+    size conditioning; `controls`: (ControlNetModel, control image (PIL), scale, start, end) for each
+    ControlNet, drawn by diffusers' ControlNet pipelines (several: its MultiControlNetModel)."""
     import diffusers
 
     sdxl = is_sdxl(pipe)
     loaded = getattr(pipe, "kiln_scheduler", pipe.scheduler)  # the folder's, not the last call's switch
     pipe.scheduler = loaded  # never the last call's switch (its class and overrides would carry over)
     target = pipe
-    if image is not None:  # built as a user loads it (the folder's scheduler), then switched like the other
+    extra = {}
+    if controls:
+        names = {(False, False): "StableDiffusionControlNetPipeline", (False, True): "StableDiffusionControlNetImg2ImgPipeline",
+                 (True, False): "StableDiffusionXLControlNetPipeline", (True, True): "StableDiffusionXLControlNetImg2ImgPipeline"}
+        cls = getattr(diffusers, names[sdxl, image is not None])
+        nets = [c[0] for c in controls]
+        components = {k: v for k, v in pipe.components.items() if k in inspect.signature(cls.__init__).parameters}
+        target = cls(**{**components, "scheduler": loaded, "controlnet": nets[0] if len(nets) == 1 else nets})
+        target.set_progress_bar_config(disable=True)
+        single = len(controls) == 1
+        values = [[c[i] for c in controls] for i in range(1, 5)]
+        images, scales, starts, ends = (v[0] if single else v for v in values)
+        extra = {"control_image" if image is not None else "image": images, "controlnet_conditioning_scale": scales,
+                 "control_guidance_start": starts, "control_guidance_end": ends}
+    elif image is not None:  # built as a user loads it (the folder's scheduler), then switched like the other
         cls = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
         target = cls(**{**pipe.components, "scheduler": loaded})
         target.set_progress_bar_config(disable=True)
@@ -88,8 +105,10 @@ def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int,
     else:
         empty = sdxl and not negative.strip()  # diffusers' SDXL zeroes a negative prompt of None, not ""
         kwargs.update(prompt=prompt, negative_prompt=None if empty else negative, num_images_per_prompt=num_images)
+    kwargs.update(extra)
     if image is None:
         images = target(height=height, width=width, **kwargs).images
     else:
-        images = target(image=image, strength=strength, **kwargs).images
+        images = target(image=image, strength=strength, **({"height": height, "width": width} if controls else {}),
+                        **kwargs).images
     return (images * 255).round().astype(np.uint8)

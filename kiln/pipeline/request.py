@@ -20,6 +20,7 @@ class RequestField:
     name: str
     datatype: str  # Triton wire type: BYTES, INT32, INT64, FP32, UINT8
     required: bool = False
+    many: bool = False  # several values (one per ControlNet): shape [-1] on the wire, else [1]
 
 
 TXT2IMG_INPUTS: tuple[RequestField, ...] = (
@@ -43,7 +44,16 @@ TXT2IMG_INPUTS: tuple[RequestField, ...] = (
     RequestField("target_width", "INT32"),
     # LoRA adapters registered with the server: "name:scale,name2:scale2" (kiln.pipeline.adapters)
     RequestField("loras", "BYTES"),
+    # ControlNets the model serves: which ("name,name2"; default all, in the repository's order), one
+    # encoded control image each, and per ControlNet (or one for all) its scale and the fractions of
+    # the schedule it acts between
+    RequestField("controlnet", "BYTES"),
+    RequestField("control_image", "BYTES", many=True),
+    RequestField("control_scale", "FP32", many=True),
+    RequestField("control_start", "FP32", many=True),
+    RequestField("control_end", "FP32", many=True),
 )
+CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_start", "control_end")
 SIZE_CONDITIONING = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 MAX_CONDITIONING_SIZE = 8192  # pixels: SDXL was trained on originals up to about 4096
 # image: (N, H, W, 3), one row per image; seeds: the seed each image was drawn with (drawn when absent).
@@ -126,6 +136,18 @@ class SizeConditioning:
 
 
 @dataclass(frozen=True)
+class ControlRequest:
+    """One ControlNet's part in a request: its name in the repository, the encoded control image, the
+    conditioning scale and the fractions of the schedule it acts between."""
+
+    name: str
+    image: bytes
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     negative_prompt: str
@@ -139,6 +161,7 @@ class GenerationRequest:
     image: bytes | None = None
     strength: float = 1.0
     sizes: SizeConditioning = SizeConditioning()
+    controls: tuple[ControlRequest, ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -239,6 +262,60 @@ def _sizes(raw: dict, conditioned: bool) -> SizeConditioning:
                             pair("target_height", "target_width", None))
 
 
+def _controls(raw: dict, served: tuple[str, ...], limits: Limits) -> tuple[ControlRequest, ...]:
+    """The request's ControlNets: names (default every served one, in order), one image each, and
+    scales, starts and ends given once for all or once per ControlNet."""
+    from kiln.export.specs import MAX_CONTROL_SCALE
+
+    given = [name for name in CONTROL_FIELDS if raw.get(name) is not None]
+    if not given:
+        return ()
+    if not served:
+        raise RequestError(given[0], "<given>", "nothing: this model serves no ControlNet (export it with "
+                           "kiln export onnx MODEL_DIR ONNX_DIR --controlnet NAME=DIR, or leave the control fields out)")
+    if raw.get("control_image") is None:
+        raise RequestError("control_image", None, f"one encoded PNG or JPEG per ControlNet ({', '.join(served)}) "
+                           f"when {given[0]} is given")
+    names = served
+    if raw.get("controlnet") is not None:
+        text = text_field(raw, "controlnet", "", limits)
+        names = tuple(name.strip() for name in text.split(","))
+        unknown = [name for name in names if name not in served]
+        if unknown or not text.strip():
+            raise RequestError("controlnet", text, f"names from {list(served)}, comma-separated")
+        if len(set(names)) != len(names):
+            raise RequestError("controlnet", text, "each ControlNet once")
+    images = np.asarray(raw["control_image"]).reshape(-1)
+    if len(images) != len(names):
+        raise RequestError("control_image", f"<{len(images)} images>", f"one image per ControlNet: {len(names)} for "
+                           f"{list(names)} (name them with controlnet)")
+    for data in images:
+        if not isinstance(data, bytes) or not data or len(data) > limits.max_image_bytes:
+            size = len(data) if isinstance(data, bytes) else type(data).__name__
+            raise RequestError("control_image", f"<{size} bytes>",
+                               f"encoded PNG or JPEG files of 1 to {limits.max_image_bytes} bytes (BYTES)")
+
+    def per_control(field: str, default: float, low: float, high: float) -> list[float]:
+        value = raw.get(field)
+        if value is None:
+            return [default] * len(names)
+        values = np.asarray(value).reshape(-1)
+        if len(values) not in (1, len(names)):
+            raise RequestError(field, f"<{len(values)} values>", f"one value for every ControlNet, or one each ({len(names)})")
+        out = [_number({field: v}, field, default, low, high) for v in values]
+        return out * len(names) if len(out) == 1 else out
+
+    scales = per_control("control_scale", 1.0, 0.0, MAX_CONTROL_SCALE)
+    starts = per_control("control_start", 0.0, 0.0, 1.0)
+    ends = per_control("control_end", 1.0, 0.0, 1.0)
+    for start, end in zip(starts, ends):
+        if start >= end:
+            raise RequestError("control_start", start, f"a fraction below control_end ({end:g}): the ControlNet would "
+                               "never act")
+    return tuple(ControlRequest(name, bytes(image), scale, start, end)
+                 for name, image, scale, start, end in zip(names, images, scales, starts, ends))
+
+
 def _own_size(image: bytes, low: int, high: int, multiple: int) -> tuple[int, int]:
     """An init image's (height, width) from its header, each rounded down to `multiple`: img2img keeps
     the image's size unless the request gives one, as diffusers' img2img pipelines do."""
@@ -259,9 +336,9 @@ def _own_size(image: bytes, low: int, high: int, multiple: int) -> tuple[int, in
 
 
 def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: int,
-                  conditioned: bool = False) -> GenerationRequest:
+                  conditioned: bool = False, controlnets: tuple[str, ...] = ()) -> GenerationRequest:
     """Validate a request's raw tensors (name -> array, absent inputs missing or None). `conditioned`:
-    the model takes SDXL's size conditioning."""
+    the model takes SDXL's size conditioning; `controlnets`: the ControlNets it serves, by name."""
     from kiln.pipeline.schedulers import canonical_name
 
     if raw.get("prompt") is None:
@@ -299,4 +376,5 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
         image=image,
         strength=strength,
         sizes=_sizes(raw, conditioned),
+        controls=_controls(raw, tuple(controlnets), limits),
     )

@@ -1,0 +1,278 @@
+"""ControlNet through the spine: tiny ControlNets of the tiny model exported beside a UNet that takes
+their residuals (each checked against PyTorch), Kiln's pipeline drawing with them compared with
+diffusers' ControlNet pipelines (one ControlNet and MultiControlNet, start/end fractions, img2img,
+SDXL), then the same requests through a real Triton over HTTP and gRPC, and what a careless or hostile
+client sends refused by name with the server still up."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kiln.clients.client import KilnClient
+from kiln.errors import ClientError, ExportError, RequestError
+from kiln.export.onnx_export import export_onnx
+from kiln.model_repository.builder import build_repository
+from kiln.models.controlnet import check_controlnets, write_tiny_controlnet
+from kiln.pipeline.onnx_pipeline import OnnxPipeline
+from kiln.pipeline.request import Defaults, Limits, parse_request
+from kiln.serving import server
+
+MAX_DIFF = 2  # on the 0-255 scale, as every parity test of the served image
+PROMPT = "a red digit 7 on a white background"
+
+
+def png(height: int, width: int, seed: int) -> bytes:
+    pixels = (np.random.default_rng(seed).uniform(0, 1, (height, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def square(offset: int) -> bytes:
+    """A white 24-pixel square on black, at (offset, offset): a control image with a place."""
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[offset:offset + 24, offset:offset + 24] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def pil(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+# one control image at the generated size, one of another size and aspect (resized, as diffusers does)
+CONTROLS = (png(64, 64, 1), png(48, 80, 2))
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnets")
+    return {"edge": write_tiny_controlnet(tiny_model(), root / "edge", seed=1),
+            "pose": write_tiny_controlnet(tiny_model(), root / "pose", seed=2)}
+
+
+@pytest.fixture(scope="module")
+def controlled_onnx(tiny_model, controlnets, tmp_path_factory):
+    return export_onnx(tiny_model(), tmp_path_factory.mktemp("controlled") / "onnx", controlnets=controlnets).out_dir
+
+
+@pytest.fixture(scope="module")
+def diffusers_draw(tiny_model, controlnets):
+    """diffusers' ControlNet pipelines on the same folders: controls are (name, image bytes, scale, start, end)."""
+    from diffusers import ControlNetModel
+
+    from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
+
+    pipe = load_diffusers_pipeline(tiny_model())
+    nets = {name: ControlNetModel.from_pretrained(folder) for name, folder in controlnets.items()}
+
+    def draw(scheduler, controls, seed=3, steps=6, num_images=1, image=None, strength=0.8):
+        return diffusers_image(pipe, scheduler, PROMPT, "", seed, steps, 7.5, 64, 64, num_images=num_images,
+                               image=None if image is None else pil(image), strength=strength,
+                               controls=[(nets[n], pil(data), scale, start, end) for n, data, scale, start, end in controls])
+
+    return draw
+
+
+def raw_request(**fields) -> dict:
+    out = {"prompt": np.array([PROMPT.encode()], dtype=object), "steps": np.array([6], np.int32),
+           "seed": np.array([3], np.int64)}
+    for name, value in fields.items():
+        values = value if isinstance(value, list) else [value]
+        kind = object if isinstance(values[0], (bytes, str)) else np.int32 if isinstance(values[0], int) else np.float32
+        out[name] = np.array([v.encode() if isinstance(v, str) else v for v in values], dtype=kind)
+    return out
+
+
+def request(controlnets=("edge", "pose"), **fields):
+    return parse_request(raw_request(**fields), Defaults(height=64, width=64), Limits(max_size=1024), 8,
+                         controlnets=controlnets)
+
+
+def worst(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_export_holds_each_controlnet_checked_against_pytorch(controlled_onnx):
+    manifest = json.loads((controlled_onnx / "manifest.json").read_text())
+    assert {"controlnet_edge", "controlnet_pose", "unet"} <= set(manifest["components"])
+    for name in ("controlnet_edge", "controlnet_pose", "unet"):
+        entry = manifest["components"][name]
+        assert len(entry["parity"]) == 2  # two shapes
+        assert max(t["max_abs"] for r in entry["parity"] for t in r["tensors"]) < 1e-4
+    unet_inputs = [t["name"] for t in manifest["components"]["unet"]["inputs"]]
+    residuals = [t["name"] for t in manifest["components"]["controlnet_edge"]["outputs"]]
+    assert unet_inputs[3:] == residuals and residuals[-1] == "mid_block_res"
+    assert [t["optional"] for t in manifest["components"]["unet"]["inputs"]] == [False] * 3 + [True] * len(residuals)
+
+
+def test_kiln_draws_what_diffusers_draws_with_controlnets(controlled_onnx, diffusers_draw):
+    pipe = OnnxPipeline(controlled_onnx)
+    one = pipe(request(controlnet="edge", control_image=CONTROLS[0], scheduler="euler"))
+    assert worst(one, diffusers_draw("euler", [("edge", CONTROLS[0], 1.0, 0.0, 1.0)])) <= MAX_DIFF
+    # both at once (diffusers' MultiControlNet), scales and schedule fractions of their own
+    both = pipe(request(control_image=list(CONTROLS), control_scale=[0.7, 1.3], control_start=[0.0, 0.2],
+                        control_end=[0.8, 1.0], scheduler="ddim"))
+    expected = diffusers_draw("ddim", [("edge", CONTROLS[0], 0.7, 0.0, 0.8), ("pose", CONTROLS[1], 1.3, 0.2, 1.0)])
+    assert worst(both, expected) <= MAX_DIFF
+    late = pipe(request(controlnet="pose", control_image=CONTROLS[1], control_scale=1.5, control_end=0.5,
+                        scheduler="dpmpp_2m", num_images=2))
+    assert worst(late, diffusers_draw("dpmpp_2m", [("pose", CONTROLS[1], 1.5, 0.0, 0.5)], num_images=2)) <= MAX_DIFF
+
+
+def test_img2img_with_a_controlnet_matches_diffusers(controlled_onnx, diffusers_draw):
+    init = png(64, 64, 9)
+    ours = OnnxPipeline(controlled_onnx)(request(controlnet="edge", control_image=CONTROLS[0], init_image=init,
+                                                 strength=0.6, scheduler="euler"))
+    assert worst(ours, diffusers_draw("euler", [("edge", CONTROLS[0], 1.0, 0.0, 1.0)], image=init, strength=0.6)) <= MAX_DIFF
+
+
+def test_control_moves_the_image_and_leaving_it_out_is_the_plain_model(controlled_onnx, onnx_dir):
+    """The guard: a parity test alone would pass if neither side applied control."""
+    controlled, plain = OnnxPipeline(controlled_onnx), OnnxPipeline(onnx_dir())
+    without = controlled(request())
+    assert np.array_equal(without, plain(request(controlnets=())))  # zero residuals: the base UNet exactly
+    left, right = (controlled(request(controlnet="edge", control_image=square(offset))) for offset in (4, 36))
+    assert np.abs(left.astype(float) - without).mean() > 2.0  # control moves the image...
+    assert np.abs(left.astype(float) - right).mean() > 2.0  # ...and another control image moves it elsewhere
+    zero = controlled(request(controlnet="edge", control_image=square(4), control_scale=0.0))
+    assert np.array_equal(zero, without)  # a scale of 0 adds nothing
+
+
+def test_sdxl_controlnet_matches_diffusers(sdxl_model, tmp_path):
+    from diffusers import ControlNetModel
+
+    from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
+
+    folder = write_tiny_controlnet(sdxl_model(), tmp_path / "depth")
+    onnx = export_onnx(sdxl_model(), tmp_path / "onnx", controlnets={"depth": folder}).out_dir
+    raw = raw_request(control_image=CONTROLS[0], control_scale=0.8, scheduler="euler")
+    ours = OnnxPipeline(onnx)(parse_request(raw, Defaults(height=64, width=64), Limits(max_size=1024), 8,
+                                            conditioned=True, controlnets=("depth",)))
+    theirs = diffusers_image(load_diffusers_pipeline(sdxl_model()), "euler", PROMPT, "", 3, 6, 7.5, 64, 64,
+                             controls=[(ControlNetModel.from_pretrained(folder), pil(CONTROLS[0]), 0.8, 0.0, 1.0)])
+    assert worst(ours, theirs) <= MAX_DIFF
+
+
+def test_a_controlnet_for_another_base_or_no_controlnet_at_all_is_refused_before_export(tiny_model, controlnets, sdxl_model,
+                                                                                          tmp_path):
+    with pytest.raises(ExportError, match=r"ControlNet name 'Edge!' is invalid"):
+        check_controlnets({"Edge!": controlnets["edge"]}, tiny_model())
+    with pytest.raises(ExportError, match="is not a folder"):
+        check_controlnets({"edge": tmp_path / "missing"}, tiny_model())
+    with pytest.raises(ExportError, match="holds a UNet2DConditionModel, not a ControlNet"):
+        check_controlnets({"edge": tiny_model() / "unet"}, tiny_model())
+    xl = write_tiny_controlnet(sdxl_model(), tmp_path / "xl")
+    with pytest.raises(ExportError, match=r"was built for another base: its (cross_attention_dim|addition_embed_type)"):
+        check_controlnets({"xl": xl}, tiny_model())
+    wide = tmp_path / "wide"
+    shutil.copytree(controlnets["edge"], wide)
+    config = json.loads((wide / "config.json").read_text())
+    config["block_out_channels"] = [32, 128]
+    (wide / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"its block_out_channels is \[32, 128\], the UNet's .* is \[32, 64\]"):
+        export_onnx(tiny_model(), tmp_path / "never", controlnets={"wide": wide})
+    assert not (tmp_path / "never" / "unet").exists()  # refused before any export work
+
+
+def test_request_fields_are_checked_by_name():
+    with pytest.raises(RequestError, match=r"control_image.*this model serves no ControlNet.*--controlnet NAME=DIR"):
+        request(controlnets=(), control_image=CONTROLS[0])
+    with pytest.raises(RequestError, match=r"one image per ControlNet: 2 for \['edge', 'pose'\]"):
+        request(control_image=CONTROLS[0])
+    with pytest.raises(RequestError, match=r"controlnet='edge,edge'.*each ControlNet once"):
+        request(controlnet="edge,edge", control_image=list(CONTROLS))
+    with pytest.raises(RequestError, match=r"control_image=None.*one encoded PNG or JPEG per ControlNet"):
+        request(control_scale=1.0)
+    for scale in (2.5, -0.1, float("nan"), float("inf")):
+        with pytest.raises(RequestError, match=r"control_scale=.*\[0, 2\]"):
+            request(controlnet="edge", control_image=CONTROLS[0], control_scale=scale)
+    with pytest.raises(RequestError, match=r"control_scale='<3 values>'.*one value for every ControlNet, or one each"):
+        request(control_image=list(CONTROLS), control_scale=[1.0, 1.0, 1.0])
+    with pytest.raises(RequestError, match=r"control_start=0.6.*below control_end"):
+        request(controlnet="edge", control_image=CONTROLS[0], control_start=0.6, control_end=0.6)
+
+
+@pytest.fixture(scope="module")
+def controlled_server(controlled_onnx, tmp_path_factory):
+    repo = build_repository(controlled_onnx, tmp_path_factory.mktemp("controlled-repo") / "repo")
+    with contextlib.ExitStack() as stack:
+        yield stack.enter_context(server.running_server(repo))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_controlnets_match_diffusers(controlled_server, diffusers_draw, protocol):
+    info = controlled_server
+    client = KilnClient(info.http_url if protocol == "http" else info.grpc_url, protocol)
+    both = client.generate(PROMPT, seed=3, steps=6, scheduler="ddim", control_image=list(CONTROLS),
+                           control_scale=[0.7, 1.3], control_start=[0.0, 0.2], control_end=[0.8, 1.0])
+    expected = diffusers_draw("ddim", [("edge", CONTROLS[0], 0.7, 0.0, 0.8), ("pose", CONTROLS[1], 1.3, 0.2, 1.0)])
+    assert worst(both.images, expected) <= MAX_DIFF
+    pose = client.generate(PROMPT, seed=3, steps=6, scheduler="euler", controlnet=["pose"], control_image=CONTROLS[1],
+                           num_images=2)
+    assert worst(pose.images, diffusers_draw("euler", [("pose", CONTROLS[1], 1.0, 0.0, 1.0)], num_images=2)) <= MAX_DIFF
+
+
+def test_bad_control_requests_get_400s_naming_the_field_and_the_server_stays_up(controlled_server):
+    import tritonclient.http as http
+
+    info = controlled_server
+    client = KilnClient(info.http_url, "http")
+    bad = [
+        (dict(controlnet="edge", control_image=b"not an image"), r"control_image='<12 bytes>'.*a PNG or JPEG file"),
+        (dict(controlnet="edge", control_image=b"\x89PNG\r\n\x1a\n" + b"0" * 64), r"control_image=.*a PNG or JPEG file"),
+        (dict(controlnet="nope", control_image=CONTROLS[0]), r"controlnet='nope'.*names from \['edge', 'pose'\]"),
+        (dict(control_image=list(CONTROLS), control_scale=3.0), r"control_scale=3.0.*\[0, 2\]"),
+        (dict(control_image=[CONTROLS[0]]), r"one image per ControlNet: 2"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ClientError, match=message) as caught:
+            client.generate(PROMPT, steps=2, **fields)
+        assert caught.value.rejected, fields
+    with pytest.raises(ClientError, match=r"control_image=\[\] cannot be sent"):
+        client.generate(PROMPT, steps=2, control_image=[])
+    # the components themselves are reachable: inputs that disagree in size are refused by name
+    raw = http.InferenceServerClient(info.http_url.split("//")[-1])
+
+    def call(model, **feeds):
+        tensors = []
+        for name, value in feeds.items():
+            tensor = http.InferInput(name, list(value.shape), "FP32")
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+        return raw.infer(model, tensors)
+
+    base = dict(sample=np.zeros((1, 4, 8, 8), np.float32), timestep=np.array([[10]], np.float32),
+                encoder_hidden_states=np.zeros((1, 77, 32), np.float32))
+    call("unet", **base, mid_block_res=np.zeros((1, 64, 4, 4), np.float32))  # residuals may come alone
+    with pytest.raises(Exception, match=r"mid_block_res's latent_height/2 is 3: sample makes latent_height 8, so it must be 4"):
+        call("unet", **base, mid_block_res=np.zeros((1, 64, 3, 3), np.float32))
+    with pytest.raises(Exception, match=r"controlnet_cond's height is 32: sample makes latent_height 8, so it must be 64"):
+        call("controlnet_edge", **base, controlnet_cond=np.zeros((1, 3, 32, 64), np.float32),
+             conditioning_scale=np.ones((1, 1), np.float32))
+    with pytest.raises(Exception, match=r"controlnet_cond=.*pixel values in \[0, 1\]"):
+        call("controlnet_edge", **base, controlnet_cond=np.full((1, 3, 64, 64), np.nan, np.float32),
+             conditioning_scale=np.ones((1, 1), np.float32))
+    assert client.health() == {"live": True, "ready": True}
+    assert client.generate(PROMPT, steps=2, controlnet="edge", control_image=CONTROLS[0]).images.shape == (1, 64, 64, 3)
+
+
+def test_tensorrt_profiles_size_residuals_and_control_images_from_the_latents(controlled_onnx):
+    """No GPU needed to plan the engines: each ControlNet's and the UNet's profiles derive from the specs."""
+    from kiln.export.tensorrt import plan_engines
+
+    plans = {c.component: c.profiles[0] for c in plan_engines(controlled_onnx).components}
+    assert {"controlnet_edge", "controlnet_pose"} <= set(plans)
+    latent_sides = [shape[2:] for shape in plans["unet"]["sample"]]
+    assert [shape[2:] for shape in plans["unet"]["mid_block_res"]] == [[h // 2, w // 2] for h, w in latent_sides]
+    assert [shape[2:] for shape in plans["controlnet_edge"]["controlnet_cond"]] == [[h * 8, w * 8] for h, w in latent_sides]
+    assert [shape[1] for shape in plans["controlnet_edge"]["controlnet_cond"]] == [3, 3, 3]
