@@ -75,6 +75,12 @@ def _font(path: Path, size: int) -> ImageFont.FreeTypeFont:
 
 def render(glyph: Glyph, size: int, rng: np.random.Generator) -> Image.Image:
     """One glyph: a random font, height 65-85 % of the image, shifted up to 6 % and rotated up to 8 degrees."""
+    return render_with_mask(glyph, size, rng)[0]
+
+
+def render_with_mask(glyph: Glyph, size: int, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """render's image and the digit's silhouette in it (white on black, RGB): the exact shape and
+    place the glyph was drawn at, a ControlNet's control image."""
     fonts = available_fonts()
     scale = 4  # draw large, then downsample: smooth edges at small sizes
     canvas = size * scale
@@ -88,7 +94,8 @@ def render(glyph: Glyph, size: int, rng: np.random.Generator) -> Image.Image:
     layer = layer.rotate(rng.uniform(-8, 8), resample=Image.BICUBIC)
     image = Image.new("RGB", (canvas, canvas), BACKGROUNDS[glyph.background])
     image.paste(Image.new("RGB", (canvas, canvas), COLOURS[glyph.colour]), mask=layer)
-    return image.resize((size, size), Image.LANCZOS)
+    silhouette = layer.resize((size, size), Image.BOX).point(lambda v: 255 if v >= 128 else 0).convert("RGB")
+    return image.resize((size, size), Image.LANCZOS), silhouette
 
 
 def _probabilities(weights: tuple[float, ...] | None, count: int, what: str) -> np.ndarray | None:
@@ -114,8 +121,9 @@ def sample_glyphs(count: int, rng: np.random.Generator, digits=DIGITS, colours=t
 
 def write_glyphs(out: Path, count: int = 5000, seed: int = 0, size: int = 32, colours=tuple(COLOURS),
                  digits=DIGITS, backgrounds=tuple(BACKGROUNDS), colour_weights: tuple[float, ...] | None = None,
-                 background_weights: tuple[float, ...] | None = None) -> Path:
-    """Render `count` glyphs into `out` (images/ + metadata.jsonl), atomically."""
+                 background_weights: tuple[float, ...] | None = None, control: bool = False) -> Path:
+    """Render `count` glyphs into `out` (images/ + metadata.jsonl), atomically; `control`: each digit's
+    silhouette too (conditioning/, conditioning_file_name), for ControlNet training."""
     from tqdm import tqdm
 
     unknown = [c for c in colours if c not in COLOURS]
@@ -127,10 +135,16 @@ def write_glyphs(out: Path, count: int = 5000, seed: int = 0, size: int = 32, co
     rows = []
     with write_folder_atomically(out) as tmp:
         (tmp / "images").mkdir()
+        if control:
+            (tmp / "conditioning").mkdir()
         for i, glyph in enumerate(tqdm(glyphs, desc="render glyphs", unit="image")):
             name = f"images/{i:06d}.png"
-            render(glyph, size, rng).save(tmp / name)
+            image, silhouette = render_with_mask(glyph, size, rng)
+            image.save(tmp / name)
             rows.append({"file_name": name, "text": glyph.caption, "digit": glyph.digit, "colour": glyph.colour,
                          "background": glyph.background})
+            if control:
+                rows[-1]["conditioning_file_name"] = f"conditioning/{i:06d}.png"
+                silhouette.save(tmp / rows[-1]["conditioning_file_name"])
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return Path(out)

@@ -33,6 +33,7 @@ class PrepareOptions:
     min_clip_score: float = 0.0
     aesthetic_weights: Path | None = None
     min_aesthetic: float = 0.0
+    control: str | None = None  # canny | mask (kiln.dataset.control): a control image beside each image
 
 
 @dataclass
@@ -72,10 +73,13 @@ def prepare(src: Path, out_dir: Path, options: PrepareOptions = PrepareOptions()
 
     from kiln.dataset.filters import AestheticScorer, ClipScorer
 
-    if options.crop not in CROPS:
-        from kiln.errors import DatasetError
+    from kiln.dataset.control import CONTROLS, make_control
+    from kiln.errors import DatasetError
 
+    if options.crop not in CROPS:
         raise DatasetError(f"--crop {options.crop!r} is not one of {', '.join(CROPS)}")
+    if options.control is not None and options.control not in CONTROLS:
+        raise DatasetError(f"--control {options.control!r} is not one of {', '.join(CONTROLS)}")
     src, out_dir = Path(src), Path(out_dir)
     clip = ClipScorer(options.clip_model) if options.clip_model else None
     aesthetic = AestheticScorer(options.aesthetic_weights, clip) if options.aesthetic_weights else None
@@ -91,6 +95,8 @@ def prepare(src: Path, out_dir: Path, options: PrepareOptions = PrepareOptions()
 
     with write_folder_atomically(out_dir) as tmp:
         (tmp / "images").mkdir()
+        if options.control:
+            (tmp / "conditioning").mkdir()
         for entry in tqdm(entries, desc="prepare", unit="image"):
             try:
                 image = _load(entry.path)
@@ -117,10 +123,14 @@ def prepare(src: Path, out_dir: Path, options: PrepareOptions = PrepareOptions()
                 drop(entry, "aesthetic", f"{score:.2f} < {options.min_aesthetic}")
                 continue
             name = f"images/{len(rows):06d}.png"
-            resize_for_training(image, options.resolution, options.crop).save(tmp / name)
+            resized = resize_for_training(image, options.resolution, options.crop)
+            resized.save(tmp / name)
             hashes.append(bits)
             kept_names.append(str(entry.path.relative_to(src)))
             rows.append({"file_name": name, "text": entry.caption, "source": kept_names[-1]})
+            if options.control:  # made from the training image itself, so it lines up pixel for pixel
+                rows[-1]["conditioning_file_name"] = f"conditioning/{len(rows) - 1:06d}.png"
+                make_control(options.control, resized).save(tmp / rows[-1]["conditioning_file_name"])
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         report.kept = len(rows)
         report.dropped = dict(Counter(d["reason"] for d in report.drops))

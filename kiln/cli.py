@@ -23,6 +23,7 @@ from kiln.cli_choices import (
     CalibrationMethod,
     Crop,
     ImportFamily,
+    ControlKind,
     Method,
     OrtAccelerator,
     Precision,
@@ -77,12 +78,19 @@ def model_tiny(
     family: TinyFamily = typer.Option(TinyFamily(TINY.family), "--family",
                                       help="sd: SD 1.x/2.x layout; sdxl: SDXL's (two text encoders, size conditioning)"),
     seed: int = TINY.seed,
+    controlnet: Optional[Path] = typer.Option(None, "--controlnet", help="also write a tiny ControlNet of it to this folder"),
 ):
     """Write a tiny SD or SDXL pipeline with random weights and the real CLIP tokenizer."""
     from kiln.models.tiny import write_tiny_model
 
     write_tiny_model(out, prediction_type.value, seed, family.value)
     console.print(f"tiny {family} {prediction_type} model written to {out}")
+    if controlnet is not None:
+        from kiln.models.controlnet import write_tiny_controlnet
+
+        write_tiny_controlnet(out, controlnet, seed)
+        console.print(f"tiny ControlNet written to {controlnet}; export both with: kiln export onnx {out} ONNX_DIR "
+                      f"--controlnet NAME={controlnet}")
 
 
 @model_app.command("tiny-controlnet")
@@ -253,13 +261,16 @@ def data_prepare(
     min_clip_score: float = typer.Option(PREPARE.min_clip_score, "--min-clip-score"),
     aesthetic_weights: Optional[Path] = typer.Option(None, "--aesthetic-weights", help="LAION aesthetic predictor .pth"),
     min_aesthetic: float = typer.Option(PREPARE.min_aesthetic, "--min-aesthetic"),
+    control: Optional[ControlKind] = typer.Option(None, "--control", help="also write a control image per image "
+                                                  "(conditioning_file_name), for kiln train controlnet: canny edges, "
+                                                  "or the subject's mask on a plain background"),
 ):
     """Keep usable, captioned, distinct images resized for training; report why others were dropped."""
     from kiln.dataset.prepare import PrepareOptions, prepare
 
     options = PrepareOptions(resolution=resolution, min_size=min_size, dedup_distance=dedup_distance, crop=crop.value,
                              clip_model=clip_model, min_clip_score=min_clip_score, aesthetic_weights=aesthetic_weights,
-                             min_aesthetic=min_aesthetic)
+                             min_aesthetic=min_aesthetic, control=control.value if control else None)
     report = prepare(src, out, options)
     dropped = ", ".join(f"{k}: {v}" for k, v in report.dropped.items()) or "none"
     console.print(f"kept {report.kept} images, dropped {sum(report.dropped.values())} ({dropped}); "

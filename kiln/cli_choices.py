@@ -90,6 +90,7 @@ Target = _choices("Target", declared("kiln.model_repository.builder", "TARGETS")
 Backend = _choices("Backend", dict.fromkeys(b for per_target in declared("kiln.model_repository.builder", "BACKENDS").values()
                                             for b in per_target))
 Crop = _choices("Crop", declared("kiln.dataset.prepare", "CROPS"))
+ControlKind = _choices("ControlKind", declared("kiln.dataset.control", "CONTROLS"))
 OrtAccelerator = _choices("OrtAccelerator", declared("kiln.model_repository.configs", "ORT_ACCELERATORS"))
 
 

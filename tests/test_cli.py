@@ -48,6 +48,7 @@ def defaults(*command: str) -> dict:
     ("model tiny", "kiln.models.tiny", "PREDICTION_TYPES"),
     ("model sd15", "kiln.models.benchmark", "WIDTHS"),
     ("export qdq", "kiln.export.quantize", "METHODS"),
+    ("data prepare", "kiln.dataset.control", "CONTROLS"),
 ])
 def test_help_lists_the_library_choices(command, module, name):
     choices = list(getattr(importlib.import_module(module), name))

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,3 +277,100 @@ def test_tensorrt_profiles_size_residuals_and_control_images_from_the_latents(co
     assert [shape[2:] for shape in plans["unet"]["mid_block_res"]] == [[h // 2, w // 2] for h, w in latent_sides]
     assert [shape[2:] for shape in plans["controlnet_edge"]["controlnet_cond"]] == [[h * 8, w * 8] for h, w in latent_sides]
     assert [shape[1] for shape in plans["controlnet_edge"]["controlnet_cond"]] == [3, 3, 3]
+
+
+# --- training: control images made from the data, a ControlNet trained, resumed, exported ---
+
+
+@pytest.fixture(scope="module")
+def control_data(tmp_path_factory):
+    from images import write_folder
+
+    from kiln.dataset.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("control-data")
+    prepare(write_folder(root / "src", 8), root / "mask", PrepareOptions(resolution=64, control="mask"))
+    return root / "mask"
+
+
+def test_prepare_makes_control_images_that_line_up_with_the_images(control_data, tmp_path):
+    from images import shape_image, write_folder
+
+    from kiln.dataset.control import foreground, iou
+    from kiln.dataset.prepare import PrepareOptions, prepare
+
+    rows = [json.loads(line) for line in (control_data / "metadata.jsonl").read_text().splitlines()]
+    assert all(r["conditioning_file_name"] == f"conditioning/{i:06d}.png" for i, r in enumerate(rows))
+    for row in rows:
+        image = Image.open(control_data / row["file_name"])
+        control = np.asarray(Image.open(control_data / row["conditioning_file_name"]).convert("L")) > 127
+        assert control.shape == (64, 64) and 0.05 < control.mean() < 0.6  # a shape, not the whole frame
+        assert iou(control, foreground(image)) == 1.0
+    # the mask of a known shape is that shape (a filled square drawn at a known place)
+    square, _ = shape_image(0, 96)
+    truth = np.zeros((96, 96), bool)
+    truth[10:10 + 49, 8:8 + 49] = True
+    assert iou(foreground(square), truth) > 0.95
+    canny = tmp_path / "canny"
+    prepare(write_folder(tmp_path / "src", 4), canny, PrepareOptions(resolution=64, control="canny"))
+    edges = np.asarray(Image.open(canny / "conditioning" / "000000.png").convert("L")) > 127
+    filled = foreground(Image.open(canny / "images" / "000000.png"))
+    inner = filled & np.roll(filled, 2, 0) & np.roll(filled, -2, 0) & np.roll(filled, 2, 1) & np.roll(filled, -2, 1)
+    assert edges.sum() > 20 and not (edges & inner).any()  # edges on the outline, none inside the shape
+
+
+def test_a_trained_controlnet_learns_resumes_exactly_and_exports_beside_its_base(tiny_model, control_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from kiln.training.run import run_training
+    from kiln.training.run_log import read_losses
+
+    from training_runs import train_settings
+
+    common = ["max_train_steps=6", "checkpointing_steps=3", "optim.learning_rate=1e-3", "data.caption_dropout=0.2"]
+    whole = tmp_path / "whole"
+    summary = run_training("controlnet", None, train_settings(tiny_model(), control_data, whole, *common))
+    assert summary["fixed_batch_loss"]["end"] < summary["fixed_batch_loss"]["start"], summary["fixed_batch_loss"]
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    shutil.copytree(whole / "logs", resumed / "logs")
+    run_training("controlnet", None, train_settings(tiny_model(), control_data, resumed, *common), resume="latest")
+    expected, got = read_losses(whole / "logs" / "train_log.csv"), read_losses(resumed / "logs" / "train_log.csv")
+    assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+    first = load_file(str(whole / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    again = load_file(str(resumed / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert all(np.array_equal(first[k].numpy(), again[k].numpy()) for k in first)
+    assert check_controlnets({"shape": whole / "controlnet"}, tiny_model()) == {"shape": whole / "controlnet"}
+
+
+def test_controlnet_training_without_control_images_is_refused_before_training(tiny_model, training_data, tmp_path):
+    from kiln.errors import ConfigError, TrainingError
+    from kiln.training.config import load_config
+    from kiln.training.run import run_training
+
+    from training_runs import train_settings
+
+    with pytest.raises(TrainingError, match=r"8 of 8 training images have no control image") as caught:
+        run_training("controlnet", None, train_settings(tiny_model(), training_data, tmp_path / "out", "max_train_steps=1"))
+    assert "kiln data prepare SRC OUT --control canny" in caught.value.hint
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match=r"conditioning_embedding_out_channels=\[8, 16\] has 2 widths; this model's "
+                                          r"VAE has 4 levels"):
+        run_training("controlnet", None, train_settings(tiny_model(), training_data, tmp_path / "out",
+                                                        "controlnet.conditioning_embedding_out_channels=[8, 16]"))
+    with pytest.raises(ConfigError, match=r"controlnet.controlnet: .* holds a UNet2DConditionModel, not a ControlNet"):
+        run_training("controlnet", None, train_settings(tiny_model(), training_data, tmp_path / "out",
+                                                        f"controlnet.controlnet={tiny_model() / 'unet'}"))
+    config = load_config("controlnet", Path(__file__).resolve().parents[1] / "training" / "configs" / "controlnet.yaml", [])
+    assert config.controlnet.controlnet is None and config.data.augment.enabled
+
+
+def test_glyph_control_images_are_the_drawn_digits_silhouettes(tmp_path):
+    from kiln.dataset.control import foreground, iou
+    from kiln.dataset.glyphs import write_glyphs
+
+    out = write_glyphs(tmp_path / "glyphs", count=12, size=32, control=True)
+    for row in map(json.loads, (out / "metadata.jsonl").read_text().splitlines()):
+        control = np.asarray(Image.open(out / row["conditioning_file_name"]).convert("L")) > 127
+        assert iou(control, foreground(Image.open(out / row["file_name"]))) > 0.8, row

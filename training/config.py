@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from kiln.errors import ConfigError
 
-METHODS = ("lora", "dreambooth", "textual-inversion", "full")
+METHODS = ("lora", "dreambooth", "textual-inversion", "full", "controlnet")
 EXAMPLE = "optim.learning_rate=1e-4"
 
 
@@ -96,6 +96,22 @@ class FullConfig(Strict):
     train_text_encoder: bool = False
 
 
+class ControlNetConfig(Strict):
+    # start from this diffusers ControlNet folder (fine-tune it); default: a new one copied from the
+    # UNet's encoder, as diffusers' ControlNetModel.from_unet makes it (zero convolutions: starts inert)
+    controlnet: Path | None = None
+    # the control-image encoder's widths; one entry per VAE level (default: diffusers' (16, 32, 96, 256)
+    # cut to the VAE's depth: three for SD's 8x VAE plus one)
+    conditioning_embedding_out_channels: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _channels(self):
+        channels = self.conditioning_embedding_out_channels
+        if channels is not None and (not channels or min(channels) < 1):
+            raise ValueError(f"conditioning_embedding_out_channels {channels} must be positive widths")
+        return self
+
+
 class OptimConfig(Strict):
     learning_rate: float = Field(1e-4, gt=0)
     scale_lr: bool = False  # multiply by batch size x accumulation x processes
@@ -112,7 +128,7 @@ class OptimConfig(Strict):
 
 
 class TrainConfig(Strict):
-    method: Literal["lora", "dreambooth", "textual-inversion", "full"]
+    method: Literal["lora", "dreambooth", "textual-inversion", "full", "controlnet"]
     model: Path
     output_dir: Path
     data: DataConfig
@@ -142,6 +158,7 @@ class TrainConfig(Strict):
     dreambooth: DreamBoothConfig | None = None
     textual_inversion: TextualInversionConfig | None = None
     full: FullConfig | None = None
+    controlnet: ControlNetConfig | None = None
 
     @model_validator(mode="after")
     def _method_section(self):
@@ -269,6 +286,8 @@ def build_config(method: str, tree: dict) -> TrainConfig:
         config = config.model_copy(update={"lora": LoraConfig()})
     if method == "full" and config.full is None:
         config = config.model_copy(update={"full": FullConfig()})
+    if method == "controlnet" and config.controlnet is None:
+        config = config.model_copy(update={"controlnet": ControlNetConfig()})
     if method == "dreambooth" and config.dreambooth.use_lora and config.lora is None:
         config = config.model_copy(update={"lora": LoraConfig()})
     return config

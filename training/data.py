@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kiln.dataset.augment import Augmentations, build_augmentation
+from kiln.dataset.augment import Augmentations, build_augmentation, build_paired_augmentation
 from kiln.dataset.prepare import resize_for_training
 from kiln.errors import TrainingError
 
@@ -21,6 +21,7 @@ from kiln.errors import TrainingError
 class Example:
     path: Path
     caption: str
+    conditioning: Path | None = None  # its control image (ControlNet training), metadata's conditioning_file_name
 
 
 def read_examples(folder: Path, caption: str | None = None) -> list[Example]:
@@ -30,7 +31,9 @@ def read_examples(folder: Path, caption: str | None = None) -> list[Example]:
     metadata = folder / "metadata.jsonl"
     if metadata.is_file():
         rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
-        examples = [Example(folder / r["file_name"], caption or r.get("text") or r.get("caption") or "") for r in rows]
+        examples = [Example(folder / r["file_name"], caption or r.get("text") or r.get("caption") or "",
+                            folder / r["conditioning_file_name"] if r.get("conditioning_file_name") else None)
+                    for r in rows]
     elif caption is not None:
         from kiln.dataset.captions import IMAGE_SUFFIXES
 
@@ -67,12 +70,14 @@ class ImageBatches:
         self.examples = examples
         self.resolution = resolution
         self.augmentation = build_augmentation(augment, resolution)
+        self.paired_augmentation = build_paired_augmentation(augment, resolution)
         self.seed = seed
         self.batch_size = batch_size
         self.num_processes = num_processes
         self.process_index = process_index
         self.caption_dropout = caption_dropout
         self._cache: dict[int, torch.Tensor] = {}
+        self._controls: dict[int, torch.Tensor] = {}
         self._sizes: dict[int, tuple[int, int, int, int]] = {}
 
     def pixels(self, index: int) -> torch.Tensor:
@@ -84,6 +89,42 @@ class ImageBatches:
                 array = np.asarray(image, dtype=np.float32) / 255.0
             self._cache[index] = torch.from_numpy(array.transpose(2, 0, 1).copy())
         return self._cache[index]
+
+    def control(self, index: int) -> torch.Tensor:
+        """(3, R, R) in [0, 1]: the example's control image, resized and cropped as its image is."""
+        if index not in self._controls:
+            example = self.examples[index]
+            if example.conditioning is None:
+                raise TrainingError(f"{example.path} has no control image (conditioning_file_name in metadata.jsonl)",
+                                    hint="make them with kiln data prepare SRC OUT --control canny (or mask)")
+            try:
+                with Image.open(example.conditioning) as image:
+                    image = resize_for_training(image.convert("RGB"), self.resolution, "center")
+                    array = np.asarray(image, dtype=np.float32) / 255.0
+            except OSError as e:
+                raise TrainingError(f"control image {example.conditioning} cannot be read ({e})",
+                                    hint="re-run kiln data prepare --control") from None
+            self._controls[index] = torch.from_numpy(array.transpose(2, 0, 1).copy())
+        return self._controls[index]
+
+    def check_controls(self) -> None:
+        """Every example has a control image file (before any training step)."""
+        missing = [e.path for e in self.examples if e.conditioning is None or not e.conditioning.is_file()]
+        if missing:
+            raise TrainingError(f"{len(missing)} of {len(self.examples)} training images have no control image "
+                                f"(first: {missing[0]}; conditioning_file_name in metadata.jsonl)",
+                                hint="make them with kiln data prepare SRC OUT --control canny (or mask)")
+
+    def load_with_control(self, indices: list[int], augment: bool = True) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """load's images in [-1, 1] and captions, with each one's control image (B, 3, R, R) in [0, 1]
+        under the same crop, flip and rotation."""
+        pixels = torch.stack([self.pixels(i) for i in indices])
+        control = torch.stack([self.control(i) for i in indices])
+        if augment and self.paired_augmentation is not None:
+            pixels, control = self.paired_augmentation(pixels, control)
+            pixels, control = pixels.clamp(0, 1), control.clamp(0, 1)
+        captions = self._captions(indices, augment)
+        return pixels * 2 - 1, captions, control
 
     def sizes(self, indices: list[int]) -> torch.Tensor:
         """SDXL's size conditioning per image, (B, 6): its size as the set holds it (height, width),
@@ -103,8 +144,11 @@ class ImageBatches:
         pixels = torch.stack([self.pixels(i) for i in indices])
         if augment and self.augmentation is not None:
             pixels = self.augmentation(pixels).clamp(0, 1)
+        return pixels * 2 - 1, self._captions(indices, augment)
+
+    def _captions(self, indices: list[int], augment: bool) -> list[str]:
         captions = [self.examples[i].caption for i in indices]
         if augment and self.caption_dropout:
             keep = torch.rand(len(captions)) >= self.caption_dropout
             captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-        return pixels * 2 - 1, captions
+        return captions

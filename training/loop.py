@@ -41,6 +41,7 @@ class Models:
     # SDXL: the second tokenizer and text encoder (OpenCLIP bigG: penultimate states and pooled projection)
     tokenizer_2: object = None
     text_encoder_2: torch.nn.Module | None = None
+    controlnet: torch.nn.Module | None = None  # ControlNet training: steers the frozen UNet with control images
 
     @property
     def text_encoders(self) -> list[str]:
@@ -190,10 +191,12 @@ class EncodingCache:
 
 def compute_loss(models: Models, pixels: torch.Tensor, captions: list[str], config: TrainConfig,
                  prior_count: int = 0, prior_weight: float = 1.0, sizes: torch.Tensor | None = None,
-                 keys: list | None = None, cache: EncodingCache | None = None) -> torch.Tensor:
+                 keys: list | None = None, cache: EncodingCache | None = None,
+                 control: torch.Tensor | None = None) -> torch.Tensor:
     """One denoising loss on a batch; the last `prior_count` rows are DreamBooth's class images;
     `sizes`: SDXL's size conditioning per row (ImageBatches.sizes); `keys` name each row's image for
-    the `cache`."""
+    the `cache`; `control`: the control images (B, 3, R, R) in [0, 1] when a ControlNet trains, its
+    residuals added to the frozen UNet's as diffusers' ControlNet training does."""
     vae_dtype = next(models.vae.parameters()).dtype
     with torch.no_grad():
         if cache is not None and cache.use_latents and keys is not None:
@@ -211,7 +214,12 @@ def compute_loss(models: Models, pixels: torch.Tensor, captions: list[str], conf
         hidden, added = encode_captions(models, captions, latents.device, sizes)
     if added is not None:
         added = {k: v.to(noisy.dtype) for k, v in added.items()}
-    prediction = models.unet(noisy, timesteps, hidden.to(noisy.dtype), added_cond_kwargs=added).sample
+    residuals = {}
+    if models.controlnet is not None:
+        down, mid = models.controlnet(noisy, timesteps, hidden.to(noisy.dtype), controlnet_cond=control.to(noisy.dtype),
+                                      added_cond_kwargs=added, return_dict=False)
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    prediction = models.unet(noisy, timesteps, hidden.to(noisy.dtype), added_cond_kwargs=added, **residuals).sample
     target = target_for(models.noise_scheduler, latents, noise, timesteps)
     if not prior_count:
         return diffusion_loss(prediction, target, models.noise_scheduler, timesteps, config.snr_gamma)
@@ -227,20 +235,28 @@ def fixed_batch_loss(models: Models, data: ImageBatches, config: TrainConfig, ca
     """The loss on the first images with fixed noise and timesteps, no augmentation: comparable
     before and after training."""
     state = torch.random.get_rng_state()
-    modes = {m: m.training for m in (models.unet, models.text_encoder, models.text_encoder_2) if m is not None}
+    modes = {m: m.training for m in (models.unet, models.text_encoder, models.text_encoder_2, models.controlnet)
+             if m is not None}
     for module in modes:
         module.eval()
     indices = list(range(min(4, len(data.examples))))
     losses = []
     for draw in range(draws):
         torch.manual_seed(step_seed(config.seed, 10**6 + draw, 0))
-        pixels, captions = data.load(indices, augment=False)
+        pixels, captions, control = load_batch(models, data, indices, augment=False)
         losses.append(float(compute_loss(models, pixels, [caption(c) for c in captions], config,
-                                         sizes=data.sizes(indices))))
+                                         sizes=data.sizes(indices), control=control)))
     for module, training in modes.items():
         module.train(training)
     torch.random.set_rng_state(state)
     return float(np.mean(losses))
+
+
+def load_batch(models: Models, data: ImageBatches, indices: list[int], augment: bool = True):
+    """(images, captions, control images or None): the control images when a ControlNet trains."""
+    if models.controlnet is not None:
+        return data.load_with_control(indices, augment)
+    return (*data.load(indices, augment), None)
 
 
 def make_optimizer(config: TrainConfig, parameters, scale: int):
@@ -281,6 +297,8 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
     setup = build(config, models)
     if config.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
+        if models.controlnet is not None:
+            models.controlnet.enable_gradient_checkpointing()
         for name in models.text_encoders:
             if name in setup.trainable:
                 getattr(models, name).gradient_checkpointing_enable()
@@ -295,6 +313,8 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
         config.data.resolution, Augmentations(**config.data.augment.model_dump()), config.seed,
         config.train_batch_size, accelerator.num_processes, accelerator.process_index, config.data.caption_dropout,
     )
+    if models.controlnet is not None:
+        data.check_controls()
     scale = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     optimizer = make_optimizer(config, setup.parameters, scale)
     # accelerate steps a prepared scheduler once per process, hence the factor (as diffusers' examples do)
@@ -337,7 +357,7 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
             micro_step = global_step * config.gradient_accumulation_steps + micro
             torch.manual_seed(step_seed(config.seed, micro_step, accelerator.process_index))
             indices = data.indices(micro_step)
-            pixels, captions = data.load(indices)
+            pixels, captions, control = load_batch(models, data, indices)
             sizes = data.sizes(indices)
             captions = [setup.caption(c) for c in captions]
             prior_count = 0
@@ -353,7 +373,7 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
             with accelerator.accumulate(*trainable_modules):
                 loss = compute_loss(models, pixels.to(accelerator.device), captions, config, prior_count,
                                     config.dreambooth.prior_loss_weight if config.dreambooth else 1.0, sizes,
-                                    keys, cache)
+                                    keys, cache, None if control is None else control.to(accelerator.device))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(setup.parameters, config.optim.max_grad_norm)
@@ -379,7 +399,8 @@ def train(config: TrainConfig, build: Callable[[TrainConfig, Models], MethodSetu
         if config.validation_steps and global_step % config.validation_steps == 0 and accelerator.is_main_process:
             from kiln.training.validation import write_validation_images
 
-            write_validation_images(models, config, global_step, accelerator)
+            write_validation_images(models, config, global_step, accelerator,
+                                    [e.conditioning for e in data.examples] if models.controlnet is not None else None)
     progress.close()
     accelerator.wait_for_everyone()
     end_loss = fixed_batch_loss(models, data, config, setup.caption)

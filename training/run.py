@@ -8,10 +8,10 @@ from kiln.training.config import load_config
 
 
 def builder(method: str):
-    from kiln.training import dreambooth, full, lora, textual_inversion
+    from kiln.training import controlnet, dreambooth, full, lora, textual_inversion
 
     return {"lora": lora.build, "dreambooth": dreambooth.build, "textual-inversion": textual_inversion.build,
-            "full": full.build}[method]
+            "full": full.build, "controlnet": controlnet.build}[method]
 
 
 def run_training(method: str, config_path: Path | None, overrides: list[str], resume: str | None = None) -> dict:
