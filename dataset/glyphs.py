@@ -73,23 +73,38 @@ def _font(path: Path, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(path), size)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how large glyphs are drawn: height as a fraction of the image, offset from the centre
+    as a fraction of its side."""
+
+    heights: tuple[float, float] = (0.65, 0.85)
+    shift: float = 0.06
+
+
+CENTRED = Placement()
+# the ControlNet demo's: smaller and further off centre, so that the control image decides where
+SCATTERED = Placement(heights=(0.45, 0.8), shift=0.16)
+
+
 def render(glyph: Glyph, size: int, rng: np.random.Generator) -> Image.Image:
     """One glyph: a random font, height 65-85 % of the image, shifted up to 6 % and rotated up to 8 degrees."""
     return render_with_mask(glyph, size, rng)[0]
 
 
-def render_with_mask(glyph: Glyph, size: int, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+def render_with_mask(glyph: Glyph, size: int, rng: np.random.Generator,
+                     placement: Placement = CENTRED) -> tuple[Image.Image, Image.Image]:
     """render's image and the digit's silhouette in it (white on black, RGB): the exact shape and
     place the glyph was drawn at, a ControlNet's control image."""
     fonts = available_fonts()
     scale = 4  # draw large, then downsample: smooth edges at small sizes
     canvas = size * scale
-    font = _font(fonts[rng.integers(len(fonts))], int(canvas * rng.uniform(0.65, 0.85)))
+    font = _font(fonts[rng.integers(len(fonts))], int(canvas * rng.uniform(*placement.heights)))
     layer = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(layer)
     left, top, right, bottom = draw.textbbox((0, 0), str(glyph.digit), font=font)
-    x = (canvas - (right - left)) / 2 - left + rng.uniform(-0.06, 0.06) * canvas
-    y = (canvas - (bottom - top)) / 2 - top + rng.uniform(-0.06, 0.06) * canvas
+    x = (canvas - (right - left)) / 2 - left + rng.uniform(-placement.shift, placement.shift) * canvas
+    y = (canvas - (bottom - top)) / 2 - top + rng.uniform(-placement.shift, placement.shift) * canvas
     draw.text((x, y), str(glyph.digit), fill=255, font=font)
     layer = layer.rotate(rng.uniform(-8, 8), resample=Image.BICUBIC)
     image = Image.new("RGB", (canvas, canvas), BACKGROUNDS[glyph.background])
@@ -121,7 +136,8 @@ def sample_glyphs(count: int, rng: np.random.Generator, digits=DIGITS, colours=t
 
 def write_glyphs(out: Path, count: int = 5000, seed: int = 0, size: int = 32, colours=tuple(COLOURS),
                  digits=DIGITS, backgrounds=tuple(BACKGROUNDS), colour_weights: tuple[float, ...] | None = None,
-                 background_weights: tuple[float, ...] | None = None, control: bool = False) -> Path:
+                 background_weights: tuple[float, ...] | None = None, control: bool = False,
+                 placement: Placement = CENTRED) -> Path:
     """Render `count` glyphs into `out` (images/ + metadata.jsonl), atomically; `control`: each digit's
     silhouette too (conditioning/, conditioning_file_name), for ControlNet training."""
     from tqdm import tqdm
@@ -139,7 +155,7 @@ def write_glyphs(out: Path, count: int = 5000, seed: int = 0, size: int = 32, co
             (tmp / "conditioning").mkdir()
         for i, glyph in enumerate(tqdm(glyphs, desc="render glyphs", unit="image")):
             name = f"images/{i:06d}.png"
-            image, silhouette = render_with_mask(glyph, size, rng)
+            image, silhouette = render_with_mask(glyph, size, rng, placement)
             image.save(tmp / name)
             rows.append({"file_name": name, "text": glyph.caption, "digit": glyph.digit, "colour": glyph.colour,
                          "background": glyph.background})

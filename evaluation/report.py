@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from kiln.dataset.glyphs import BACKGROUNDS, DIGITS, Glyph
+from kiln.dataset.glyphs import BACKGROUNDS, COLOURS, DIGITS, SCATTERED, Glyph
 from kiln.evaluation import metrics
 from kiln.evaluation.classifier import load_classifier
 from kiln.artifacts import write_json_atomically
@@ -53,17 +53,96 @@ def prompt_sets(spec: EvalSpec) -> list[PromptSet]:
     return out
 
 
-def generate(url: str, protocol: str, prompts: PromptSet, spec: EvalSpec) -> np.ndarray:
+@dataclass
+class ControlSet:
+    """Prompts each with a control image: the silhouette of its own digit, drawn at a place and size
+    of its own (SCATTERED), as PNG bytes and as a boolean mask."""
+
+    glyphs: list[Glyph]
+    seeds: list[int]
+    images: list[bytes]
+    masks: np.ndarray  # (N, H, W) bool
+
+
+CONTROL_SEED = 1234  # control silhouettes held out of the ControlNet's training renders (their seeds are small)
+
+
+def control_set(spec: EvalSpec, size: int = 32, seed: int = CONTROL_SEED, colours: tuple[str, ...] = tuple(COLOURS)) -> ControlSet:
+    """10 digits x `spec.seeds`, every colour (the taught one too) and background cycling."""
+    import io
+
+    from kiln.dataset.glyphs import render_with_mask
+
+    rng = np.random.default_rng(seed)
+    glyphs, seeds, images, masks = [], [], [], []
+    for s in range(spec.seeds):
+        for digit in DIGITS:
+            k = s * len(DIGITS) + digit
+            glyph = Glyph(digit, colours[k % len(colours)], spec.backgrounds[(k // len(colours)) % len(spec.backgrounds)])
+            _, silhouette = render_with_mask(glyph, size, rng, SCATTERED)
+            buffer = io.BytesIO()
+            silhouette.save(buffer, "PNG")
+            glyphs.append(glyph)
+            seeds.append(s)
+            images.append(buffer.getvalue())
+            masks.append(np.asarray(silhouette.convert("L")) > 127)
+    return ControlSet(glyphs, seeds, images, np.stack(masks))
+
+
+def generate(url: str, protocol: str, prompts: PromptSet | ControlSet, spec: EvalSpec, controlnet: str | None = None,
+             name: str | None = None) -> np.ndarray:
+    """One image per prompt and seed; with `controlnet`, each drawn with its control image (a ControlSet)."""
     from tqdm import tqdm
 
     from kiln.clients.client import KilnClient
 
     images = []
+    controls = prompts.images if controlnet else [None] * len(prompts.glyphs)
     with KilnClient(url, protocol) as client:
-        for glyph, seed in tqdm(list(zip(prompts.glyphs, prompts.seeds)), desc=f"generate {prompts.name} @ {url}", unit="image"):
+        for glyph, seed, control in tqdm(list(zip(prompts.glyphs, prompts.seeds, controls)),
+                                         desc=f"generate {name or prompts.name} @ {url}", unit="image"):
+            extra = {"controlnet": controlnet, "control_image": control} if controlnet else {}
             images.append(client.generate(glyph.caption, seed=seed, steps=spec.steps, guidance_scale=spec.guidance_scale,
-                                          scheduler=spec.scheduler).images[0])
+                                          scheduler=spec.scheduler, **extra).images[0])
     return np.stack(images)
+
+
+def _resized(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A control mask at the drawn image's size (the server resizes control images to the request's)."""
+    if mask.shape == tuple(shape):
+        return mask
+    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.LANCZOS)
+    return np.asarray(image) > 127
+
+
+def evaluate_control(url: str, protocol: str, controlnet: str, classifier, spec: EvalSpec, out_dir: Path) -> dict:
+    """How well the served digits follow their control images: the mean intersection over union of each
+    drawn digit's mask (kiln.dataset.control.foreground) with its control silhouette, with and without
+    the ControlNet on the same prompts and seeds, and whether digit and colour still follow the prompt."""
+    import io
+
+    from kiln.dataset.control import foreground, iou
+
+    prompts = control_set(spec)
+    asked = [g.colour for g in prompts.glyphs]
+    result = {"controlnet": controlnet, "prompts": len(prompts.glyphs)}
+    for label, name in (("controlled", controlnet), ("uncontrolled", None)):
+        images = generate(url, protocol, prompts, spec, name, name=f"control ({label})")
+        ious = np.array([iou(foreground(Image.fromarray(image)), _resized(mask, image.shape[:2]))
+                         for image, mask in zip(images, prompts.masks)])
+        predictions = metrics.predict(images, classifier)
+        result[label] = {"iou": float(ious.mean()), "iou_p10": float(np.percentile(ious, 10)),
+                         **metrics.prompt_accuracy(predictions, [g.digit for g in prompts.glyphs], asked),
+                         "colour_by_colour": {c: float(np.mean([p.colour == c for p, a in zip(predictions, asked) if a == c]))
+                                              for c in dict.fromkeys(asked)}}
+        if label == "controlled":
+            side = images.shape[2], images.shape[1]
+            controls = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(side, Image.NEAREST))
+                                 for data in prompts.images[: len(DIGITS)]])
+            path = Path(out_dir) / "grid-control.png"
+            grid(np.concatenate([controls, images[: len(DIGITS)]]), len(DIGITS)).save(path)
+            result["grid"] = str(path)
+    return result
 
 
 def grid(images: np.ndarray, columns: int, scale: int = 3) -> Image.Image:
@@ -98,9 +177,10 @@ def real_images(folder: Path, limit: int = 400) -> np.ndarray:
 
 def evaluate(endpoints: dict[str, str], protocol: str, classifier_dir: Path, real_dir: Path, out_dir: Path,
              spec: EvalSpec = EvalSpec(), clip_model: Path | None = None, inception_weights: Path | None = None,
-             bars: Callable[[dict], list[dict]] | None = None) -> dict:
+             bars: Callable[[dict], list[dict]] | None = None, control: tuple[str, str] | None = None) -> dict:
     """Measure every endpoint on the same prompts and seeds; the first is the reference for LPIPS.
-    `bars` turns the report into quality bars ({bar, value, need, passed}), written with it."""
+    `bars` turns the report into quality bars ({bar, value, need, passed}), written with it. `control`:
+    (endpoint label, ControlNet name) whose control-following evaluate_control measures too."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(classifier_dir)
@@ -144,6 +224,10 @@ def evaluate(endpoints: dict[str, str], protocol: str, classifier_dir: Path, rea
         grid(pairs, len(DIGITS)).save(out_dir / "before-after-focus.png")
     report = {"spec": asdict(spec), "real_images": len(real), "results": [asdict(r) for r in results], "lpips": lpips,
               "feature_extractor": "inception" if inception_weights else "glyph classifier"}
+    if control is not None:
+        label, controlnet = control
+        report["control"] = {"label": label, **evaluate_control(endpoints[label], protocol, controlnet, classifier, spec,
+                                                                out_dir)}
     if bars is not None:
         report["bars"] = bars(report)
     write_json_atomically(out_dir / "report.json", report)
@@ -173,6 +257,15 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {r['label']} | " + " | ".join(number(v, 3) for v in values) + " |")
     lines += ["", f"Features for FID/KID/IS: {report['feature_extractor']}; real images: {report['real_images']}.", ""]
     lines += [f"- LPIPS (glyph features) {k}: {v:.4f}" for k, v in report["lpips"].items()]
+    control = report.get("control")
+    if control:
+        lines += ["", f"Control following ({control['label']} with ControlNet {control['controlnet']}, {control['prompts']} "
+                  "prompts, each with its digit's silhouette at a place and size of its own; IoU: drawn digit's mask "
+                  "against the silhouette):", "",
+                  "| requests | mean IoU | IoU 10th percentile | digit acc. | colour acc. |", "|---|---|---|---|---|"]
+        for label in ("controlled", "uncontrolled"):
+            row = control[label]
+            lines.append(f"| {label} | {row['iou']:.3f} | {row['iou_p10']:.3f} | {row['digit']:.3f} | {row['colour']:.3f} |")
     if report.get("bars"):
         lines += ["", "| quality bar | measured | needed | |", "|---|---|---|---|"]
         lines += [f"| {b['bar']} | {b['value']:.3f} | {b['need']} | {'pass' if b['passed'] else 'FAIL'} |"

@@ -1,5 +1,6 @@
 """The demo model: glyph data -> base model trained from scratch -> LoRA teaching a colour the base
-never saw -> merged folder, each stage cached by the hash of what produced it.
+never saw -> merged folder, and a ControlNet of the base that draws each digit where and as large as
+its control image (the digit's silhouette) says, each stage cached by the hash of what produced it.
 
 The base UNet and text encoder never see the taught colour; the autoencoder is trained on every
 colour (as SD's VAE is trained on far more than any fine-tune's subject: a VAE that cannot
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.artifacts import fingerprint
-from kiln.dataset.glyphs import COLOURS
+from kiln.dataset.glyphs import COLOURS, SCATTERED
 from kiln.training.base import BaseSpec
 
 log = logging.getLogger("kiln.demo")
@@ -37,6 +38,12 @@ class DemoSpec:
     lora_learning_rate: float = 5e-4  # 1e-3 taught purple as well but cost 2 points of digit accuracy
     lora_text_encoder: bool = True  # the new colour is a new word: adapt the text encoder's attention too
     classifier_steps: int = 1000
+    # the ControlNet: trained on the base model (it steers the merged fine-tune too, as ControlNets of a
+    # base steer its fine-tunes) with digits drawn smaller and further off centre than the base's
+    control_images: int = 2000
+    control_steps: int = 600
+    control_learning_rate: float = 1e-3
+    control_name: str = "digit"  # its component: controlnet_digit; requests name it with controlnet=digit
 
     @property
     def base_colours(self) -> tuple[str, ...]:
@@ -54,6 +61,8 @@ class DemoModels:
     base: Path
     lora: Path
     merged: Path
+    control_data: Path
+    controlnet: Path  # a diffusers ControlNet folder of the base (and so of the merged model)
 
 
 def _stage(root: Path, name: str, inputs: dict, build: Callable[[Path], None]) -> Path:
@@ -74,6 +83,7 @@ def build_demo(artifacts: Path, spec: DemoSpec = DemoSpec()) -> DemoModels:
     from kiln.merge.fuse import LoraInput, merge
     from kiln.training.base import train_base
     from kiln.training.config import build_config
+    from kiln.training.controlnet import CONTROLNET_FOLDER, build as build_controlnet
     from kiln.training.lora import build as build_lora
     from kiln.training.loop import train
 
@@ -106,11 +116,27 @@ def build_demo(artifacts: Path, spec: DemoSpec = DemoSpec()) -> DemoModels:
                           "lora": {"rank": spec.lora_rank, "alpha": spec.lora_rank, "text_encoder": spec.lora_text_encoder},
                           "tensorboard": False, "checkpointing_steps": spec.lora_steps, "checkpoints_total_limit": 1}),
                           build_lora))
+    control_data = _stage(root, "glyphs-control", {"n": spec.control_images, "seed": spec.seed + 4, "c": spec.base_colours,
+                                                   "s": size, "placement": asdict(SCATTERED)},
+                          lambda out: write_glyphs(out, spec.control_images, spec.seed + 4, size, spec.base_colours,
+                                                   control=True, placement=SCATTERED))
+    control_run = _stage(root, "controlnet", {"base": base_run.name, "data": control_data.name, "steps": spec.control_steps,
+                                              "lr": spec.control_learning_rate},
+                         lambda out: train(build_config("controlnet", {
+                             "model": base_run / "model", "output_dir": out, "seed": spec.seed,
+                             "data": {"path": control_data, "resolution": size, "augment": {"enabled": False},
+                                      "caption_dropout": 0.1},
+                             "max_train_steps": spec.control_steps, "train_batch_size": spec.base.batch_size,
+                             "optim": {"learning_rate": spec.control_learning_rate}, "snr_gamma": 5.0,
+                             "cache_latents": True, "cache_text_embeddings": True,  # both frozen: encoded once
+                             "tensorboard": False, "checkpointing_steps": spec.control_steps, "checkpoints_total_limit": 1}),
+                             build_controlnet))
     lora_file = lora_run / "pytorch_lora_weights.safetensors"
     merged = _stage(root, "merged", {"base": base_run.name, "lora": lora_run.name},
                     lambda out: merge(base_run / "model", out / "model", [LoraInput(lora_file)]))
     return DemoModels(base_data=base_data, vae_data=vae_data, lora_data=lora_data, real_data=real_data, classifier=classifier,
-                      untrained=base_run / "untrained-unet", base=base_run / "model", lora=lora_file, merged=merged / "model")
+                      untrained=base_run / "untrained-unet", base=base_run / "model", lora=lora_file, merged=merged / "model",
+                      control_data=control_data, controlnet=control_run / CONTROLNET_FOLDER)
 
 
 def evaluate_demo(artifacts: Path, out_dir: Path, spec: DemoSpec = DemoSpec(), eval_spec=None, protocol: str = "http") -> dict:
@@ -127,18 +153,22 @@ def evaluate_demo(artifacts: Path, out_dir: Path, spec: DemoSpec = DemoSpec(), e
     with contextlib.ExitStack() as servers:  # every server stops however the evaluation ends
         for label, folder in (("merged", models.merged), ("base", models.base), ("untrained", models.untrained)):
             onnx_dir = Path(artifacts) / "onnx" / f"demo-{label}"
-            export_onnx(folder, onnx_dir)
+            # the merged model with the ControlNet beside it (without a control image: the plain model exactly)
+            export_onnx(folder, onnx_dir, controlnets={spec.control_name: models.controlnet} if label == "merged" else None)
             repo = build_repository(onnx_dir, Path(artifacts) / "eval-repositories" / label)
             info = servers.enter_context(running_server(repo))
             endpoints[label] = info.http_url if protocol == "http" else info.grpc_url
         return evaluate(endpoints, protocol, classifier_dir=models.classifier, real_dir=models.real_data, out_dir=out_dir,
-                        spec=eval_spec, bars=quality_bars)
+                        spec=eval_spec, bars=quality_bars, control=("merged", spec.control_name))
 
 
 # The demo's quality bars, measured through the served endpoints.
 DIGIT_BAR = 0.90  # merged model, digit accuracy over 10 digits x 8 seeds
 TAUGHT_BAR = 0.80  # merged model, accuracy on the taught colour
 FID_RATIO_BAR = 0.5  # merged FID at most half the untrained model's
+CONTROL_IOU_BAR = 0.5  # controlled digits: mean IoU of the drawn digit with its control silhouette
+CONTROL_GAIN_BAR = 0.2  # ...at least this much above the same prompts drawn without the ControlNet
+CONTROL_COLOUR_BAR = 0.8  # controlled digits still take the prompt's colour
 
 
 def quality_bars(report: dict) -> list[dict]:
@@ -159,4 +189,22 @@ def quality_bars(report: dict) -> list[dict]:
            "passed": value >= DIGIT_BAR} for background, value in merged["digit_by_background"].items()),
         {"bar": "FID merged / FID untrained", "value": merged["fid"] / untrained["fid"],
          "need": f"<= {FID_RATIO_BAR}", "passed": merged["fid"] <= FID_RATIO_BAR * untrained["fid"]},
+        *control_bars(report.get("control")),
+    ]
+
+
+def control_bars(control: dict | None) -> list[dict]:
+    """The ControlNet's bars: digits drawn where and as large as their control silhouettes say, in the
+    prompt's colour."""
+    if not control:
+        return []
+    controlled, uncontrolled = control["controlled"], control["uncontrolled"]
+    gain = controlled["iou"] - uncontrolled["iou"]
+    return [
+        {"bar": "controlled digits: mean IoU with the control silhouette", "value": controlled["iou"],
+         "need": f">= {CONTROL_IOU_BAR}", "passed": controlled["iou"] >= CONTROL_IOU_BAR},
+        {"bar": f"controlled IoU minus uncontrolled ({uncontrolled['iou']:.3f})", "value": gain,
+         "need": f">= {CONTROL_GAIN_BAR}", "passed": gain >= CONTROL_GAIN_BAR},
+        {"bar": "controlled digits: colour accuracy", "value": controlled["colour"],
+         "need": f">= {CONTROL_COLOUR_BAR}", "passed": controlled["colour"] >= CONTROL_COLOUR_BAR},
     ]

@@ -64,12 +64,16 @@ def demo_defaults() -> dict:
     return {"guidance_scale": spec.guidance_scale, "steps": spec.steps, "scheduler": spec.scheduler}
 
 
-def sample_grid(url: str, out: Path, seed: int = 0) -> Path:
-    """Digits 0-9 (columns) in each colour (rows), drawn through the server."""
+def sample_grid(url: str, out: Path, seed: int = 0, controlnet: str | None = None) -> Path:
+    """Digits 0-9 (columns) in each colour (rows), drawn through the server; with `controlnet`, two
+    more rows: control silhouettes at places and sizes of their own, and the digits drawn with them."""
+    import io
+
     import numpy as np
+    from PIL import Image
 
     from kiln.clients.client import KilnClient
-    from kiln.evaluation.report import EvalSpec, grid
+    from kiln.evaluation.report import EvalSpec, control_set, grid
 
     spec = EvalSpec()
     images = []
@@ -80,6 +84,13 @@ def sample_grid(url: str, out: Path, seed: int = 0) -> Path:
                 prompt = f"a {colour} digit {digit} on a {background} background"
                 images.append(client.generate(prompt, seed=seed + digit, steps=spec.steps, guidance_scale=spec.guidance_scale,
                                               scheduler=spec.scheduler).images[0])
+        if controlnet:
+            controls = control_set(EvalSpec(seeds=1))
+            images += [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in controls.images]
+            for glyph, data in zip(controls.glyphs, controls.images):
+                images.append(client.generate(glyph.caption, seed=seed + glyph.digit, steps=spec.steps,
+                                              guidance_scale=spec.guidance_scale, scheduler=spec.scheduler,
+                                              controlnet=controlnet, control_image=data).images[0])
     grid(np.stack(images), 10, scale=4).save(out)
     return out
 
@@ -92,19 +103,21 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
     from kiln.clients.client import KilnClient
 
     artifacts = Path(artifacts)
+    controlnets: dict[str, Path] = {}  # the demo's ControlNet, exported beside its model
     if model_dir:
         model_dir = Path(model_dir)
         if model_dir.is_file():
             model_dir = imported_model(model_dir, artifacts)
     elif demo:
-        from kiln.demo import build_demo
+        from kiln.demo import DemoSpec, build_demo
 
-        model_dir = build_demo(artifacts).merged
+        models = build_demo(artifacts)
+        model_dir, controlnets = models.merged, {DemoSpec().control_name: models.controlnet}
     else:
         model_dir = tiny_model(artifacts)
     inspect_model(model_dir)
     onnx_dir = artifacts / "onnx" / f"{'demo' if demo else model_dir.resolve().name}-{precision}{'-lora' if lora_inputs else ''}"
-    export_onnx(model_dir, onnx_dir, precision=precision, lora_inputs=lora_inputs)
+    export_onnx(model_dir, onnx_dir, precision=precision, lora_inputs=lora_inputs, controlnets=controlnets)
     if server.read_state(ports) is not None:
         log.info("stopping the server already running on HTTP port %d", ports.http)
         server.stop(ports)
@@ -114,6 +127,6 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
         result = client.generate(prompt, seed=0)
     smoke = artifacts / "smoke.png"
     result.save(smoke)
-    samples = sample_grid(info.http_url, artifacts / "samples.png") if demo else None
+    samples = sample_grid(info.http_url, artifacts / "samples.png", controlnet=next(iter(controlnets), None)) if demo else None
     return Deployment(model_dir=model_dir, onnx_dir=onnx_dir, repo_dir=repo_dir, info=info, smoke_png=smoke,
                       smoke_seconds=result.seconds, samples_png=samples)

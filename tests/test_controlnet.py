@@ -374,3 +374,28 @@ def test_glyph_control_images_are_the_drawn_digits_silhouettes(tmp_path):
     for row in map(json.loads, (out / "metadata.jsonl").read_text().splitlines()):
         control = np.asarray(Image.open(out / row["conditioning_file_name"]).convert("L")) > 127
         assert iou(control, foreground(Image.open(out / row["file_name"]))) > 0.8, row
+
+
+def test_the_demo_control_set_and_its_bars(controlled_server, tmp_path):
+    """The control prompts are reproducible held-out silhouettes of each prompt's own digit; the
+    control-following measurement runs through a served ControlNet and its bars read its numbers."""
+    from kiln.demo import CONTROL_COLOUR_BAR, CONTROL_GAIN_BAR, CONTROL_IOU_BAR, control_bars
+    from kiln.evaluation.classifier import load_classifier, train_classifier
+    from kiln.evaluation.report import EvalSpec, control_set, evaluate_control
+
+    spec = EvalSpec(seeds=1, steps=2)
+    first, again = control_set(spec), control_set(spec)
+    assert first.images == again.images and [g.digit for g in first.glyphs] == list(range(10))
+    assert {g.colour for g in first.glyphs} == {"red", "green", "blue", "yellow", "purple"}
+    assert all(0.02 < m.mean() < 0.5 for m in first.masks)
+    train_classifier(tmp_path / "classifier", samples=200, steps=5)
+    result = evaluate_control(controlled_server.http_url, "http", "edge", load_classifier(tmp_path / "classifier"), spec,
+                              tmp_path)
+    assert result["prompts"] == 10 and Path(result["grid"]).is_file()
+    for label in ("controlled", "uncontrolled"):
+        assert 0.0 <= result[label]["iou_p10"] <= result[label]["iou"] <= 1.0
+    bars = control_bars({**result, "controlled": {**result["controlled"], "iou": CONTROL_IOU_BAR,
+                                                  "colour": CONTROL_COLOUR_BAR},
+                         "uncontrolled": {**result["uncontrolled"], "iou": CONTROL_IOU_BAR - CONTROL_GAIN_BAR - 0.01}})
+    assert [b["passed"] for b in bars] == [True, True, True]
+    assert not control_bars({**result, "controlled": {**result["controlled"], "iou": 0.1}})[0]["passed"]
