@@ -51,8 +51,8 @@ $(STAMP): pyproject.toml
 	# a real browser for the web page's test (Debian's chromium); without root or apt that test skips and says why
 	@if ! command -v chromedriver >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null || \
-	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } || \
+	    apt-get install -o DPkg::Lock::Timeout=600 -y -qq --no-install-recommends chromium chromium-driver >/dev/null || \
+	      { apt-get update -o DPkg::Lock::Timeout=600 -qq && apt-get install -o DPkg::Lock::Timeout=600 -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } || \
 	      echo "chromium could not be installed: the browser test will skip"; \
 	  else echo "no root apt-get: install chromium and chromium-driver for the browser test (it skips without them)"; fi; fi
 	# CLIP's BPE vocabulary ships in open-clip-torch; its own dependencies (torchvision) are not wanted.
