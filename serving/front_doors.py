@@ -58,6 +58,7 @@ class Served:
     family: str = ""
     defaults: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
+    controlnets: tuple[str, ...] = ()  # the ControlNets its export holds, by name
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,11 @@ def from_kiln(exc: RequestError | str, names: dict[str, str]) -> DoorError:
 # --- A1111 ----------------------------------------------------------------------------------------
 
 A1111_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size:batch_size x n_iter", "scheduler": "sampler_name",
-                "init_image": "init_images", "strength": "denoising_strength", "loras": "prompt:<lora:...>"}
+                "init_image": "init_images", "strength": "denoising_strength", "loras": "prompt:<lora:...>",
+                "controlnet": "alwayson_scripts.controlnet.args:model", "control_image": "alwayson_scripts.controlnet.args:image",
+                "control_scale": "alwayson_scripts.controlnet.args:weight",
+                "control_start": "alwayson_scripts.controlnet.args:guidance_start",
+                "control_end": "alwayson_scripts.controlnet.args:guidance_end"}
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^<>]*)>")
 A1111_SETTINGS = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"}
 
@@ -196,7 +201,8 @@ def _refuse_unsupported(req: A1111Txt2Img) -> None:
         "tiling": (req.tiling, "tiling"),
         "subseed_strength": (req.subseed_strength, "variation seeds"),
         "script_name": (req.script_name, "scripts"),
-        "alwayson_scripts": (req.alwayson_scripts, "always-on scripts (ControlNet, ADetailer, ...)"),
+        "alwayson_scripts": ({k: v for k, v in req.alwayson_scripts.items() if k.lower() != "controlnet"},
+                             "always-on scripts other than ControlNet (ADetailer, ...)"),
         "styles": (req.styles, "saved styles"),
         "save_images": (req.save_images, "saving images on the server"),
     }
@@ -221,6 +227,114 @@ def _refuse_unsupported(req: A1111Txt2Img) -> None:
     if clip_skip != 1 or isinstance(clip_skip, bool):
         raise DoorError("override_settings.CLIP_stop_at_last_layers", f"CLIP_stop_at_last_layers={clip_skip!r}: "
                         "each served model's text encoder layer is fixed by its family; expected 1")
+
+
+class ControlNetUnit(BaseModel):
+    """One unit of the sd-webui-controlnet extension's API (alwayson_scripts.controlnet.args[i]). The
+    control image is sent ready-made (module "none"); settings that change how the extension would
+    preprocess or weigh it are refused rather than ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    enabled: bool = True
+    image: ImageText | dict | None = None
+    input_image: ImageText | None = None  # older clients' name for image
+    module: str = "none"
+    model: str = ""
+    weight: Finite = 1.0
+    guidance_start: Finite = 0.0
+    guidance_end: Finite = 1.0
+    resize_mode: int | str = "Crop and Resize"
+    control_mode: int | str = "Balanced"
+    guess_mode: bool = False
+
+
+CONTROLNET_RESIZE = {"just resize": "just", "0": "just", "crop and resize": "crop", "1": "crop",
+                     "inner fit (scale to fit)": "crop"}  # the extension's names and numbers for its modes
+
+
+def controlnet_units(scripts: dict[str, Any], served: Served, height: int | None, width: int | None) -> dict:
+    """alwayson_scripts.controlnet's enabled units -> Kiln's control fields (controlnet, control_image,
+    control_scale, control_start, control_end). "Crop and Resize" (the extension's default) crops each
+    control image to the generated aspect ratio here; the server then resizes it, as "Just Resize" does."""
+    from pydantic import ValidationError
+
+    script = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None)
+    if script is None:
+        return {}
+    where = "alwayson_scripts.controlnet.args"
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise DoorError(where, f"{where}: expected a list of ControlNet units ({{\"args\": [{{\"image\": ..., \"model\": ...}}]}})")
+    units = []
+    for i, raw in enumerate(args):
+        try:
+            unit = ControlNetUnit.model_validate(raw)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = ".".join(str(p) for p in error["loc"])
+            raise DoorError(f"{where}.{i}.{name}", f"{where}.{i}.{name}: {error['msg']}") from None
+        if unit.enabled:
+            units.append((i, unit))
+    names, images, scales, starts, ends = [], [], [], [], []
+    for i, unit in units:
+        field = f"{where}.{i}"
+        if unit.module.strip().lower() not in ("none", ""):
+            raise DoorError(f"{field}.module", f"{field}.module={unit.module!r}: this server does not run preprocessors; "
+                            "send the ready control image with module \"none\" (kiln data prepare --control canny|mask "
+                            "makes edge maps and masks)")
+        if str(unit.control_mode).strip().lower() not in ("balanced", "0") or unit.guess_mode:
+            raise DoorError(f"{field}.control_mode", f"{field}.control_mode={unit.control_mode!r}: only Balanced "
+                            "(diffusers' ControlNet pipelines) is drawn here; leave it out")
+        resize = CONTROLNET_RESIZE.get(str(unit.resize_mode).strip().lower())
+        if resize is None:
+            raise DoorError(f"{field}.resize_mode", f"{field}.resize_mode={unit.resize_mode!r}: expected Just Resize or "
+                            "Crop and Resize (Resize and Fill is not drawn here)")
+        model = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", unit.model.strip())
+        if model not in served.controlnets:
+            have = list(served.controlnets) or "none: export the model with kiln export onnx ... --controlnet NAME=DIR"
+            raise DoorError(f"{field}.model", f"{field}.model={unit.model!r} is not served with {served.name}: expected "
+                            f"one of {have} (GET /controlnet/model_list)", status=404 if served.controlnets else 422)
+        image = unit.image if unit.image is not None else unit.input_image
+        if isinstance(image, dict):  # the extension's older {"image": ..., "mask": ...} form
+            if image.get("mask"):
+                raise DoorError(f"{field}.image.mask", f"{field}.image.mask: this server does not take ControlNet masks")
+            image = image.get("image")
+        if not isinstance(image, str):
+            raise DoorError(f"{field}.image", f"{field}.image is missing: expected the control image, base64")
+        data = decode_image(image, f"{field}.image")
+        if resize == "crop":
+            data = _crop_to_aspect(data, height or served.defaults.get("height"), width or served.defaults.get("width"))
+        names.append(model)
+        images.append(data)
+        scales.append(unit.weight)
+        starts.append(unit.guidance_start)
+        ends.append(unit.guidance_end)
+    if not names:
+        return {}
+    return {"controlnet": ",".join(names), "control_image": images, "control_scale": scales, "control_start": starts,
+            "control_end": ends}
+
+
+def _crop_to_aspect(data: bytes, height: int | None, width: int | None) -> bytes:
+    """The centre of an image cut to height:width (the extension's Crop and Resize, before the resize)."""
+    from PIL import Image
+
+    if not height or not width:
+        return data
+    image = Image.open(io.BytesIO(data))
+    target = width / height
+    if abs(image.width / image.height - target) < 1e-3:
+        return data
+    if image.width / image.height > target:
+        keep = round(image.height * target)
+        box = ((image.width - keep) // 2, 0, (image.width - keep) // 2 + keep, image.height)
+    else:
+        keep = round(image.width / target)
+        box = (0, (image.height - keep) // 2, image.width, (image.height - keep) // 2 + keep)
+    buffer = io.BytesIO()
+    image.convert("RGB").crop(box).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def lora_tags(*texts: str) -> tuple[list[str], str]:
@@ -270,6 +384,7 @@ def a1111_call(req: A1111Txt2Img, served: dict[str, Served], default: str) -> Ca
     if isinstance(req, A1111Img2Img):
         kwargs["image"] = decode_image(req.init_images[0], "init_images.0")
         kwargs["strength"] = req.denoising_strength
+    kwargs.update(controlnet_units(req.alwayson_scripts, model, req.height, req.width))
     return Call(model.name, kwargs)
 
 
@@ -297,6 +412,9 @@ def infotext(call: Call, served: Served, seed: int, height: int, width: int) -> 
                 f"Model: {call.model}"]
     if kw.get("image") is not None:
         settings.append(f"Denoising strength: {kw['strength']}")
+    for i, name in enumerate((kw.get("controlnet") or "").split(",") if kw.get("controlnet") else []):
+        settings.append(f'ControlNet {i}: "Module: none, Model: {name}, Weight: {kw["control_scale"][i]:g}, '
+                        f'Guidance Start: {kw["control_start"][i]:g}, Guidance End: {kw["control_end"][i]:g}"')
     lines.append(", ".join(settings))
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from kiln.clients.client import PUBLIC_MODEL, KilnClient
 from kiln.errors import ClientError, KilnError
 from kiln.serving import front_doors as doors
+from kiln.export.specs import CONTROLNET_PREFIX
 
 log = logging.getLogger("kiln.gateway")
 
@@ -117,8 +118,9 @@ class Catalog:
                         continue
                     if parameters.get("kiln_model", {}).get("string_value") == "pipeline":
                         settings = json.loads(parameters["kiln_settings"]["string_value"])
+                controlnets = tuple(n.removeprefix(CONTROLNET_PREFIX) for n in settings.get("controlnets", ()))
                 served[name] = doors.Served(name, settings.get("family", ""), settings.get("defaults", {}),
-                                            settings.get("limits", {}))
+                                            settings.get("limits", {}), controlnets)
             return served
         finally:
             client.close()
@@ -258,6 +260,15 @@ def create_app(url: str, api_key: str | None = None, admin_key: str | None = Non
     @app.get("/sdapi/v1/schedulers", tags=["A1111"])
     def schedulers():
         return [{"name": "automatic", "label": "Automatic"}, {"name": "karras", "label": "Karras"}]
+
+    @app.get("/controlnet/model_list", tags=["A1111"])
+    def controlnet_models():
+        """The sd-webui-controlnet extension's model list: every ControlNet a served model holds."""
+        return {"model_list": sorted({n for s in catalog.served().values() for n in s.controlnets})}
+
+    @app.get("/controlnet/module_list", tags=["A1111"])
+    def controlnet_modules():
+        return {"module_list": ["none"]}  # control images come ready-made (kiln data prepare --control)
 
     @app.get("/sdapi/v1/sd-models", tags=["A1111"])
     def sd_models():

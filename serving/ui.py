@@ -18,8 +18,10 @@ class UiError(KilnError):
 
 def generate_images(url: str, model: str, prompt: str, negative: str, seed: float | None, steps: float | None,
                     guidance: float | None, scheduler: str, width: float | None, height: float | None,
-                    count: float | None, init_image: str | None, strength: float | None, loras: str = ""):
-    """One Triton request; returns [(image, caption)] for the gallery. Raises ClientError as worded by the server."""
+                    count: float | None, init_image: str | None, strength: float | None, loras: str = "",
+                    control_image: str | None = None, controlnet: str | None = None, control_scale: float | None = None):
+    """One Triton request; returns [(image, caption)] for the gallery. Raises ClientError as worded by the server.
+    `control_image` (a file path) goes to `controlnet` (a name; None: every ControlNet the model holds)."""
     def whole(value):
         return None if value is None or value == "" else int(value)
 
@@ -29,7 +31,9 @@ def generate_images(url: str, model: str, prompt: str, negative: str, seed: floa
             prompt, negative_prompt=negative or None, seed=seed if seed is not None and seed >= 0 else -1,
             steps=whole(steps), guidance_scale=guidance, scheduler=None if scheduler == DEFAULT else scheduler,
             width=whole(width), height=whole(height), num_images=whole(count),
-            image=init_image or None, strength=strength if init_image else None, loras=(loras or "").strip() or None)
+            image=init_image or None, strength=strength if init_image else None, loras=(loras or "").strip() or None,
+            control_image=control_image or None, controlnet=(controlnet or None) if control_image else None,
+            control_scale=control_scale if control_image else None)
     return [(image, f"seed {seed}") for image, seed in zip(result.images, result.seeds)]
 
 
@@ -47,10 +51,11 @@ def create_page(url: str, admin_key: str | None = None):
     first = served.get(names[0])
     defaults = first.defaults if first else {}
 
-    def run(model, prompt, negative, seed, steps, guidance, scheduler, width, height, count, init_image, strength, loras):
+    def run(model, prompt, negative, seed, steps, guidance, scheduler, width, height, count, init_image, strength, loras,
+            control_image, controlnet, control_scale):
         try:
             return generate_images(url, model, prompt, negative, seed, steps, guidance, scheduler, width, height,
-                                   count, init_image, strength, loras)
+                                   count, init_image, strength, loras, control_image, controlnet, control_scale)
         except ClientError as exc:
             raise gr.Error(exc.detail, title="The server refused this" if exc.rejected else "The server failed") from None
 
@@ -75,10 +80,19 @@ def create_page(url: str, admin_key: str | None = None):
                 with gr.Accordion("img2img", open=False):
                     init_image = gr.Image(type="filepath", label="Init image", elem_id="init-image")
                     strength = gr.Slider(0.01, 1.0, value=defaults.get("strength", 0.8), label="Strength")
+                controlnets = sorted({n for s in served.values() for n in s.controlnets})
+                with gr.Accordion("ControlNet", open=False, visible=bool(controlnets)):
+                    control_image = gr.Image(type="filepath", label="Control image (edges, mask, pose: ready-made)",
+                                             elem_id="control-image")
+                    with gr.Row():
+                        controlnet = gr.Dropdown(controlnets, value=controlnets[0] if controlnets else None,
+                                                 label="ControlNet", elem_id="controlnet")
+                        control_scale = gr.Slider(0.0, 2.0, value=1.0, label="Control scale", elem_id="control-scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Images", format="png", columns=2, height="auto", elem_id="gallery", show_label=True)
-        inputs = [model, prompt, negative, seed, steps, guidance, scheduler, width, height, count, init_image, strength, loras]
+        inputs = [model, prompt, negative, seed, steps, guidance, scheduler, width, height, count, init_image, strength, loras,
+                  control_image, controlnet, control_scale]
         button.click(run, inputs, gallery)
         prompt.submit(run, inputs, gallery)
     return page

@@ -399,3 +399,103 @@ def test_the_demo_control_set_and_its_bars(controlled_server, tmp_path):
                          "uncontrolled": {**result["uncontrolled"], "iou": CONTROL_IOU_BAR - CONTROL_GAIN_BAR - 0.01}})
     assert [b["passed"] for b in bars] == [True, True, True]
     assert not control_bars({**result, "controlled": {**result["controlled"], "iou": 0.1}})[0]["passed"]
+
+
+def test_fp16_export_holds_fp16_controlnets_that_draw_what_fp32_draws(tiny_model, controlnets, controlled_onnx, tmp_path):
+    onnx = export_onnx(tiny_model(), tmp_path / "fp16", precision="fp16", controlnets={"edge": controlnets["edge"]}).out_dir
+    manifest = json.loads((onnx / "manifest.json").read_text())
+    assert manifest["components"]["controlnet_edge"]["precision"] == "fp16"
+    assert manifest["components"]["unet"]["precision"] == "fp16"
+    fields = dict(controlnet="edge", control_image=square(4), scheduler="euler")
+    half, full = OnnxPipeline(onnx)(request(**fields)), OnnxPipeline(controlled_onnx)(request(**fields))
+    assert np.abs(half.astype(float) - full).mean() < 1.0  # fp16 rounding, far below what control moves (> 2)
+
+
+def test_a1111s_controlnet_extension_api_draws_what_triton_draws(controlled_server):
+    """The gateway speaks the sd-webui-controlnet extension's API: its units become Kiln's control
+    fields, the PNG equals Triton's image for the same request, and what it cannot draw is refused by name."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from gateway_server import running_gateway
+
+    pytest.importorskip("fastapi", reason="the gateway extra (pip install 'kiln[gateway]') is not installed")
+
+    def call(path, body=None):
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode() if body else None,
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    with running_gateway(controlled_server) as base:
+        assert call("/controlnet/model_list") == (200, {"model_list": ["edge", "pose"]})
+        unit = {"image": base64.b64encode(CONTROLS[1]).decode(), "model": "pose [0123abcd]", "weight": 0.9,
+                "guidance_start": 0.1, "guidance_end": 0.9, "resize_mode": "Just Resize"}
+        status, answer = call("/sdapi/v1/txt2img", {"prompt": PROMPT, "seed": 5, "steps": 4, "sampler_name": "Euler",
+                                                    "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert status == 200, answer
+        drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))))
+        direct = KilnClient(controlled_server.http_url, "http").generate(
+            PROMPT, seed=5, steps=4, scheduler="euler", controlnet="pose", control_image=CONTROLS[1], control_scale=0.9,
+            control_start=0.1, control_end=0.9).images[0]
+        assert np.array_equal(drawn, direct)
+        assert 'ControlNet 0: "Module: none, Model: pose, Weight: 0.9' in json.loads(answer["info"])["infotexts"][0]
+        # the extension's default Crop and Resize: the 48x80 control image is cut to the square first
+        cropped = call("/sdapi/v1/txt2img", {"prompt": PROMPT, "seed": 5, "steps": 4, "sampler_name": "Euler",
+                                             "alwayson_scripts": {"controlnet": {"args": [{**unit, "resize_mode": 1}]}}})
+        assert cropped[0] == 200 and not np.array_equal(
+            np.asarray(Image.open(io.BytesIO(base64.b64decode(cropped[1]["images"][0])))), drawn)
+        refused = [
+            ({**unit, "module": "canny"}, "module", 422),
+            ({**unit, "model": "depth"}, "model", 404),
+            ({**unit, "control_mode": "ControlNet is more important"}, "control_mode", 422),
+            ({**unit, "weight": 5}, "weight", 422),
+            ({**unit, "image": "not base64!"}, "image", 422),
+            ({**unit, "resize_mode": "Resize and Fill"}, "resize_mode", 422),
+        ]
+        for bad, field, code in refused:
+            status, answer = call("/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2,
+                                                        "alwayson_scripts": {"controlnet": {"args": [bad]}}})
+            assert status == code and field in json.dumps(answer), (bad, status, answer)
+        status, answer = call("/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2,
+                                                    "alwayson_scripts": {"ADetailer": {"args": []}}})
+        assert status == 422 and "alwayson_scripts" in json.dumps(answer)
+
+
+def test_the_web_pages_control_fields_reach_the_controlnet(controlled_server, tmp_path):
+    from kiln.serving.ui import generate_images
+
+    path = tmp_path / "control.png"
+    path.write_bytes(square(36))
+    args = (controlled_server.http_url, "txt2img", PROMPT, "", 3, 4, 7.5, "Euler", 64, 64, 1, None, None, "")
+    page = generate_images(*args, str(path), "edge", 1.2)[0][0]
+    direct = KilnClient(controlled_server.http_url, "http").generate(PROMPT, seed=3, steps=4, scheduler="euler",
+                                                                     controlnet="edge", control_image=path, control_scale=1.2)
+    assert np.array_equal(page, direct.images[0])
+    assert not np.array_equal(page, generate_images(*args)[0][0])  # without the control image: another image
+
+
+def test_the_ngc_target_serves_controlnets_on_native_backends(controlled_onnx, tmp_path):
+    """NVIDIA's container: each ControlNet is an onnxruntime_onnx model on the GPU beside the UNet, whose
+    residual inputs are required there (the BLS loop sends zeros: a native backend feeds every graph input)."""
+    from kiln.model_repository.builder import build_models_repository
+    from kiln.model_repository.configs import parse_pbtxt
+
+    repo = build_models_repository({"txt2img": controlled_onnx}, tmp_path / "ngc", target="ngc")
+    for name in ("controlnet_edge", "controlnet_pose"):
+        config = parse_pbtxt((repo / name / "config.pbtxt").read_text())
+        assert config.platform == "onnxruntime_onnx" and config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+        assert [t.name for t in config.output][-1] == "mid_block_res"
+        assert (repo / name / "1" / "model.onnx").is_file()
+    unet = parse_pbtxt((repo / "unet" / "config.pbtxt").read_text())
+    residuals = [t for t in unet.input if t.name.endswith("_res") or "_res_" in t.name]
+    assert residuals and not any(t.optional for t in residuals)
+    pipeline = parse_pbtxt((repo / "pipeline" / "config.pbtxt").read_text())
+    settings = json.loads(pipeline.parameters["kiln_settings"].string_value)
+    assert settings["controlnets"] == ["controlnet_edge", "controlnet_pose"] and settings["dims"]["control"]
+    manifest = json.loads((repo / "manifest.json").read_text())
+    assert manifest["ensembles"]["txt2img"]["controlnets"] == ["edge", "pose"]

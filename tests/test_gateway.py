@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import random
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +17,8 @@ from PIL import Image
 from kiln.clients.client import KilnClient
 from kiln.serving import server
 
+from gateway_server import running_gateway
+
 pytest.importorskip("fastapi", reason="the gateway extra (pip install 'kiln[gateway]') is not installed")
 pytestmark = pytest.mark.triton
 
@@ -26,24 +27,9 @@ KEY = "gateway-test-key-0123456789"
 
 @pytest.fixture(scope="module")
 def gateway(triton):
-    import uvicorn
-
-    from kiln.serving.gateway import create_app
-
     info = triton("epsilon")
-    key_file = server.admin_key_file(info.ports)
-    app = create_app(info.http_url, api_key=KEY, admin_key=key_file.read_text() if key_file.is_file() else None)
-    port = server.free_port()
-    runner = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not runner.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert runner.started, "the gateway did not start"
-    yield f"http://127.0.0.1:{port}", info
-    runner.should_exit = True
-    thread.join(timeout=10)
+    with running_gateway(info, KEY) as url:
+        yield url, info
 
 
 def call(url: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None, headers=None,
