@@ -284,12 +284,17 @@ def data_glyphs(
     seed: int = typer.Option(GLYPHS.seed, "--seed"),
     size: int = typer.Option(GLYPHS.size, "--size", help="pixels"),
     colours: Optional[str] = typer.Option(None, "--colours", help="comma-separated subset, e.g. red,green,blue"),
+    control: bool = typer.Option(False, "--control", help="each digit's silhouette too (conditioning_file_name), "
+                                 "for kiln train controlnet"),
+    scattered: bool = typer.Option(False, "--scattered", help="digits smaller and further off centre (the demo "
+                                   "ControlNet's data)"),
 ):
     """Render captioned digits from the fonts on this machine (deterministic for a seed)."""
-    from kiln.dataset.glyphs import COLOURS, write_glyphs
+    from kiln.dataset.glyphs import CENTRED, COLOURS, SCATTERED, write_glyphs
 
     chosen = tuple(c.strip() for c in colours.split(",")) if colours else tuple(COLOURS)
-    write_glyphs(out, count=count, seed=seed, size=size, colours=chosen)
+    write_glyphs(out, count=count, seed=seed, size=size, colours=chosen, control=control,
+                 placement=SCATTERED if scattered else CENTRED)
     console.print(f"{count} glyphs ({', '.join(chosen)}) written to {out}")
 
 
