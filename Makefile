@@ -27,6 +27,7 @@ UI_PORT ?= 7861
 GATEWAY ?=
 GATEWAY_PORT ?= 7860
 LORAS ?=
+CONTROLNET ?=
 
 KILN := $(VENV)/bin/kiln
 COMMA := ,
@@ -81,10 +82,10 @@ serve: repo ## serve the repository in the foreground (Ctrl-C stops it)
 	$(KILN) serve $(REPO_DIR) $(PORTS)
 
 ifeq ($(TARGET),k8s)
-deploy: deploy-k8s ## set-up, export, repository, serve in the background, sample images (UI=1: a web page, GATEWAY=1: the A1111/OpenAI REST gateway; LORAS=1: LoRA adapters per request; TARGET=k8s: cluster manifests)
+deploy: deploy-k8s ## set-up, export, repository, serve in the background, sample images (UI=1: a web page, GATEWAY=1: the A1111/OpenAI REST gateway; LORAS=1: LoRA adapters per request; CONTROLNET="canny=DIR ...": ControlNets beside MODEL; TARGET=k8s: cluster manifests)
 else
 deploy: $(STAMP)
-	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) $(if $(TINY),--tiny) $(if $(LORAS),--lora-inputs) --artifacts $(ARTIFACTS) --precision $(PRECISION) $(PORTS)
+	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) $(if $(TINY),--tiny) $(if $(LORAS),--lora-inputs) $(foreach c,$(CONTROLNET),--controlnet $(c)) --artifacts $(ARTIFACTS) --precision $(PRECISION) $(PORTS)
 	$(if $(UI),$(KILN) ui --background --url 127.0.0.1:$(HTTP_PORT) --port $(UI_PORT))
 	$(if $(GATEWAY),$(KILN) gateway --background --url 127.0.0.1:$(HTTP_PORT) --port $(GATEWAY_PORT))
 endif

@@ -771,15 +771,19 @@ def deploy(
     metrics_port: int = METRICS_PORT,
     lora_inputs: bool = typer.Option(False, "--lora-inputs", help="export so that requests choose LoRA adapters "
                                      "(kiln lora add NAME FILE, then --lora NAME:SCALE)"),
+    controlnet: list[str] = typer.Option([], "--controlnet", help="NAME=DIR: a diffusers ControlNet of the model, "
+                                         "served beside it (repeatable; the demo has its own, `digit`)"),
 ):
     """Export, build the repository, serve it in the background and draw one smoke image."""
     from kiln.deploy import deploy as run
     from kiln.serving.server import Ports
+    from kiln.training.config import parse_named
 
     if model and tiny:
         raise KilnError("--model and --tiny were both given", hint="pass one")
+    controlnets = {name: Path(folder) for name, folder in parse_named(controlnet, "--controlnet", "canny=DIR").items()}
     d = run(model, artifacts, Ports(http=http_port, grpc=grpc_port, metrics=metrics_port), precision=precision.value,
-            demo=not (model or tiny), lora_inputs=lora_inputs)
+            demo=not (model or tiny), lora_inputs=lora_inputs, controlnets=controlnets)
     _print_endpoints(d.info)
     console.print(f"model {d.model_dir} -> ONNX {d.onnx_dir} -> repository {d.repo_dir}")
     console.print(f"smoke image: {d.smoke_png} ({d.smoke_seconds:.2f} s)")
@@ -793,6 +797,9 @@ def deploy(
     console.print(f"  {kiln} models --url {d.info.http_url}")
     if lora_inputs:
         console.print(f"  {kiln} lora add NAME lora.safetensors --repo {d.repo_dir}   # then: generate ... --lora NAME:0.8")
+    for name in d.controlnets:
+        console.print(f'  {kiln} generate "a blue digit 3" --control-image control.png --controlnet {name} -o out.png '
+                      f"--url {d.info.http_url}")
     console.print(f"  {kiln} stop --http-port {http_port}")
 
 

@@ -25,6 +25,7 @@ class Deployment:
     smoke_png: Path
     smoke_seconds: float
     samples_png: Path | None = None
+    controlnets: tuple[str, ...] = ()  # served beside the model, by name
 
 
 def tiny_model(artifacts: Path) -> Path:
@@ -97,13 +98,14 @@ def sample_grid(url: str, out: Path, seed: int = 0, controlnet: str | None = Non
 
 def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precision: str = "fp32",
            prompt: str = "a red digit 7 on a white background", demo: bool = False,
-           lora_inputs: bool = False) -> Deployment:
+           lora_inputs: bool = False, controlnets: dict[str, Path] | None = None) -> Deployment:
     """MODEL, or the glyph demo model with `demo` (built or reused), or else the tiny random model.
-    `lora_inputs`: exported to take LoRA adapters per request (kiln lora add)."""
+    `lora_inputs`: exported to take LoRA adapters per request (kiln lora add); `controlnets`: name ->
+    diffusers ControlNet folder, exported beside the model (the demo adds its own)."""
     from kiln.clients.client import KilnClient
 
     artifacts = Path(artifacts)
-    controlnets: dict[str, Path] = {}  # the demo's ControlNet, exported beside its model
+    controlnets = dict(controlnets or {})
     if model_dir:
         model_dir = Path(model_dir)
         if model_dir.is_file():
@@ -112,7 +114,8 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
         from kiln.demo import DemoSpec, build_demo
 
         models = build_demo(artifacts)
-        model_dir, controlnets = models.merged, {DemoSpec().control_name: models.controlnet}
+        model_dir = models.merged
+        controlnets.setdefault(DemoSpec().control_name, models.controlnet)
     else:
         model_dir = tiny_model(artifacts)
     inspect_model(model_dir)
@@ -127,6 +130,7 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
         result = client.generate(prompt, seed=0)
     smoke = artifacts / "smoke.png"
     result.save(smoke)
-    samples = sample_grid(info.http_url, artifacts / "samples.png", controlnet=next(iter(controlnets), None)) if demo else None
+    samples = sample_grid(info.http_url, artifacts / "samples.png",
+                          controlnet=DemoSpec().control_name if demo else None) if demo else None
     return Deployment(model_dir=model_dir, onnx_dir=onnx_dir, repo_dir=repo_dir, info=info, smoke_png=smoke,
-                      smoke_seconds=result.seconds, samples_png=samples)
+                      smoke_seconds=result.seconds, samples_png=samples, controlnets=tuple(controlnets))
