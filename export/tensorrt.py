@@ -357,7 +357,9 @@ class EngineRunner:
         self.components = tuple(self.engines)
 
     def __call__(self, spec: ComponentSpec, feeds: dict, outputs: list[str]) -> dict:
-        result = self.engines[spec.name](feeds)
+        from kiln.export.specs import complete_feeds
+
+        result = self.engines[spec.name](complete_feeds(spec, feeds))  # an engine binds every input: zeros for optional ones
         return {k: result[k].float() for k in outputs}
 
 
