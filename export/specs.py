@@ -226,7 +226,14 @@ def axes_problem(spec: ComponentSpec, feeds: dict[str, np.ndarray], dims: ModelD
     """What makes a call's inputs disagree with each other (each one alone may pass input_problem):
     one size per axis across every input, each derived axis its base divided as declared (a
     ControlNet residual a quarter of the latents' side), and with `dims` pixel sides the latents'
-    times the VAE's factor (a ControlNet's control image)."""
+    times the VAE's factor (a ControlNet's control image). Optional inputs come all together or not
+    at all (a ControlNet hands the UNet every residual)."""
+    optional = [t.name for t in spec.inputs if t.optional]
+    given = [name for name in optional if feeds.get(name) is not None]
+    if given and len(given) != len(optional):
+        missing = [name for name in optional if name not in given]
+        return (f"the inputs {optional} come all together or not at all: {len(given)} of {len(optional)} given "
+                f"({missing[0]} missing)")
     seen: dict[str, tuple[int, str]] = {}
     for t in spec.inputs:
         value = feeds.get(t.name)

@@ -672,7 +672,8 @@ def generate(
     height: Optional[int] = typer.Option(None, "--height"),
     width: Optional[int] = typer.Option(None, "--width"),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="image i uses seed + i"),
-    image: Optional[Path] = typer.Option(None, "--image", help="img2img: a PNG or JPEG to start from"),
+    image: Optional[Path] = typer.Option(None, "--image", help="img2img: a PNG or JPEG to start from",
+                                         exists=True, dir_okay=False, readable=True),
     strength: Optional[float] = typer.Option(None, "--strength", help="img2img: 0 keeps the image, 1 redraws it"),
     model: str = typer.Option(PUBLIC_MODEL, "--model", help=f"the ensemble to call: {PUBLIC_MODEL}, or a model's name in a "
                               "repository serving several"),
@@ -685,7 +686,8 @@ def generate(
     lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="NAME[:SCALE]",
                                              help="a LoRA adapter registered with the server (kiln lora add); repeat for several"),
     control_image: Optional[list[Path]] = typer.Option(None, "--control-image", help="a control image (PNG or JPEG) for "
-                                                       "each ControlNet, in --controlnet's order; repeat for several"),
+                                                       "each ControlNet, in --controlnet's order; repeat for several",
+                                                       exists=True, dir_okay=False, readable=True),
     controlnet: Optional[list[str]] = typer.Option(None, "--controlnet", metavar="NAME",
                                                    help="ControlNets to use (default: every one the model serves)"),
     control_scale: Optional[list[float]] = typer.Option(None, "--control-scale", help="0 to 2: once for all, or once each"),

@@ -247,16 +247,20 @@ class ControlNetUnit(BaseModel):
     resize_mode: int | str = "Crop and Resize"
     control_mode: int | str = "Balanced"
     guess_mode: bool = False
+    mask: ImageText | None = None  # newer clients' inpainting mask for the unit: refused
+    mask_image: ImageText | None = None
 
 
 CONTROLNET_RESIZE = {"just resize": "just", "0": "just", "crop and resize": "crop", "1": "crop",
                      "inner fit (scale to fit)": "crop"}  # the extension's names and numbers for its modes
 
 
-def controlnet_units(scripts: dict[str, Any], served: Served, height: int | None, width: int | None) -> dict:
+def controlnet_units(scripts: dict[str, Any], served: Served, height: int | None, width: int | None,
+                     init_image: bytes | None = None) -> dict:
     """alwayson_scripts.controlnet's enabled units -> Kiln's control fields (controlnet, control_image,
     control_scale, control_start, control_end). "Crop and Resize" (the extension's default) crops each
-    control image to the generated aspect ratio here; the server then resizes it, as "Just Resize" does."""
+    control image to the generated aspect ratio here; the server then resizes it, as "Just Resize" does.
+    A unit without an image takes `init_image` (img2img), as the extension does."""
     from pydantic import ValidationError
 
     script = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None)
@@ -276,6 +280,9 @@ def controlnet_units(scripts: dict[str, Any], served: Served, height: int | None
             raise DoorError(f"{where}.{i}.{name}", f"{where}.{i}.{name}: {error['msg']}") from None
         if unit.enabled:
             units.append((i, unit))
+    if len(units) > max(len(served.controlnets), 1):
+        raise DoorError(where, f"{where}: {len(units)} enabled units, but {served.name} serves "
+                        f"{len(served.controlnets)} ControlNet(s) ({', '.join(served.controlnets) or 'none'}): one unit each")
     names, images, scales, starts, ends = [], [], [], [], []
     for i, unit in units:
         field = f"{where}.{i}"
@@ -290,19 +297,27 @@ def controlnet_units(scripts: dict[str, Any], served: Served, height: int | None
         if resize is None:
             raise DoorError(f"{field}.resize_mode", f"{field}.resize_mode={unit.resize_mode!r}: expected Just Resize or "
                             "Crop and Resize (Resize and Fill is not drawn here)")
+        if unit.mask or unit.mask_image:
+            raise DoorError(f"{field}.mask", f"{field}.mask: this server does not take ControlNet masks; leave it out")
         model = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", unit.model.strip())
         if model not in served.controlnets:
             have = list(served.controlnets) or "none: export the model with kiln export onnx ... --controlnet NAME=DIR"
-            raise DoorError(f"{field}.model", f"{field}.model={unit.model!r} is not served with {served.name}: expected "
-                            f"one of {have} (GET /controlnet/model_list)", status=404 if served.controlnets else 422)
+            raise DoorError(f"{field}.model", f"{field}.model={unit.model[:100]!r} is not served with {served.name}: "
+                            f"expected one of {have} (GET /controlnet/model_list)", status=404 if served.controlnets else 422)
+        if model in names:
+            raise DoorError(f"{field}.model", f"{field}.model={model!r} is in an earlier unit too: each ControlNet "
+                            "once per request")
         image = unit.image if unit.image is not None else unit.input_image
         if isinstance(image, dict):  # the extension's older {"image": ..., "mask": ...} form
             if image.get("mask"):
                 raise DoorError(f"{field}.image.mask", f"{field}.image.mask: this server does not take ControlNet masks")
             image = image.get("image")
-        if not isinstance(image, str):
+        if image is None and init_image is not None:
+            data = init_image  # img2img: the init image is the control image
+        elif not isinstance(image, str):
             raise DoorError(f"{field}.image", f"{field}.image is missing: expected the control image, base64")
-        data = decode_image(image, f"{field}.image")
+        else:
+            data = decode_image(image, f"{field}.image")
         if resize == "crop":
             data = _crop_to_aspect(data, height or served.defaults.get("height"), width or served.defaults.get("width"))
         names.append(model)
@@ -384,7 +399,7 @@ def a1111_call(req: A1111Txt2Img, served: dict[str, Served], default: str) -> Ca
     if isinstance(req, A1111Img2Img):
         kwargs["image"] = decode_image(req.init_images[0], "init_images.0")
         kwargs["strength"] = req.denoising_strength
-    kwargs.update(controlnet_units(req.alwayson_scripts, model, req.height, req.width))
+    kwargs.update(controlnet_units(req.alwayson_scripts, model, req.height, req.width, kwargs.get("image")))
     return Call(model.name, kwargs)
 
 

@@ -1,5 +1,6 @@
 """Keeps one embedded tritonserver running: restarts it with backoff when it dies or stops answering
-its liveness endpoint, logs why, and counts restarts in the server's state file.
+its liveness endpoint, reloads a model whose Python-backend stub died (Triton keeps reporting it ready
+while every request to it fails), logs why, and counts restarts in the server's state file.
 
 tritonserver 2.51 can be killed by a single request (see the README's known limits) and nothing in it
 restarts itself, so every server Kiln starts runs under this loop: in-process for `kiln serve` in the
@@ -84,13 +85,21 @@ class Supervision:
         return False
 
     def watch(self) -> None:
-        """Until the server exits, is stopped, or stops answering its liveness endpoint."""
+        """Until the server exits, is stopped, or stops answering its liveness endpoint; a model whose
+        stub died is reloaded (and the server restarted if that fails)."""
         unanswered, next_check = 0, time.monotonic() + LIVENESS_PERIOD_S
+        stubs = stub_instances(self.triton.pid)
         while not self.stopping and self.triton.poll() is None:
             time.sleep(0.5)
             if time.monotonic() < next_check:
                 continue
             next_check = time.monotonic() + LIVENESS_PERIOD_S
+            stubs, failed = self.revive(stubs)
+            if failed:
+                self.note(f"reloading {failed} did not bring its stub back: restarting tritonserver")
+                server.terminate(self.triton.pid, timeout_s=5.0)
+                self.last_exit = f"a Python-backend stub of {failed} died and its reload failed"
+                return
             unanswered = 0 if live(self.backend) else unanswered + 1
             if unanswered >= LIVENESS_FAILURES:
                 self.note(f"tritonserver (pid {self.triton.pid}) did not answer /v2/health/live "
@@ -100,6 +109,24 @@ class Supervision:
                 return
         if self.triton.poll() is not None and not self.stopping:
             self.last_exit = describe_exit(self.triton.returncode)
+
+    def revive(self, known: dict[int, tuple[str, str]]) -> tuple[dict[int, tuple[str, str]], str | None]:
+        """Reload each still-ready model one of whose stubs (`known`: pid -> (model, instance)) has gone:
+        Triton 2.51 neither restarts a dead stub nor marks its model unready. Returns the stubs now
+        running and the model whose reload failed, if one did."""
+        current = stub_instances(self.triton.pid)
+        running = {instance for _, instance in current.values()}
+        dead = {model: instance for pid, (model, instance) in known.items() if pid not in current and instance not in running}
+        for model, instance in dead.items():
+            if not model_ready(self.backend, model):
+                continue  # unloaded on purpose (kiln models unload): nothing to revive
+            self.note(f"the Python-backend stub of {model} (instance {instance}) died: reloading {model}")
+            self.restarts += 1
+            self.last_exit = f"stub {instance} died; {model} reloaded"
+            if not reload_model(self.backend, model, self.admin_key):
+                return current, model
+            self.record("ready")
+        return (stub_instances(self.triton.pid) if dead else current), None
 
     def run(self) -> int:
         """Start, wait for ready, watch, restart; returns 0 when stopped, 1 when the server cannot start."""
@@ -164,6 +191,46 @@ def describe_exit(code: int | None) -> str:
 def live(ports: server.Ports) -> bool:
     try:
         with urllib.request.urlopen(f"http://{server.HOST}:{ports.http}/v2/health/live", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def stub_instances(triton_pid: int) -> dict[int, tuple[str, str]]:
+    """The Python-backend stubs tritonserver `triton_pid` started: pid -> (Triton model name, instance
+    name), read from each stub's command line (model.py's path, then the instance name)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])
+            if parent != triton_pid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if len(args) > 8 and args[0].endswith(b"triton_python_backend_stub"):
+            found[int(entry)] = (Path(args[1].decode()).parent.parent.name, args[8].decode())
+    return found
+
+
+def model_ready(ports: server.Ports, model: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{server.HOST}:{ports.http}/v2/models/{model}/ready", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def reload_model(ports: server.Ports, model: str, admin_key: str, timeout_s: float = 300.0) -> bool:
+    """Triton's model-control load (a reload for a loaded model: new instances, new stubs)."""
+    request = urllib.request.Request(f"http://{server.HOST}:{ports.http}/v2/repository/models/{model}/load", data=b"{}",
+                                     headers={server.ADMIN_HEADER: admin_key, "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False

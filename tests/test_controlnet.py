@@ -182,7 +182,42 @@ def test_a_controlnet_for_another_base_or_no_controlnet_at_all_is_refused_before
     (wide / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=r"its block_out_channels is \[32, 128\], the UNet's .* is \[32, 64\]"):
         export_onnx(tiny_model(), tmp_path / "never", controlnets={"wide": wide})
-    assert not (tmp_path / "never" / "unet").exists()  # refused before any export work
+    pooled = tmp_path / "pooled"
+    shutil.copytree(controlnets["edge"], pooled)
+    config = json.loads((pooled / "config.json").read_text())
+    (pooled / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    with pytest.raises(ExportError, match="global_pool_conditions=true"):
+        export_onnx(tiny_model(), tmp_path / "never", controlnets={"pooled": pooled})
+    weights = pooled / "diffusion_pytorch_model.safetensors"
+    (pooled / "config.json").write_text(json.dumps(config))
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ExportError, match=r"pooled: .*diffusion_pytorch_model.safetensors cannot be read"):
+        export_onnx(tiny_model(), tmp_path / "never", controlnets={"pooled": pooled})
+    weights.unlink()
+    with pytest.raises(ExportError, match=r"has no weights: expected diffusion_pytorch_model.safetensors"):
+        export_onnx(tiny_model(), tmp_path / "never", controlnets={"pooled": pooled})
+    assert not (tmp_path / "never" / "unet").exists()  # each refused before any export work
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (its pixels are never there): what a decompression bomb
+    looks like before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_control_images_are_bounded_before_decoding():
+    from kiln.pipeline.denoise import load_pixels
+
+    for side in (5000, 30000):  # above the bound; above PIL's own bomb limit too
+        with pytest.raises(RequestError, match=r"control_image=.*at most 16.8 megapixels"):
+            load_pixels(huge_png_header(side, side), 64, 64, field="control_image")
 
 
 def test_request_fields_are_checked_by_name():
@@ -192,8 +227,10 @@ def test_request_fields_are_checked_by_name():
         request(control_image=CONTROLS[0])
     with pytest.raises(RequestError, match=r"controlnet='edge,edge'.*each ControlNet once"):
         request(controlnet="edge,edge", control_image=list(CONTROLS))
-    with pytest.raises(RequestError, match=r"control_image=None.*one encoded PNG or JPEG per ControlNet"):
+    with pytest.raises(RequestError, match=r"control_image=None.*one encoded PNG or JPEG per ControlNet \(edge, pose\)"):
         request(control_scale=1.0)
+    with pytest.raises(RequestError, match=r"control_image=None.*per ControlNet \(pose\) when controlnet is given"):
+        request(controlnet="pose")
     for scale in (2.5, -0.1, float("nan"), float("inf")):
         with pytest.raises(RequestError, match=r"control_scale=.*\[0, 2\]"):
             request(controlnet="edge", control_image=CONTROLS[0], control_scale=scale)
@@ -254,9 +291,13 @@ def test_bad_control_requests_get_400s_naming_the_field_and_the_server_stays_up(
 
     base = dict(sample=np.zeros((1, 4, 8, 8), np.float32), timestep=np.array([[10]], np.float32),
                 encoder_hidden_states=np.zeros((1, 77, 32), np.float32))
-    call("unet", **base, mid_block_res=np.zeros((1, 64, 4, 4), np.float32))  # residuals may come alone
+    residuals = {f"down_block_res_{i}": np.zeros((1, c, 8 // f, 8 // f), np.float32)
+                 for i, (c, f) in enumerate([(32, 1), (32, 1), (32, 1), (32, 2), (64, 2), (64, 2)])}
+    call("unet", **base, **residuals, mid_block_res=np.zeros((1, 64, 4, 4), np.float32))  # all of them, or none
+    with pytest.raises(Exception, match=r"come all together or not at all: 1 of 7 given \(down_block_res_0 missing\)"):
+        call("unet", **base, mid_block_res=np.zeros((1, 64, 4, 4), np.float32))
     with pytest.raises(Exception, match=r"mid_block_res's latent_height/2 is 3: sample makes latent_height 8, so it must be 4"):
-        call("unet", **base, mid_block_res=np.zeros((1, 64, 3, 3), np.float32))
+        call("unet", **base, **residuals, mid_block_res=np.zeros((1, 64, 3, 3), np.float32))
     with pytest.raises(Exception, match=r"controlnet_cond's height is 32: sample makes latent_height 8, so it must be 64"):
         call("controlnet_edge", **base, controlnet_cond=np.zeros((1, 3, 32, 64), np.float32),
              conditioning_scale=np.ones((1, 1), np.float32))
@@ -344,7 +385,8 @@ def test_a_trained_controlnet_learns_resumes_exactly_and_exports_beside_its_base
     assert check_controlnets({"shape": whole / "controlnet"}, tiny_model()) == {"shape": whole / "controlnet"}
 
 
-def test_controlnet_training_without_control_images_is_refused_before_training(tiny_model, training_data, tmp_path):
+def test_controlnet_training_without_control_images_is_refused_before_training(tiny_model, training_data, control_data,
+                                                                                tmp_path):
     from kiln.errors import ConfigError, TrainingError
     from kiln.training.config import load_config
     from kiln.training.run import run_training
@@ -362,6 +404,12 @@ def test_controlnet_training_without_control_images_is_refused_before_training(t
     with pytest.raises(ConfigError, match=r"controlnet.controlnet: .* holds a UNet2DConditionModel, not a ControlNet"):
         run_training("controlnet", None, train_settings(tiny_model(), training_data, tmp_path / "out",
                                                         f"controlnet.controlnet={tiny_model() / 'unet'}"))
+    broken = tmp_path / "broken"
+    shutil.copytree(control_data, broken)
+    (broken / "conditioning" / "000007.png").write_bytes(b"junk")
+    with pytest.raises(TrainingError, match=r"control image .*000007.png .* cannot be read"):
+        run_training("controlnet", None, train_settings(tiny_model(), broken, tmp_path / "broken-run", "max_train_steps=2"))
+    assert not (tmp_path / "broken-run" / "logs" / "train_log.csv").exists()  # before any step
     config = load_config("controlnet", Path(__file__).resolve().parents[1] / "training" / "configs" / "controlnet.yaml", [])
     assert config.controlnet.controlnet is None and config.data.augment.enabled
 
@@ -464,6 +512,21 @@ def test_a1111s_controlnet_extension_api_draws_what_triton_draws(controlled_serv
         status, answer = call("/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2,
                                                     "alwayson_scripts": {"ADetailer": {"args": []}}})
         assert status == 422 and "alwayson_scripts" in json.dumps(answer)
+        for units, message in (([unit, unit], "is in an earlier unit too"), ([unit] * 1000, "1000 enabled units"),
+                               ([{**unit, "mask": unit["image"]}], "does not take ControlNet masks")):
+            status, answer = call("/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2,
+                                                        "alwayson_scripts": {"controlnet": {"args": units}}})
+            assert status == 422 and message in json.dumps(answer), (message, answer)
+        # img2img: a unit without an image takes the init image, as the extension does
+        init = base64.b64encode(square(36)).decode()
+        without = {k: v for k, v in unit.items() if k != "image"}
+        status, answer = call("/sdapi/v1/img2img", {"prompt": PROMPT, "seed": 2, "steps": 4, "init_images": [init],
+                                                    "alwayson_scripts": {"controlnet": {"args": [without]}}})
+        assert status == 200, answer
+        direct = KilnClient(controlled_server.http_url, "http").generate(
+            PROMPT, seed=2, steps=4, image=square(36), strength=0.75, controlnet="pose", control_image=square(36),
+            control_scale=0.9, control_start=0.1, control_end=0.9).images[0]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))), direct)
 
 
 def test_the_web_pages_control_fields_reach_the_controlnet(controlled_server, tmp_path):

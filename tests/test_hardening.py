@@ -181,6 +181,36 @@ def test_a_request_that_kills_tritonserver_is_survived(own_server):
 
 
 @pytest.mark.slow  # starts a Triton server of its own
+def test_a_dead_stub_is_noticed_and_its_model_reloaded(own_server):
+    """Triton 2.51 keeps a model whose Python-backend stub died READY while every request to it fails
+    ("Stub process is not healthy"): the supervisor reloads that model, logs why and counts it."""
+    from kiln.serving.supervisor import stub_instances
+
+    info = own_server
+    before = server.read_status(info.ports)
+    stubs = stub_instances(before["triton_pid"])
+    victim = next(pid for pid, (model, _) in stubs.items() if model == "vae_decoder")
+    with KilnClient(info.http_url, "http") as client:
+        expected = client.generate("a red digit 7", seed=3, steps=2).images
+        os.kill(victim, signal.SIGKILL)
+        status = _wait_restarted(info.ports, before["restarts"] + 1, timeout_s=120)
+        assert status["triton_pid"] == before["triton_pid"]  # the model was reloaded, not the server restarted
+        assert "stub vae_decoder_0_0 died; vae_decoder reloaded" == status["last_exit"]
+        assert "the Python-backend stub of vae_decoder (instance vae_decoder_0_0) died: reloading vae_decoder" in \
+            open(status["log_file"]).read()
+        deadline = time.monotonic() + 60
+        while True:  # the reload may still be finishing when the state file says so
+            try:
+                assert np.array_equal(client.generate("a red digit 7", seed=3, steps=2).images, expected)
+                break
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+    assert victim not in stub_instances(before["triton_pid"])
+
+
+@pytest.mark.slow  # starts a Triton server of its own
 def test_a_killed_server_is_restarted_and_stop_ends_everything(repo_dir):
     with server.running_server(repo_dir("epsilon")) as info:
         ports = info.ports

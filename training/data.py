@@ -114,6 +114,13 @@ class ImageBatches:
             raise TrainingError(f"{len(missing)} of {len(self.examples)} training images have no control image "
                                 f"(first: {missing[0]}; conditioning_file_name in metadata.jsonl)",
                                 hint="make them with kiln data prepare SRC OUT --control canny (or mask)")
+        for example in self.examples:  # each file read once, not kept: a damaged one fails now, not at step N
+            try:
+                with Image.open(example.conditioning) as image:
+                    image.verify()
+            except Exception as e:  # noqa: BLE001 - whatever PIL finds wrong
+                raise TrainingError(f"control image {example.conditioning} (for {example.path}) cannot be read "
+                                    f"({type(e).__name__}: {e})", hint="re-run kiln data prepare --control") from None
 
     def load_with_control(self, indices: list[int], augment: bool = True) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """load's images in [-1, 1] and captions, with each one's control image (B, 3, R, R) in [0, 1]

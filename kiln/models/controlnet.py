@@ -37,6 +37,30 @@ def _normalised(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def _check_weights(name: str, folder: Path) -> None:
+    """The folder's weights file is there and readable (a safetensors header and its tensors' extents
+    are checked without loading them), so a broken folder is refused before any export work."""
+    found = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
+    if not found:
+        raise ExportError(f"ControlNet {name} ({folder}) has no weights: expected {' or '.join(WEIGHT_FILES)}",
+                          hint="copy the whole folder ControlNetModel.save_pretrained wrote")
+    path = found[0]
+    if path.suffix != ".safetensors":
+        return  # a pickle: read (and checked) when it loads
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as weights:  # checks the header covers the file exactly
+            if not list(weights.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same refusal
+        raise ExportError(f"ControlNet {name}: {path} cannot be read ({exc})",
+                          hint="copy the file again; it is damaged or incomplete") from None
+
+
 def check_controlnets(controlnets: dict[str, Path], model_dir: Path) -> dict[str, Path]:
     """Each name -> folder checked before any export work: a name Triton and the request field accept,
     a diffusers ControlNet folder, and one built for this base (same residual layout, same inputs, and
@@ -73,6 +97,12 @@ def check_controlnets(controlnets: dict[str, Path], model_dir: Path) -> dict[str
         if config.get("conditioning_channels", 3) != 3:
             raise ExportError(f"ControlNet {name} ({folder}) takes {config['conditioning_channels']}-channel control "
                               f"images; Kiln feeds RGB", hint="use a ControlNet with conditioning_channels=3")
+        if config.get("global_pool_conditions"):
+            raise ExportError(f"ControlNet {name} ({folder}) has global_pool_conditions=true (a shuffle-style "
+                              "ControlNet: pooled residuals, applied to the prompted half only); Kiln serves "
+                              "ControlNets whose residuals keep their spatial size",
+                              hint="use a ControlNet with global_pool_conditions=false")
+        _check_weights(name, folder)
         checked[name] = folder
     return checked
 

@@ -265,6 +265,8 @@ def load_pixels(data: bytes, height: int | None, width: int | None, multiple: in
 
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:  # PIL's own bound, far above max_pixels
+        raise RequestError(field, f"<{len(data)} bytes>", f"an image of at most {max_pixels / 1e6:.1f} megapixels") from None
     except Exception:
         raise RequestError(field, f"<{len(data)} bytes>", "a PNG or JPEG file") from None
     if image.width * image.height > max_pixels:  # before decoding: a small file can hold a huge image

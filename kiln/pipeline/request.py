@@ -273,9 +273,6 @@ def _controls(raw: dict, served: tuple[str, ...], limits: Limits) -> tuple[Contr
     if not served:
         raise RequestError(given[0], "<given>", "nothing: this model serves no ControlNet (export it with "
                            "kiln export onnx MODEL_DIR ONNX_DIR --controlnet NAME=DIR, or leave the control fields out)")
-    if raw.get("control_image") is None:
-        raise RequestError("control_image", None, f"one encoded PNG or JPEG per ControlNet ({', '.join(served)}) "
-                           f"when {given[0]} is given")
     names = served
     if raw.get("controlnet") is not None:
         text = text_field(raw, "controlnet", "", limits)
@@ -285,6 +282,9 @@ def _controls(raw: dict, served: tuple[str, ...], limits: Limits) -> tuple[Contr
             raise RequestError("controlnet", text, f"names from {list(served)}, comma-separated")
         if len(set(names)) != len(names):
             raise RequestError("controlnet", text, "each ControlNet once")
+    if raw.get("control_image") is None:
+        raise RequestError("control_image", None, f"one encoded PNG or JPEG per ControlNet ({', '.join(names)}) "
+                           f"when {given[0]} is given")
     images = np.asarray(raw["control_image"]).reshape(-1)
     if len(images) != len(names):
         raise RequestError("control_image", f"<{len(images)} images>", f"one image per ControlNet: {len(names)} for "
