@@ -499,6 +499,9 @@ def repo_build(
     onnx_threads: int = typer.Option(TUNING.onnx_threads, "--onnx-threads", help="ONNX Runtime threads per model (0: automatic)"),
     default_guidance: Optional[float] = typer.Option(None, "--default-guidance", help="guidance for requests that leave it out "
                                                      f"({REQUEST_DEFAULTS.guidance_scale})"),
+    default_guidance_cutoff: Optional[float] = typer.Option(None, "--default-guidance-cutoff", help="fraction of the "
+                                                            "schedule after which requests that leave it out stop "
+                                                            "classifier-free guidance (1: never)"),
     default_steps: Optional[int] = typer.Option(None, "--default-steps", help="steps for requests that leave them out "
                                                 f"({REQUEST_DEFAULTS.steps})"),
     default_scheduler: Optional[str] = typer.Option(None, "--default-scheduler", metavar="<name>", parser=scheduler_name,
@@ -522,7 +525,8 @@ def repo_build(
         models[other] = Path(onnx_path)
         if engine_path:
             engine_dirs[other] = Path(engine_path)
-    chosen = {"guidance_scale": default_guidance, "steps": default_steps, "scheduler": default_scheduler}
+    chosen = {"guidance_scale": default_guidance, "steps": default_steps, "scheduler": default_scheduler,
+              "guidance_cutoff": default_guidance_cutoff}
     build_models_repository(models, repo_dir, target=target.value, backend=backend.value, limits=limits, tuning=tuning,
                             engines=engine_dirs, defaults={k: v for k, v in chosen.items() if v is not None})
     import json
@@ -666,6 +670,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     steps: Optional[int] = typer.Option(None, "--steps"),
     guidance: Optional[float] = typer.Option(None, "--guidance"),
+    guidance_cutoff: Optional[float] = typer.Option(None, "--guidance-cutoff", help="stop guidance after this fraction of "
+                                                    "the schedule (the rest runs at batch 1; 1: never)"),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="<name>", parser=scheduler_name,
                                             help=f"{SCHEDULER_HELP}; default: the repository's"),
     negative: Optional[str] = typer.Option(None, "--negative"),
@@ -700,6 +706,7 @@ def generate(
 
     with KilnClient(url, protocol.value, model=model) as client:
         result = client.generate(prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
+                                 guidance_cutoff=guidance_cutoff,
                                  height=height, width=width, scheduler=scheduler, num_images=num_images, image=image,
                                  strength=strength, original_size=original_size, crop_top_left=crop,
                                  target_size=target_size, loras=",".join(lora or []), control_image=control_image or None,

@@ -105,10 +105,10 @@ def reference_image():
     """diffusers' in-process image for (model_dir, scheduler, prompt, negative, seed, steps, guidance, h, w)."""
     pipes = {}
 
-    def draw(model_dir: Path, *args) -> np.ndarray:
+    def draw(model_dir: Path, *args, **kwargs) -> np.ndarray:
         if model_dir not in pipes:
             pipes[model_dir] = load_diffusers_pipeline(model_dir)
-        return diffusers_image(pipes[model_dir], *args)
+        return diffusers_image(pipes[model_dir], *args, **kwargs)
 
     return draw
 

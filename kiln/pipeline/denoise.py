@@ -198,6 +198,12 @@ def guided_step(engines: Engines, scheduler, latents: torch.Tensor, t: torch.Ten
     return scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
 
+def conditional_half(cond: Conditioning) -> Conditioning:
+    """The prompt's rows of a guided Conditioning (the second half: negative first), for unguided steps."""
+    rows = cond.embeddings.shape[0] // 2
+    return Conditioning(cond.embeddings[rows:], {name: value[rows:] for name, value in cond.added.items()})
+
+
 def decode(engines: Engines, constants: ModelConstants, latents: torch.Tensor) -> np.ndarray:
     """Latents -> (N, H, W, 3) uint8 images."""
     decoded = engines.decode_latents(latents / constants.scaling_factor)
@@ -222,9 +228,11 @@ def generate(
     zero_negative: bool = False,
     sizes: SizeConditioning = SizeConditioning(),
     controls: tuple[Control, ...] = (),
+    guidance_cutoff: float = 1.0,
 ) -> np.ndarray:
     """One image per seed; `init_image` (1, 3, H, W) in [-1, 1] makes it img2img; `controls` add
-    ControlNets (their images at the generated size). `prompt` and
+    ControlNets (their images at the generated size); `guidance_cutoff`: the steps after the first
+    int(steps x cutoff) + 1 run unguided on the prompt alone (diffusers' SDCFGCutoffCallback). `prompt` and
     `negative`: one TokenChunks per text encoder of the family, all with the same chunk count
     (tokenize_prompts). Returns (N, H, W, 3) uint8."""
     guided = guidance_scale > 1.0
@@ -239,7 +247,10 @@ def generate(
     factor = constants.vae_scale_factor
     cond = with_size_conditioning(engines, cond, sizes, latents.shape[2] * factor, latents.shape[3] * factor)
     extra = step_kwargs(scheduler, generator)
+    cutoff = int(len(timesteps) * guidance_cutoff)  # the callback's step index: it acts at that step's end
     for i, t in enumerate(timesteps):
+        if guided and i == cutoff + 1:
+            cond, guidance_scale = conditional_half(cond), 0.0
         latents = guided_step(engines, scheduler, latents, t, cond, guidance_scale, extra, controls, i, len(timesteps))
         check_finite(latents, f"latents at step {i + 1} of {len(timesteps)}")
         if on_step is not None:
@@ -313,4 +324,5 @@ def generate_request(engines: Engines, request, scheduler_config: dict, constant
         zero_negative=constants.zero_empty_negative and not request.negative_prompt.strip(),
         sizes=request.sizes,
         controls=controls,
+        guidance_cutoff=request.guidance_cutoff,
     )

@@ -64,10 +64,11 @@ def weighted_embeddings(pipe, prompt: str, negative: str) -> dict[str, torch.Ten
 def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int, steps: int, guidance: float,
                     height: int, width: int, num_images: int = 1, weighted: bool = False,
                     image=None, strength: float = 0.8, sizes: SizeConditioning = SizeConditioning(),
-                    controls: list | None = None) -> np.ndarray:
+                    controls: list | None = None, guidance_cutoff: float | None = None) -> np.ndarray:
     """(N, H, W, 3) uint8, image i drawn with seed + i; `image` (PIL) makes it img2img; `sizes`: SDXL's
     size conditioning; `controls`: (ControlNetModel, control image (PIL), scale, start, end) for each
-    ControlNet, drawn by diffusers' ControlNet pipelines (several: its MultiControlNetModel)."""
+    ControlNet, drawn by diffusers' ControlNet pipelines (several: its MultiControlNetModel);
+    `guidance_cutoff`: diffusers' SD(XL)CFGCutoffCallback with that cutoff_step_ratio (one image)."""
     import diffusers
 
     sdxl = is_sdxl(pipe)
@@ -106,6 +107,11 @@ def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int,
         empty = sdxl and not negative.strip()  # diffusers' SDXL zeroes a negative prompt of None, not ""
         kwargs.update(prompt=prompt, negative_prompt=None if empty else negative, num_images_per_prompt=num_images)
     kwargs.update(extra)
+    if guidance_cutoff is not None:
+        from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+
+        callback = (SDXLCFGCutoffCallback if sdxl else SDCFGCutoffCallback)(cutoff_step_ratio=guidance_cutoff)
+        kwargs.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs)
     if image is None:
         images = target(height=height, width=width, **kwargs).images
     else:

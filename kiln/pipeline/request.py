@@ -29,6 +29,9 @@ TXT2IMG_INPUTS: tuple[RequestField, ...] = (
     RequestField("seed", "INT64"),
     RequestField("steps", "INT32"),
     RequestField("guidance_scale", "FP32"),
+    # the fraction of the schedule after which classifier-free guidance stops (the UNet runs at batch 1,
+    # as diffusers' SDCFGCutoffCallback does); 1: guided to the end
+    RequestField("guidance_cutoff", "FP32"),
     RequestField("height", "INT32"),
     RequestField("width", "INT32"),
     RequestField("scheduler", "BYTES"),
@@ -121,6 +124,7 @@ class Defaults:
     width: int = 512
     scheduler: str = "default"
     strength: float = 0.8
+    guidance_cutoff: float = 1.0  # guided to the end
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class GenerationRequest:
     strength: float = 1.0
     sizes: SizeConditioning = SizeConditioning()
     controls: tuple[ControlRequest, ...] = ()
+    guidance_cutoff: float = 1.0
 
     @property
     def seeds(self) -> list[int]:
@@ -369,6 +374,7 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
         seed=seed,
         steps=steps,
         guidance_scale=_number(raw, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance),
+        guidance_cutoff=_number(raw, "guidance_cutoff", defaults.guidance_cutoff, 0.0, 1.0),
         height=_integer(raw, "height", default_size[0], low_size, limits.max_size, size_multiple),
         width=_integer(raw, "width", default_size[1], low_size, limits.max_size, size_multiple),
         scheduler=canonical_name(text_field(raw, "scheduler", defaults.scheduler, limits)),
