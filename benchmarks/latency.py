@@ -122,8 +122,13 @@ def bench_triton(url: str, protocol: str, family: Family, spec: BenchSpec, size:
     return {"stages": measured, "end_to_end": end}  # warm-up reaches every BLS loop instance once
 
 
-def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchSpec(), tuning=None) -> dict:
+def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchSpec(), tuning=None,
+        price_per_hour: float | None = None) -> dict:
+    """`price_per_hour`: the cost of each path's sequential rate (one image at a time) in money."""
     from kiln.artifacts import read_export, write_json_atomically
+    from kiln.benchmarks.cost import check_price, cost
+
+    check_price(price_per_hour)
     from kiln.model_repository.builder import build_repository
     from kiln.model_repository.configs import Tuning
     from kiln.serving.server import running_server
@@ -152,6 +157,8 @@ def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchS
             "triton_grpc_overhead": end["triton_grpc"] / end["onnxruntime"] - 1,
         },
         "unet_step": {"gflop": gflop, "onnxruntime_gflops": gflop / (unet_ms / 1000), "matmul_gflops": matmul_gflops()},
+        # one image at a time, back to back: the floor of what a machine serves (concurrency: kiln loadtest)
+        "cost": {k: asdict(cost(1000 / ms, price_per_hour)) for k, ms in end.items()},
     }
     write_json_atomically(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(to_markdown(report))
@@ -165,14 +172,23 @@ def to_markdown(report: dict) -> str:
     lines = [f"{report.get('family', 'sd1')} model, size {report['size']}px, {report['spec']['steps']} steps, "
              f"{report['spec']['scheduler']}, medians of {report['spec']['runs']} runs (ms)", "",
              f"| path | {' | '.join(heads)} | end to end |", "|---|" + "---|" * (len(names) + 1)]
+    priced = report.get("cost", {})
+    with_price = any(c.get("per_1000_images") is not None for c in priced.values())
+    lines[-2] += " images/hour |" + (" per 1,000 images |" if with_price else "")
+    lines[-1] += "---|" + ("---|" if with_price else "")
     for name, r in report["results"].items():
         cells = " | ".join(f"{r['stages'][n]['median_ms']:.1f}" for n in names)
-        lines.append(f"| {name} | {cells} | {r['end_to_end']['median_ms']:.1f} |")
+        c = priced.get(name, {})
+        money = f" {c['per_1000_images']:.2f} |" if with_price and c.get("per_1000_images") is not None else (" - |" if with_price else "")
+        lines.append(f"| {name} | {cells} | {r['end_to_end']['median_ms']:.1f} | {c.get('images_per_hour', 0):,.0f} |{money}")
     r, u = report["ratios"], report["unet_step"]
     lines += ["", f"- ONNX Runtime vs PyTorch end to end: {r['onnxruntime_speedup_vs_pytorch']:.2f}x",
               f"- Triton overhead vs in-process: HTTP {100 * r['triton_http_overhead']:+.1f} %, gRPC {100 * r['triton_grpc_overhead']:+.1f} %",
               f"- UNet step: {u['gflop']:.1f} GFLOP, {u['onnxruntime_gflops']:.1f} GFLOP/s on ONNX Runtime "
               f"vs {u['matmul_gflops']:.1f} GFLOP/s float32 matmul on this machine"]
+    if with_price:
+        lines.append(f"- cost at {next(iter(priced.values()))['price_per_hour']:g} per hour, one image at a time "
+                     "(concurrent serving: kiln loadtest --price-per-hour)")
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,9 @@ class LoadTestReport:
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    images_per_hour: float = 0.0  # successful requests (one image each) at the measured rate
+    price_per_hour: float | None = None
+    cost_per_1000_images: float | None = None
 
 
 def scrape(metrics_url: str) -> dict[tuple[str, str], float]:
@@ -73,7 +76,10 @@ def read_stats(prefix: Path) -> dict:
 def run(http_url: str, grpc_url: str, metrics_url: str, out_dir: Path, users: int, spawn_rate: float,
         duration_s: int, protocols: str = "http,grpc", steps: int = 4, slo_p95_ms: float | None = None,
         min_rps: float | None = None, gateway_url: str = "http://127.0.0.1:7860",
-        gateway_key: str | None = None) -> LoadTestReport:
+        gateway_key: str | None = None, price_per_hour: float | None = None) -> LoadTestReport:
+    from kiln.benchmarks.cost import check_price, cost
+
+    check_price(price_per_hour)  # before the run, not after it
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / "locust"
@@ -101,6 +107,10 @@ def run(http_url: str, grpc_url: str, metrics_url: str, out_dir: Path, users: in
         p95_ms=float(stats["95%"]),
         per_model=per_model(before, after),
     )
+    succeeded = report.rps * (report.requests - report.failures) / report.requests if report.requests else 0.0
+    priced = cost(succeeded, price_per_hour)  # each Locust request draws one image
+    report.images_per_hour, report.price_per_hour, report.cost_per_1000_images = (
+        priced.images_per_hour, priced.price_per_hour, priced.per_1000_images)
     if report.requests == 0:
         report.violations.append("no request completed")
     if report.failures:
@@ -121,5 +131,8 @@ def to_markdown(report: LoadTestReport) -> str:
              f"median {report.median_ms:.0f} ms, p95 {report.p95_ms:.0f} ms", "",
              "| model | requests | queue ms/request | compute ms/request |", "|---|---|---|---|"]
     lines += [f"| {m} | {v['requests']:.0f} | {v['queue_ms']:.2f} | {v['compute_ms']:.2f} |" for m, v in report.per_model.items()]
+    from kiln.benchmarks.cost import Cost
+
+    lines += ["", "throughput: " + Cost(report.images_per_hour, report.price_per_hour, report.cost_per_1000_images).line()]
     lines += ["", "service levels: " + ("met" if not report.violations else "; ".join(report.violations))]
     return "\n".join(lines) + "\n"

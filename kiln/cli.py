@@ -885,13 +885,15 @@ def bench(
     runs: int = typer.Option(BENCH.runs, "--runs"),
     pipeline_instances: int = typer.Option(TUNING.pipeline_instances, "--pipeline-instances", help="BLS denoising loops feeding the batched models"),
     onnx_threads: int = typer.Option(TUNING.onnx_threads, "--onnx-threads"),
+    price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", help="the machine's hourly price: adds the "
+                                                   "cost of 1,000 images per path"),
 ):
     """Latency per stage and end to end: diffusers PyTorch, Kiln ONNX Runtime, Triton HTTP and gRPC."""
     from kiln.benchmarks.latency import BenchSpec, run, to_markdown
     from kiln.model_repository.configs import Tuning
 
     report = run(model_dir, onnx_dir, out, BenchSpec(steps=steps, size=size, runs=runs),
-                 Tuning(pipeline_instances=pipeline_instances, onnx_threads=onnx_threads))
+                 Tuning(pipeline_instances=pipeline_instances, onnx_threads=onnx_threads), price_per_hour=price_per_hour)
     typer.echo(to_markdown(report))
     console.print(f"saved {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
 
@@ -917,6 +919,8 @@ def loadtest(
     slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms"),
     min_rps: Optional[float] = typer.Option(None, "--min-rps"),
     out: Path = typer.Option(Path("artifacts/loadtest"), "--out"),
+    price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", help="the machine's hourly price: adds the "
+                                                   "cost of 1,000 images at the measured rate"),
 ):
     """Locust, headless, against a running server; exits 1 when a request fails or a level is missed."""
     from kiln.benchmarks.loadtest import run, to_markdown
@@ -925,7 +929,7 @@ def loadtest(
 
     report = run(http_url, grpc_url, metrics_url, out, users=users, spawn_rate=spawn_rate, duration_s=duration,
                  protocols=protocols, steps=steps, slo_p95_ms=slo_p95_ms, min_rps=min_rps, gateway_url=gateway_url,
-                 gateway_key=read_key(gateway_key_file))
+                 gateway_key=read_key(gateway_key_file), price_per_hour=price_per_hour)
     typer.echo(to_markdown(report))
     console.print(f"CSV, HTML and JSON in {out}")
     raise typer.Exit(1 if report.violations else 0)

@@ -14,7 +14,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_model, onnx_dir, sdxl_model, s
     from kiln.benchmarks.latency import BenchSpec, run
 
     model, onnx = (sdxl_model(), sdxl_onnx()) if family == "sdxl" else (tiny_model("epsilon"), onnx_dir("epsilon"))
-    report = run(model, onnx, tmp_path, BenchSpec(steps=2, runs=2))
+    report = run(model, onnx, tmp_path, BenchSpec(steps=2, runs=2), price_per_hour=24.0)
     assert set(report["results"]) == {"pytorch", "onnxruntime", "triton_http", "triton_grpc"}
     encoders = {"text_encoder", "text_encoder_2"} if family == "sdxl" else {"text_encoder"}
     for result in report["results"].values():
@@ -22,7 +22,25 @@ def test_bench_writes_json_markdown_and_plot(tiny_model, onnx_dir, sdxl_model, s
         assert result["end_to_end"]["median_ms"] > 0
     assert report["unet_step"]["gflop"] > 0 and report["unet_step"]["matmul_gflops"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["ratios"]
+    for name, result in report["results"].items():  # one image at a time, back to back
+        priced = report["cost"][name]
+        assert priced["images_per_hour"] == pytest.approx(3600 * 1000 / result["end_to_end"]["median_ms"])
+        assert priced["per_1000_images"] == pytest.approx(24.0 / priced["images_per_hour"] * 1000)
+    assert "per 1,000 images" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 1000 and "ONNX Runtime vs PyTorch" in (tmp_path / "bench.md").read_text()
+
+
+def test_cost_in_money_from_a_measured_rate():
+    from kiln.benchmarks.cost import cost
+    from kiln.errors import KilnError
+
+    priced = cost(2.0, 24.0)  # 2 images a second on a machine at 24 an hour
+    assert (priced.images_per_hour, priced.per_1000_images) == (7200.0, pytest.approx(24 / 7.2))
+    assert priced.line() == "7,200 images/hour, 3.33 per 1,000 images at 24/hour"
+    assert cost(0.0, 24.0).per_1000_images is None and cost(2.0).per_1000_images is None
+    for price in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(KilnError, match="--price-per-hour"):
+            cost(1.0, price)
 
 
 @pytest.mark.slow  # starts a Triton server of its own
