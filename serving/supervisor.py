@@ -123,7 +123,8 @@ class Supervision:
             self.note(f"the Python-backend stub of {model} (instance {instance}) died: reloading {model}")
             self.restarts += 1
             self.last_exit = f"stub {instance} died; {model} reloaded"
-            if not reload_model(self.backend, model, self.admin_key):
+            if not reload_model(self.backend, model, self.admin_key) or \
+                    not any(m == model for m, _ in stub_instances(self.triton.pid).values()):
                 return current, model
             self.record("ready")
         return (stub_instances(self.triton.pid) if dead else current), None
@@ -225,15 +226,30 @@ def model_ready(ports: server.Ports, model: str) -> bool:
         return False
 
 
-def reload_model(ports: server.Ports, model: str, admin_key: str, timeout_s: float = 300.0) -> bool:
-    """Triton's model-control load (a reload for a loaded model: new instances, new stubs)."""
-    request = urllib.request.Request(f"http://{server.HOST}:{ports.http}/v2/repository/models/{model}/load", data=b"{}",
+def _control(ports: server.Ports, path: str, admin_key: str, timeout_s: float = 300.0) -> bytes | None:
+    """A POST to Triton's protected model-control API; None when it fails."""
+    request = urllib.request.Request(f"http://{server.HOST}:{ports.http}{path}", data=b"{}",
                                      headers={server.ADMIN_HEADER: admin_key, "content-type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as r:
-            return r.status == 200
+            return r.read() if r.status == 200 else None
     except (urllib.error.URLError, OSError):
+        return None
+
+
+def reload_model(ports: server.Ports, model: str, admin_key: str) -> bool:
+    """Unload and load `model` (a load alone is a no-op for an unchanged model in Triton 2.51, dead stub
+    or not), then load again whatever was ready before and is not now (an ensemble that composed it)."""
+    import json
+
+    index = _control(ports, "/v2/repository/index", admin_key)
+    ready = [m["name"] for m in json.loads(index or b"[]") if m.get("state") == "READY"]
+    if _control(ports, f"/v2/repository/models/{model}/unload", admin_key) is None:
         return False
+    if _control(ports, f"/v2/repository/models/{model}/load", admin_key) is None:
+        return False
+    return all(model_ready(ports, name) or _control(ports, f"/v2/repository/models/{name}/load", admin_key) is not None
+               for name in ready)
 
 
 def supervise(supervision: Supervision) -> int:
