@@ -120,7 +120,6 @@ class KilnClient:
         seed: int | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
-        guidance_cutoff: float | None = None,
         height: int | None = None,
         width: int | None = None,
         scheduler: str | None = None,
@@ -136,6 +135,7 @@ class KilnClient:
         control_scale: float | list[float] | None = None,
         control_start: float | list[float] | None = None,
         control_end: float | list[float] | None = None,
+        guidance_cutoff: float | None = None,
     ) -> Generation:
         """txt2img, or img2img when `image` (encoded PNG/JPEG bytes or a file path) is given.
         `original_size`, `crop_top_left`, `target_size` ((height, width), (top, left)): SDXL's size
