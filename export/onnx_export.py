@@ -33,7 +33,7 @@ from kiln.errors import ExportError
 from kiln.export import parity
 from kiln.export.precision import PRECISIONS, convert, is_large, save_model
 from kiln.export.specs import CONTROLNET_PREFIX, ComponentSpec, dummy_inputs, family, parity_points
-from kiln.models.folder import ModelDims, control_layout, inspect_model, model_dims
+from kiln.models.folder import ModelDims, controlled_dims, inspect_model, model_dims
 
 log = logging.getLogger("kiln.export")
 
@@ -176,7 +176,7 @@ def export_onnx(
         from kiln.models.controlnet import check_controlnets
 
         checked = check_controlnets(controlnets, model_dir)
-        dims = replace(dims, control=control_layout(json.loads((model_dir / "unet" / "config.json").read_text())))
+        dims = controlled_dims(model_dir, dims)
         layout = layout.controlled(dims, [CONTROLNET_PREFIX + name for name in checked])
         sources.update({CONTROLNET_PREFIX + name: folder for name, folder in checked.items()})
         components = tuple(dict.fromkeys((*components, *layout.controlnets)))

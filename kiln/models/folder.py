@@ -175,6 +175,13 @@ def control_layout(unet: dict) -> tuple[tuple[int, int], ...]:
     return (*layout, (channels[-1], factor))
 
 
+def controlled_dims(model_dir: Path, dims: ModelDims) -> ModelDims:
+    """`dims` with the residual layout ControlNets of the model's UNet hand it (ModelDims.control)."""
+    import dataclasses
+
+    return dataclasses.replace(dims, control=control_layout(_read_json(Path(model_dir) / "unet" / "config.json")))
+
+
 def model_dims(model_dir: Path, info: ModelInfo | None = None) -> ModelDims:
     model_dir = Path(model_dir)
     info = info or inspect_model(model_dir)

@@ -122,17 +122,12 @@ class TorchRunner:
                  components: Iterable[str] | None = None, controlnets: dict[str, Path] | None = None):
         """`controlnets`: ControlNet component names (CONTROLNET_PREFIX + name) -> their diffusers folders."""
         from kiln.export.specs import family
-        from kiln.models.folder import control_layout, inspect_model, model_dims
+        from kiln.models.folder import controlled_dims, inspect_model, model_dims
 
         self.device, self.dtype = torch.device(device), dtype
         self.family = family(inspect_model(model_dir).family)
         if controlnets:
-            import dataclasses
-            import json
-
-            unet = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
-            dims = dataclasses.replace(model_dims(model_dir), control=control_layout(unet))
-            self.family = self.family.controlled(dims, controlnets)
+            self.family = self.family.controlled(controlled_dims(model_dir, model_dims(model_dir)), controlnets)
         specs = self.family.components
         names = [n for n, s in specs.items() if s.required] if components is None else list(components)
         self.modules = {n: specs[n].load_torch(model_dir).to(self.device, self._dtype(specs[n])) for n in names}
