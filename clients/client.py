@@ -136,13 +136,16 @@ class KilnClient:
         control_start: float | list[float] | None = None,
         control_end: float | list[float] | None = None,
         guidance_cutoff: float | None = None,
+        guidance_start: float | None = None,
+        guidance_end: float | None = None,
     ) -> Generation:
         """txt2img, or img2img when `image` (encoded PNG/JPEG bytes or a file path) is given.
         `original_size`, `crop_top_left`, `target_size` ((height, width), (top, left)): SDXL's size
         conditioning (default: the generated size, no crop). `loras`: adapters registered with the
         server (kiln lora add), "name:scale,name2:scale2" or {name: scale}. `control_image`: one image
         (bytes or a path) per ControlNet of `controlnet` (names, default every one the model serves, in
-        its order); `control_scale`, `control_start`, `control_end`: one value for all, or one each."""
+        its order); `control_scale`, `control_start`, `control_end`: one value for all, or one each.
+        `guidance_cutoff`, `guidance_start`, `guidance_end`: which fraction of the schedule is guided."""
         if isinstance(image, (str, Path)):
             image = Path(image).read_bytes()
         if control_image is not None:
@@ -159,6 +162,8 @@ class KilnClient:
             steps=steps,
             guidance_scale=guidance_scale,
             guidance_cutoff=guidance_cutoff,
+            guidance_start=guidance_start,
+            guidance_end=guidance_end,
             height=height,
             width=width,
             scheduler=scheduler,

@@ -502,6 +502,10 @@ def repo_build(
     default_guidance_cutoff: Optional[float] = typer.Option(None, "--default-guidance-cutoff", help="fraction of the "
                                                             "schedule after which requests that leave it out stop "
                                                             "classifier-free guidance (1: never)"),
+    default_guidance_start: Optional[float] = typer.Option(None, "--default-guidance-start", help="fraction of the "
+                                                           "schedule where guidance starts, for requests that leave it out (0)"),
+    default_guidance_end: Optional[float] = typer.Option(None, "--default-guidance-end", help="fraction of the "
+                                                         "schedule where guidance ends, for requests that leave it out (1)"),
     default_steps: Optional[int] = typer.Option(None, "--default-steps", help="steps for requests that leave them out "
                                                 f"({REQUEST_DEFAULTS.steps})"),
     default_scheduler: Optional[str] = typer.Option(None, "--default-scheduler", metavar="<name>", parser=scheduler_name,
@@ -526,7 +530,8 @@ def repo_build(
         if engine_path:
             engine_dirs[other] = Path(engine_path)
     chosen = {"guidance_scale": default_guidance, "steps": default_steps, "scheduler": default_scheduler,
-              "guidance_cutoff": default_guidance_cutoff}
+              "guidance_cutoff": default_guidance_cutoff, "guidance_start": default_guidance_start,
+              "guidance_end": default_guidance_end}
     build_models_repository(models, repo_dir, target=target.value, backend=backend.value, limits=limits, tuning=tuning,
                             engines=engine_dirs, defaults={k: v for k, v in chosen.items() if v is not None})
     import json
@@ -672,6 +677,9 @@ def generate(
     guidance: Optional[float] = typer.Option(None, "--guidance"),
     guidance_cutoff: Optional[float] = typer.Option(None, "--guidance-cutoff", help="stop guidance after this fraction of "
                                                     "the schedule (the rest runs at batch 1; 1: never)"),
+    guidance_start: Optional[float] = typer.Option(None, "--guidance-start", help="guidance only from this fraction of the "
+                                                   "schedule (a guidance interval; the rest runs at batch 1)"),
+    guidance_end: Optional[float] = typer.Option(None, "--guidance-end", help="guidance only up to this fraction of the schedule"),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="<name>", parser=scheduler_name,
                                             help=f"{SCHEDULER_HELP}; default: the repository's"),
     negative: Optional[str] = typer.Option(None, "--negative"),
@@ -706,7 +714,7 @@ def generate(
 
     with KilnClient(url, protocol.value, model=model) as client:
         result = client.generate(prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
-                                 guidance_cutoff=guidance_cutoff,
+                                 guidance_cutoff=guidance_cutoff, guidance_start=guidance_start, guidance_end=guidance_end,
                                  height=height, width=width, scheduler=scheduler, num_images=num_images, image=image,
                                  strength=strength, original_size=original_size, crop_top_left=crop,
                                  target_size=target_size, loras=",".join(lora or []), control_image=control_image or None,

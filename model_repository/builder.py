@@ -264,7 +264,7 @@ def build_repository(onnx_dir: Path, repo_dir: Path, target: str = "embedded", l
                                    engines={PUBLIC_MODEL: Path(engine_dir)} if engine_dir else None, defaults=defaults)
 
 
-SERVED_DEFAULTS = ("guidance_scale", "steps", "scheduler", "guidance_cutoff")  # the size comes from the model
+SERVED_DEFAULTS = ("guidance_scale", "steps", "scheduler", "guidance_cutoff", "guidance_start", "guidance_end")  # the size comes from the model
 
 
 def check_defaults(defaults: dict, limits: Limits) -> dict:
@@ -282,6 +282,10 @@ def check_defaults(defaults: dict, limits: Limits) -> dict:
     cutoff = defaults.get("guidance_cutoff")
     if cutoff is not None and not 0.0 <= cutoff <= 1.0:
         raise RepositoryError(f"--default-guidance-cutoff {cutoff} is out of range 0..1 (1: guided to the end)")
+    start, end = defaults.get("guidance_start", 0.0), defaults.get("guidance_end", 1.0)
+    if not 0.0 <= start < end <= 1.0:
+        raise RepositoryError(f"--default-guidance-start {start} and --default-guidance-end {end}: expected "
+                              "0 <= start < end <= 1 (the guided fraction of the schedule)")
     if steps is not None and not 1 <= steps <= limits.max_steps:
         raise RepositoryError(f"--default-steps {steps} is out of range 1..{limits.max_steps}",
                               hint="raise --max-steps too, or ask for fewer steps")

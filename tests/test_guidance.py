@@ -141,3 +141,117 @@ def test_a_deployment_default_cutoff(onnx_dir, tmp_path):
     settings = json.loads(parse_pbtxt((repo / "pipeline" / "config.pbtxt").read_text())
                           .parameters["kiln_settings"].string_value)
     assert settings["defaults"]["guidance_cutoff"] == 0.5
+
+
+def interval(start: float, end: float, scheduler: str = "euler", steps: int = 6) -> GenerationRequest:
+    return replace(request(1.0, scheduler, steps), guidance_start=start, guidance_end=end)
+
+
+def test_guided_steps_follow_the_cutoff_and_the_interval():
+    from kiln.pipeline.denoise import guided_steps
+
+    assert guided_steps(10) == [True] * 10
+    assert guided_steps(10, cutoff=0.5) == [True] * 6 + [False] * 4
+    assert guided_steps(10, interval=(0.2, 0.7)) == [False] * 2 + [True] * 5 + [False] * 3
+    assert guided_steps(10, cutoff=0.5, interval=(0.2, 0.7)) == [False] * 2 + [True] * 4 + [False] * 4
+    assert guided_steps(3, interval=(0.5, 1.0)) == [False, False, True]  # 1/3 < 0.5 <= 2/3
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("window", [(0.0, 0.5), (0.34, 1.0), (0.2, 0.7)])
+def test_interval_equals_diffusers_with_the_interval_callback(loud, reference_image, scheduler, window):
+    folder, onnx = loud
+    image = OnnxPipeline(onnx)(interval(*window, scheduler))
+    expected = reference_image(folder, scheduler, PROMPT, NEGATIVE, 11, 6, 7.5, 64, 64, guidance_interval=window)
+    assert worst(image, expected) <= MAX_DIFF
+
+
+def test_interval_moves_the_image_and_batches_the_unet_as_diffusers_does(loud):
+    """Guards the parity test: the interval changes the image, and both sides run the UNet at batch 2
+    exactly inside it (diffusers' side switched by the callback, Kiln's by guided_steps)."""
+    import torch
+
+    from kiln.pipeline.engines import Engines, OnnxRuntimeRunner
+    from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
+
+    folder, onnx = loud
+    pipe = OnnxPipeline(onnx)
+    full = pipe(interval(0.0, 1.0))
+    assert np.array_equal(full, pipe(request(1.0)))
+    assert worst(pipe(interval(0.34, 1.0)), full) > 3 * MAX_DIFF
+    assert worst(pipe(interval(0.2, 0.7)), pipe(interval(0.34, 0.7))) > MAX_DIFF  # one step fewer shows
+    rows, theirs = [], []
+    runner = OnnxRuntimeRunner(onnx)
+
+    def counted(spec, feeds, outputs):
+        if spec.name == "unet":
+            rows.append(len(feeds["sample"]))
+        return runner(spec, feeds, outputs)
+
+    counted.device = runner.device
+    pipe.engines = Engines(counted, runner.components, runner.family)
+    pipe(interval(0.2, 0.7, steps=10))
+    reference = load_diffusers_pipeline(folder)
+    forward = reference.unet.forward
+
+    def recorded(sample, *args, **kwargs):
+        theirs.append(sample.shape[0])
+        return forward(sample, *args, **kwargs)
+
+    reference.unet.forward = recorded
+    with torch.no_grad():
+        diffusers_image(reference, "euler", PROMPT, NEGATIVE, 11, 10, 7.5, 64, 64, guidance_interval=(0.2, 0.7))
+    assert rows == theirs == [1] * 2 + [2] * 5 + [1] * 3
+
+
+def test_sdxl_interval_equals_diffusers_with_the_interval_callback(sdxl_onnx, sdxl_model):
+    from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
+
+    pipe = load_diffusers_pipeline(sdxl_model())
+    for negative in (NEGATIVE, ""):  # an empty negative prompt is zeros on SDXL, on both sides
+        image = OnnxPipeline(sdxl_onnx())(replace(interval(0.34, 0.84), negative_prompt=negative))
+        expected = diffusers_image(pipe, "euler", PROMPT, negative, 11, 6, 7.5, 64, 64, guidance_interval=(0.34, 0.84))
+        assert worst(image, expected) <= MAX_DIFF
+
+
+def test_interval_is_checked_by_name():
+    def raw(**values):
+        return {"prompt": np.array([b"a cat"]), **{k: np.array([v], np.float32) for k, v in values.items()}}
+
+    def parse(body, defaults=Defaults(height=64, width=64)):
+        return parse_request(body, defaults, Limits(max_size=1024), 8)
+
+    for field in ("guidance_start", "guidance_end"):
+        for value in (-0.1, 1.5, float("nan"), float("inf")):
+            with pytest.raises(RequestError, match=rf"{field}=.*\[0, 1\]"):
+                parse(raw(**{field: value}))
+    with pytest.raises(RequestError, match=r"guidance_start=0.6 .*below guidance_end .*guidance_scale 1"):
+        parse(raw(guidance_start=0.6, guidance_end=0.3))
+    with pytest.raises(RequestError, match=r"guidance_end=0.2 .*below guidance_end"):
+        parse(raw(guidance_end=0.2), Defaults(height=64, width=64, guidance_start=0.5))
+    parsed = parse({"prompt": np.array([b"a cat"])}, Defaults(height=64, width=64, guidance_start=0.1, guidance_end=0.8))
+    assert (parsed.guidance_start, parsed.guidance_end) == (pytest.approx(0.1), pytest.approx(0.8))
+
+
+def test_served_interval_and_its_deployment_default(triton, onnx_dir, tmp_path):
+    import json
+
+    from kiln.model_repository.builder import build_repository, check_defaults
+    from kiln.model_repository.configs import parse_pbtxt
+
+    info = triton()
+    expected = OnnxPipeline(onnx_dir())(interval(0.2, 0.7))
+    for protocol, url in (("http", info.http_url), ("grpc", info.grpc_url)):
+        client = KilnClient(url, protocol)
+        served = client.generate(PROMPT, negative_prompt=NEGATIVE, seed=11, steps=6, guidance_scale=7.5,
+                                 scheduler="euler", guidance_start=0.2, guidance_end=0.7)
+        assert worst(served.images, expected) <= MAX_DIFF
+        with pytest.raises(ClientError, match=r"guidance_start=0.9 is invalid") as caught:
+            client.generate(PROMPT, steps=2, guidance_start=0.9, guidance_end=0.5)
+        assert caught.value.rejected
+    with pytest.raises(RepositoryError, match=r"--default-guidance-start 0.5 and --default-guidance-end 0.5"):
+        check_defaults({"guidance_start": 0.5, "guidance_end": 0.5}, Limits())
+    repo = build_repository(onnx_dir(), tmp_path / "repo", defaults={"guidance_start": 0.25, "guidance_end": 0.75})
+    settings = json.loads(parse_pbtxt((repo / "pipeline" / "config.pbtxt").read_text())
+                          .parameters["kiln_settings"].string_value)
+    assert settings["defaults"]["guidance_start"] == 0.25

@@ -204,6 +204,16 @@ def conditional_half(cond: Conditioning) -> Conditioning:
     return Conditioning(cond.embeddings[rows:], {name: value[rows:] for name, value in cond.added.items()})
 
 
+def guided_steps(steps: int, cutoff: float = 1.0, interval: tuple[float, float] = (0.0, 1.0)) -> list[bool]:
+    """Which of `steps` denoising steps run classifier-free guidance. `cutoff`: none after step
+    int(steps x cutoff) (diffusers' SDCFGCutoffCallback turns guidance off at that step's end);
+    `interval` (start, end): only steps i with start <= i / steps < end (guidance in a limited interval,
+    Kynkaanniemi et al. 2024, arXiv 2404.07724: guidance at the noisiest steps costs diversity and at
+    the last ones does little)."""
+    start, end = interval
+    return [i <= int(steps * cutoff) and start <= i / steps < end for i in range(steps)]
+
+
 def decode(engines: Engines, constants: ModelConstants, latents: torch.Tensor) -> np.ndarray:
     """Latents -> (N, H, W, 3) uint8 images."""
     decoded = engines.decode_latents(latents / constants.scaling_factor)
@@ -229,10 +239,11 @@ def generate(
     sizes: SizeConditioning = SizeConditioning(),
     controls: tuple[Control, ...] = (),
     guidance_cutoff: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> np.ndarray:
     """One image per seed; `init_image` (1, 3, H, W) in [-1, 1] makes it img2img; `controls` add
-    ControlNets (their images at the generated size); `guidance_cutoff`: the steps after the first
-    int(steps x cutoff) + 1 run unguided on the prompt alone (diffusers' SDCFGCutoffCallback). `prompt` and
+    ControlNets (their images at the generated size); `guidance_cutoff` and `guidance_interval`: which
+    steps are guided (guided_steps), the others run on the prompt alone at batch 1. `prompt` and
     `negative`: one TokenChunks per text encoder of the family, all with the same chunk count
     (tokenize_prompts). Returns (N, H, W, 3) uint8."""
     guided = guidance_scale > 1.0
@@ -247,11 +258,11 @@ def generate(
     factor = constants.vae_scale_factor
     cond = with_size_conditioning(engines, cond, sizes, latents.shape[2] * factor, latents.shape[3] * factor)
     extra = step_kwargs(scheduler, generator)
-    cutoff = int(len(timesteps) * guidance_cutoff)  # the callback's step index: it acts at that step's end
+    on = guided_steps(len(timesteps), guidance_cutoff, guidance_interval) if guided else [False] * len(timesteps)
+    unguided = conditional_half(cond) if guided and not all(on) else cond
     for i, t in enumerate(timesteps):
-        if guided and i == cutoff + 1:
-            cond, guidance_scale = conditional_half(cond), 0.0
-        latents = guided_step(engines, scheduler, latents, t, cond, guidance_scale, extra, controls, i, len(timesteps))
+        latents = guided_step(engines, scheduler, latents, t, cond if on[i] else unguided,
+                              guidance_scale if on[i] else 0.0, extra, controls, i, len(timesteps))
         check_finite(latents, f"latents at step {i + 1} of {len(timesteps)}")
         if on_step is not None:
             on_step(i + 1, len(timesteps))
@@ -325,4 +336,5 @@ def generate_request(engines: Engines, request, scheduler_config: dict, constant
         sizes=request.sizes,
         controls=controls,
         guidance_cutoff=request.guidance_cutoff,
+        guidance_interval=(request.guidance_start, request.guidance_end),
     )

@@ -64,11 +64,14 @@ def weighted_embeddings(pipe, prompt: str, negative: str) -> dict[str, torch.Ten
 def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int, steps: int, guidance: float,
                     height: int, width: int, num_images: int = 1, weighted: bool = False,
                     image=None, strength: float = 0.8, sizes: SizeConditioning = SizeConditioning(),
-                    controls: list | None = None, guidance_cutoff: float | None = None) -> np.ndarray:
+                    controls: list | None = None, guidance_cutoff: float | None = None,
+                    guidance_interval: tuple[float, float] | None = None) -> np.ndarray:
     """(N, H, W, 3) uint8, image i drawn with seed + i; `image` (PIL) makes it img2img; `sizes`: SDXL's
     size conditioning; `controls`: (ControlNetModel, control image (PIL), scale, start, end) for each
     ControlNet, drawn by diffusers' ControlNet pipelines (several: its MultiControlNetModel);
-    `guidance_cutoff`: diffusers' SD(XL)CFGCutoffCallback with that cutoff_step_ratio (one image)."""
+    `guidance_cutoff`: diffusers' SD(XL)CFGCutoffCallback with that cutoff_step_ratio (one image);
+    `guidance_interval`: (start, end) fractions of the schedule, drawn with GuidanceIntervalCallback
+    (one image, no ControlNet)."""
     import diffusers
 
     sdxl = is_sdxl(pipe)
@@ -112,9 +115,58 @@ def diffusers_image(pipe, scheduler: str, prompt: str, negative: str, seed: int,
 
         callback = (SDXLCFGCutoffCallback if sdxl else SDCFGCutoffCallback)(cutoff_step_ratio=guidance_cutoff)
         kwargs.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs)
+    if guidance_interval is not None:
+        callback = GuidanceIntervalCallback(target, prompt, negative, guidance, steps, *guidance_interval)
+        kwargs.update(callback.arguments())
     if image is None:
         images = target(height=height, width=width, **kwargs).images
     else:
         images = target(image=image, strength=strength, **({"height": height, "width": width} if controls else {}),
                         **kwargs).images
     return (images * 255).round().astype(np.uint8)
+
+
+class GuidanceIntervalCallback:
+    """Classifier-free guidance only at the steps i with start <= i / steps < end, in diffusers' own
+    loop: the pipeline starts guided or not as step 0 is, with both prompts' embeddings given, and at
+    each step's end this callback switches guidance (and the batch of the prompt tensors) for the next
+    step, as SD(XL)CFGCutoffCallback does to switch it off."""
+
+    def __init__(self, pipe, prompt: str, negative: str, guidance: float, steps: int, start: float, end: float):
+        self.sdxl = is_sdxl(pipe)
+        self.guidance, self.steps, self.start, self.end = guidance, steps, start, end
+        empty = self.sdxl and not negative.strip()  # diffusers' SDXL zeroes a negative prompt of None, not ""
+        with torch.no_grad():
+            encoded = pipe.encode_prompt(prompt=prompt, device=pipe.device, num_images_per_prompt=1,
+                                         do_classifier_free_guidance=True,
+                                         negative_prompt=None if empty else negative)
+        names = (["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+                 if self.sdxl else ["prompt_embeds", "negative_prompt_embeds"])
+        self.embeds = dict(zip(names, encoded))
+        # the unconditional rows each switched tensor gains when guidance comes on (SDXL's time ids: its own)
+        self.negatives = {"prompt_embeds": self.embeds["negative_prompt_embeds"]}
+        if self.sdxl:
+            self.negatives.update(add_text_embeds=self.embeds["negative_pooled_prompt_embeds"], add_time_ids=None)
+        self.tensor_inputs = list(self.negatives)
+
+    def guided(self, i: int) -> bool:
+        return self.start <= i / self.steps < self.end
+
+    def arguments(self) -> dict:
+        """The pipeline call's arguments this callback needs (they replace prompt and negative_prompt)."""
+        return {**self.embeds, "prompt": None, "negative_prompt": None, "num_images_per_prompt": 1,
+                "guidance_scale": self.guidance if self.guided(0) else 1.0,
+                "callback_on_step_end": self, "callback_on_step_end_tensor_inputs": self.tensor_inputs}
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        now, then = self.guided(step), self.guided(step + 1)
+        if now == then:
+            return callback_kwargs
+        pipe._guidance_scale = self.guidance if then else 1.0
+        for name, negative in self.negatives.items():
+            value = callback_kwargs[name]
+            if then:
+                callback_kwargs[name] = torch.cat([value if negative is None else negative, value])
+            else:
+                callback_kwargs[name] = value[value.shape[0] // 2:]
+        return callback_kwargs

@@ -32,6 +32,10 @@ TXT2IMG_INPUTS: tuple[RequestField, ...] = (
     # the fraction of the schedule after which classifier-free guidance stops (the UNet runs at batch 1,
     # as diffusers' SDCFGCutoffCallback does); 1: guided to the end
     RequestField("guidance_cutoff", "FP32"),
+    # guidance only between these fractions of the schedule (a guidance interval); outside it the UNet
+    # runs at batch 1 on the prompt alone
+    RequestField("guidance_start", "FP32"),
+    RequestField("guidance_end", "FP32"),
     RequestField("height", "INT32"),
     RequestField("width", "INT32"),
     RequestField("scheduler", "BYTES"),
@@ -125,6 +129,8 @@ class Defaults:
     scheduler: str = "default"
     strength: float = 0.8
     guidance_cutoff: float = 1.0  # guided to the end
+    guidance_start: float = 0.0  # the guidance interval: the whole schedule
+    guidance_end: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,8 @@ class GenerationRequest:
     sizes: SizeConditioning = SizeConditioning()
     controls: tuple[ControlRequest, ...] = ()
     guidance_cutoff: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
 
     @property
     def seeds(self) -> list[int]:
@@ -340,6 +348,18 @@ def _own_size(image: bytes, low: int, high: int, multiple: int) -> tuple[int, in
     return rounded
 
 
+def _interval(raw: dict, defaults: Defaults) -> tuple[float, float]:
+    """guidance_start < guidance_end, both fractions of the schedule."""
+    start = _number(raw, "guidance_start", defaults.guidance_start, 0.0, 1.0)
+    end = _number(raw, "guidance_end", defaults.guidance_end, 0.0, 1.0)
+    if start >= end:
+        field = "guidance_start" if raw.get("guidance_start") is not None else "guidance_end"
+        raise RequestError(field, float(f"{start if field == 'guidance_start' else end:.6g}"),
+                           f"guidance_start below guidance_end (got {start:g} and {end:g}; for no guidance at all "
+                           "send guidance_scale 1)")
+    return start, end
+
+
 def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: int,
                   conditioned: bool = False, controlnets: tuple[str, ...] = ()) -> GenerationRequest:
     """Validate a request's raw tensors (name -> array, absent inputs missing or None). `conditioned`:
@@ -368,6 +388,7 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
     if int(steps * strength) < 1:  # img2img skips the first (1 - strength) of the schedule: nothing would be left
         raise RequestError("strength", strength, f"at least 1/steps = {1 / steps:.4g} at steps={steps} "
                            "(or more steps), so that a denoising step remains")
+    start, end = _interval(raw, defaults)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=text_field(raw, "negative_prompt", "", limits),
@@ -375,6 +396,8 @@ def parse_request(raw: dict, defaults: Defaults, limits: Limits, size_multiple: 
         steps=steps,
         guidance_scale=_number(raw, "guidance_scale", defaults.guidance_scale, 0.0, limits.max_guidance),
         guidance_cutoff=_number(raw, "guidance_cutoff", defaults.guidance_cutoff, 0.0, 1.0),
+        guidance_start=start,
+        guidance_end=end,
         height=_integer(raw, "height", default_size[0], low_size, limits.max_size, size_multiple),
         width=_integer(raw, "width", default_size[1], low_size, limits.max_size, size_multiple),
         scheduler=canonical_name(text_field(raw, "scheduler", defaults.scheduler, limits)),
