@@ -851,10 +851,21 @@ def evaluate(
     guidance: float = typer.Option(EVAL.guidance_scale, "--guidance"),
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="local CLIP folder for CLIP score"),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="standard FID Inception weights"),
+    sweep: bool = typer.Option(False, "--sweep", help="cost and accuracy of sampler settings on one served model "
+                               "(with --demo: the merged model), the fastest within --window named"),
+    setting: Optional[list[str]] = typer.Option(None, "--setting", metavar="NAME=scheduler:steps[:guidance[:cutoff[:start[:end]]]]",
+                                                help="--sweep: a setting to measure, repeatable; the first is the "
+                                                "reference (default: a built-in list from euler 20)"),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="--sweep: the served model's diffusers folder, "
+                                             "to measure diffusers' own pipeline beside it"),
+    window: float = typer.Option(0.01, "--window", help="--sweep: accuracy a setting may lose against the first (0.01: 1 point)"),
 ):
     """FID, KID, IS, LPIPS, CLIP score and prompt accuracy of served models; writes a report."""
     from kiln.evaluation.report import EvalSpec, evaluate as run
 
+    if sweep:
+        _sweep(endpoint, demo, classifier, model_dir, out, artifacts, protocol.value, seeds, setting, window)
+        return
     if demo:
         from kiln.demo import DemoSpec, evaluate_demo
 
@@ -878,6 +889,41 @@ def evaluate(
     failed = [b["bar"] for b in report.get("bars", []) if not b["passed"]]
     if failed:
         raise KilnError(f"quality bars missed: {', '.join(failed)}", hint=f"see {out / 'report.md'}")
+
+
+def _sweep(endpoint, demo: bool, classifier, model_dir, out: Path, artifacts: Path, protocol: str, seeds: int,
+           setting, window: float) -> None:
+    """kiln eval --sweep: on the endpoint given, or the demo's merged model served on free ports."""
+    import contextlib
+
+    from kiln.evaluation.report import EvalSpec
+    from kiln.evaluation.settings import DEMO_SETTINGS, Window, parse_setting, sweep, to_markdown
+
+    settings = tuple(parse_setting(s) for s in setting) if setting else DEMO_SETTINGS
+    if not 0.0 <= window <= 1.0:
+        raise KilnError(f"--window {window}: expected a fraction in [0, 1] (0.01: 1 point)")
+    with contextlib.ExitStack() as stack:
+        if demo:
+            from kiln.demo import DemoSpec, build_demo
+            from kiln.export.onnx_export import export_onnx
+            from kiln.model_repository.builder import build_repository
+            from kiln.serving.server import running_server
+
+            spec = DemoSpec()
+            models = build_demo(artifacts, spec)
+            onnx_dir = export_onnx(models.merged, artifacts / "onnx" / "demo-merged-plain").out_dir
+            info = stack.enter_context(running_server(build_repository(onnx_dir, artifacts / "eval-repositories" / "sweep")))
+            url = info.http_url if protocol == "http" else info.grpc_url
+            classifier, model_dir = classifier or models.classifier, model_dir or models.merged
+            eval_spec = EvalSpec(seeds=seeds, colours=spec.base_colours, focus_colour=spec.taught_colour)
+        else:
+            if not endpoint or len(endpoint) != 1 or classifier is None:
+                raise KilnError("kiln eval --sweep needs one --endpoint LABEL=HOST:PORT and --classifier DIR (or --demo)")
+            url = endpoint[0].partition("=")[2] or endpoint[0]
+            eval_spec = EvalSpec(seeds=seeds)
+        report = sweep(url, protocol, classifier, out, settings, eval_spec, model_dir, Window(window, window))
+    typer.echo(to_markdown(report))
+    console.print(f"sweep: {out / 'sweep.md'}, {out / 'sweep.json'}")
 
 
 BENCH = declared("kiln.benchmarks.latency", "BenchSpec")
