@@ -26,6 +26,9 @@ class EvalSpec:
     steps: int = 20
     guidance_scale: float = 4.0  # the demo model reads digits best here (160 prompts: 4 -> 92.5 %, 5 -> 90 %, 7.5 -> 84 %)
     scheduler: str = "euler"
+    guidance_cutoff: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow")  # the prompt set for digit accuracy
     focus_colour: str | None = "purple"  # what the fine-tune taught: its own prompt set
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
@@ -102,9 +105,14 @@ def generate(url: str, protocol: str, prompts: PromptSet | ControlSet, spec: Eva
         for glyph, seed, control in tqdm(list(zip(prompts.glyphs, prompts.seeds, controls)),
                                          desc=f"generate {name or prompts.name} @ {url}", unit="image"):
             extra = {"controlnet": controlnet, "control_image": control} if controlnet else {}
-            images.append(client.generate(glyph.caption, seed=seed, steps=spec.steps, guidance_scale=spec.guidance_scale,
-                                          scheduler=spec.scheduler, **extra).images[0])
+            images.append(client.generate(glyph.caption, seed=seed, **sampling(spec), **extra).images[0])
     return np.stack(images)
+
+
+def sampling(spec: EvalSpec) -> dict:
+    """The client's sampler arguments for `spec`."""
+    return {"steps": spec.steps, "guidance_scale": spec.guidance_scale, "scheduler": spec.scheduler,
+            "guidance_cutoff": spec.guidance_cutoff, "guidance_start": spec.guidance_start, "guidance_end": spec.guidance_end}
 
 
 def _resized(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

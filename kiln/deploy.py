@@ -59,10 +59,9 @@ SAMPLE_COLOURS = ("red", "green", "blue", "yellow", "purple")
 
 def demo_defaults() -> dict:
     """What a request to the demo gets when it leaves them out: the settings it is evaluated at."""
-    from kiln.evaluation.report import EvalSpec
+    from kiln.evaluation.report import EvalSpec, sampling
 
-    spec = EvalSpec()
-    return {"guidance_scale": spec.guidance_scale, "steps": spec.steps, "scheduler": spec.scheduler}
+    return sampling(EvalSpec())
 
 
 def sample_grid(url: str, out: Path, seed: int = 0, controlnet: str | None = None) -> Path:
@@ -74,7 +73,7 @@ def sample_grid(url: str, out: Path, seed: int = 0, controlnet: str | None = Non
     from PIL import Image
 
     from kiln.clients.client import KilnClient
-    from kiln.evaluation.report import EvalSpec, control_set, grid
+    from kiln.evaluation.report import EvalSpec, control_set, grid, sampling
 
     spec = EvalSpec()
     images = []
@@ -83,14 +82,12 @@ def sample_grid(url: str, out: Path, seed: int = 0, controlnet: str | None = Non
             background = ("white", "black", "gray")[row % 3]
             for digit in range(10):
                 prompt = f"a {colour} digit {digit} on a {background} background"
-                images.append(client.generate(prompt, seed=seed + digit, steps=spec.steps, guidance_scale=spec.guidance_scale,
-                                              scheduler=spec.scheduler).images[0])
+                images.append(client.generate(prompt, seed=seed + digit, **sampling(spec)).images[0])
         if controlnet:
             controls = control_set(EvalSpec(seeds=1))
             images += [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in controls.images]
             for glyph, data in zip(controls.glyphs, controls.images):
-                images.append(client.generate(glyph.caption, seed=seed + glyph.digit, steps=spec.steps,
-                                              guidance_scale=spec.guidance_scale, scheduler=spec.scheduler,
+                images.append(client.generate(glyph.caption, seed=seed + glyph.digit, **sampling(spec),
                                               controlnet=controlnet, control_image=data).images[0])
     grid(np.stack(images), 10, scale=4).save(out)
     return out
