@@ -17,9 +17,13 @@ METRICS_PORT ?= 8002
 PROMPT ?= a red digit 7 on a white background
 PYTEST_ARGS ?=
 TARGET ?= embedded
+BACKEND ?= onnxruntime
 IMAGE ?= kiln-triton:latest
 K8S_REPOSITORY ?= s3://models/kiln/repository
-GPU_CHECK_OUT ?= $(ARTIFACTS)/gpu-check
+GPU_CHECK_OUT ?= $(or $(OUT),$(ARTIFACTS)/gpu-check)
+# empty: the venv's python after `make setup`, else the host's python3; PYTHON=... on the command line is used too
+GPU_CHECK_PYTHON ?= $(if $(filter command line,$(origin PYTHON)),$(PYTHON))
+GPU_CHECK_ARGS ?=
 USERS ?= 4
 DURATION ?= 120
 UI ?=
@@ -76,16 +80,16 @@ export: model ## export MODEL to ONNX, checked against PyTorch (PRECISION=fp32|f
 	$(KILN) export onnx $(MODEL_DIR) $(ONNX_DIR) $(if $(filter fp16,$(PRECISION)),--fp16) $(if $(filter int8,$(PRECISION)),--int8)
 
 repo: export ## build the Triton model repository
-	$(KILN) repo build $(ONNX_DIR) $(REPO_DIR) --target embedded
+	$(KILN) repo build $(ONNX_DIR) $(REPO_DIR) --target embedded --backend $(BACKEND)
 
 serve: repo ## serve the repository in the foreground (Ctrl-C stops it)
 	$(KILN) serve $(REPO_DIR) $(PORTS)
 
 ifeq ($(TARGET),k8s)
-deploy: deploy-k8s ## set-up, export, repository, serve in the background, sample images (UI=1: a web page, GATEWAY=1: the A1111/OpenAI REST gateway; LORAS=1: LoRA adapters per request; CONTROLNET="canny=DIR ...": ControlNets beside MODEL; TARGET=k8s: cluster manifests)
+deploy: deploy-k8s ## set-up, export, repository, serve in the background, sample images (UI=1: a web page, GATEWAY=1: the A1111/OpenAI REST gateway; LORAS=1: LoRA adapters per request; CONTROLNET="canny=DIR ...": ControlNets beside MODEL; BACKEND=torch: PyTorch modules, CUDA fp16 on a GPU; TARGET=k8s: cluster manifests)
 else
 deploy: $(STAMP)
-	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) $(if $(TINY),--tiny) $(if $(LORAS),--lora-inputs) $(foreach c,$(CONTROLNET),--controlnet $(c)) --artifacts $(ARTIFACTS) --precision $(PRECISION) $(PORTS)
+	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) $(if $(TINY),--tiny) $(if $(LORAS),--lora-inputs) $(foreach c,$(CONTROLNET),--controlnet $(c)) --artifacts $(ARTIFACTS) --precision $(PRECISION) --backend $(BACKEND) $(PORTS)
 	$(if $(UI),$(KILN) ui --background --url 127.0.0.1:$(HTTP_PORT) --port $(UI_PORT))
 	$(if $(GATEWAY),$(KILN) gateway --background --url 127.0.0.1:$(HTTP_PORT) --port $(GATEWAY_PORT))
 endif
@@ -115,9 +119,8 @@ gpu-setup: $(STAMP) ## on a CUDA host: install the `gpu` extra (TensorRT, ONNX R
 	$(VENV)/bin/pip uninstall --quiet -y onnxruntime
 	$(VENV)/bin/pip install --quiet -e ".[gpu]"
 
-gpu-check: $(STAMP) ## on a GPU host: fp16 TensorRT engines for full SD 1.5 (512) and SDXL (1024), parity, timings through Kiln's loop vs ORT CUDA and PyTorch
-	$(VENV)/bin/python -m kiln.benchmarks.gpu_check $(GPU_CHECK_OUT)/sd15 --family sd15 --size 512 --steps 30
-	$(VENV)/bin/python -m kiln.benchmarks.gpu_check $(GPU_CHECK_OUT)/sdxl --family sdxl --size 1024 --steps 30
+gpu-check: ## on a GPU host, no setup needed: Kiln's loop vs diffusers, full SD 1.5 (512, 50 steps) and SDXL (1024, 30 steps), fp16, batch 1 and 4, within 8 minutes; TensorRT and ORT CUDA when installed
+	GPU_CHECK_PYTHON="$(GPU_CHECK_PYTHON)" bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 stop: $(STAMP) ## stop the background server (and the page or gateway in front of it)
 	$(KILN) stop $(PORTS)

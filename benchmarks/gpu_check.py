@@ -1,251 +1,130 @@
-"""`make gpu-check`: the GPU target measured in one script, for SD 1.5 at 512x512 and SDXL at
-1024x1024 (one H100 or A100; about 8 minutes for SD 1.5, longer for SDXL's engines).
+"""`make gpu-check`: Kiln's denoising loop against diffusers' own pipeline on one GPU, full-size SD 1.5
+(512x512, 50 steps) and SDXL base (1024x1024, 30 steps), fp16 with SDPA attention, batch 1 and 4, in
+one run under a time budget (default 8 minutes), one JSON report.
 
-1. the full architecture (SD 1.5, or SDXL base with `--family sdxl`) with random weights -> ONNX
-   (fp32, parity-checked against PyTorch; SDXL's UNet keeps its weights as external data);
-2. fp16 TensorRT engines at the size (1 image; guidance doubles the UNet and text-encoder batch),
-   each checked against ONNX Runtime running the same ONNX file (relative L2, the spec's tolerance);
-3. one UNet step (batch 2) and a whole generation timed through Kiln's own denoising loop
-   (kiln.pipeline.denoise with a real diffusers scheduler) over each backend's runner: TensorRT
-   engines, ONNX Runtime (CUDA provider, fp32 export) and the components' PyTorch modules (fp16 on a
-   GPU); diffusers' own pipeline for the same steps beside them; medians after warm-up;
-4. runtime LoRA adapters (lora_check): the adapted UNet against the plain one in PyTorch and, where
-   TensorRT is installed, as engines (rank as a profile dimension): no more than 5% slower, A -> B -> A
-   identical;
-5. a JSON report naming the GPU and the versions.
+Each family's architecture is built from its configs with random weights, in memory and on the GPU
+(kiln.models.benchmark): nothing is downloaded or written but the configs and tokenizers Kiln reads.
+Both sides run the same weights: diffusers' StableDiffusion(XL)Pipeline in fp16 as built, and
+kiln.pipeline.denoise.generate over the product's TorchRunner wrapping that pipeline's UNet and text
+encoders (fp16) and its own fp32 copy of the VAE (the spec keeps the VAE in fp32), with the same
+scheduler, steps, guidance and seeds. Per family and batch: the UNet's time per step (timed inside
+the generations), end-to-end seconds, images/s, peak GPU memory, and how far Kiln's images are from
+diffusers' (1/255 units). Then, when the budget allows, runtime LoRA adapters. The models in memory
+are gpu_check_models', the ONNX-file backends gpu_check_onnx's, the LoRA check gpu_check_lora's.
 
-It installs nothing: `make gpu-setup` (the `gpu` extra) brings TensorRT and ONNX Runtime's CUDA
-build. What is missing is reported rather than fatal: each skipped backend says why, and the rest
-still runs. Without a GPU the same code runs on the CPU (ONNX Runtime's CPU provider, PyTorch fp32),
-which is how the test suite exercises this script; run from the command line on a host without a
-CUDA GPU and without --model, it writes a report saying so and builds nothing.
+TensorRT and ONNX Runtime's CUDA provider are timed when importable (`make gpu-setup`), through the
+same loop over their engines; otherwise they are reported as skipped, with why, and nothing is
+exported (an ONNX export of full-size SDXL alone takes minutes).
+
+The budget: each case first estimates its cost (from what was measured so far, else from the
+family's priors) and is skipped, with the numbers, when it would not fit; the report is rewritten
+after every case, so a run stopped from outside still leaves one.
+
+Runs without `make setup` from a copy of the repository, on a host's own torch (no network):
+    python3 benchmarks/gpu_check.py OUT_DIR           # or: timeout 540 benchmarks/gpu_check.sh
+What such a host lacks (diffusers; CLIP's vocabulary file, from the open-clip-torch wheel) is named
+in the report and the exit status is 3; benchmarks/gpu_check.sh unpacks carried wheels first.
+`--tiny` runs the same code on the tiny models (the CPU, fp32), as the test suite does.
 
 Published reference for the same shape: TensorRT about 0.82-0.86 s for 50 steps at 512x512 fp16 on
 an A100 (NVIDIA's TensorRT demo).
-
-    python -m kiln.benchmarks.gpu_check OUT_DIR [--family sd15|sdxl] [--model DIR] [--size 512] [--steps 30]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import importlib.metadata
+import importlib.util
 import json
 import platform
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-GUIDANCE = 7.5
-PROMPT = "a red digit 7 on a white background"
+if TYPE_CHECKING:  # everything else is imported where used: a bare host learns what it lacks first
+    from kiln.benchmarks.gpu_check_models import LoadedFamily
+
 REFERENCE = "TensorRT 0.82-0.86 s for 50 steps, 512x512, fp16, A100 (NVIDIA TensorRT demo)"
-VERSIONS = ("tensorrt", "onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "nvidia-modelopt")
+VERSIONS = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "accelerate", "numpy",
+            "onnxruntime", "onnxruntime-gpu", "tensorrt", "nvidia-modelopt")
+# Kiln's images against diffusers', 1/255 units. fp32: the same computation step for step (as
+# tests/test_pipeline_core.py asserts); fp16: Kiln keeps latents and the VAE in fp32 where diffusers'
+# fp16 pipeline keeps them in fp16 (SD 1.5's VAE; SDXL's upcasts), a first estimate until GPU runs say more.
+PARITY = {"fp32": {"max_abs": 1}, "fp16": {"mean_abs": 3.0}}
+# (module, distribution) the check imports; what a bare GPU host lacks is named, with the wheel to carry
+REQUIRED = (("torch", "torch"), ("numpy", "numpy"), ("diffusers", "diffusers"), ("transformers", "transformers"),
+            ("tokenizers", "tokenizers"), ("safetensors", "safetensors"), ("PIL", "pillow"))
+CARRY = {"diffusers": "diffusers==0.42.1", "open-clip-torch": "open-clip-torch==3.3.0"}  # pyproject's, make setup's
 
 
-def _cuda() -> bool:
-    import torch
+@dataclass(frozen=True)
+class FamilyCheck:
+    """One architecture measured: what builds it with random weights, at what size and steps, and
+    generous costs on the target GPU for the budget before anything is measured."""
 
-    return torch.cuda.is_available()
+    name: str
+    model: str
+    size: int
+    steps: int
+    builder: tuple[str, str, dict]  # module, function, keyword arguments
+    build_s: float
+    step_s: float  # seconds per image per guided step
+    onnx_s: float  # ONNX export, engines and their timings
 
-
-# ------------------------------------------------------------------ Kiln's loop over each backend
-
-
-class Generation:
-    """One prompt, tokenized once, drawn through kiln.pipeline.denoise.generate on any engines."""
-
-    def __init__(self, model_dir: Path, size: int, steps: int, scheduler: str):
-        from kiln.export.specs import family
-        from kiln.models.folder import inspect_model
-        from kiln.pipeline.denoise import ModelConstants
-        from kiln.pipeline.prompt_weights import tokenize_prompts
-        from kiln.pipeline.prompts import load_tokenizer
-
-        info = inspect_model(model_dir)
-        self.constants = ModelConstants(info.latent_channels, info.vae_scale_factor, info.scaling_factor,
-                                        info.zero_empty_negative)
-        tokenizers = [load_tokenizer(Path(model_dir) / name) for name in family(info.family).tokenizers]
-        self.prompt, self.negative = tokenize_prompts(tokenizers, PROMPT, "")
-        self.scheduler_config = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
-        self.size, self.steps, self.scheduler = size, steps, scheduler
-
-    def __call__(self, engines):
-        from kiln.pipeline.denoise import generate
-        from kiln.pipeline.schedulers import make_scheduler
-
-        return generate(engines, make_scheduler(self.scheduler, self.scheduler_config, engines.family.name),
-                        self.constants, self.prompt, self.negative, [0], self.steps, GUIDANCE, self.size, self.size,
-                        zero_negative=self.constants.zero_empty_negative)
+    def build(self):
+        module, function, kwargs = self.builder
+        return getattr(importlib.import_module(module), function)(**kwargs)
 
 
-def _sync(engines):
-    import torch
-
-    return torch.cuda.synchronize if engines.device.type == "cuda" else None
-
-
-def time_engines(engines, generation: Generation, dims, runs: int) -> dict:
-    """A UNet step at batch 2 (the guided pair) and a whole generation, both through the pipeline's engines."""
-    import torch
-
-    from kiln.benchmarks.timing import timed
-    from kiln.export.specs import ShapePoint, dummy_inputs
-
-    unet = engines.family.spec("unet")
-    latent = generation.size // dims.vae_scale_factor
-    feeds = dummy_inputs(unet, ShapePoint(unet.batch(1), latent, latent), dims)
-    args = [torch.from_numpy(feeds[name]).to(engines.device) for name in unet.input_names]
-    step = timed(lambda: engines.call(unet, *args), runs * 5, warmup=2, sync=_sync(engines))
-    whole = timed(lambda: generation(engines), runs, warmup=1, sync=_sync(engines))
-    # every generation above checked its latents and image: an fp16 overflow (inf/NaN) raised GenerationError
-    return {"unet_step_s": step.median_ms / 1000, "generation_s": whole.median_ms / 1000,
-            "generation_spread": round(whole.spread, 3)}
+FULL = {
+    "sd15": FamilyCheck("sd15", "SD 1.5 architecture (UNet 860M parameters), random weights", 512, 50,
+                        ("kiln.models.benchmark", "build_sd15_pipeline", {"width": "full"}), 60, 0.03, 600),
+    "sdxl": FamilyCheck("sdxl", "SDXL base architecture (UNet 2.6B parameters), random weights", 1024, 30,
+                        ("kiln.models.benchmark", "build_sdxl_pipeline", {"width": "full"}), 120, 0.12, 1800),
+}
+TINY = {
+    "sd15": FamilyCheck("sd15", "tiny SD 1.x, random weights", 64, 2,
+                        ("kiln.models.tiny", "build_tiny_pipeline", {}), 10, 0.5, 120),
+    "sdxl": FamilyCheck("sdxl", "tiny SDXL, random weights", 64, 2,
+                        ("kiln.models.tiny", "build_tiny_sdxl_pipeline", {}), 10, 0.5, 120),
+}
 
 
-def onnx_runtime_engines(onnx_dir: Path, provider: str):
-    """ONNX Runtime on `provider`, host arrays in and out (as a plain ORT deployment runs)."""
-    import onnxruntime as ort
+class Budget:
+    """Wall-clock seconds for the whole check; a case that would not fit is skipped, not started."""
 
-    from kiln.errors import KilnError
-    from kiln.pipeline.engines import Engines, OnnxRuntimeRunner
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, time.perf_counter()
 
-    if provider == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels torch brought
-    runner = OnnxRuntimeRunner(onnx_dir, providers=[provider])
-    used = {s.session.get_providers()[0] for s in runner.sessions.values()}
-    if used != {provider}:  # ONNX Runtime falls back to the CPU when CUDA's libraries do not load
-        raise KilnError(f"ONNX Runtime asked for {provider} ran on {sorted(used)}")
-    return Engines(runner)
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
-
-def diffusers_seconds(model_dir: Path, generation: Generation, device: str, runs: int) -> float:
-    import torch
-
-    from kiln.benchmarks.timing import timed
-    from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
-
-    pipe = load_diffusers_pipeline(model_dir)
-    if device == "cuda":
-        pipe = pipe.to("cuda", torch.float16)
-    sync = torch.cuda.synchronize if device == "cuda" else None
-    return timed(lambda: diffusers_image(pipe, generation.scheduler, PROMPT, "", 0, generation.steps, GUIDANCE,
-                                         generation.size, generation.size), runs, warmup=1, sync=sync).median_ms / 1000
+    def refuse(self, need: float) -> str | None:
+        """None when `need` seconds fit in what is left, else why not (for the report)."""
+        left = self.seconds - self.elapsed()
+        if need <= left:
+            return None
+        return (f"out of time: needs about {need:.0f} s, {max(left, 0):.0f} s of the {self.seconds:.0f} s budget "
+                "left (--budget raises it)")
 
 
-# ------------------------------------------------------------------ runtime LoRA adapters
+def missing_requirements() -> dict[str, str]:
+    """What this host lacks to run the check, by distribution, each with what to carry; found
+    without importing anything heavy."""
+    from kiln.errors import ModelError
+    from kiln.models.tokenizer import find_bpe_file  # the standard library only
 
-LORA_RANK = 16
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def _random_adapters(layers, work: Path, count: int) -> list[dict]:
-    """`count` rank-16 attention adapters as the registry stores them (written as kohya files, read back
-    through kiln lora add's normalisation)."""
-    from kiln.models.tiny import write_random_lora
-    from kiln.pipeline.adapters import normalise
-
-    return [normalise(write_random_lora(layers, work / f"adapter{i}.safetensors", rank=LORA_RANK, seed=i, std=0.02,
-                                        only=ATTENTION), layers)[0] for i in range(count)]
-
-
-def lora_check(model_dir: Path, out: Path, size: int, runs: int, cuda: bool, plain_engine: Path | None = None) -> dict:
-    """Runtime LoRA adapters on the GPU target (kiln.pipeline.adapters), one guided UNet step at `size`:
-    - PyTorch (fp16 on a GPU): the plain UNet against the adapted graph's module (what `--lora-inputs`
-      exports) with no adapter, the same adapter every step, and a different one every step; A -> B -> A
-      must give identical outputs (deterministic kernels);
-    - TensorRT, where it is installed: the adapted UNet's engine (each layer's rank a profile dimension,
-      ENGINE_RANKS) against the plain engine; the target is at most 5% slower, A -> B -> A identical."""
-    import json as _json
-
-    import numpy as np
-    import torch
-
-    from kiln.benchmarks.timing import timed
-    from kiln.export.specs import ShapePoint, dummy_inputs, family
-    from kiln.export.wrappers import WithLoraInputs, adaptable_layers
-    from kiln.models.folder import inspect_model, model_dims
-    from kiln.pipeline.adapters import adapter_feeds
-
-    info = inspect_model(model_dir)
-    spec, dims = family(info.family).spec("unet"), model_dims(model_dir, info)
-    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
-    module = spec.load_torch(model_dir)
-    layers = adaptable_layers(module, "unet", info.family, _json.loads((Path(model_dir) / "unet" / "config.json").read_text()))
-    adapted = WithLoraInputs(module, layers).to(device, dtype).eval()
-    latent = size // dims.vae_scale_factor
-    base = dummy_inputs(spec, ShapePoint(spec.batch(1), latent, latent), dims)
-    work = Path(out) / "lora"
-    work.mkdir(parents=True, exist_ok=True)
-    adapters = _random_adapters(layers, work, 2)
-    sets = [adapter_feeds(layers, []), adapter_feeds(layers, [(adapters[0], 0.8)]), adapter_feeds(layers, [(adapters[1], 0.8)])]
-
-    def tensors(feeds):
-        return [torch.from_numpy(v).to(device, dtype if v.dtype == np.float32 else None) for v in feeds.values()]
-
-    args = [torch.from_numpy(base[n]).to(device, dtype) for n in spec.input_names]
-    none, a, b = ([*args, *tensors(f)] for f in sets)
-    sync = torch.cuda.synchronize if cuda else None
-    report: dict = {"size": size, "adapted_layers": len(layers), "adapter": f"rank {LORA_RANK}, attention projections"}
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    with torch.inference_mode():
-        plain = timed(lambda: module(*args), runs * 5, warmup=2, sync=sync)
-        results = {"plain": plain,
-                   "no_adapter": timed(lambda: adapted(*none), runs * 5, warmup=2, sync=sync),
-                   "same_adapter": timed(lambda: adapted(*a), runs * 5, warmup=2, sync=sync)}
-        turn = iter(range(10**6))
-        results["switching_every_step"] = timed(lambda: adapted(*(a if next(turn) % 2 else b)), runs * 5, warmup=2, sync=sync)
-        first = adapted(*a).float().cpu()
-        adapted(*b)
-        again = adapted(*a).float().cpu()
-    report["pytorch"] = {name: {"median_ms": round(t.median_ms, 3), "spread": round(t.spread, 3)} for name, t in results.items()}
-    report["pytorch"]["a_b_a_identical"] = bool(torch.equal(first, again))
-    report["pytorch"]["same_adapter_vs_plain"] = round(results["same_adapter"].median_ms / plain.median_ms - 1, 4)
+    missing = {dist: f"no module {module}" for module, dist in REQUIRED if importlib.util.find_spec(module) is None}
     try:
-        report["tensorrt"] = _lora_engines(model_dir, out, size, runs, adapters, layers, plain_engine)
-    except Exception as exc:  # no TensorRT, no GPU, a failed build: said in the report
-        report["tensorrt"] = {"skipped": _failure(exc)}
-    return report
-
-
-def _lora_engines(model_dir: Path, out: Path, size: int, runs: int, adapters, layers, plain_engine: Path | None) -> dict:
-    import numpy as np
-
-    from kiln.benchmarks.timing import timed
-    from kiln.errors import KilnError
-    from kiln.export.onnx_export import export_onnx
-    from kiln.export.specs import ShapePoint, dummy_inputs
-    from kiln.export.tensorrt import ENGINE_NAME, Runtime, TrtRunner, export_engines, plan_engines, trt_parity_check
-    from kiln.pipeline.adapters import adapter_feeds
-
-    Runtime.detect()  # ExportError where TensorRT or its GPU is missing
-    if plain_engine is None or not plain_engine.is_file():
-        raise KilnError("the plain UNet engine was not built, so there is nothing to compare the adapted one with")
-    onnx_dir = export_onnx(model_dir, Path(out) / "onnx-lora", components=("unet",), lora_inputs=True).out_dir
-    plan = plan_engines(onnx_dir, "fp16", [f"1x{size}:1x{size}:1x{size}"], components=("unet",))
-    export_engines(onnx_dir, Path(out) / "engines-lora", plan, trt_parity_check)
-    from kiln.artifacts import read_export
-
-    manifest = read_export(onnx_dir)
-    spec, dims = manifest.family.spec("unet"), manifest.dims
-    latent = size // dims.vae_scale_factor
-    base = dummy_inputs(spec, ShapePoint(spec.batch(1), latent, latent), dims)
-    plain, lora = TrtRunner(plain_engine), TrtRunner(Path(out) / "engines-lora" / "unet" / ENGINE_NAME)
-    a, b = ({**base, **adapter_feeds(layers, [(x, 0.8)])} for x in adapters)
-    import torch
-
-    times = {"plain": timed(lambda: plain(base), runs * 5, warmup=2, sync=torch.cuda.synchronize),
-             "same_adapter": timed(lambda: lora(a), runs * 5, warmup=2, sync=torch.cuda.synchronize)}
-    first = lora(a)["out_sample"].float().cpu().numpy()
-    lora(b)
-    again = lora(a)["out_sample"].float().cpu().numpy()
-    slower = times["same_adapter"].median_ms / times["plain"].median_ms - 1
-    return {"median_ms": {k: round(t.median_ms, 3) for k, t in times.items()}, "slower_than_plain": round(slower, 4),
-            "within_5_percent": slower <= 0.05, "a_b_a_identical": bool(np.array_equal(first, again))}
-
-
-# ------------------------------------------------------------------ the check
+        find_bpe_file()
+    except ModelError as exc:
+        missing["open-clip-torch"] = f"{exc} (only its vocabulary file is read; it is not imported)"
+    return {dist: f"{why}: carry {CARRY.get(dist, dist)}" for dist, why in missing.items()}
 
 
 def _failure(exc: Exception) -> str:
@@ -257,7 +136,10 @@ def _failure(exc: Exception) -> str:
 
 
 def _versions() -> dict:
-    found = {}
+    import torch
+
+    found = {"python": platform.python_version(), "torch_cuda": torch.version.cuda,
+             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
     for name in VERSIONS:
         try:
             found[name] = importlib.metadata.version(name)
@@ -266,158 +148,352 @@ def _versions() -> dict:
     return found
 
 
-# The built-in architectures: image sides must be multiples of the VAE's 8 x the UNet's down-sampling
-BUILT_IN = {"sd15": {"name": "SD 1.5", "multiple": 64, "size": 512},
-            "sdxl": {"name": "SDXL base", "multiple": 32, "size": 1024}}
+# ------------------------------------------------------------------ measuring one case
 
 
-def check_settings(size: int, steps: int, runs: int, scheduler: str, model_dir: Path | None = None,
-                   family: str = "sd15") -> str:
-    """Refuse what would make every backend fail (or measure a size the product refuses) before any
-    work; returns the scheduler's canonical name."""
-    from kiln.errors import RequestError
-    from kiln.models.folder import model_dims
-    from kiln.pipeline.request import Limits, size_limit
-    from kiln.pipeline.schedulers import canonical_name
+class UNetClock:
+    """Times every call of the UNet inside the generations timed (CUDA events on a GPU, so the loop
+    is never synchronised per step) and records the batch it saw."""
 
-    if runs < 1:
-        raise RequestError("runs", runs, "at least 1")
-    if not 1 <= steps <= Limits().max_steps:
-        raise RequestError("steps", steps, f"1 to {Limits().max_steps}")
-    dims = model_dims(model_dir) if model_dir is not None else None
-    if family not in BUILT_IN:
-        raise RequestError("family", family, f"one of {list(BUILT_IN)}")
-    multiple = dims.vae_scale_factor * dims.unet_factor if dims else BUILT_IN[family]["multiple"]
-    largest = size_limit(dims.default_latent * dims.vae_scale_factor if dims else BUILT_IN[family]["size"])
-    if size % multiple or not multiple <= size <= largest:
-        raise RequestError("size", size, f"a multiple of {multiple} up to {largest} (this model's image sides)")
-    return canonical_name(scheduler)
+    def __init__(self, unet, cuda: bool):
+        self.unet, self.cuda, self.calls, self.batches = unet, cuda, [], set()
+
+    def _before(self, module, args, kwargs):
+        import torch
+
+        sample = args[0] if args else kwargs["sample"]
+        self.batches.add(int(sample.shape[0]))
+        start = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+        if self.cuda:
+            start.record()
+        self.calls.append([start, None])
+
+    def _after(self, module, args, kwargs, output):
+        import torch
+
+        end = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+        if self.cuda:
+            end.record()
+        self.calls[-1][1] = end
+
+    def __enter__(self):
+        self.hooks = [self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
+                      self.unet.register_forward_hook(self._after, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+    def median_ms(self) -> float:
+        import statistics
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return statistics.median(a.elapsed_time(b) for a, b in self.calls)
+        return statistics.median(1000 * (b - a) for a, b in self.calls)
 
 
-def run(out: Path, model_dir: Path | None = None, size: int = 512, steps: int = 30, runs: int = 3,
-        scheduler: str = "euler", family: str = "sd15") -> dict:
-    import onnxruntime as ort
+def measure_side(draw, model: LoadedFamily, batch: int, runs: int):
+    """One warm-up generation (its images kept for parity), then `runs` timed ones -> (images, timings)."""
     import torch
 
-    from kiln.artifacts import read_export
-    from kiln.export.onnx_export import export_onnx
-    from kiln.models.benchmark import write_sd15_model, write_sdxl_model
-    from kiln.pipeline.engines import Engines, TorchRunner
+    from kiln.benchmarks.timing import timed
 
-    start = time.perf_counter()
-    out = Path(out)
-    scheduler = check_settings(size, steps, runs, scheduler, model_dir, family)
-    cuda = _cuda()
-    report: dict = {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
-                    "versions": _versions() | {"torch_cuda": torch.version.cuda},
-                    "size": size, "steps": steps, "runs": runs, "scheduler": scheduler, "guidance": GUIDANCE,
-                    "reference": REFERENCE if family == "sd15" else None}
-    if model_dir is None:
-        built = out / family
-        write = write_sdxl_model if family == "sdxl" else write_sd15_model
-        model_dir = built if (built / "model_index.json").is_file() else write(built, "full")
-        report["model"] = f"{BUILT_IN[family]['name']} architecture (full width), random weights"
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    images = draw()
+    with UNetClock(model.pipe.unet, cuda) as clock:
+        whole = timed(draw, runs, warmup=0, sync=torch.cuda.synchronize if cuda else None)
+    return images, {"unet_step_ms": round(clock.median_ms(), 3), "unet_calls_per_run": len(clock.calls) / runs,
+                    "unet_batch": sorted(clock.batches), "end_to_end_s": round(whole.median_ms / 1000, 4),
+                    "images_per_s": round(batch * 1000 / whole.median_ms, 4), "spread": round(whole.spread, 3),
+                    "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None}
+
+
+def compare_images(ours, theirs, precision: str) -> dict:
+    """Kiln's uint8 images against diffusers', in 1/255 units, with the stated tolerance."""
+    import numpy as np
+
+    if ours.shape != theirs.shape:
+        return {"shapes": [list(ours.shape), list(theirs.shape)], "within": False}
+    diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
+    found = {"max_abs": int(diff.max()), "mean_abs": round(float(diff.mean()), 4),
+             "p99_abs": float(np.percentile(diff, 99)), "over_8": round(float((diff > 8).mean()), 6)}
+    tolerance = PARITY[precision]
+    return {**found, "tolerance": tolerance, "within": all(found[k] <= v for k, v in tolerance.items())}
+
+
+def measure_case(model: LoadedFamily, batch: int, runs: int) -> dict:
+    """Kiln's loop and diffusers' pipeline, `batch` images (seeds SEED...), timed and compared."""
+    from kiln.benchmarks.gpu_check_models import GUIDANCE, PROMPT, SEED
+    from kiln.pipeline.reference import diffusers_image
+
+    check, generation = model.check, model.generation
+    seeds = list(range(SEED, SEED + batch))
+    ours, kiln = measure_side(lambda: generation(model.engines, seeds), model, batch, runs)
+    theirs, diffusers = measure_side(lambda: diffusers_image(model.pipe, generation.scheduler, PROMPT, "", SEED,
+                                                             check.steps, GUIDANCE, check.size, check.size,
+                                                             num_images=batch), model, batch, runs)
+    precision = "fp16" if str(model.dtype).endswith("float16") else "fp32"
+    return {"batch": batch, "kiln": kiln, "diffusers": diffusers, "parity_255": compare_images(ours, theirs, precision),
+            "kiln_time_vs_diffusers": round(kiln["end_to_end_s"] / diffusers["end_to_end_s"], 3)}
+
+
+def case_estimate(check: FamilyCheck, measured: dict, batch: int, runs: int) -> float:
+    """Seconds for both sides' warm-up and timed generations: scaled from the largest batch measured
+    (linearly, which overestimates), else from the family's prior."""
+    if measured:
+        done = max(measured)
+        per_image = sum(measured[done][s]["end_to_end_s"] for s in ("kiln", "diffusers")) / 2 / done
     else:
-        report["model"] = str(model_dir)
-    t = time.perf_counter()
-    onnx_dir = export_onnx(model_dir, out / "onnx").out_dir
-    report["onnx_export_s"] = round(time.perf_counter() - t, 1)
-    manifest = read_export(onnx_dir)
-    dims = manifest.dims
-    generation = Generation(model_dir, size, steps, scheduler)
-    backends: list = []  # (name, factory of engines)
-    skipped: dict = {}
+        per_image = check.step_s * check.steps
+    return 1.2 * (1 + runs) * 2 * per_image * batch
 
-    # TensorRT: fp16 engines for one image at `size`, each checked against ONNX Runtime
+
+
+# ------------------------------------------------------------------ the check
+
+
+def _write(out: Path, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".gpu_check.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out / "gpu_check.json")  # whole after every case, even if the run is stopped from outside
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every family's cases share."""
+
+    work: Path  # scratch: configs, ONNX, LoRA files
+    batches: tuple[int, ...]
+    runs: int
+    device: str
+    dtype: object  # torch.float16 on a GPU, else torch.float32
+    scheduler: str
+    onnx: tuple[str, ...]  # the ONNX-file backends to time
+    lora: bool
+
+
+def attempt(skipped: dict, name: str, budget: Budget, need: float, step):
+    """`step()` when `need` seconds fit in the budget, else None and `name` skipped with the numbers;
+    a step that fails is skipped with its error, and costs only its own results."""
+    reason = budget.refuse(need)
+    if reason:
+        skipped[name] = reason
+        return None
     try:
-        from kiln.export.tensorrt import EngineRunner, Runtime, check_engines, export_engines, plan_engines, trt_parity_check
+        return step()
+    except Exception as exc:
+        skipped[name] = _failure(exc)
+        return None
 
-        required = tuple(n for n, spec in manifest.family.components.items() if spec.required)
-        plan = plan_engines(onnx_dir, "fp16", [f"1x{size}:1x{size}:1x{size}"], components=required)
-        t = time.perf_counter()
-        export_engines(onnx_dir, out / "engines", plan, trt_parity_check)
-        report["engine_build_s"] = round(time.perf_counter() - t, 1)
-        report["engines"] = check_engines(out / "engines", Runtime.detect(), plan.export_key)["parity"]
-        backends.append(("tensorrt", lambda: Engines(EngineRunner(out / "engines", required, manifest.family))))
-    except Exception as exc:  # no TensorRT, no GPU, a failed build or parity: said in the report, the rest runs
-        skipped["tensorrt"] = _failure(exc)
-    provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
-    ort_name = "onnxruntime_" + provider.replace("ExecutionProvider", "").lower()
-    if provider in ort.get_available_providers():
-        backends.append((ort_name, lambda: onnx_runtime_engines(onnx_dir, provider)))
-    else:
-        skipped[ort_name] = "this onnxruntime build has no CUDA provider (make gpu-setup installs onnxruntime-gpu)"
-    torch_name = f"pytorch_{'fp16' if cuda else 'fp32'}"
-    backends.append((torch_name, lambda: Engines(TorchRunner(model_dir, "cuda" if cuda else "cpu",
-                                                             torch.float16 if cuda else torch.float32))))
 
-    timings = {}
-    for name, make in backends:  # one backend in memory at a time
-        engines = None
+def run_family(check: FamilyCheck, report: dict, budget: Budget, settings: Settings, save) -> None:
+    """Build one family, then its cases in order, each only if the budget still holds it; the
+    pipeline is dropped at the end (one family in memory at a time)."""
+    from kiln.benchmarks.gpu_check_models import LoadedFamily
+
+    section = report["families"][check.name] = {"model": check.model, "size": check.size, "steps": check.steps,
+                                                "cases": {}}
+    skipped, runs, started = report["skipped"], settings.runs, time.perf_counter()
+    first = case_estimate(check, {}, min(settings.batches), runs)  # building and measuring nothing is no use
+    model = attempt(skipped, check.name, budget, check.build_s + first, lambda: LoadedFamily(
+        check, settings.work, settings.device, settings.dtype, settings.scheduler))
+    if model is None:
+        return
+    section.update(build_s=round(time.perf_counter() - started, 1), built_on=model.built_on,
+                   attention=model.attention())
+    measured: dict = {}
+    for batch in settings.batches:
+        name = f"{check.name}/batch_{batch}"
+        case = attempt(skipped, name, budget, case_estimate(check, measured, batch, runs),
+                       lambda: measure_case(model, batch, runs))
+        if case is not None:
+            measured[batch] = section["cases"][f"batch_{batch}"] = case
+            print(f"{name}: {json.dumps(case)}", flush=True)
+        save()
+    extras(model, section, measured, budget, settings, skipped)
+
+
+def extras(model: LoadedFamily, section: dict, measured: dict, budget: Budget, settings: Settings,
+           skipped: dict) -> None:
+    """The ONNX-file backends when installed, then runtime LoRA adapters, each if the budget holds it."""
+    from kiln.benchmarks.gpu_check_lora import lora_check, lora_engines
+    from kiln.benchmarks.gpu_check_onnx import onnx_backends
+
+    check, runs, work, wanted = model.check, settings.runs, settings.work, settings.onnx
+    if wanted:
+        done = attempt(skipped, f"{check.name}/onnx_backends", budget, check.onnx_s,
+                       lambda: onnx_backends(model, work, runs, wanted))
+        if done is not None:
+            section["onnx_backends"], failures = done
+            skipped.update({f"{check.name}/{name}": _failure(exc) for name, exc in failures.items()})
+    if not settings.lora:
+        return
+    step_s = measured[min(measured)]["kiln"]["unet_step_ms"] / 1000 if measured else check.step_s
+    done = attempt(skipped, f"{check.name}/lora_adapters", budget, 5 + 1.5 * step_s * (4 * (5 * runs + 2) + 3),
+                   lambda: lora_check(model, work, runs))
+    if done is not None:
+        section["lora_adapters"], adapters = done
         try:
-            engines = make()
-            timings[name] = time_engines(engines, generation, dims, runs)
-            print(f"{name}: {json.dumps(timings[name])}", flush=True)
-        except Exception as exc:  # one backend failing must not cost the others' numbers
-            skipped[name] = _failure(exc)
-        engines = None
+            section["lora_adapters"]["tensorrt"] = lora_engines(model, work, runs, adapters)
+        except Exception as exc:  # no TensorRT, no GPU, no plain engine, a failed build
+            section["lora_adapters"]["tensorrt"] = {"skipped": _failure(exc)}
+
+
+def run(out: Path, work: Path, checks: list[FamilyCheck], batches: tuple[int, ...] = (1, 4), runs: int = 3,
+        scheduler: str = "euler", budget_s: float = 480.0, onnx: str = "auto", lora: bool = True) -> dict:
+    """The whole check; writes OUT/gpu_check.json after every case and returns the report."""
+    import torch
+
+    from kiln.benchmarks.gpu_check_models import GUIDANCE, PROMPT, SEED
+    from kiln.benchmarks.gpu_check_onnx import onnx_wanted
+
+    budget, cuda = Budget(budget_s), torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    wanted, skipped = onnx_wanted(onnx, cuda)
+    report: dict = {
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "device_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
+        "versions": _versions(),
+        "settings": {"precision": "fp16" if cuda else "fp32", "attention": "sdpa", "scheduler": scheduler,
+                     "guidance": GUIDANCE, "prompt": PROMPT, "seed": SEED, "batches": list(batches), "runs": runs,
+                     "budget_s": budget_s, "onnx": onnx, "lora": lora,
+                     "peak_memory": "torch.cuda.max_memory_allocated over a side's generations, weights included "
+                                    "(the UNet and text encoders shared by both sides, each side's VAE)"},
+        "reference": REFERENCE, "families": {}, "skipped": skipped}
+    settings = Settings(Path(work), tuple(batches), runs, device, dtype, scheduler, tuple(wanted), lora)
+
+    def save():
+        report["elapsed_s"] = round(budget.elapsed(), 1)
+        _write(Path(out), report)
+
+    for check in checks:
+        run_family(check, report, budget, settings, save)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    try:
-        timings.setdefault(torch_name, {})["diffusers_pipeline_s"] = diffusers_seconds(
-            model_dir, generation, "cuda" if cuda else "cpu", runs)
-    except Exception as exc:
-        skipped["diffusers_pipeline"] = _failure(exc)
-    report["timings"], report["skipped"] = timings, skipped
-    try:
-        from kiln.export.tensorrt import ENGINE_NAME
-
-        report["lora_adapters"] = lora_check(model_dir, out, size, runs, cuda, out / "engines" / "unet" / ENGINE_NAME)
-        print(f"lora_adapters: {json.dumps(report['lora_adapters'])}", flush=True)
-    except Exception as exc:
-        skipped["lora_adapters"] = _failure(exc)
-    if "generation_s" in timings.get("tensorrt", {}):
-        report["generation_time_vs_tensorrt"] = {name: round(t["generation_s"] / timings["tensorrt"]["generation_s"], 2)
-                                                 for name, t in timings.items() if "generation_s" in t}
-    report["total_s"] = round(time.perf_counter() - start, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+        save()
+    report["complete"] = all(f"batch_{b}" in report["families"][c.name]["cases"] for c in checks for b in batches)
+    save()
     return report
 
 
+def check_settings(families: list[str], batches: tuple[int, ...], runs: int, budget: float, scheduler: str) -> str:
+    """Refuse what would waste a GPU run before any work; returns the scheduler's canonical name."""
+    from kiln.errors import RequestError
+    from kiln.pipeline.request import Limits
+    from kiln.pipeline.schedulers import canonical_name
+
+    if not families or set(families) - set(FULL):
+        raise RequestError("families", ",".join(families), f"a comma-separated list of {list(FULL)}")
+    if not batches or not all(1 <= b <= Limits().max_images for b in batches):
+        raise RequestError("batches", ",".join(map(str, batches)), f"images per request, 1 to {Limits().max_images}")
+    if runs < 1:
+        raise RequestError("runs", runs, "at least 1")
+    if not budget > 0:
+        raise RequestError("budget", budget, "seconds, more than 0")
+    return canonical_name(scheduler)
+
+
+def summary(report: dict) -> list[str]:
+    lines = [f"{report['device']}: {report['settings']['precision']}, {report['elapsed_s']} s"]
+    for family, section in report["families"].items():
+        for name, case in section["cases"].items():
+            kiln, theirs, parity = case["kiln"], case["diffusers"], case["parity_255"]
+            lines.append(f"{family} {section['size']}px {section['steps']} steps {name}: Kiln {kiln['end_to_end_s']} s "
+                         f"({kiln['images_per_s']} images/s, UNet {kiln['unet_step_ms']} ms/step), diffusers "
+                         f"{theirs['end_to_end_s']} s (UNet {theirs['unet_step_ms']} ms/step); images differ by "
+                         f"{parity.get('max_abs')}/255 at most, {parity.get('mean_abs')}/255 on average"
+                         f"{'' if parity['within'] else ' (OUTSIDE the tolerance)'}")
+    lines += [f"skipped {name}: {why}" for name, why in report["skipped"].items()]
+    return lines
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("out_dir", type=Path, help="where gpu_check.json goes (and nothing else)")
+    parser.add_argument("--families", default="sd15,sdxl", help="comma-separated, from sd15 and sdxl")
+    parser.add_argument("--batches", default="1,4", help="images per generation, comma-separated")
+    parser.add_argument("--runs", type=int, default=3, help="timed generations per side after one warm-up")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 8 minutes)")
+    parser.add_argument("--scheduler", default="euler", help="any name `kiln generate --scheduler` takes")
+    parser.add_argument("--onnx", choices=("auto", "on", "off"), default="auto",
+                        help="TensorRT / ONNX Runtime: auto times those installed on a CUDA host")
+    parser.add_argument("--no-lora", dest="lora", action="store_false", help="leave out the runtime LoRA check")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny models (on the CPU without a GPU): the code path, no timings worth reading")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch folder (configs, ONNX, LoRA files); default a temporary one, removed")
+    args = parser.parse_args(argv)
+    args.families = [f.strip() for f in args.families.split(",") if f.strip()]
+    try:
+        args.batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        parser.error(f"batches={args.batches!r} is invalid: expected comma-separated integers")
+    args.error = parser.error
+    return args
+
+
 def main(argv=None) -> int:
+    import shutil
+    import tempfile
+
+    args = parse_args(argv)
+    missing = missing_requirements()
+    if missing:  # a bare GPU host: say what to carry, build nothing
+        wheels = " ".join(CARRY.get(d, d) for d in missing)
+        _write(args.out_dir, {"missing": missing, "carry": "benchmarks/gpu_check.sh unpacks the wheels in "
+                              f"$GPU_CHECK_WHEELS (default .whl): pip download --no-deps -d .whl {wheels}"})
+        print("gpu-check cannot run here, missing:", *(f"  {d}: {why}" for d, why in missing.items()), sep="\n",
+              file=sys.stderr)
+        return 3
     from kiln.errors import KilnError
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--family", default="sd15", choices=list(BUILT_IN),
-                        help="the built-in architecture measured without --model (random weights)")
-    parser.add_argument("--model", type=Path, default=None, help="a diffusers folder (default: --family's architecture)")
-    parser.add_argument("--size", type=int, default=None, help="pixels (default: 512 for sd15, 1024 for sdxl)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--scheduler", default="euler", help="any name `kiln generate --scheduler` takes")
-    args = parser.parse_args(argv)
-    size = args.size or BUILT_IN[args.family]["size"]
     try:
-        check_settings(size, args.steps, args.runs, args.scheduler, args.model, args.family)
+        scheduler = check_settings(args.families, args.batches, args.runs, args.budget, args.scheduler)
     except KilnError as exc:
-        parser.error(str(exc))  # exit 2, before anything is built
-    if args.model is None and not _cuda():
-        report = {"family": args.family, "size": size, "steps": args.steps,
-                  "skipped": {"all": "no CUDA GPU (torch.cuda.is_available() is False): the full-size "
-                                     f"{BUILT_IN[args.family]['name']} check runs on a GPU host; pass --model DIR "
-                                     "to time a small model on this CPU"}}
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(report["skipped"]["all"])
+        args.error(str(exc))  # exit 2, before anything is built
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        why = ("no CUDA GPU (torch.cuda.is_available() is False): the full-size check runs on a GPU host; "
+               "--tiny runs its code on the tiny models")
+        _write(args.out_dir, {"families": args.families, "skipped": {"all": why}})
+        print(why)
         return 0
-    report = run(args.out_dir, args.model, size, args.steps, args.runs, args.scheduler, args.family)
-    print(json.dumps(report, indent=2))
+    work = args.work or Path(tempfile.mkdtemp(prefix="kiln-gpu-check-"))
+    try:
+        report = run(args.out_dir, work, [(TINY if args.tiny else FULL)[f] for f in args.families], args.batches,
+                     args.runs, scheduler, args.budget, args.onnx, args.lora)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\n".join(summary(report)))
     print(f"report written to {args.out_dir / 'gpu_check.json'}")
     return 0
 
 
+def _from_source_tree() -> None:
+    """`python3 benchmarks/gpu_check.py` from a copy of the repository where Kiln is not installed (a
+    bare GPU host): the stage folders are kiln's subpackages (pyproject's package-dir), so the
+    repository joins kiln's path, and benchmarks/ leaves sys.path (its modules are not top-level)."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root / "benchmarks"]
+    sys.path.insert(0, str(root))
+    import kiln
+
+    if str(root) not in kiln.__path__:
+        kiln.__path__.append(str(root))
+
+
 if __name__ == "__main__":
+    if not __package__:
+        _from_source_tree()
     sys.exit(main())

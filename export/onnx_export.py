@@ -223,8 +223,11 @@ def export_onnx(
         results.append(ComponentResult(name, path, False, component_precision, report, seconds))
     for folder in (*layout.tokenizers, *COPIED_FOLDERS):
         _copy_folder(model_dir / folder, out_dir / folder)
+    source = {"path": str(model_dir.resolve()), "sha256": source_hashes}
+    if layout.controlnets:  # their own folders (the repository's torch backend loads from them)
+        source["controlnets"] = {name: str(Path(sources[name]).resolve()) for name in layout.controlnets}
     write_json_atomically(out_dir / MANIFEST_NAME, ExportManifest(
-        kiln_version=__version__, format=EXPORT_FORMAT, source={"path": str(model_dir.resolve()), "sha256": source_hashes},
+        kiln_version=__version__, format=EXPORT_FORMAT, source=source,
         model=replace(info, path=None), dims=dims, opset=opset, precision=precision, libraries=versions,
         components={**previous, **entries}))
     return ExportResult(out_dir, results)

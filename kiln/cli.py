@@ -31,6 +31,8 @@ from kiln.cli_choices import (
     Protocol,
     Target,
     TinyFamily,
+    TorchDevice,
+    TorchDtype,
     LOAD_USERS,
     Width,
     declared,
@@ -475,6 +477,7 @@ def cluster_render(
 
 
 BUILD = declared("kiln.model_repository.builder", "build_models_repository")
+TORCH = declared("kiln.model_repository.torch_backend", "TorchOptions")
 
 
 @repo_app.command("build")
@@ -483,8 +486,15 @@ def repo_build(
     repo_dir: Path,
     target: Target = typer.Option(Target(BUILD.target), "--target", help="embedded: Python-backend models on ONNX Runtime "
                                   "(CPU); ngc: NVIDIA's Triton container, native backends on the GPU"),
-    backend: Backend = typer.Option(Backend(BUILD.backend), "--backend", help="tensorrt: the ngc target only"),
+    backend: Backend = typer.Option(Backend(BUILD.backend), "--backend", help="torch: the embedded target, PyTorch "
+                                    "modules from the export's source folder (CUDA fp16 with a GPU, else CPU fp32); "
+                                    "tensorrt: the ngc target only"),
     engines: Optional[Path] = typer.Option(None, "--engines", help="--backend tensorrt: the kiln export trt folder"),
+    torch_device: TorchDevice = typer.Option(TorchDevice(TORCH.device), "--torch-device",
+                                             help="--backend torch: where the modules run (auto: cuda if present)"),
+    torch_dtype: TorchDtype = typer.Option(TorchDtype(TORCH.dtype), "--torch-dtype",
+                                           help="--backend torch (auto: float16 on cuda, float32 on cpu; the VAE stays float32)"),
+    torch_compile: bool = typer.Option(TORCH.compile, "--torch-compile", help="--backend torch: torch.compile each module"),
     ort_accelerator: OrtAccelerator = typer.Option(OrtAccelerator(TUNING.ort_accelerator), "--ort-accelerator",
                                                    help="ngc + onnxruntime: CUDA, or ONNX Runtime's TensorRT provider"),
     name: str = typer.Option("base", "--name", help="with --also: the first model's ensemble name"),
@@ -532,8 +542,11 @@ def repo_build(
     chosen = {"guidance_scale": default_guidance, "steps": default_steps, "scheduler": default_scheduler,
               "guidance_cutoff": default_guidance_cutoff, "guidance_start": default_guidance_start,
               "guidance_end": default_guidance_end}
+    from kiln.model_repository.torch_backend import TorchOptions
+
     build_models_repository(models, repo_dir, target=target.value, backend=backend.value, limits=limits, tuning=tuning,
-                            engines=engine_dirs, defaults={k: v for k, v in chosen.items() if v is not None})
+                            engines=engine_dirs, defaults={k: v for k, v in chosen.items() if v is not None},
+                            torch_options=TorchOptions(torch_device.value, torch_dtype.value, torch_compile))
     import json
 
     ensembles = json.loads((repo_dir / "manifest.json").read_text())["ensembles"]
@@ -544,7 +557,7 @@ def repo_build(
 
 
 def _print_endpoints(info) -> None:
-    console.print(f"Triton is ready (pid {info.pid}), serving {info.repository}")
+    console.print(f"Triton is ready (pid {info.pid}), serving {info.repository} on {info.host}")
     console.print(f"  HTTP     {info.http_url}")
     console.print(f"  gRPC     {info.grpc_url}")
     console.print(f"  metrics  {info.metrics_url}")
@@ -558,13 +571,16 @@ def serve(
     grpc_port: int = GRPC_PORT,
     metrics_port: int = METRICS_PORT,
     background: bool = typer.Option(False, "--background", help="return once ready; stop with kiln stop"),
+    host: str = typer.Option(declared("kiln.serving.server", "HOST"), "--host", help="the address the HTTP, gRPC "
+                             "and metrics ports listen on: an IPv4 address of this machine or a name resolving to "
+                             "one; 0.0.0.0 answers other machines too"),
 ):
-    """Serve a model repository on the embedded Triton (127.0.0.1) until Ctrl-C."""
+    """Serve a model repository on the embedded Triton until Ctrl-C or SIGTERM."""
     from kiln.serving import server
 
     ports = server.Ports(http=http_port, grpc=grpc_port, metrics=metrics_port)
     if background:
-        _, info = server.start(repo_dir, ports)
+        _, info = server.start(repo_dir, ports, host=host)
         _print_endpoints(info)
         console.print(f"stop it with: kiln stop --http-port {http_port}")
         return
@@ -575,7 +591,7 @@ def serve(
         _print_endpoints(info)
         console.print("Ctrl-C stops it; the server is restarted if it dies")
 
-    code = server.serve_foreground(repo_dir, ports, on_ready)
+    code = server.serve_foreground(repo_dir, ports, on_ready, host=host)
     console.print("server stopped")
     raise typer.Exit(code)
 
@@ -790,6 +806,8 @@ def deploy(
                                      "(kiln lora add NAME FILE, then --lora NAME:SCALE)"),
     controlnet: list[str] = typer.Option([], "--controlnet", help="NAME=DIR: a diffusers ControlNet of the model, "
                                          "served beside it (repeatable; the demo has its own, `digit`)"),
+    backend: Backend = typer.Option(Backend(BUILD.backend), "--backend", help="onnxruntime, or torch: the components' "
+                                    "PyTorch modules (CUDA fp16 with a GPU, else CPU fp32)"),
 ):
     """Export, build the repository, serve it in the background and draw one smoke image."""
     from kiln.deploy import deploy as run
@@ -800,7 +818,7 @@ def deploy(
         raise KilnError("--model and --tiny were both given", hint="pass one")
     controlnets = {name: Path(folder) for name, folder in parse_named(controlnet, "--controlnet", "canny=DIR").items()}
     d = run(model, artifacts, Ports(http=http_port, grpc=grpc_port, metrics=metrics_port), precision=precision.value,
-            demo=not (model or tiny), lora_inputs=lora_inputs, controlnets=controlnets)
+            demo=not (model or tiny), lora_inputs=lora_inputs, controlnets=controlnets, backend=backend.value)
     _print_endpoints(d.info)
     console.print(f"model {d.model_dir} -> ONNX {d.onnx_dir} -> repository {d.repo_dir}")
     console.print(f"smoke image: {d.smoke_png} ({d.smoke_seconds:.2f} s)")

@@ -92,6 +92,8 @@ Backend = _choices("Backend", dict.fromkeys(b for per_target in declared("kiln.m
 Crop = _choices("Crop", declared("kiln.dataset.prepare", "CROPS"))
 ControlKind = _choices("ControlKind", declared("kiln.dataset.control", "CONTROLS"))
 OrtAccelerator = _choices("OrtAccelerator", declared("kiln.model_repository.configs", "ORT_ACCELERATORS"))
+TorchDevice = _choices("TorchDevice", declared("kiln.pipeline.engines", "TORCH_DEVICES"))
+TorchDtype = _choices("TorchDtype", declared("kiln.pipeline.engines", "TORCH_DTYPES"))
 
 
 def scheduler_name(name: str) -> str:

@@ -93,13 +93,34 @@ def sample_grid(url: str, out: Path, seed: int = 0, controlnet: str | None = Non
     return out
 
 
+def check_backend(backend: str, precision: str, lora_inputs: bool) -> None:
+    """Refuse, before any work, a backend the embedded target lacks and options only ONNX Runtime serves."""
+    from kiln.errors import RepositoryError
+    from kiln.model_repository.builder import BACKENDS
+
+    if backend not in BACKENDS["embedded"]:
+        raise RepositoryError(f"--backend {backend} is not available for kiln deploy (the embedded target): expected one "
+                              f"of {BACKENDS['embedded']}", hint="kiln repo build ... --target ngc for the other backends")
+    if backend == "torch" and precision != "fp32":
+        raise RepositoryError(f"--backend torch with --precision {precision}: that precision is the ONNX export's; "
+                              "the PyTorch modules run float16 on a GPU and float32 on the CPU by themselves",
+                              hint="leave out --precision (PRECISION=fp32) with --backend torch, or use --backend onnxruntime")
+    if backend == "torch" and lora_inputs:
+        raise RepositoryError("--backend torch with --lora-inputs (LORAS=1): only ONNX Runtime serves per-request LoRA adapters",
+                              hint="leave out --lora-inputs with --backend torch, or use --backend onnxruntime")
+
+
 def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precision: str = "fp32",
            prompt: str = "a red digit 7 on a white background", demo: bool = False,
-           lora_inputs: bool = False, controlnets: dict[str, Path] | None = None) -> Deployment:
+           lora_inputs: bool = False, controlnets: dict[str, Path] | None = None,
+           backend: str = "onnxruntime") -> Deployment:
     """MODEL, or the glyph demo model with `demo` (built or reused), or else the tiny random model.
     `lora_inputs`: exported to take LoRA adapters per request (kiln lora add); `controlnets`: name ->
-    diffusers ControlNet folder, exported beside the model (the demo adds its own)."""
+    diffusers ControlNet folder, exported beside the model (the demo adds its own); `backend`: what runs
+    the components (onnxruntime, or torch: their PyTorch modules, from the exported model folder)."""
     from kiln.clients.client import KilnClient
+
+    check_backend(backend, precision, lora_inputs)
 
     artifacts = Path(artifacts)
     controlnets = dict(controlnets or {})
@@ -121,7 +142,8 @@ def deploy(model_dir: Path | None, artifacts: Path, ports: server.Ports, precisi
     if server.read_state(ports) is not None:
         log.info("stopping the server already running on HTTP port %d", ports.http)
         server.stop(ports)
-    repo_dir = build_repository(onnx_dir, artifacts / "repository", defaults=demo_defaults() if demo else None)
+    repo_dir = build_repository(onnx_dir, artifacts / "repository", defaults=demo_defaults() if demo else None,
+                                backend=backend)
     _, info = server.start(repo_dir, ports)
     with KilnClient(info.http_url, "http") as client:
         result = client.generate(prompt, seed=0)

@@ -2,7 +2,8 @@
 
 Targets:
 - embedded (the tritonserver in the nvidia-pytriton wheel, which has no ONNX Runtime backend):
-  every component is a Python-backend model running ONNX Runtime on the CPU;
+  every component is a Python-backend model running ONNX Runtime on the CPU, or with backend `torch`
+  its PyTorch module (CUDA fp16 where there is a GPU; model_repository.torch_backend);
 - ngc (NVIDIA's Triton container): components on the native backends, `onnxruntime_onnx` (CUDA, or
   its TensorRT accelerator) or `tensorrt_plan` engines from `kiln export trt`, GPU instance groups,
   and a BLS loop that keeps latents on the GPU (DLPack).
@@ -28,7 +29,8 @@ from kiln.errors import KilnError, RepositoryError
 from kiln.artifacts import (MANIFEST_NAME, exported_components, fingerprint, read_export, tree_sha256,
                             write_folder_atomically, write_json_atomically)
 from kiln.export.specs import CONTROLNET_PREFIX, FAMILIES
-from kiln.model_repository import configs
+from kiln.model_repository import configs, torch_backend
+from kiln.model_repository.torch_backend import TorchOptions
 from kiln.pipeline.adapters import layers_digest, read_layers
 from kiln.pipeline.onnx_pipeline import model_constants, model_defaults
 from kiln.pipeline.request import Limits, limits_for
@@ -36,7 +38,7 @@ from kiln.pipeline.request import Limits, limits_for
 log = logging.getLogger("kiln.model_repository")
 
 TARGETS = ("embedded", "ngc")
-BACKENDS = {"embedded": ("onnxruntime",), "ngc": ("onnxruntime", "tensorrt")}
+BACKENDS = {"embedded": ("onnxruntime", "torch"), "ngc": ("onnxruntime", "tensorrt")}
 PUBLIC_MODEL = "txt2img"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
 RESERVED = {"tokenizer", "pipeline", CONTROLNET_PREFIX.rstrip("_"),
@@ -103,13 +105,15 @@ def build_models_repository(
     engines: dict[str, Path] | None = None,
     bls_device: str | None = None,
     defaults: dict | None = None,
+    torch_options: TorchOptions = TorchOptions(),
 ) -> Path:
     """Write the whole repository into a scratch folder, then swap it into place.
 
     `models` maps a model name to its ONNX export (one model: its ensemble is `txt2img`); `engines`
     maps a model name to its TensorRT engine folder (backend tensorrt). `bls_device` makes the BLS loop
     exchange torch tensors through DLPack on that device (the ngc target: cuda). `defaults` sets what a
-    request that leaves out guidance_scale, steps or scheduler gets (see served_defaults)."""
+    request that leaves out guidance_scale, steps or scheduler gets (see served_defaults). `torch_options`:
+    where backend torch runs the modules (device and dtype, chosen when they load)."""
     repo_dir = Path(repo_dir)
     defaults = check_defaults(defaults or {}, limits)
     if target not in TARGETS:
@@ -117,6 +121,9 @@ def build_models_repository(
     if backend not in BACKENDS[target]:
         raise RepositoryError(f"--backend {backend!r} is not available for --target {target}: expected one of {BACKENDS[target]}")
     check_models(models)
+    if backend != torch_backend.BACKEND and torch_options != TorchOptions():
+        raise RepositoryError(f"--torch-device, --torch-dtype and --torch-compile apply to --backend torch, not {backend}",
+                              hint="add --backend torch, or leave them out")
     if 2 * limits.max_prompt_chunks > tuning.max_batch_size:
         raise RepositoryError(f"max_prompt_chunks {limits.max_prompt_chunks} needs a text-encoder batch of "
                               f"{2 * limits.max_prompt_chunks} (prompt and negative prompt), above max_batch_size "
@@ -129,6 +136,7 @@ def build_models_repository(
     single = len(models) == 1
     device = bls_device if bls_device is not None else ("cuda" if target == "ngc" else None)
     manifests = {name: read_export(Path(d)) for name, d in models.items()}
+    sources = _torch_sources(models, manifests, torch_options) if backend == torch_backend.BACKEND else {}
     written: dict[str, str | None] = {}  # Triton model name -> the SHA-256 of its files (several models only)
     summary = {}
 
@@ -156,17 +164,24 @@ def build_models_repository(
                 if declared is not None:
                     adapted.append(component)
                     layers += declared
-                source = engines[name] / component if backend == "tensorrt" else onnx_dir / component
-                triton_name, digest = model_name(component, source)
+                spec = layout.spec(component)
+                if sources:  # backend torch: the component's diffusers folder, checked against the export
+                    weights, weights_digest = sources[name][component]
+                    digest = None if single else fingerprint({"weights": weights_digest, "spec": spec.identity()})
+                    triton_name = component if single else f"{component}_{digest[:12]}"
+                else:
+                    source = engines[name] / component if backend == "tensorrt" else onnx_dir / component
+                    triton_name, digest = model_name(component, source)
                 component_models[component] = triton_name
                 if triton_name in written:
                     continue  # identical weights: stored and loaded once
-                files = _component_files(source, backend)
-                spec = layout.spec(component)
+                files = torch_backend.weight_files(weights) if sources else _component_files(source, backend)
                 if target == "embedded":
                     settings = {"component": component, "family": layout.name, "onnx_threads": tuning.onnx_threads,
-                                "dims": asdict(dims), "limits": asdict(model_limits), **controlled}
-                    config = configs.component_config(spec, dims, tuning, settings, adapted=component in adapted)
+                                "dims": asdict(dims), "limits": asdict(model_limits), **controlled,
+                                **({"torch": asdict(torch_options)} if sources else {})}
+                    config = configs.component_config(spec, dims, tuning, settings, adapted=component in adapted,
+                                                      engine="torch_component" if sources else "onnx_component")
                 elif component in adapted:
                     raise RepositoryError(f"{onnx_dir} was exported with --lora-inputs, which the embedded target "
                                           "serves; the ngc target's plan for adapters is in make gpu-check",
@@ -176,6 +191,8 @@ def build_models_repository(
                                                           manifest.components[component].precision, triton_name)
                 config.name = triton_name
                 _write_model(tmp, config, files=files)
+                if sources:
+                    torch_backend.stamp(tmp / triton_name / "1")
                 written[triton_name] = digest
             tokenizer_name, tokenizer_digest = model_name("tokenizer", *(onnx_dir / folder for folder in layout.tokenizers))
             if tokenizer_name not in written:
@@ -205,7 +222,11 @@ def build_models_repository(
                 _keep_adapters(repo_dir / pipeline_name, tmp / pipeline_name, layers_digest(layers))
             ensemble = PUBLIC_MODEL if single else name
             _write_model(tmp, configs.txt2img_config(ensemble, tokenizer_name, pipeline_name, encoders))
-            summary[ensemble] = {"source": {"onnx_dir": str(onnx_dir.resolve()), "export_key": manifest.key},
+            source_record = {"onnx_dir": str(onnx_dir.resolve()), "export_key": manifest.key}
+            if sources:  # what the PyTorch modules were placed from
+                source_record.update(model_dir=manifest.source["path"],
+                                     weights={c: digest for c, (_, digest) in sources[name].items()})
+            summary[ensemble] = {"source": source_record,
                                  "limits": asdict(model_limits),
                                  "model": manifest.model_dump(mode="json", include={"model"}, exclude_none=True)["model"],
                                  "precision": manifest.precision,
@@ -219,6 +240,7 @@ def build_models_repository(
                 "kiln_version": __version__,
                 "target": target,
                 "backend": backend,
+                **({"torch": asdict(torch_options)} if sources else {}),
                 "public_model": PUBLIC_MODEL if single else sorted(summary),
                 "ensembles": summary,
                 "limits": asdict(limits),
@@ -232,6 +254,20 @@ def build_models_repository(
     log.info("model repository (target %s, backend %s, %d model(s), %d components, %d shared) written to %s",
              target, backend, len(models), unique, references - unique, repo_dir)
     return repo_dir
+
+
+def _torch_sources(models: dict[str, Path], manifests: dict, options: TorchOptions) -> dict[str, dict]:
+    """Backend torch, before anything is written: the options and every export checked (refusing what
+    only ONNX serves), then each component's diffusers folder checked against its export."""
+    options.check()
+    for name, onnx_dir in models.items():
+        layout = manifests[name].family
+        adapted = [c for c in exported_components(Path(onnx_dir), layout) if read_layers(Path(onnx_dir) / c) is not None]
+        torch_backend.check_export(Path(onnx_dir), manifests[name], adapted)
+    verified: dict[Path, str] = {}  # a folder feeding several components or models is hashed once
+    return {name: torch_backend.component_sources(Path(onnx_dir), manifests[name],
+                                                  exported_components(Path(onnx_dir), manifests[name].family), verified)
+            for name, onnx_dir in models.items()}
 
 
 def _keep_adapters(old_model: Path, new_model: Path, digest: str) -> None:
@@ -258,10 +294,12 @@ def _keep_adapters(old_model: Path, new_model: Path, digest: str) -> None:
 
 def build_repository(onnx_dir: Path, repo_dir: Path, target: str = "embedded", limits: Limits = Limits(),
                      tuning: configs.Tuning = configs.Tuning(), backend: str = "onnxruntime",
-                     engine_dir: Path | None = None, defaults: dict | None = None) -> Path:
+                     engine_dir: Path | None = None, defaults: dict | None = None,
+                     torch_options: TorchOptions = TorchOptions()) -> Path:
     """One model: its ensemble is `txt2img`."""
     return build_models_repository({PUBLIC_MODEL: Path(onnx_dir)}, repo_dir, target, backend, limits, tuning,
-                                   engines={PUBLIC_MODEL: Path(engine_dir)} if engine_dir else None, defaults=defaults)
+                                   engines={PUBLIC_MODEL: Path(engine_dir)} if engine_dir else None, defaults=defaults,
+                                   torch_options=torch_options)
 
 
 SERVED_DEFAULTS = ("guidance_scale", "steps", "scheduler", "guidance_cutoff", "guidance_start", "guidance_end")  # the size comes from the model

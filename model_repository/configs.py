@@ -74,16 +74,17 @@ def _component(config: mc.ModelConfig, spec: ComponentSpec, dims: ModelDims, tun
 
 
 def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, settings: dict,
-                     adapted: bool = False) -> mc.ModelConfig:
-    """A Python-backend model running ONNX Runtime on one exported component; `adapted`: exported with
-    LoRA inputs, it also takes a request's adapter set (optional)."""
+                     adapted: bool = False, engine: str = "onnx_component") -> mc.ModelConfig:
+    """A Python-backend model running one exported component: on ONNX Runtime, or with `engine`
+    "torch_component" its PyTorch module (same tensors and batching); `adapted`: exported with LoRA
+    inputs, it also takes a request's adapter set (optional)."""
     config = _component(mc.ModelConfig(name=spec.name, backend="python", max_batch_size=tuning.max_batch_size),
                         spec, dims, tuning, mc.ModelInstanceGroup.KIND_CPU, optional_inputs=True)
     if adapted:
         from kiln.pipeline.adapters import LORA_FIELD
 
         _tensor(config.input.add(), LORA_FIELD, mc.TYPE_STRING, [1], optional=True)
-    _parameters(config, {"kiln_model": "onnx_component", "kiln_settings": json.dumps(settings)})
+    _parameters(config, {"kiln_model": engine, "kiln_settings": json.dumps(settings)})
     return config
 
 

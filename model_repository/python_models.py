@@ -94,13 +94,9 @@ class OnnxComponentModel:
 
     def __init__(self, version_dir: Path, settings: dict):
         from kiln.export.specs import ModelDims
-        from kiln.pipeline.onnx_session import ComponentSession
 
         self.spec = served_family(settings).spec(settings["component"])
-        # No memory arena: one large request (1024x1024, four images) grew ONNX Runtime's arena to 9 GB
-        # and kept it; without one, large blocks go back to the system when the request is done.
-        self.session = ComponentSession(self.spec, version_dir / "model.onnx", int(settings.get("onnx_threads", 0)),
-                                        arena=False)
+        self.session = self.open_session(Path(version_dir), settings)
         self.dims = ModelDims(**settings["dims"]) if "dims" in settings else None
         self.limits = Limits(**settings["limits"]) if "limits" in settings else Limits()
         self.cache = RowCache(EMBEDDING_CACHE_BYTES) if self.spec.cache_outputs else None
@@ -111,6 +107,13 @@ class OnnxComponentModel:
         from collections import OrderedDict
 
         self.feed_sets: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+
+    def open_session(self, version_dir: Path, settings: dict):
+        from kiln.pipeline.onnx_session import ComponentSession
+
+        # No memory arena: one large request (1024x1024, four images) grew ONNX Runtime's arena to 9 GB
+        # and kept it; without one, large blocks go back to the system when the request is done.
+        return ComponentSession(self.spec, version_dir / "model.onnx", int(settings.get("onnx_threads", 0)), arena=False)
 
     def adapters(self, feed: dict[str, np.ndarray | None]) -> str:
         """The request's adapter set (ids and scales as the pipeline resolved them), '' for none."""
@@ -241,6 +244,22 @@ class OnnxComponentModel:
 
     def finalize(self):
         self.session = None
+
+
+class TorchComponentModel(OnnxComponentModel):
+    """One component as its PyTorch module (`kiln repo build --backend torch`): the same checks, batching
+    and embedding cache as on ONNX Runtime; only the engine differs (model_repository.torch_backend)."""
+
+    def open_session(self, version_dir: Path, settings: dict):
+        from kiln.model_repository.torch_backend import load_component
+
+        session = load_component(self.spec, version_dir, settings)
+        try:
+            from kiln.model_repository import triton_adapter as triton
+        except ImportError:  # run without Triton (tests): the module logger has it already
+            return session
+        triton.log_info(session.description)
+        return session
 
 
 class TokenizerModel:
@@ -399,7 +418,8 @@ def format_pairs(pairs) -> str:
     return ",".join(f"{name}:{scale:g}" for name, scale in pairs)
 
 
-KINDS = {"onnx_component": OnnxComponentModel, "tokenizer": TokenizerModel, "pipeline": PipelineModel}
+KINDS = {"onnx_component": OnnxComponentModel, "torch_component": TorchComponentModel, "tokenizer": TokenizerModel,
+         "pipeline": PipelineModel}
 
 
 def create(args: dict):

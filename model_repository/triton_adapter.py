@@ -39,6 +39,11 @@ def fail(exc: BaseException):
     return pb_utils.InferenceResponse(error=_error(message, invalid))
 
 
+def log_info(message: str) -> None:
+    """A line in Triton's own log (the server's log file)."""
+    pb_utils.Logger.log_info(message)
+
+
 class Counter:
     """A counter on Triton's metrics endpoint (the Python backend's custom metrics). Holds its family:
     Triton refuses to count on a metric whose family was deleted."""

@@ -34,6 +34,7 @@ PARSE_JSON_UP_TO = 1 << 20  # larger headers get the depth scan only: parsing th
 # memory (millions of Python objects) and hold the GIL against every other request
 READ_CHUNK = 64 << 10
 MAX_JSON_DEPTH = 32  # Triton's own requests nest 3-4 deep, a tensor's data a level per dimension
+BACKEND_HOST = "127.0.0.1"  # Triton's own HTTP port listens here alone, whatever address the door listens on
 INFER_HEADER = "Inference-Header-Content-Length"  # Triton's binary-data extension: JSON, then raw tensors
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "content-length", "content-encoding", "host"}
@@ -145,7 +146,7 @@ class Guard:
         if compress:
             body = await loop.run_in_executor(None, gzip.compress, body, 1)
             headers["Content-Encoding"] = "gzip"
-        url = f"http://{self.host}:{self.backend}{request.rel_url}"
+        url = f"http://{BACKEND_HOST}:{self.backend}{request.rel_url}"
         try:
             async with self.session.request(request.method, url, data=body, headers=headers) as answer:
                 payload = await answer.read()

@@ -1,5 +1,5 @@
 """The embedded Triton server: the tritonserver binary shipped in the nvidia-pytriton wheel, run on
-127.0.0.1 against a Kiln model repository (no Docker)."""
+127.0.0.1 (or the address `kiln serve --host` names) against a Kiln model repository (no Docker)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from typing import Iterator
 from kiln.artifacts import write_folder_atomically
 from kiln.errors import ServeError
 
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # the default address, and the only one Triton's private HTTP port listens on
+WILDCARDS = ("0.0.0.0",)  # addresses that bind every interface; clients on this machine reach them on HOST
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 ADMIN_HEADER = "admin-key"  # the admin surfaces need this header: Triton's restricted-API protection
@@ -47,18 +48,43 @@ class ServerInfo:
     ports: Ports
     repository: str
     log_file: str
+    host: str = HOST  # the address the HTTP, gRPC and metrics ports listen on
+
+    @property
+    def reach(self) -> str:
+        """The address a client on this machine connects to."""
+        return HOST if self.host in WILDCARDS else self.host
 
     @property
     def http_url(self) -> str:
-        return f"{HOST}:{self.ports.http}"
+        return f"{self.reach}:{self.ports.http}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{HOST}:{self.ports.grpc}"
+        return f"{self.reach}:{self.ports.grpc}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.ports.metrics}/metrics"
+        return f"http://{self.reach}:{self.ports.metrics}/metrics"
+
+
+def bind_address(host: str) -> str:
+    """The IPv4 address `--host` names (an address, or a name this machine resolves), checked to be one of
+    this machine's: refused with the value and the fix before any work is done."""
+    fix = ("pass an IPv4 address of this machine: --host 127.0.0.1 (this machine only, the default) "
+           "or --host 0.0.0.0 (every interface)")
+    try:
+        address = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError, ValueError) as e:
+        raise ServeError(f"--host {host!r} is not an IPv4 address or a host name this machine can resolve "
+                         f"({getattr(e, 'strerror', None) or e})", hint=fix) from None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, 0))
+        except OSError as e:
+            raise ServeError(f"--host {host!r} ({address}) is not an address of this machine ({e.strerror})",
+                             hint=fix) from None
+    return address
 
 
 def kiln_home() -> Path:
@@ -108,11 +134,11 @@ def server_home() -> Path:
     return home
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, host: str = HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((HOST, port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
@@ -133,15 +159,16 @@ def state_file(ports: Ports) -> Path:
     return kiln_home() / "run" / f"triton-{ports.http}.json"
 
 
-def command(repository: Path, ports: Ports, home: Path, admin_key: str) -> list[str]:
+def command(repository: Path, ports: Ports, home: Path, admin_key: str, host: str = HOST) -> list[str]:
+    """tritonserver's command line: gRPC and metrics on `host`; HTTP on HOST only, behind Kiln's door."""
     args = [
         str(home / "bin" / "tritonserver"),
         f"--model-repository={repository}",
         f"--backend-directory={home / 'backends'}",
         f"--cache-directory={home / 'caches'}",
         f"--http-address={HOST}",
-        f"--grpc-address={HOST}",
-        f"--metrics-address={HOST}",
+        f"--grpc-address={host}",
+        f"--metrics-address={host}",
         "--allow-gpu-metrics=false",
         "--exit-on-error=true",
         "--strict-readiness=true",
@@ -202,11 +229,11 @@ def _admin_key(ports: Ports, key: str | None) -> str:
     return key
 
 
-def launch(repository: Path, ports: Ports, admin_key: str, log_file: Path) -> subprocess.Popen:
+def launch(repository: Path, ports: Ports, admin_key: str, log_file: Path, host: str = HOST) -> subprocess.Popen:
     """tritonserver in a session of its own (its stubs with it), its output appended to `log_file`."""
     with open(log_file, "ab") as log:
         return subprocess.Popen(
-            command(repository, ports, server_home(), admin_key),
+            command(repository, ports, server_home(), admin_key, host),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -215,7 +242,7 @@ def launch(repository: Path, ports: Ports, admin_key: str, log_file: Path) -> su
         )
 
 
-def _check_startable(repository: Path, ports: Ports) -> None:
+def _check_startable(repository: Path, ports: Ports, host: str) -> None:
     if not (repository / "manifest.json").is_file():
         raise ServeError(f"{repository} is not a Kiln model repository", hint="kiln repo build ONNX_DIR REPO_DIR")
     running = read_state(ports)
@@ -223,21 +250,23 @@ def _check_startable(repository: Path, ports: Ports) -> None:
         raise ServeError(f"a Kiln server (pid {running.pid}) already runs on HTTP port {ports.http}",
                          hint=f"kiln stop --http-port {ports.http}")
     for flag, port in ports.flags().items():
-        if not _port_free(port):
+        if not _port_free(port, host):
             raise ServeError(
-                f"port {port} ({flag}) is already in use on {HOST}",
+                f"port {port} ({flag}) is already in use on {host}",
                 hint=f"choose another with {flag}, or stop the server holding it: kiln stop --http-port {ports.http}",
             )
 
 
-def _prepare(repository: Path, ports: Ports, log_file: Path | None, admin_key: str | None) -> tuple[Path, Path, str]:
+def _prepare(repository: Path, ports: Ports, log_file: Path | None, admin_key: str | None,
+             host: str) -> tuple[Path, Path, str, str]:
+    host = bind_address(host)  # first: a wrong --host is refused before anything is checked or written
     repository = Path(repository).resolve()
-    _check_startable(repository, ports)
+    _check_startable(repository, ports, host)
     server_home()  # copied once, before any supervisor needs it
     log_file = Path(log_file or kiln_home() / "run" / f"triton-{ports.http}.log")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.write_bytes(b"")
-    return repository, log_file, _admin_key(ports, admin_key)
+    return repository, log_file, _admin_key(ports, admin_key), host
 
 
 def start(
@@ -246,13 +275,14 @@ def start(
     log_file: Path | None = None,
     timeout_s: float = STARTUP_TIMEOUT_S,
     admin_key: str | None = None,
+    host: str = HOST,
 ) -> tuple[subprocess.Popen, ServerInfo]:
     """Start a supervised tritonserver in the background and wait until every model is ready.
 
     The supervisor (kiln.serving.supervisor) runs detached in a session of its own and restarts the
     server when it dies; it records itself in the state file first thing, so `stop` finds it. An
     interrupted or failed start stops what it started, however early it was interrupted."""
-    repository, log_file, _ = _prepare(repository, ports, log_file, admin_key)
+    repository, log_file, _, host = _prepare(repository, ports, log_file, admin_key, host)
     state_file(ports).unlink(missing_ok=True)  # a dead server's record (_prepare refused a live one)
     process = None
     try:
@@ -260,10 +290,10 @@ def start(
             process = subprocess.Popen(
                 [sys.executable, "-m", "kiln.serving.supervisor", str(repository), "--http-port", str(ports.http),
                  "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log-file", str(log_file),
-                 "--startup-timeout", str(timeout_s)],
+                 "--startup-timeout", str(timeout_s), "--host", host],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
-        info = ServerInfo(process.pid, ports, str(repository), str(log_file))
+        info = ServerInfo(process.pid, ports, str(repository), str(log_file), host)
         # The supervisor records itself (and then its tritonserver) in the state file; this process
         # writes nothing there, so a record with the server's pid is never overwritten by an older one.
         while read_status(ports).get("status") != "ready":
@@ -321,7 +351,7 @@ def read_state(ports: Ports) -> ServerInfo | None:
     data = read_status(ports)
     if not data:
         return None
-    return ServerInfo(data["pid"], Ports(**data["ports"]), data["repository"], data["log_file"])
+    return ServerInfo(data["pid"], Ports(**data["ports"]), data["repository"], data["log_file"], data.get("host", HOST))
 
 
 def _alive(pid: int) -> bool:
@@ -403,14 +433,14 @@ def running_server(repository: Path, ports: Ports | None = None, **start_options
         stop(ports)
 
 
-def serve_foreground(repository: Path, ports: Ports, on_ready) -> int:
-    """Supervise the server in this process until Ctrl-C; `on_ready(info, restarts)` after each (re)start.
-    Returns 0 when stopped, 1 when the server could not start."""
+def serve_foreground(repository: Path, ports: Ports, on_ready, host: str = HOST) -> int:
+    """Supervise the server in this process until Ctrl-C or SIGTERM; `on_ready(info, restarts)` after each
+    (re)start. Returns 0 when stopped, 1 when the server could not start."""
     from kiln.serving.supervisor import Supervision, supervise
 
-    repository, log_file, key = _prepare(repository, ports, None, None)
+    repository, log_file, key, host = _prepare(repository, ports, None, None, host)
     try:
-        return supervise(Supervision(repository, ports, log_file, key, on_ready=on_ready))
+        return supervise(Supervision(repository, ports, log_file, key, on_ready=on_ready, host=host))
     finally:
         state_file(ports).unlink(missing_ok=True)
         admin_key_file(ports).unlink(missing_ok=True)

@@ -41,6 +41,7 @@ class Supervision:
     admin_key: str
     startup_timeout_s: float = server.STARTUP_TIMEOUT_S
     on_ready: Callable[[server.ServerInfo, int], None] | None = None  # (info, restarts)
+    host: str = server.HOST  # where clients' HTTP (the guard), gRPC and metrics ports listen, every restart
     restarts: int = 0
     last_exit: str | None = None
     log_start: int = 0
@@ -58,7 +59,7 @@ class Supervision:
             log.write(f"[kiln supervisor {time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
 
     def info(self) -> server.ServerInfo:
-        return server.ServerInfo(os.getpid(), self.ports, str(self.repository), str(self.log_file))
+        return server.ServerInfo(os.getpid(), self.ports, str(self.repository), str(self.log_file), self.host)
 
     def record(self, status: str) -> None:
         server.write_state(self.info(), triton_pid=self.triton.pid if self.triton else None, status=status,
@@ -66,7 +67,7 @@ class Supervision:
 
     def launch(self) -> None:
         self.log_start = self.log_file.stat().st_size if self.log_file.exists() else 0  # this server's lines begin here
-        self.triton = server.launch(self.repository, self.backend, self.admin_key, self.log_file)
+        self.triton = server.launch(self.repository, self.backend, self.admin_key, self.log_file, self.host)
         self.record("starting")
 
     def wait_ready(self) -> bool:
@@ -133,7 +134,7 @@ class Supervision:
         """Start, wait for ready, watch, restart; returns 0 when stopped, 1 when the server cannot start."""
         in_a_row = 0  # restarts since the server last stayed up STABLE_S
         self.record("starting")  # first thing: `kiln stop` finds this process from here on
-        self.guard = Guard(server.HOST, self.ports.http, self.backend.http)
+        self.guard = Guard(self.host, self.ports.http, self.backend.http)
         self.guard.start()
         while not self.stopping:
             self.launch()
@@ -273,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--log-file", type=Path, required=True)
     parser.add_argument("--startup-timeout", type=float, default=server.STARTUP_TIMEOUT_S)
+    parser.add_argument("--host", default=server.HOST)
     args = parser.parse_args(argv)
     ports = server.Ports(args.http_port, args.grpc_port, args.metrics_port)
     key = server.admin_key_file(ports).read_text()
-    return supervise(Supervision(args.repository, ports, args.log_file, key, args.startup_timeout))
+    return supervise(Supervision(args.repository, ports, args.log_file, key, args.startup_timeout, host=args.host))
 
 
 if __name__ == "__main__":

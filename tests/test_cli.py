@@ -49,6 +49,8 @@ def defaults(*command: str) -> dict:
     ("model sd15", "kiln.models.benchmark", "WIDTHS"),
     ("export qdq", "kiln.export.quantize", "METHODS"),
     ("data prepare", "kiln.dataset.control", "CONTROLS"),
+    ("repo build", "kiln.pipeline.engines", "TORCH_DEVICES"),
+    ("repo build", "kiln.pipeline.engines", "TORCH_DTYPES"),
 ])
 def test_help_lists_the_library_choices(command, module, name):
     choices = list(getattr(importlib.import_module(module), name))
@@ -202,7 +204,7 @@ def test_option_defaults_are_the_library_defaults():
     check(("export", "onnx"), {"opset": DEFAULT_OPSET})
     bench = BenchSpec()
     check(("bench",), {"steps": bench.steps, "runs": bench.runs, "pipeline_instances": tuning.pipeline_instances,
-                       "onnx_threads": tuning.onnx_threads})
+                       "onnx_threads": tuning.onnx_threads, "peers": ",".join(bench.peers)})
     evaluation = EvalSpec()
     check(("eval",), {"seeds": evaluation.seeds, "steps": evaluation.steps, "guidance": evaluation.guidance_scale})
     cluster = ClusterSpec()

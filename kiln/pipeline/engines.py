@@ -4,7 +4,9 @@ The core (kiln.pipeline.denoise) asks four things: encode text (one run per text
 family), predict noise, decode latents, encode an image. Each is one run of a component spec of the
 family (kiln.export.specs.Family), and a *runner* executes runs on one backend: ONNX
 Runtime in-process (here), a Triton BLS call (model_repository.triton_adapter), a TensorRT engine
-(export.tensorrt) or the PyTorch wrapper (here, the reference the GPU check times). Runners take and
+(export.tensorrt), OpenVINO on the CPU (kiln.pipeline.openvino_runner, a peer `kiln bench` times) or
+the PyTorch wrapper (here: the reference the GPU check times; TorchSession, the repository's `torch`
+backend). Runners take and
 return torch tensors on their `device` and convert at their own edge; the core sees nothing else.
 """
 
@@ -97,12 +99,17 @@ class OnnxRuntimeRunner:
 
     device = torch.device("cpu")
 
-    def __init__(self, onnx_dir: Path, threads: int = 0, arena: bool = True, providers: list[str] | None = None):
+    def __init__(self, onnx_dir: Path, threads: int = 0, arena: bool = True, providers: list[str] | None = None,
+                 files: dict[str, Path] | None = None):
+        """`files`: components' ONNX files to run in place of the export's (its fused graphs:
+        kiln.export.optimize)."""
         from kiln.artifacts import exported_components, onnx_file, read_export
         from kiln.pipeline.onnx_session import ComponentSession
 
         self.family = read_export(onnx_dir).family
-        self.sessions = {name: ComponentSession(self.family.spec(name), onnx_file(onnx_dir, name), threads, arena, providers)
+        files = files or {}
+        self.sessions = {name: ComponentSession(self.family.spec(name), files.get(name, onnx_file(onnx_dir, name)),
+                                                threads, arena, providers)
                          for name in exported_components(onnx_dir, self.family)}
         self.components = tuple(self.sessions)
 
@@ -113,6 +120,64 @@ class OnnxRuntimeRunner:
 
 def onnx_engines(onnx_dir: Path, threads: int = 0) -> Engines:
     return Engines(OnnxRuntimeRunner(onnx_dir, threads))
+
+
+TORCH_DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when torch sees a GPU, else cpu
+TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on cuda, float32 on cpu
+
+
+def torch_placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Where and in what precision PyTorch modules run: `auto` picks CUDA in fp16 when torch sees a GPU,
+    else the CPU in fp32. Raises ModelError for a choice this host cannot run."""
+    if device not in TORCH_DEVICES and not device.startswith("cuda:"):
+        raise ModelError(f"torch device {device!r} is not one of {TORCH_DEVICES} (or cuda:N)")
+    if dtype not in TORCH_DTYPES:
+        raise ModelError(f"torch dtype {dtype!r} is not one of {TORCH_DTYPES}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"torch device {device!r} was asked for, but torch sees no CUDA GPU here "
+                         f"(torch {torch.__version__})", hint="rebuild the repository with --torch-device auto or cpu")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    if device == "cpu" and dtype == "float16":
+        raise ModelError("torch dtype float16 on the CPU: PyTorch's CPU kernels are slow or missing in fp16",
+                         hint="--torch-dtype float32 or bfloat16 on the CPU")
+    return torch.device(device), getattr(torch, dtype)
+
+
+def attention_kind(module: torch.nn.Module) -> str:
+    """How a wrapper's model computes attention, for the log: diffusers' processor classes
+    (AttnProcessor2_0 is SDPA) or transformers' attn_implementation."""
+    model = getattr(module, "model", None) or getattr(module, "vae", None)
+    if hasattr(model, "attn_processors"):
+        return ",".join(sorted({type(p).__name__ for p in model.attn_processors.values()})) or "none"
+    return str(getattr(getattr(model, "config", None), "_attn_implementation", "unknown"))
+
+
+class TorchComponent:
+    """One component's PyTorch wrapper on `device`, in `dtype` where its spec allows reduced precision
+    (fp32 otherwise: the VAE); inputs and outputs named as the spec, outputs back in fp32."""
+
+    def __init__(self, spec: ComponentSpec, module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 compile: bool = False):
+        self.spec, self.device = spec, torch.device(device)
+        self.dtype = dtype if spec.reduced_precision else torch.float32
+        self.module = module.to(self.device, self.dtype)
+        if compile:  # opt-in: compiled per new input shape, at the first request of that shape
+            self.module = torch.compile(self.module, dynamic=True)
+
+    def __call__(self, feeds: dict[str, torch.Tensor], outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        from kiln.export.specs import complete_feeds
+
+        feeds = complete_feeds(self.spec, {k: v.to(self.device) for k, v in feeds.items()})
+        args = [feeds[t.name].to(self.device, self.dtype) if t.dtype.startswith("float") else feeds[t.name].to(self.device)
+                for t in self.spec.inputs]
+        with torch.inference_mode():
+            result = self.module(*args)
+        result = result if isinstance(result, tuple) else (result,)
+        named = dict(zip(self.spec.output_names, result, strict=True))
+        return {k: named[k].float() for k in (outputs or self.spec.output_names)}
 
 
 class TorchRunner:
@@ -130,24 +195,25 @@ class TorchRunner:
             self.family = self.family.controlled(controlled_dims(model_dir, model_dims(model_dir)), controlnets)
         specs = self.family.components
         names = [n for n, s in specs.items() if s.required] if components is None else list(components)
-        self.modules = {n: specs[n].load_torch(model_dir).to(self.device, self._dtype(specs[n])) for n in names}
+        self.modules = {n: TorchComponent(specs[n], specs[n].load_torch(model_dir), self.device, dtype) for n in names}
         for name, folder in (controlnets or {}).items():  # ControlNets live in their own folders
             spec = self.family.spec(name)
-            self.modules[name] = spec.load_torch(model_dir, folder).to(self.device, self._dtype(spec))
+            self.modules[name] = TorchComponent(spec, spec.load_torch(model_dir, folder), self.device, dtype)
         self.components = tuple(self.modules)
 
-    def _dtype(self, spec: ComponentSpec) -> torch.dtype:
-        return self.dtype if spec.reduced_precision else torch.float32
-
     def __call__(self, spec: ComponentSpec, feeds: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, torch.Tensor]:
-        from kiln.export.specs import complete_feeds
+        return self.modules[spec.name](feeds, outputs)
 
-        dtype = self._dtype(spec)
-        feeds = complete_feeds(spec, {k: v.to(self.device) for k, v in feeds.items()})
-        args = [feeds[t.name].to(self.device, dtype) if t.dtype.startswith("float") else feeds[t.name].to(self.device)
-                for t in spec.inputs]
-        with torch.inference_mode():
-            result = self.modules[spec.name](*args)
-        result = result if isinstance(result, tuple) else (result,)
-        named = dict(zip(spec.output_names, result, strict=True))
-        return {k: named[k].float() for k in outputs}
+
+class TorchSession:
+    """A component's PyTorch wrapper behind ONNX Runtime's session interface (host arrays in and out):
+    the engine of the repository's `torch` backend. Takes no LoRA inputs (`layers` None)."""
+
+    layers = None
+
+    def __init__(self, component: TorchComponent, description: str = ""):
+        self.component, self.description = component, description  # description: what was chosen, for the log
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items() if v is not None}
+        return {k: v.cpu().numpy() for k, v in self.component(tensors, outputs).items()}
