@@ -1,11 +1,16 @@
 """`kiln bench`: per-stage and end-to-end latency for the same model, steps, size and seed through
-diffusers' PyTorch pipeline, Kiln's ONNX Runtime pipeline (in-process), and Kiln through Triton
-over HTTP and gRPC, measured in one run. Medians after warm-up; JSON, markdown and a PNG plot.
-The stages are the model family's: each text encoder, a UNet step, the VAE decode."""
+diffusers' PyTorch pipeline (eager, and torch.compile), Kiln's core in-process on ONNX Runtime (the
+exported graphs, and their fused-attention variants), on OpenVINO, and Kiln through Triton over HTTP
+and gRPC, measured in one run. Each path reports p50, p90 and spread after warm-up, and its parity
+with diffusers' eager PyTorch: the UNet step's output for the same inputs, and the end-to-end image.
+The stages are the model family's: each text encoder, a UNet step, the VAE decode. A peer runtime
+that cannot run here (package missing, a graph that fails its parity check) is reported as skipped.
+JSON, markdown and a PNG plot."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -13,9 +18,17 @@ import numpy as np
 import torch
 
 from kiln.benchmarks.timing import timed as _timed
-from kiln.export.specs import Family
+from kiln.errors import KilnError
+from kiln.export.specs import Family, Tolerance
+
+log = logging.getLogger(__name__)
 
 PROMPT = "a red digit 7 on a white background"
+# The runtimes a user would pick instead of Kiln's, timed beside it when asked for (all by default).
+PEERS = ("torch_compile", "onnxruntime_fused", "openvino", "onnxruntime_openvino")
+# What makes a peer skipped rather than the bench fail: a package not installed, a graph outside its
+# tolerance, a runtime that refuses the model.
+PEER_FAILURES = (ImportError, KilnError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -26,10 +39,56 @@ class BenchSpec:
     warmup: int = 1
     scheduler: str = "euler"
     seed: int = 0
+    peers: tuple[str, ...] = PEERS
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" checks the wiring in seconds)
+
+    def __post_init__(self):
+        unknown = [p for p in self.peers if p not in PEERS]
+        if unknown:
+            raise ValueError(f"peers {unknown}: expected some of {PEERS}")
 
 
 def timed(fn: Callable[[], object], runs: int, warmup: int) -> dict[str, float]:
     return _timed(fn, runs, warmup).to_json()
+
+
+def timed_keeping(fn: Callable[[], object], runs: int, warmup: int) -> tuple[dict[str, float], object]:
+    """timed(fn), and what its last call returned (for parity, without one more call)."""
+    last = []
+
+    def call():
+        last[:] = [fn()]
+
+    return timed(call, runs, warmup), last[0]
+
+
+@dataclass
+class Measured:
+    """One path's timings, its UNet-step output for the bench's inputs and its end-to-end image."""
+
+    stages: dict[str, dict]
+    end_to_end: dict
+    unet_out: np.ndarray
+    image: np.ndarray | None  # (1, H, W, 3) uint8
+    extra: dict = field(default_factory=dict)  # what else the path reports (compile seconds, fused operators)
+
+    def row(self, reference: "Measured", tolerance: Tolerance) -> dict:
+        return {"stages": self.stages, "end_to_end": self.end_to_end,
+                "parity": parity(self, reference, tolerance), **self.extra}
+
+
+def parity(measured: Measured, reference: Measured, tolerance: Tolerance) -> dict:
+    """The UNet step's output against the reference's for the same inputs (and whether that is within the
+    UNet's declared tolerance), and the end-to-end image's difference in 1/255 units."""
+    from kiln.export.parity import compare
+
+    diff = compare("out_sample", measured.unet_out, reference.unet_out)
+    result = {"unet_step_max_abs": diff.max_abs, "unet_step_rel_l2": diff.rel_l2,
+              "unet_step_within_tolerance": diff.within(tolerance)}
+    if measured.image is not None and reference.image is not None:
+        pixels = np.abs(measured.image.astype(int) - reference.image.astype(int))
+        result.update(image_max_abs_255=int(pixels.max()), image_mean_abs_255=float(pixels.mean()))
+    return result
 
 
 def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
@@ -63,36 +122,66 @@ def stage_inputs(family: Family, dims, size: int) -> dict[str, dict[str, np.ndar
             for stage, spec in stages(family).items()}
 
 
-def bench_pytorch(model_dir: Path, family: Family, spec: BenchSpec, size: int, x: dict) -> dict:
-    """diffusers' own modules (each in the spec's wrapper: the same call export traced) and pipeline."""
+def diffusers_stages(pipe, family: Family, spec: BenchSpec, x: dict, warmup: Callable) -> tuple[dict, np.ndarray]:
+    """Each stage through diffusers' own modules (each in the spec's wrapper: the same call export
+    traced), warmed up by `warmup(fn)`; the UNet step's output."""
     from kiln.export import wrappers
-    from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
+
+    outputs = {}
+    measured = {}
+    with torch.inference_mode():
+        for stage, c in stages(family).items():
+            module = getattr(wrappers, c.wrapper)(getattr(pipe, c.source))
+            t = [torch.from_numpy(x[stage][name]) for name in c.input_names]
+            warmup(lambda: module(*t))
+            measured[stage], outputs[stage] = timed_keeping(lambda: module(*t), spec.runs, 0)
+    return measured, outputs["unet_step"].numpy()
+
+
+def end_to_end_diffusers(pipe, spec: BenchSpec, size: int, warmup: Callable) -> tuple[dict, np.ndarray]:
+    from kiln.pipeline.reference import diffusers_image
+
+    generate = lambda: diffusers_image(pipe, spec.scheduler, PROMPT, "", spec.seed, spec.steps, 7.5, size, size)  # noqa: E731
+    warmup(generate)
+    return timed_keeping(generate, spec.runs, 0)
+
+
+def bench_pytorch(model_dir: Path, family: Family, spec: BenchSpec, size: int, x: dict) -> Measured:
+    """diffusers' pipeline and modules, eager: the reference every path's parity is measured against."""
+    from kiln.export import wrappers
+    from kiln.pipeline.reference import load_diffusers_pipeline
 
     pipe = load_diffusers_pipeline(model_dir)
-    modules = {stage: getattr(wrappers, c.wrapper)(getattr(pipe, c.source)) for stage, c in stages(family).items()}
-    t = {stage: [torch.from_numpy(x[stage][name]) for name in c.input_names] for stage, c in stages(family).items()}
-    with torch.inference_mode():
-        measured = {stage: timed(lambda: modules[stage](*t[stage]), spec.runs, spec.warmup) for stage in modules}
-    flops = unet_flops(modules["unet_step"], *t["unet_step"])
-    end = timed(lambda: diffusers_image(pipe, spec.scheduler, PROMPT, "", spec.seed, spec.steps, 7.5, size, size),
-                spec.runs, spec.warmup)
-    return {"stages": measured, "end_to_end": end, "unet_gflop": flops / 1e9}
+    warmup = lambda fn: [fn() for _ in range(spec.warmup)]  # noqa: E731
+    measured, unet_out = diffusers_stages(pipe, family, spec, x, warmup)
+    unet = family.spec("unet")
+    flops = unet_flops(getattr(wrappers, unet.wrapper)(pipe.unet), *(torch.from_numpy(x["unet_step"][n]) for n in unet.input_names))
+    end, image = end_to_end_diffusers(pipe, spec, size, warmup)
+    return Measured(measured, end, unet_out, image, {"unet_gflop": flops / 1e9})
 
 
-def bench_onnx(onnx_dir: Path, family: Family, spec: BenchSpec, size: int, x: dict) -> dict:
-    from kiln.pipeline.onnx_pipeline import OnnxPipeline
+def bench_kiln(pipe, family: Family, spec: BenchSpec, size: int, x: dict, extra: dict | None = None) -> Measured:
+    """Kiln's core in this process (kiln.pipeline.onnx_pipeline.OnnxPipeline) on whichever runner `pipe`
+    was built with: its own engine calls per stage, its own pipeline end to end."""
     from kiln.pipeline.request import GenerationRequest
 
-    pipe = OnnxPipeline(onnx_dir)
-    measured = {}
-    for stage, component in stages(family).items():  # the pipeline's own engine calls
+    measured, outputs = {}, {}
+    for stage, component in stages(family).items():
         feeds = [torch.from_numpy(x[stage][name]) for name in component.input_names]
-        measured[stage] = timed(lambda: pipe.engines.outputs(component, *feeds), spec.runs, spec.warmup)
+        measured[stage], outputs[stage] = timed_keeping(lambda: pipe.engines.outputs(component, *feeds), spec.runs, spec.warmup)
     request = GenerationRequest(PROMPT, "", spec.seed, spec.steps, 7.5, size, size, spec.scheduler)
-    return {"stages": measured, "end_to_end": timed(lambda: pipe(request), spec.runs, spec.warmup)}
+    end, image = timed_keeping(lambda: pipe(request), spec.runs, spec.warmup)
+    unet_out = outputs["unet_step"][family.spec("unet").output_names[0]].numpy()
+    return Measured(measured, end, unet_out, image, extra or {})
 
 
-def bench_triton(url: str, protocol: str, family: Family, spec: BenchSpec, size: int, x: dict, loops: int = 1) -> dict:
+def bench_onnx(onnx_dir: Path, family: Family, spec: BenchSpec, size: int, x: dict) -> Measured:
+    from kiln.pipeline.onnx_pipeline import OnnxPipeline
+
+    return bench_kiln(OnnxPipeline(onnx_dir), family, spec, size, x)
+
+
+def bench_triton(url: str, protocol: str, family: Family, spec: BenchSpec, size: int, x: dict, loops: int = 1) -> Measured:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -114,12 +203,57 @@ def bench_triton(url: str, protocol: str, family: Family, spec: BenchSpec, size:
         """Distinct token ids each call: the embedding cache must not answer for the encoder."""
         return {k: np.random.randint(0, 49000, v.shape).astype(v.dtype) for k, v in feeds.items()}
 
-    measured = {stage: timed(lambda: call(component, fresh(x[stage]) if component.cache_outputs else x[stage]),
-                             spec.runs, spec.warmup) for stage, component in stages(family).items()}
+    measured, outputs = {}, {}
+    for stage, component in stages(family).items():
+        measured[stage], outputs[stage] = timed_keeping(
+            lambda: call(component, fresh(x[stage]) if component.cache_outputs else x[stage]), spec.runs, spec.warmup)
     with KilnClient(url, protocol) as client:
-        end = timed(lambda: client.generate(PROMPT, seed=spec.seed, steps=spec.steps, height=size, width=size,
-                                            scheduler=spec.scheduler), spec.runs, max(spec.warmup, loops))
-    return {"stages": measured, "end_to_end": end}  # warm-up reaches every BLS loop instance once
+        end, result = timed_keeping(lambda: client.generate(PROMPT, seed=spec.seed, steps=spec.steps, height=size, width=size,
+                                                            scheduler=spec.scheduler), spec.runs, max(spec.warmup, loops))
+    unet_out = outputs["unet_step"].as_numpy(family.spec("unet").output_names[0])
+    return Measured(measured, end, unet_out, result.images)  # warm-up reaches every BLS loop instance once
+
+
+def paths(model_dir: Path, onnx_dir: Path, out_dir: Path, family: Family, spec: BenchSpec, size: int,
+          x: dict) -> dict[str, tuple[str | None, Callable[[], Measured]]]:
+    """Every in-process path in the order of the report: name -> (the peer it belongs to, None for
+    Kiln's own and the reference; how to measure it)."""
+    from kiln.benchmarks.peers import bench_onnx_fused, bench_onnx_openvino, bench_openvino, bench_torch_compile
+
+    def openvino_default() -> Measured:
+        from kiln.pipeline.openvino_runner import default_precision
+
+        if default_precision() == "f32":
+            raise RuntimeError("OpenVINO's CPU plugin computes in f32 here by default: the openvino row is its default")
+        return bench_openvino(onnx_dir, family, spec, size, x, "default")
+
+    return {
+        "pytorch": (None, lambda: bench_pytorch(model_dir, family, spec, size, x)),
+        "torch_compile": ("torch_compile", lambda: bench_torch_compile(model_dir, family, spec, size, x)),
+        "onnxruntime": (None, lambda: bench_onnx(onnx_dir, family, spec, size, x)),
+        "onnxruntime_fused": ("onnxruntime_fused",
+                              lambda: bench_onnx_fused(model_dir, onnx_dir, out_dir / "fused", family, spec, size, x)),
+        "openvino": ("openvino", lambda: bench_openvino(onnx_dir, family, spec, size, x, "f32")),
+        "openvino_default": ("openvino", openvino_default),
+        "onnxruntime_openvino": ("onnxruntime_openvino", lambda: bench_onnx_openvino(onnx_dir, family, spec, size, x)),
+    }
+
+
+def measure_in_process(model_dir: Path, onnx_dir: Path, out_dir: Path, family: Family, spec: BenchSpec, size: int,
+                       x: dict) -> tuple[dict[str, Measured], dict[str, str]]:
+    """Each path one after the other (one model in memory at a time); a peer that fails with one of
+    PEER_FAILURES is skipped with its reason."""
+    measured, skipped = {}, {}
+    for name, (peer, measure) in paths(model_dir, onnx_dir, out_dir, family, spec, size, x).items():
+        if peer is None:
+            measured[name] = measure()
+        elif peer in spec.peers:
+            try:
+                measured[name] = measure()
+            except PEER_FAILURES as exc:
+                skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log.warning("bench: %s skipped: %s", name, skipped[name])
+    return measured, skipped
 
 
 def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchSpec(), tuning=None,
@@ -140,25 +274,19 @@ def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchS
     size = spec.size or manifest.model.default_size
     x = stage_inputs(family, manifest.dims, size)
     tuning = tuning or Tuning()
-    results = {"pytorch": bench_pytorch(model_dir, family, spec, size, x),
-               "onnxruntime": bench_onnx(onnx_dir, family, spec, size, x)}
+    measured, skipped = measure_in_process(model_dir, onnx_dir, out_dir, family, spec, size, x)
     repo = build_repository(onnx_dir, out_dir / "repository", tuning=tuning)
     with running_server(repo) as served:
         for protocol, url in (("http", served.http_url), ("grpc", served.grpc_url)):
-            results[f"triton_{protocol}"] = bench_triton(url, protocol, family, spec, size, x, tuning.pipeline_instances)
-    end = {k: v["end_to_end"]["median_ms"] for k, v in results.items()}
-    unet_ms = results["onnxruntime"]["stages"]["unet_step"]["median_ms"]
-    gflop = results["pytorch"]["unet_gflop"]
+            measured[f"triton_{protocol}"] = bench_triton(url, protocol, family, spec, size, x, tuning.pipeline_instances)
+    tolerance = family.spec("unet").onnx_tolerance(manifest.precision)
+    results = {name: m.row(measured["pytorch"], tolerance) for name, m in measured.items()}
     report = {
-        "spec": asdict(spec), "size": size, "family": manifest.model.family, "tuning": asdict(tuning), "results": results,
-        "ratios": {
-            "onnxruntime_speedup_vs_pytorch": end["pytorch"] / end["onnxruntime"],
-            "triton_http_overhead": end["triton_http"] / end["onnxruntime"] - 1,
-            "triton_grpc_overhead": end["triton_grpc"] / end["onnxruntime"] - 1,
-        },
-        "unet_step": {"gflop": gflop, "onnxruntime_gflops": gflop / (unet_ms / 1000), "matmul_gflops": matmul_gflops()},
+        "spec": asdict(spec), "size": size, "family": manifest.model.family, "tuning": asdict(tuning),
+        "unet_tolerance": asdict(tolerance), "results": results, "skipped": skipped,
+        "ratios": ratios(results), "unet_step": unet_rates(results),
         # one image at a time, back to back: the floor of what a machine serves (concurrency: kiln loadtest)
-        "cost": {k: asdict(cost(1000 / ms, price_per_hour)) for k, ms in end.items()},
+        "cost": {k: asdict(cost(1000 / v["end_to_end"]["median_ms"], price_per_hour)) for k, v in results.items()},
     }
     write_json_atomically(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(to_markdown(report))
@@ -166,27 +294,93 @@ def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchS
     return report
 
 
-def to_markdown(report: dict) -> str:
+def ratios(results: dict) -> dict:
+    end = {k: v["end_to_end"]["median_ms"] for k, v in results.items()}
+    unet = {k: v["stages"]["unet_step"]["median_ms"] for k, v in results.items()}
+    return {
+        "onnxruntime_speedup_vs_pytorch": end["pytorch"] / end["onnxruntime"],
+        "triton_http_overhead": end["triton_http"] / end["onnxruntime"] - 1,
+        "triton_grpc_overhead": end["triton_grpc"] / end["onnxruntime"] - 1,
+        # > 1: faster than Kiln's ONNX Runtime path
+        "speedup_vs_onnxruntime": {k: {"unet_step": unet["onnxruntime"] / unet[k], "end_to_end": end["onnxruntime"] / end[k]}
+                                   for k in results},
+    }
+
+
+def unet_rates(results: dict) -> dict:
+    gflop = results["pytorch"]["unet_gflop"]
+    return {"gflop": gflop, "matmul_gflops": matmul_gflops(),
+            "onnxruntime_gflops": gflop / (results["onnxruntime"]["stages"]["unet_step"]["median_ms"] / 1000),
+            "gflops": {k: gflop / (v["stages"]["unet_step"]["median_ms"] / 1000) for k, v in results.items()}}
+
+
+def _ms(timing: dict) -> str:
+    return f"{timing['median_ms']:.1f} / {timing.get('p90_ms', timing['median_ms']):.1f}"
+
+
+def latency_table(report: dict) -> list[str]:
     names = list(next(iter(report["results"].values()))["stages"])
     heads = [n.replace("_", " ").replace("unet step", "UNet step (batch 2)").replace("vae", "VAE") for n in names]
-    lines = [f"{report.get('family', 'sd1')} model, size {report['size']}px, {report['spec']['steps']} steps, "
-             f"{report['spec']['scheduler']}, medians of {report['spec']['runs']} runs (ms)", "",
-             f"| path | {' | '.join(heads)} | end to end |", "|---|" + "---|" * (len(names) + 1)]
     priced = report.get("cost", {})
     with_price = any(c.get("per_1000_images") is not None for c in priced.values())
-    lines[-2] += " images/hour |" + (" per 1,000 images |" if with_price else "")
-    lines[-1] += "---|" + ("---|" if with_price else "")
+    lines = [f"| path | {' | '.join(heads)} | end to end | spread | images/hour |" + (" per 1,000 images |" if with_price else ""),
+             "|---|" + "---|" * (len(names) + 3) + ("---|" if with_price else "")]
     for name, r in report["results"].items():
-        cells = " | ".join(f"{r['stages'][n]['median_ms']:.1f}" for n in names)
+        cells = " | ".join(_ms(r["stages"][n]) for n in names)
         c = priced.get(name, {})
         money = f" {c['per_1000_images']:.2f} |" if with_price and c.get("per_1000_images") is not None else (" - |" if with_price else "")
-        lines.append(f"| {name} | {cells} | {r['end_to_end']['median_ms']:.1f} | {c.get('images_per_hour', 0):,.0f} |{money}")
-    r, u = report["ratios"], report["unet_step"]
+        lines.append(f"| {name} | {cells} | {_ms(r['end_to_end'])} | {100 * r['end_to_end'].get('spread', 0):.0f} % | "
+                     f"{c.get('images_per_hour', 0):,.0f} |{money}")
+    return lines
+
+
+def parity_table(report: dict) -> list[str]:
+    speedup = report["ratios"].get("speedup_vs_onnxruntime", {})
+    lines = ["| path | UNet step max abs diff | rel-L2 | within tolerance | image max abs diff (/255) | image mean abs diff (/255) "
+             "| UNet step vs Kiln ORT | end to end vs Kiln ORT |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        p, s = r.get("parity", {}), speedup.get(name, {})
+        image = (f"{p['image_max_abs_255']} | {p['image_mean_abs_255']:.3f}" if "image_max_abs_255" in p else "- | -")
+        lines.append(f"| {name} | {p.get('unet_step_max_abs', 0):.2e} | {p.get('unet_step_rel_l2', 0):.2e} | "
+                     f"{'yes' if p.get('unet_step_within_tolerance', True) else 'NO'} | {image} | "
+                     f"{s.get('unet_step', 0):.2f}x | {s.get('end_to_end', 0):.2f}x |")
+    return lines
+
+
+def notes(report: dict) -> list[str]:
+    results = report["results"]
+    lines = []
+    if "torch_compile" in results:
+        r = results["torch_compile"]
+        lines.append(f"- torch.compile ({r['backend']}): {r['compile_s']:.1f} s compiling and warming up, not in the timings")
+    if "onnxruntime_fused" in results:
+        r = results["onnxruntime_fused"]
+        ops = "; ".join(f"{name}: {', '.join(f'{op} {n}' for op, n in fused.items()) or 'nothing'}"
+                        for name, fused in r["fused_ops"].items())
+        lines.append(f"- ONNX Runtime fused graphs ({r['fuse_s']:.1f} s to fuse and check): {ops}")
+    for name in ("openvino", "openvino_default"):
+        if name in results:
+            lines.append(f"- {name}: precision {results[name]['precision']}, {results[name]['load_s']:.1f} s to compile the model")
+    lines += [f"- skipped {name}: {reason}" for name, reason in report.get("skipped", {}).items()]
+    return lines
+
+
+def to_markdown(report: dict) -> str:
+    tol = report.get("unet_tolerance")
+    lines = [f"{report.get('family', 'sd1')} model, size {report['size']}px, {report['spec']['steps']} steps, "
+             f"{report['spec']['scheduler']}, {report['spec']['runs']} runs after warm-up: p50 / p90 in ms, "
+             "spread = (max - min) / p50 end to end", "", *latency_table(report)]
+    if "parity" in next(iter(report["results"].values())):
+        bound = f"within atol {tol['atol']:g} + rtol {tol['rtol']:g} x max|ref|" if tol else "the UNet's tolerance"
+        lines += ["", f"Parity with diffusers' eager PyTorch: the UNet step on the same inputs ({bound}), the image "
+                  "from the same seed (0-255); speed relative to Kiln's ONNX Runtime path (> 1: faster)", "",
+                  *parity_table(report)]
+    r, u, priced = report["ratios"], report["unet_step"], report.get("cost", {})
     lines += ["", f"- ONNX Runtime vs PyTorch end to end: {r['onnxruntime_speedup_vs_pytorch']:.2f}x",
               f"- Triton overhead vs in-process: HTTP {100 * r['triton_http_overhead']:+.1f} %, gRPC {100 * r['triton_grpc_overhead']:+.1f} %",
               f"- UNet step: {u['gflop']:.1f} GFLOP, {u['onnxruntime_gflops']:.1f} GFLOP/s on ONNX Runtime "
-              f"vs {u['matmul_gflops']:.1f} GFLOP/s float32 matmul on this machine"]
-    if with_price:
+              f"vs {u['matmul_gflops']:.1f} GFLOP/s float32 matmul on this machine", *notes(report)]
+    if any(c.get("per_1000_images") is not None for c in priced.values()):
         lines.append(f"- cost at {next(iter(priced.values()))['price_per_hour']:g} per hour, one image at a time "
                      "(concurrent serving: kiln loadtest --price-per-hour)")
     return "\n".join(lines) + "\n"
@@ -200,16 +394,17 @@ def plot(report: dict, path: Path) -> None:
 
     names = list(report["results"])
     stages = list(report["results"][names[0]]["stages"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.2
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    width = 0.8 / len(names)
     for i, name in enumerate(names):
         values = [report["results"][name]["stages"][s]["median_ms"] for s in stages]
         axes[0].bar(np.arange(len(stages)) + i * width, values, width, label=name)
-    axes[0].set_xticks(np.arange(len(stages)) + 1.5 * width, stages)
+    axes[0].set_xticks(np.arange(len(stages)) + 0.4 - width / 2, stages)
     axes[0].set_ylabel("ms (median)")
     axes[0].set_title("per stage")
-    axes[0].legend()
+    axes[0].legend(fontsize="small")
     axes[1].bar(names, [report["results"][n]["end_to_end"]["median_ms"] for n in names], color="tab:gray")
+    axes[1].tick_params(axis="x", labelrotation=45)
     axes[1].set_title(f"end to end, {report['spec']['steps']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -86,6 +86,9 @@ class ComponentSpec:
     cache_outputs: bool = False  # served with Kiln's per-row output cache (identical prompts skip the encoder)
     required: bool = True  # a complete export has it; optional ones enable a feature (img2img)
     adaptable: bool = False  # `--lora-inputs` gives it per-request LoRA inputs (kiln.pipeline.adapters)
+    # onnxruntime's transformer optimizer's model type for its fused-attention graph (kiln.export.optimize);
+    # None: nothing of it fuses
+    fusion: str | None = None
 
     def precision(self, requested: str) -> str:
         """The precision this component is exported at when `requested` is asked for."""
@@ -328,6 +331,7 @@ TEXT_ENCODER = ComponentSpec(
     guided=True,
     cache_outputs=True,
     adaptable=True,
+    fusion="clip",
 )
 
 UNET = ComponentSpec(
@@ -347,6 +351,7 @@ UNET = ComponentSpec(
     guided=True,
     quantisable=True,
     adaptable=True,
+    fusion="unet",
 )
 
 VAE_DECODER = ComponentSpec(
@@ -385,6 +390,7 @@ SDXL_TEXT_ENCODER = ComponentSpec(
     guided=True,
     cache_outputs=True,
     adaptable=True,
+    fusion="clip",
 )
 
 SDXL_TEXT_ENCODER_2 = ComponentSpec(
@@ -400,6 +406,7 @@ SDXL_TEXT_ENCODER_2 = ComponentSpec(
     guided=True,
     cache_outputs=True,
     adaptable=True,
+    fusion="clip",
 )
 
 SDXL_UNET = ComponentSpec(
@@ -418,6 +425,7 @@ SDXL_UNET = ComponentSpec(
     guided=True,
     quantisable=True,
     adaptable=True,
+    fusion="unet",
 )
 
 

@@ -959,12 +959,21 @@ def bench(
     onnx_threads: int = typer.Option(TUNING.onnx_threads, "--onnx-threads"),
     price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", help="the machine's hourly price: adds the "
                                                    "cost of 1,000 images per path"),
+    peers: str = typer.Option(",".join(declared("kiln.benchmarks.latency", "PEERS")), "--peers",
+                              help="the runtimes timed beside Kiln's, comma-separated (none: only PyTorch eager, Kiln "
+                              "and Triton); one that cannot run here is reported as skipped"),
 ):
-    """Latency per stage and end to end: diffusers PyTorch, Kiln ONNX Runtime, Triton HTTP and gRPC."""
+    """Latency and parity per stage and end to end: diffusers PyTorch (eager, torch.compile), Kiln on ONNX
+    Runtime (plain and fused attention) and OpenVINO, Triton HTTP and gRPC."""
     from kiln.benchmarks.latency import BenchSpec, run, to_markdown
     from kiln.model_repository.configs import Tuning
 
-    report = run(model_dir, onnx_dir, out, BenchSpec(steps=steps, size=size, runs=runs),
+    chosen = tuple(p.strip() for p in peers.split(",") if p.strip() and p.strip() != "none")
+    known = declared("kiln.benchmarks.latency", "PEERS")
+    if any(p not in known for p in chosen):
+        raise typer.BadParameter(f"{peers!r}: expected some of {', '.join(known)} (comma-separated), or none",
+                                 param_hint="--peers")
+    report = run(model_dir, onnx_dir, out, BenchSpec(steps=steps, size=size, runs=runs, peers=chosen),
                  Tuning(pipeline_instances=pipeline_instances, onnx_threads=onnx_threads), price_per_hour=price_per_hour)
     typer.echo(to_markdown(report))
     console.print(f"saved {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")

@@ -11,7 +11,7 @@ import numpy as np
 
 from kiln.artifacts import ExportManifest, read_export
 from kiln.pipeline.denoise import ModelConstants, generate_request
-from kiln.pipeline.engines import onnx_engines
+from kiln.pipeline.engines import Engines, Runner, onnx_engines
 from kiln.pipeline.prompt_weights import tokenize_prompts
 from kiln.pipeline.prompts import load_tokenizer
 from kiln.pipeline.request import Defaults, GenerationRequest
@@ -27,10 +27,11 @@ def model_defaults(manifest: ExportManifest) -> Defaults:
 
 
 class OnnxPipeline:
-    def __init__(self, onnx_dir: Path, threads: int = 0):
+    def __init__(self, onnx_dir: Path, threads: int = 0, runner: Runner | None = None):
+        """`runner`: what runs the export's components (default: ONNX Runtime on its files)."""
         onnx_dir = Path(onnx_dir)
         self.manifest = read_export(onnx_dir)
-        self.engines = onnx_engines(onnx_dir, threads)
+        self.engines = Engines(runner) if runner else onnx_engines(onnx_dir, threads)
         self.tokenizers = [load_tokenizer(onnx_dir / name) for name in self.manifest.family.tokenizers]
         self.scheduler_config = json.loads((onnx_dir / "scheduler" / "scheduler_config.json").read_text())
         self.constants = model_constants(self.manifest)
