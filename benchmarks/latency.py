@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ import torch
 from kiln.benchmarks.timing import timed as _timed
 from kiln.errors import KilnError
 from kiln.export.specs import Family, Tolerance
+
+if TYPE_CHECKING:
+    from kiln.evaluation.settings import Setting
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,12 @@ class BenchSpec:
     warmup: int = 1
     scheduler: str = "euler"
     seed: int = 0
+    guidance_scale: float = 7.5
     peers: tuple[str, ...] = PEERS
     compile_backend: str = "inductor"  # torch.compile's backend ("eager" checks the wiring in seconds)
+    # sampler settings Kiln is also timed at through Triton (kiln eval --sweep chooses them by accuracy),
+    # each beside diffusers eager at the same setting
+    settings: tuple[Setting, ...] = ()
 
     def __post_init__(self):
         unknown = [p for p in self.peers if p not in PEERS]
@@ -141,7 +148,8 @@ def diffusers_stages(pipe, family: Family, spec: BenchSpec, x: dict, warmup: Cal
 def end_to_end_diffusers(pipe, spec: BenchSpec, size: int, warmup: Callable) -> tuple[dict, np.ndarray]:
     from kiln.pipeline.reference import diffusers_image
 
-    generate = lambda: diffusers_image(pipe, spec.scheduler, PROMPT, "", spec.seed, spec.steps, 7.5, size, size)  # noqa: E731
+    generate = lambda: diffusers_image(pipe, spec.scheduler, PROMPT, "", spec.seed, spec.steps, spec.guidance_scale, size,
+                                             size)  # noqa: E731
     warmup(generate)
     return timed_keeping(generate, spec.runs, 0)
 
@@ -169,7 +177,7 @@ def bench_kiln(pipe, family: Family, spec: BenchSpec, size: int, x: dict, extra:
     for stage, component in stages(family).items():
         feeds = [torch.from_numpy(x[stage][name]) for name in component.input_names]
         measured[stage], outputs[stage] = timed_keeping(lambda: pipe.engines.outputs(component, *feeds), spec.runs, spec.warmup)
-    request = GenerationRequest(PROMPT, "", spec.seed, spec.steps, 7.5, size, size, spec.scheduler)
+    request = GenerationRequest(PROMPT, "", spec.seed, spec.steps, spec.guidance_scale, size, size, spec.scheduler)
     end, image = timed_keeping(lambda: pipe(request), spec.runs, spec.warmup)
     unet_out = outputs["unet_step"][family.spec("unet").output_names[0]].numpy()
     return Measured(measured, end, unet_out, image, extra or {})
@@ -209,9 +217,35 @@ def bench_triton(url: str, protocol: str, family: Family, spec: BenchSpec, size:
             lambda: call(component, fresh(x[stage]) if component.cache_outputs else x[stage]), spec.runs, spec.warmup)
     with KilnClient(url, protocol) as client:
         end, result = timed_keeping(lambda: client.generate(PROMPT, seed=spec.seed, steps=spec.steps, height=size, width=size,
-                                                            scheduler=spec.scheduler), spec.runs, max(spec.warmup, loops))
+                                                            scheduler=spec.scheduler, guidance_scale=spec.guidance_scale), spec.runs, max(spec.warmup, loops))
     unet_out = outputs["unet_step"].as_numpy(family.spec("unet").output_names[0])
     return Measured(measured, end, unet_out, result.images)  # warm-up reaches every BLS loop instance once
+
+
+def bench_settings(url: str, model_dir: Path, spec: BenchSpec, size: int, reference_ms: float) -> dict:
+    """Kiln through Triton over HTTP at each of `spec.settings` (scheduler, steps, guidance, its cutoff and
+    interval), and diffusers' eager pipeline at the same setting with its guidance callbacks: p50/p90 end
+    to end, the UNet rows one image runs, the served image's difference from diffusers' (0-255), and the
+    speed-up over diffusers eager at the bench's own setting (`reference_ms`, its median)."""
+    from kiln.clients.client import KilnClient
+    from kiln.pipeline.reference import diffusers_image, load_diffusers_pipeline
+
+    pipe = load_diffusers_pipeline(model_dir)
+    rows = {}
+    with KilnClient(url, "http") as client:
+        for setting in spec.settings:
+            served, images = timed_keeping(lambda s=setting: client.generate(
+                PROMPT, seed=spec.seed, height=size, width=size, **s.request()).images, spec.runs, spec.warmup)
+            eager, expected = timed_keeping(lambda s=setting: diffusers_image(
+                pipe, s.scheduler, PROMPT, "", spec.seed, s.steps, s.guidance_scale, size, size,
+                **s.diffusers_callbacks()), spec.runs, spec.warmup)
+            pixels = np.abs(images.astype(int) - expected.astype(int))
+            rows[setting.name] = {
+                "setting": asdict(setting), "unet_rows": setting.unet_rows(), "triton_http": served, "diffusers": eager,
+                "image_max_abs_255": int(pixels.max()), "image_mean_abs_255": float(pixels.mean()),
+                "speedup_vs_pytorch": reference_ms / served["median_ms"],
+                "speedup_vs_diffusers_same_setting": eager["median_ms"] / served["median_ms"]}
+    return rows
 
 
 def paths(model_dir: Path, onnx_dir: Path, out_dir: Path, family: Family, spec: BenchSpec, size: int,
@@ -279,6 +313,7 @@ def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchS
     with running_server(repo) as served:
         for protocol, url in (("http", served.http_url), ("grpc", served.grpc_url)):
             measured[f"triton_{protocol}"] = bench_triton(url, protocol, family, spec, size, x, tuning.pipeline_instances)
+        settings = bench_settings(served.http_url, model_dir, spec, size, measured["pytorch"].end_to_end["median_ms"])
     tolerance = family.spec("unet").onnx_tolerance(manifest.precision)
     results = {name: m.row(measured["pytorch"], tolerance) for name, m in measured.items()}
     report = {
@@ -287,6 +322,8 @@ def run(model_dir: Path, onnx_dir: Path, out_dir: Path, spec: BenchSpec = BenchS
         "ratios": ratios(results), "unet_step": unet_rates(results),
         # one image at a time, back to back: the floor of what a machine serves (concurrency: kiln loadtest)
         "cost": {k: asdict(cost(1000 / v["end_to_end"]["median_ms"], price_per_hour)) for k, v in results.items()},
+        "settings": settings,
+        "settings_cost": {k: asdict(cost(1000 / v["triton_http"]["median_ms"], price_per_hour)) for k, v in settings.items()},
     }
     write_json_atomically(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(to_markdown(report))
@@ -347,6 +384,26 @@ def parity_table(report: dict) -> list[str]:
     return lines
 
 
+def settings_table(report: dict) -> list[str]:
+    spec = report["spec"]
+    priced = report.get("settings_cost", {})
+    with_price = any(c.get("per_1000_images") is not None for c in priced.values())
+    lines = [f"Kiln through Triton (HTTP) at other sampler settings, beside diffusers eager at the same setting; "
+             f"speed-up against diffusers eager at the bench's own setting ({spec['scheduler']} {spec['steps']} steps, "
+             f"guidance {spec['guidance_scale']:g}, full guidance)", "",
+             "| setting | UNet rows/image | Triton HTTP p50 / p90 | spread | diffusers eager p50 / p90 | image max / mean abs "
+             "diff vs diffusers (/255) | vs diffusers, same setting | vs diffusers eager at the bench's setting | images/hour |"
+             + (" per 1,000 images |" if with_price else ""), "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_price else "")]
+    for name, r in report["settings"].items():
+        c = priced.get(name, {})
+        money = f" {c['per_1000_images']:.2f} |" if with_price and c.get("per_1000_images") is not None else (" - |" if with_price else "")
+        lines.append(f"| {name} | {r['unet_rows']} | {_ms(r['triton_http'])} | {100 * r['triton_http'].get('spread', 0):.0f} % | "
+                     f"{_ms(r['diffusers'])} | {r['image_max_abs_255']} / {r['image_mean_abs_255']:.3f} | "
+                     f"{r['speedup_vs_diffusers_same_setting']:.2f}x | {r['speedup_vs_pytorch']:.2f}x | "
+                     f"{c.get('images_per_hour', 0):,.0f} |{money}")
+    return lines
+
+
 def notes(report: dict) -> list[str]:
     results = report["results"]
     lines = []
@@ -380,6 +437,8 @@ def to_markdown(report: dict) -> str:
               f"- Triton overhead vs in-process: HTTP {100 * r['triton_http_overhead']:+.1f} %, gRPC {100 * r['triton_grpc_overhead']:+.1f} %",
               f"- UNet step: {u['gflop']:.1f} GFLOP, {u['onnxruntime_gflops']:.1f} GFLOP/s on ONNX Runtime "
               f"vs {u['matmul_gflops']:.1f} GFLOP/s float32 matmul on this machine", *notes(report)]
+    if report.get("settings"):
+        lines += ["", *settings_table(report)]
     if any(c.get("per_1000_images") is not None for c in priced.values()):
         lines.append(f"- cost at {next(iter(priced.values()))['price_per_hour']:g} per hour, one image at a time "
                      "(concurrent serving: kiln loadtest --price-per-hour)")

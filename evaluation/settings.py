@@ -36,6 +36,15 @@ class Setting:
                 "guidance_cutoff": self.guidance_cutoff, "guidance_start": self.guidance_start,
                 "guidance_end": self.guidance_end}
 
+    def diffusers_callbacks(self) -> dict:
+        """diffusers_image's arguments that draw this setting's guidance cutoff and interval."""
+        extra = {}
+        if self.guidance_cutoff < 1.0:
+            extra["guidance_cutoff"] = self.guidance_cutoff
+        if (self.guidance_start, self.guidance_end) != (0.0, 1.0):
+            extra["guidance_interval"] = (self.guidance_start, self.guidance_end)
+        return extra
+
     def unet_rows(self) -> int:
         """UNet rows one image costs: two per guided step, one per other step."""
         from kiln.pipeline.denoise import guided_steps
@@ -49,7 +58,7 @@ class Setting:
 # The first is the reference (the demo's evaluated default); the others do less work per image: fewer
 # steps with the multistep solvers, guidance stopped early, guidance in an interval, and combinations.
 DEMO_SETTINGS: tuple[Setting, ...] = (
-    Setting("euler 20 (today's default)"),
+    Setting("euler 20 (the reference)"),
     Setting("euler 12", steps=12),
     Setting("dpmpp_2m 12", "dpmpp_2m", 12),
     Setting("dpmpp_2m 10", "dpmpp_2m", 10),
@@ -120,11 +129,7 @@ def diffusers_eager(model_dir: Path, setting: Setting, sets: list[PromptSet], cl
 
     pipe = load_diffusers_pipeline(model_dir)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    extra = {}
-    if setting.guidance_cutoff < 1.0:
-        extra["guidance_cutoff"] = setting.guidance_cutoff
-    if (setting.guidance_start, setting.guidance_end) != (0.0, 1.0):
-        extra["guidance_interval"] = (setting.guidance_start, setting.guidance_end)
+    extra = setting.diffusers_callbacks()
 
     def draw(caption: str, seed: int) -> np.ndarray:
         return diffusers_image(pipe, setting.scheduler, caption, "", seed, setting.steps, setting.guidance_scale,

@@ -962,10 +962,16 @@ def bench(
     peers: str = typer.Option(",".join(declared("kiln.benchmarks.latency", "PEERS")), "--peers",
                               help="the runtimes timed beside Kiln's, comma-separated (none: only PyTorch eager, Kiln "
                               "and Triton); one that cannot run here is reported as skipped"),
+    guidance: float = typer.Option(BENCH.guidance_scale, "--guidance", help="classifier-free guidance scale of every path"),
+    setting: Optional[list[str]] = typer.Option(None, "--setting", metavar="NAME=scheduler:steps[:guidance[:cutoff[:start[:end]]]]",
+                                                help="Kiln through Triton at another sampler setting too (for example the one "
+                                                "kiln eval --sweep chose), beside diffusers eager at that setting; repeatable"),
 ):
     """Latency and parity per stage and end to end: diffusers PyTorch (eager, torch.compile), Kiln on ONNX
-    Runtime (plain and fused attention) and OpenVINO, Triton HTTP and gRPC."""
+    Runtime (plain and fused attention) and OpenVINO, Triton HTTP and gRPC; with --setting, Kiln at other
+    sampler settings beside diffusers at the same."""
     from kiln.benchmarks.latency import BenchSpec, run, to_markdown
+    from kiln.evaluation.settings import parse_setting
     from kiln.model_repository.configs import Tuning
 
     chosen = tuple(p.strip() for p in peers.split(",") if p.strip() and p.strip() != "none")
@@ -973,7 +979,9 @@ def bench(
     if any(p not in known for p in chosen):
         raise typer.BadParameter(f"{peers!r}: expected some of {', '.join(known)} (comma-separated), or none",
                                  param_hint="--peers")
-    report = run(model_dir, onnx_dir, out, BenchSpec(steps=steps, size=size, runs=runs, peers=chosen),
+    settings = tuple(parse_setting(s) for s in setting or ())
+    report = run(model_dir, onnx_dir, out, BenchSpec(steps=steps, size=size, runs=runs, peers=chosen,
+                                                     guidance_scale=guidance, settings=settings),
                  Tuning(pipeline_instances=pipeline_instances, onnx_threads=onnx_threads), price_per_hour=price_per_hour)
     typer.echo(to_markdown(report))
     console.print(f"saved {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")

@@ -12,10 +12,12 @@ pytestmark = pytest.mark.triton
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_bench_writes_json_markdown_and_plot(tiny_model, onnx_dir, sdxl_model, sdxl_onnx, tmp_path, family):
     from kiln.benchmarks.latency import BenchSpec, run
+    from kiln.evaluation.settings import Setting
 
     model, onnx = (sdxl_model(), sdxl_onnx()) if family == "sdxl" else (tiny_model("epsilon"), onnx_dir("epsilon"))
+    fewer = Setting("dpmpp_2m 3, guidance in [0, 0.5)", "dpmpp_2m", 3, guidance_scale=6.0, guidance_end=0.5)
     # torch.compile's peer is left out: inductor compiles for minutes (tests/test_bench_peers.py checks its wiring)
-    report = run(model, onnx, tmp_path, BenchSpec(steps=2, runs=2, peers=("onnxruntime_fused", "openvino")),
+    report = run(model, onnx, tmp_path, BenchSpec(steps=2, runs=2, peers=("onnxruntime_fused", "openvino"), settings=(fewer,)),
                  price_per_hour=24.0)
     kiln = {"pytorch", "onnxruntime", "triton_http", "triton_grpc"}
     assert kiln <= set(report["results"])  # a peer runs or says why not
@@ -33,6 +35,15 @@ def test_bench_writes_json_markdown_and_plot(tiny_model, onnx_dir, sdxl_model, s
         assert priced["images_per_hour"] == pytest.approx(3600 * 1000 / result["end_to_end"]["median_ms"])
         assert priced["per_1000_images"] == pytest.approx(24.0 / priced["images_per_hour"] * 1000)
     assert "per 1,000 images" in (tmp_path / "bench.md").read_text()
+    # another sampler setting through Triton: drawn as diffusers draws it with its guidance callback
+    row = report["settings"][fewer.name]
+    assert row["unet_rows"] == 5  # steps 0 and 1 guided (batch 2), step 2 not
+    assert row["image_max_abs_255"] <= 2 and row["setting"]["scheduler"] == "dpmpp_2m"
+    pytorch_ms = report["results"]["pytorch"]["end_to_end"]["median_ms"]
+    assert row["speedup_vs_pytorch"] == pytest.approx(pytorch_ms / row["triton_http"]["median_ms"])
+    assert row["speedup_vs_diffusers_same_setting"] == pytest.approx(row["diffusers"]["median_ms"] / row["triton_http"]["median_ms"])
+    assert report["settings_cost"][fewer.name]["per_1000_images"] > 0
+    assert f"| {fewer.name} | 5 |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 1000 and "ONNX Runtime vs PyTorch" in (tmp_path / "bench.md").read_text()
 
 

@@ -204,7 +204,8 @@ def test_option_defaults_are_the_library_defaults():
     check(("export", "onnx"), {"opset": DEFAULT_OPSET})
     bench = BenchSpec()
     check(("bench",), {"steps": bench.steps, "runs": bench.runs, "pipeline_instances": tuning.pipeline_instances,
-                       "onnx_threads": tuning.onnx_threads, "peers": ",".join(bench.peers)})
+                       "onnx_threads": tuning.onnx_threads, "peers": ",".join(bench.peers),
+                       "guidance": bench.guidance_scale})
     evaluation = EvalSpec()
     check(("eval",), {"seeds": evaluation.seeds, "steps": evaluation.steps, "guidance": evaluation.guidance_scale})
     cluster = ClusterSpec()
