@@ -86,7 +86,7 @@ serve: repo ## serve the repository in the foreground (Ctrl-C stops it)
 	$(KILN) serve $(REPO_DIR) $(PORTS)
 
 ifeq ($(TARGET),k8s)
-deploy: deploy-k8s ## set-up, export, repository, serve in the background, sample images (UI=1: a web page, GATEWAY=1: the A1111/OpenAI REST gateway; LORAS=1: LoRA adapters per request; CONTROLNET="canny=DIR ...": ControlNets beside MODEL; BACKEND=torch: PyTorch modules, CUDA fp16 on a GPU; TARGET=k8s: cluster manifests)
+deploy: deploy-k8s ## set-up, export, repository, serve in the background, sample images (UI=1: a web page, GATEWAY=1: the A1111/OpenAI REST gateway; LORAS=1: LoRA adapters per request; CONTROLNET="canny=DIR ...": ControlNets beside MODEL; BACKEND=torch: PyTorch modules, CUDA fp16 on a GPU; BACKEND=openvino: OpenVINO on the CPU; TARGET=k8s: cluster manifests)
 else
 deploy: $(STAMP)
 	$(KILN) deploy $(if $(MODEL),--model $(MODEL)) $(if $(TINY),--tiny) $(if $(LORAS),--lora-inputs) $(foreach c,$(CONTROLNET),--controlnet $(c)) --artifacts $(ARTIFACTS) --precision $(PRECISION) --backend $(BACKEND) $(PORTS)

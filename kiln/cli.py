@@ -488,6 +488,7 @@ def repo_build(
                                   "(CPU); ngc: NVIDIA's Triton container, native backends on the GPU"),
     backend: Backend = typer.Option(Backend(BUILD.backend), "--backend", help="torch: the embedded target, PyTorch "
                                     "modules from the export's source folder (CUDA fp16 with a GPU, else CPU fp32); "
+                                    "openvino: the embedded target, the same ONNX files on OpenVINO's CPU plugin (f32); "
                                     "tensorrt: the ngc target only"),
     engines: Optional[Path] = typer.Option(None, "--engines", help="--backend tensorrt: the kiln export trt folder"),
     torch_device: TorchDevice = typer.Option(TorchDevice(TORCH.device), "--torch-device",
@@ -806,8 +807,9 @@ def deploy(
                                      "(kiln lora add NAME FILE, then --lora NAME:SCALE)"),
     controlnet: list[str] = typer.Option([], "--controlnet", help="NAME=DIR: a diffusers ControlNet of the model, "
                                          "served beside it (repeatable; the demo has its own, `digit`)"),
-    backend: Backend = typer.Option(Backend(BUILD.backend), "--backend", help="onnxruntime, or torch: the components' "
-                                    "PyTorch modules (CUDA fp16 with a GPU, else CPU fp32)"),
+    backend: Backend = typer.Option(Backend(BUILD.backend), "--backend", help="onnxruntime; torch: the components' "
+                                    "PyTorch modules (CUDA fp16 with a GPU, else CPU fp32); openvino: the ONNX files "
+                                    "on OpenVINO's CPU plugin (f32)"),
 ):
     """Export, build the repository, serve it in the background and draw one smoke image."""
     from kiln.deploy import deploy as run

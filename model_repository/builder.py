@@ -2,8 +2,9 @@
 
 Targets:
 - embedded (the tritonserver in the nvidia-pytriton wheel, which has no ONNX Runtime backend):
-  every component is a Python-backend model running ONNX Runtime on the CPU, or with backend `torch`
-  its PyTorch module (CUDA fp16 where there is a GPU; model_repository.torch_backend);
+  every component is a Python-backend model running ONNX Runtime on the CPU, with backend `torch`
+  its PyTorch module (CUDA fp16 where there is a GPU; model_repository.torch_backend), or with backend
+  `openvino` the same ONNX file on OpenVINO's CPU plugin in f32 (kiln.pipeline.openvino_runner);
 - ngc (NVIDIA's Triton container): components on the native backends, `onnxruntime_onnx` (CUDA, or
   its TensorRT accelerator) or `tensorrt_plan` engines from `kiln export trt`, GPU instance groups,
   and a BLS loop that keeps latents on the GPU (DLPack).
@@ -16,6 +17,7 @@ SHA-256) are stored and loaded once, shared by every pipeline that uses them.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -38,7 +40,9 @@ from kiln.pipeline.request import Limits, limits_for
 log = logging.getLogger("kiln.model_repository")
 
 TARGETS = ("embedded", "ngc")
-BACKENDS = {"embedded": ("onnxruntime", "torch"), "ngc": ("onnxruntime", "tensorrt")}
+BACKENDS = {"embedded": ("onnxruntime", "torch", "openvino"), "ngc": ("onnxruntime", "tensorrt")}
+# the Python-backend model each embedded backend's components run as (model_repository.python_models.KINDS)
+EMBEDDED_ENGINES = {"onnxruntime": "onnx_component", "torch": "torch_component", "openvino": "openvino_component"}
 PUBLIC_MODEL = "txt2img"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
 RESERVED = {"tokenizer", "pipeline", CONTROLNET_PREFIX.rstrip("_"),
@@ -121,6 +125,9 @@ def build_models_repository(
     if backend not in BACKENDS[target]:
         raise RepositoryError(f"--backend {backend!r} is not available for --target {target}: expected one of {BACKENDS[target]}")
     check_models(models)
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise RepositoryError("--backend openvino needs OpenVINO, which is not installed in this environment",
+                              hint="pip install 'kiln[openvino]' (make setup installs it), or use --backend onnxruntime")
     if backend != torch_backend.BACKEND and torch_options != TorchOptions():
         raise RepositoryError(f"--torch-device, --torch-dtype and --torch-compile apply to --backend torch, not {backend}",
                               hint="add --backend torch, or leave them out")
@@ -181,7 +188,7 @@ def build_models_repository(
                                 "dims": asdict(dims), "limits": asdict(model_limits), **controlled,
                                 **({"torch": asdict(torch_options)} if sources else {})}
                     config = configs.component_config(spec, dims, tuning, settings, adapted=component in adapted,
-                                                      engine="torch_component" if sources else "onnx_component")
+                                                      engine=EMBEDDED_ENGINES[backend])
                 elif component in adapted:
                     raise RepositoryError(f"{onnx_dir} was exported with --lora-inputs, which the embedded target "
                                           "serves; the ngc target's plan for adapters is in make gpu-check",

@@ -75,8 +75,9 @@ def _component(config: mc.ModelConfig, spec: ComponentSpec, dims: ModelDims, tun
 
 def component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, settings: dict,
                      adapted: bool = False, engine: str = "onnx_component") -> mc.ModelConfig:
-    """A Python-backend model running one exported component: on ONNX Runtime, or with `engine`
-    "torch_component" its PyTorch module (same tensors and batching); `adapted`: exported with LoRA
+    """A Python-backend model running one exported component: on ONNX Runtime, with `engine`
+    "torch_component" its PyTorch module, with "openvino_component" on OpenVINO (same tensors and
+    batching); `adapted`: exported with LoRA
     inputs, it also takes a request's adapter set (optional)."""
     config = _component(mc.ModelConfig(name=spec.name, backend="python", max_batch_size=tuning.max_batch_size),
                         spec, dims, tuning, mc.ModelInstanceGroup.KIND_CPU, optional_inputs=True)

@@ -262,6 +262,23 @@ class TorchComponentModel(OnnxComponentModel):
         return session
 
 
+class OpenVinoComponentModel(OnnxComponentModel):
+    """One component on OpenVINO's CPU plugin in f32, reading the same ONNX file (`kiln repo build
+    --backend openvino`): the same checks, batching, adapters and embedding cache as on ONNX Runtime."""
+
+    def open_session(self, version_dir: Path, settings: dict):
+        from kiln.pipeline.openvino_runner import open_component
+
+        session = open_component(self.spec, version_dir / "model.onnx", int(settings.get("onnx_threads", 0)))
+        try:
+            from kiln.model_repository import triton_adapter as triton
+        except ImportError:  # run without Triton (tests)
+            log.info("%s", session.description)
+            return session
+        triton.log_info(session.description)
+        return session
+
+
 class TokenizerModel:
     """Prompt text -> weighted 77-token chunks for each text encoder's tokenizer (SDXL has two), prompt
     and negative prompt padded to the same count. Every limit is checked before the work it bounds:
@@ -418,7 +435,8 @@ def format_pairs(pairs) -> str:
     return ",".join(f"{name}:{scale:g}" for name, scale in pairs)
 
 
-KINDS = {"onnx_component": OnnxComponentModel, "torch_component": TorchComponentModel, "tokenizer": TokenizerModel,
+KINDS = {"onnx_component": OnnxComponentModel, "torch_component": TorchComponentModel,
+         "openvino_component": OpenVinoComponentModel, "tokenizer": TokenizerModel,
          "pipeline": PipelineModel}
 
 

@@ -74,7 +74,7 @@ def test_help_lists_backends_methods_and_schedulers():
 
 @pytest.mark.parametrize("args, expected", [
     (["repo", "build", "onnx", "repo", "--target", "cloud"], "embedded"),
-    (["repo", "build", "onnx", "repo", "--backend", "openvino"], "tensorrt"),
+    (["repo", "build", "onnx", "repo", "--backend", "tflite"], "openvino"),
     (["repo", "build", "onnx", "repo", "--ort-accelerator", "rocm"], "cuda"),
     (["generate", "a cat", "--protocol", "smtp"], "grpc"),
     (["generate", "a cat", "--scheduler", "warp"], "euler_a"),
