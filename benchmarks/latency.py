@@ -438,7 +438,7 @@ def to_markdown(report: dict) -> str:
               f"- UNet step: {u['gflop']:.1f} GFLOP, {u['onnxruntime_gflops']:.1f} GFLOP/s on ONNX Runtime "
               f"vs {u['matmul_gflops']:.1f} GFLOP/s float32 matmul on this machine", *notes(report)]
     if report.get("settings"):
-        lines += ["", *settings_table(report)]
+        lines += ["", *settings_table(report), ""]
     if any(c.get("per_1000_images") is not None for c in priced.values()):
         lines.append(f"- cost at {next(iter(priced.values()))['price_per_hour']:g} per hour, one image at a time "
                      "(concurrent serving: kiln loadtest --price-per-hour)")

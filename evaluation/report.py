@@ -23,9 +23,13 @@ log = logging.getLogger("kiln.evaluation")
 @dataclass(frozen=True)
 class EvalSpec:
     seeds: int = 8
-    steps: int = 20
+    # The demo's sampler, chosen by `kiln eval --sweep --demo`: the fastest setting within 1 point of the digit
+    # and colour accuracy of 20 Euler steps in both sweeps (benchmarks/results/demo-settings-sweep, 160 prompts:
+    # 1.80x through Triton; demo-settings-confirm, 480 prompts on another host's demo: 1.42x, where 8 steps
+    # lost 1.04 points of colour).
+    steps: int = 10
     guidance_scale: float = 4.0  # the demo model reads digits best here (160 prompts: 4 -> 92.5 %, 5 -> 90 %, 7.5 -> 84 %)
-    scheduler: str = "euler"
+    scheduler: str = "dpmpp_2m"
     guidance_cutoff: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
