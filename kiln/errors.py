@@ -59,6 +59,10 @@ class GenerationError(KilnError):
     """A generation went numerically wrong (NaN or inf): it fails rather than return a black image."""
 
 
+class Cancelled(KilnError):
+    """The client cancelled the request or its deadline passed: the generation stopped at a step boundary."""
+
+
 class ClientError(KilnError):
     """The server could not be reached or answered with an error. `detail`: the server's own message;
     `rejected`: the server refused the request as invalid (HTTP 400, gRPC INVALID_ARGUMENT);

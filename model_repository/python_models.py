@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from kiln.errors import GenerationError, RequestError
+from kiln.errors import Cancelled, GenerationError, RequestError
 from kiln.export.specs import CONTROLNET_PREFIX, ComponentSpec, complete_feeds, served_family
 from kiln.pipeline.denoise import ModelConstants, generate_request
 from kiln.pipeline.engines import Engines
@@ -389,7 +390,10 @@ class PipelineModel:
                                "inputs (serve an export made with kiln export onnx --lora-inputs, or make deploy LORAS=1)")
         return self.registry.resolve(pairs, self.model_name)
 
-    def run(self, raw: dict[str, np.ndarray | None], engines: Engines) -> dict[str, np.ndarray]:
+    def run(self, raw: dict[str, np.ndarray | None], engines: Engines,
+            cancelled: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
+        """`cancelled()`: whether the client went away or its deadline passed (Triton's is_cancelled),
+        asked after each denoising step: the generation stops there and frees the UNet."""
         conditioned = "time_ids" in self.family.spec("unet").input_names
         request = parse_request(raw, self.defaults, self.limits, self.size_multiple, conditioned, self.controlnets)
         adapters = self.adapter_set(raw)
@@ -409,7 +413,7 @@ class PipelineModel:
                                    f"as many chunks as {token_names(*first)[0]}, {list(chunks[first].ids.shape)}")
         prompt, negative = (tuple(chunks[side, e] for e in range(len(self.family.text_encoders))) for side in PROMPT_SIDES)
         images = generate_request(engines, request, self.scheduler_config, self.constants, prompt, negative,
-                                  self.size_multiple)
+                                  self.size_multiple, on_step=stop_when(cancelled) if cancelled else None)
         return {"image": images, "seeds": np.array(request.seeds, dtype=np.int64)}
 
     def execute(self, requests):
@@ -420,7 +424,12 @@ class PipelineModel:
         responses = []
         for request in requests:
             try:
-                responses.append(triton.respond(self.run(triton.read_inputs(request, names), engines)))
+                responses.append(triton.respond(self.run(triton.read_inputs(request, names), engines,
+                                                         cancelled=triton.cancellation(request))))
+            except Cancelled as exc:
+                triton.log_info(f"pipeline: {exc}")
+                triton.count("kiln_cancelled_requests", "generations stopped early: the client cancelled or timed out", {})
+                responses.append(triton.fail(exc))
             except Exception as exc:
                 if not isinstance(exc, RequestError):
                     log.exception("pipeline failed")
@@ -429,6 +438,17 @@ class PipelineModel:
 
     def finalize(self):
         pass
+
+
+def stop_when(cancelled: Callable[[], bool]) -> Callable[[int, int], None]:
+    """A step callback that raises Cancelled once `cancelled()` says so."""
+
+    def on_step(step: int, steps: int) -> None:
+        if cancelled():
+            raise Cancelled(f"request cancelled by its client (or its deadline passed) after step {step} of {steps}: "
+                            f"{steps - step} denoising steps not run")
+
+    return on_step
 
 
 def format_pairs(pairs) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln.errors import KilnError, RequestError
+from kiln.errors import Cancelled, KilnError, RequestError
 
 
 class BlsError(KilnError):
@@ -31,17 +31,37 @@ def _error(message: str, invalid_argument: bool):
 
 
 def fail(exc: BaseException):
-    """An error response: INVALID_ARG for a bad request, INTERNAL for anything else."""
+    """An error response: INVALID_ARG for a bad request, CANCELLED for a cancelled one, INTERNAL for anything else."""
     invalid = isinstance(exc, RequestError)
     message = str(exc) if isinstance(exc, KilnError) else f"{type(exc).__name__}: {exc}"
     if getattr(exc, "hint", None):
         message = f"{message} ({exc.hint})"
+    code = getattr(pb_utils.TritonError, "CANCELLED", None) if isinstance(exc, Cancelled) else None
+    if code is not None:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
     return pb_utils.InferenceResponse(error=_error(message, invalid))
+
+
+def cancellation(request):
+    """The request's is_cancelled (the client went away or its deadline passed), None where this
+    Python backend has none."""
+    return getattr(request, "is_cancelled", None)
 
 
 def log_info(message: str) -> None:
     """A line in Triton's own log (the server's log file)."""
     pb_utils.Logger.log_info(message)
+
+
+_COUNTERS: dict = {}
+
+
+def count(name: str, description: str, labels: dict[str, str], value: float = 1) -> None:
+    """Add `value` to a counter on Triton's metrics endpoint, its family made once per stub."""
+    key = (name, tuple(sorted(labels.items())))
+    if key not in _COUNTERS:
+        _COUNTERS[key] = Counter(name, description, labels)
+    _COUNTERS[key].increment(value)
 
 
 class Counter:

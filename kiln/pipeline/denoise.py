@@ -307,8 +307,10 @@ def load_pixels(data: bytes, height: int | None, width: int | None, multiple: in
 
 
 def generate_request(engines: Engines, request, scheduler_config: dict, constants: ModelConstants,
-                     prompt: tuple[TokenChunks, ...], negative: tuple[TokenChunks, ...], size_multiple: int) -> np.ndarray:
-    """A validated GenerationRequest through `generate`: scheduler built, init image decoded."""
+                     prompt: tuple[TokenChunks, ...], negative: tuple[TokenChunks, ...], size_multiple: int,
+                     on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """A validated GenerationRequest through `generate`: scheduler built, init image decoded. `on_step(i, n)`
+    runs after each step (it may raise to stop the generation: a cancelled request)."""
     from kiln.pipeline.schedulers import make_scheduler
 
     from kiln.export.specs import CONTROLNET_PREFIX
@@ -337,4 +339,5 @@ def generate_request(engines: Engines, request, scheduler_config: dict, constant
         controls=controls,
         guidance_cutoff=request.guidance_cutoff,
         guidance_interval=(request.guidance_start, request.guidance_end),
+        on_step=on_step,
     )
