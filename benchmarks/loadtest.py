@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import subprocess
 import sys
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +14,6 @@ from kiln.errors import KilnError
 from kiln.artifacts import write_json_atomically
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-_METRIC = re.compile(r'^(nv_inference_(?:request_success|queue_duration_us|compute_infer_duration_us))\{model="([^"]+)",version="[^"]*"\} ([0-9.e+]+)$')
 
 
 class LoadTestError(KilnError):
@@ -38,13 +35,18 @@ class LoadTestReport:
     cost_per_1000_images: float | None = None
 
 
+TRITON_COUNTERS = ("nv_inference_request_success", "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us")
+
+
 def scrape(metrics_url: str) -> dict[tuple[str, str], float]:
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        match = _METRIC.match(line)
-        if match:
-            values[(match.group(1), match.group(2))] = float(match.group(3))
+    """Triton's per-model counters, (name, model) -> value, read with prometheus_client's parser."""
+    from kiln.serving.metrics import scrape as samples
+
+    values: dict[tuple[str, str], float] = {}
+    for s in samples(metrics_url):
+        name = s.name.removesuffix("_total")
+        if name in TRITON_COUNTERS and "model" in s.labels:
+            values[(name, s.labels["model"])] = values.get((name, s.labels["model"]), 0.0) + s.value
     return values
 
 
@@ -53,9 +55,7 @@ def per_model(before: dict, after: dict) -> dict[str, dict[str, float]]:
     models = {model for _, model in after}
     out = {}
     for model in sorted(models):
-        delta = {name: after.get((name, model), 0.0) - before.get((name, model), 0.0)
-                 for name in ("nv_inference_request_success", "nv_inference_queue_duration_us",
-                              "nv_inference_compute_infer_duration_us")}
+        delta = {name: after.get((name, model), 0.0) - before.get((name, model), 0.0) for name in TRITON_COUNTERS}
         count = delta["nv_inference_request_success"]
         if count:
             out[model] = {"requests": count, "queue_ms": delta["nv_inference_queue_duration_us"] / count / 1000,

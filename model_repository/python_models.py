@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from kiln.errors import Cancelled, GenerationError, RequestError
+from kiln.serving.metrics import LOOP_METRICS
 from kiln.export.specs import CONTROLNET_PREFIX, ComponentSpec, complete_feeds, served_family
 from kiln.pipeline.denoise import ModelConstants, generate_request
 from kiln.pipeline.engines import Engines
@@ -366,6 +367,11 @@ class PipelineModel:
             self.registry = Registry(Path(version_dir).parent / REGISTRY_FOLDER)
         self.model_name = settings.get("model", "this model")
         self._warm_up()
+        try:
+            from kiln.model_repository import triton_adapter as triton
+        except ImportError:  # run without Triton (tests)
+            return
+        triton.declare(LOOP_METRICS, {"model": self.model_name})
 
     def _warm_up(self) -> None:
         """Do at load what a first request would otherwise pay for: import every scheduler class and
@@ -391,9 +397,10 @@ class PipelineModel:
         return self.registry.resolve(pairs, self.model_name)
 
     def run(self, raw: dict[str, np.ndarray | None], engines: Engines,
-            cancelled: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
+            cancelled: Callable[[], bool] | None = None, tally: LoopTally | None = None) -> dict[str, np.ndarray]:
         """`cancelled()`: whether the client went away or its deadline passed (Triton's is_cancelled),
-        asked after each denoising step: the generation stops there and frees the UNet."""
+        asked after each denoising step: the generation stops there and frees the UNet. `tally` counts
+        the steps run (and, when `engines` runs through a LoopMeter sharing it, the UNet's work)."""
         conditioned = "time_ids" in self.family.spec("unet").input_names
         request = parse_request(raw, self.defaults, self.limits, self.size_multiple, conditioned, self.controlnets)
         adapters = self.adapter_set(raw)
@@ -413,7 +420,7 @@ class PipelineModel:
                                    f"as many chunks as {token_names(*first)[0]}, {list(chunks[first].ids.shape)}")
         prompt, negative = (tuple(chunks[side, e] for e in range(len(self.family.text_encoders))) for side in PROMPT_SIDES)
         images = generate_request(engines, request, self.scheduler_config, self.constants, prompt, negative,
-                                  self.size_multiple, on_step=stop_when(cancelled) if cancelled else None)
+                                  self.size_multiple, on_step=step_callback(cancelled, tally))
         return {"image": images, "seeds": np.array(request.seeds, dtype=np.int64)}
 
     def execute(self, requests):
@@ -422,13 +429,19 @@ class PipelineModel:
         engines = self.engines or Engines(triton.BlsRunner(self.component_models, self.device), family=self.family)
         names = list(self.token_tensors) + [f.name for f in TXT2IMG_INPUTS]  # `loras` is one of them
         responses = []
+        labels = {"model": self.model_name}
         for request in requests:
+            tally = LoopTally()
+            metered = Engines(LoopMeter(engines.run, tally), engines.components, engines.family)
             try:
-                responses.append(triton.respond(self.run(triton.read_inputs(request, names), engines,
-                                                         cancelled=triton.cancellation(request))))
+                outputs = self.run(triton.read_inputs(request, names), metered, cancelled=triton.cancellation(request),
+                                   tally=tally)
+                responses.append(triton.respond(outputs))
+                for name, value in tally.published(len(outputs["image"])).items():
+                    triton.count(name, LOOP_METRICS[name], labels, value)
             except Cancelled as exc:
                 triton.log_info(f"pipeline: {exc}")
-                triton.count("kiln_cancelled_requests", "generations stopped early: the client cancelled or timed out", {})
+                triton.count("kiln_cancelled_requests", LOOP_METRICS["kiln_cancelled_requests"], labels)
                 responses.append(triton.fail(exc))
             except Exception as exc:
                 if not isinstance(exc, RequestError):
@@ -438,6 +451,60 @@ class PipelineModel:
 
     def finalize(self):
         pass
+
+
+class LoopTally:
+    """One generation's work, for the loop metrics (serving.metrics.LOOP_METRICS)."""
+
+    def __init__(self):
+        self.steps = self.unet_calls = self.unet_rows = 0
+        self.unet_seconds = 0.0
+
+    def published(self, images: int) -> dict[str, float]:
+        return {"kiln_generations": 1, "kiln_generation_steps": self.steps, "kiln_generation_images": images,
+                "kiln_unet_calls": self.unet_calls, "kiln_unet_rows": self.unet_rows,
+                "kiln_unet_ms": 1000 * self.unet_seconds}
+
+
+class LoopMeter:
+    """A runner around the loop's own: counts the UNet's calls, batch rows and time into a LoopTally,
+    passing everything else (device, adapters) through."""
+
+    def __init__(self, run, tally: LoopTally):
+        self.inner, self.tally = run, tally
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def with_adapters(self, *args) -> "LoopMeter":
+        return LoopMeter(self.inner.with_adapters(*args), self.tally)
+
+    def __call__(self, spec, feeds: dict, outputs: list[str]) -> dict:
+        if spec.name != "unet":
+            return self.inner(spec, feeds, outputs)
+        import time
+
+        began = time.perf_counter()
+        out = self.inner(spec, feeds, outputs)
+        self.tally.unet_seconds += time.perf_counter() - began
+        self.tally.unet_calls += 1
+        self.tally.unet_rows += int(feeds["sample"].shape[0])
+        return out
+
+
+def step_callback(cancelled: Callable[[], bool] | None, tally: LoopTally | None) -> Callable[[int, int], None] | None:
+    """After each step: count it, and stop if the request was cancelled."""
+    if cancelled is None and tally is None:
+        return None
+    stop = stop_when(cancelled) if cancelled else None
+
+    def on_step(step: int, steps: int) -> None:
+        if tally is not None:
+            tally.steps = step
+        if stop is not None:
+            stop(step, steps)
+
+    return on_step
 
 
 def stop_when(cancelled: Callable[[], bool]) -> Callable[[int, int], None]:

@@ -61,7 +61,14 @@ def count(name: str, description: str, labels: dict[str, str], value: float = 1)
     key = (name, tuple(sorted(labels.items())))
     if key not in _COUNTERS:
         _COUNTERS[key] = Counter(name, description, labels)
-    _COUNTERS[key].increment(value)
+    if value:
+        _COUNTERS[key].increment(value)
+
+
+def declare(counters: dict[str, str], labels: dict[str, str]) -> None:
+    """Make each counter (name -> description) now, at 0, so it is exported before its first event."""
+    for name, description in counters.items():
+        count(name, description, labels, 0)
 
 
 class Counter:

@@ -84,6 +84,7 @@ def triton_args(spec: ClusterSpec) -> list[str]:
         f"--grpc-restricted-protocol={RESTRICTED_APIS}:admin-key=$(KILN_ADMIN_KEY)",
         "--allow-metrics=true",
         "--allow-gpu-metrics=true",
+        "--metrics-config=summary_latencies=true",  # p50/p90/p99 per model (the dashboard's latency panel)
         "--metrics-port=8002",
         "--exit-on-error=true",
     ]
@@ -193,9 +194,24 @@ def service_monitor(spec: ClusterSpec) -> dict:
             "spec": {"selector": {"matchLabels": _labels(spec)}, "endpoints": [{"port": "metrics", "interval": "15s"}]}}
 
 
+def grafana_dashboard(spec: ClusterSpec) -> dict:
+    """serving.dashboard's Grafana dashboard in a ConfigMap labelled for Grafana's dashboard sidecar
+    (`grafana_dashboard: "1"`, the kube-prometheus-stack convention); also written as a JSON file to import."""
+    from kiln.serving.dashboard import dashboard
+
+    meta = _meta(spec, f"{spec.name}-grafana-dashboard")
+    meta["labels"] = {**meta["labels"], "grafana_dashboard": "1"}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {DASHBOARD_FILE: json.dumps(dashboard(f"Kiln on Triton ({spec.name})"), indent=1)}}
+
+
+DASHBOARD_FILE = "grafana-dashboard.json"
+
+
 def manifests(spec: ClusterSpec) -> dict[str, dict]:
     spec.validate()
     return {
+        "grafana-dashboard.yaml": grafana_dashboard(spec),
         "deployment.yaml": deployment(spec),
         "service.yaml": service(spec),
         "hpa.yaml": autoscaler(spec),
@@ -245,5 +261,6 @@ def render(spec: ClusterSpec, out_dir: Path) -> dict[str, Path]:
                          "namespace": spec.namespace, "resources": list(rendered)}
         (tmp / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
         (tmp / "cluster.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+        (tmp / DASHBOARD_FILE).write_text(rendered["grafana-dashboard.yaml"]["data"][DASHBOARD_FILE] + "\n")
     log.info("Kubernetes manifests for %s written to %s", spec.image, out_dir)
     return {name: Path(out_dir) / name for name in rendered}

@@ -170,6 +170,7 @@ def command(repository: Path, ports: Ports, home: Path, admin_key: str, host: st
         f"--grpc-address={host}",
         f"--metrics-address={host}",
         "--allow-gpu-metrics=false",
+        "--metrics-config=summary_latencies=true",  # p50/p90/p99 per model, as the cluster target exports them
         "--exit-on-error=true",
         "--strict-readiness=true",
         "--model-control-mode=explicit",

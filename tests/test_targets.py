@@ -256,6 +256,11 @@ def test_cluster_manifests_pass_the_kubernetes_schemas(tmp_path):
     hpa = docs["hpa.yaml"]["spec"]
     assert hpa["maxReplicas"] == 4 and hpa["metrics"][0]["pods"]["metric"]["name"] == "kiln_queue_ms_per_request"
     assert "nv_inference_queue_duration_us" in docs["prometheus-adapter-rules.yaml"]["data"]["config.yaml"]
+    board = json.loads(docs["grafana-dashboard.yaml"]["data"]["grafana-dashboard.json"])
+    assert docs["grafana-dashboard.yaml"]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads((tmp_path / "k8s" / "grafana-dashboard.json").read_text()) == board
+    exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
+    assert "rate(kiln_unet_ms[1m])" in exprs and 'nv_inference_request_summary_us{quantile="0.99"}' in exprs
     kustomization = yaml.safe_load((tmp_path / "k8s" / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == sorted(paths)
     s3 = render(ClusterSpec(repository="s3://bucket/kiln"), tmp_path / "s3")
