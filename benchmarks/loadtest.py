@@ -27,6 +27,10 @@ class LoadTestReport:
     rps: float
     median_ms: float
     p95_ms: float
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    min_ms: float = 0.0
+    max_ms: float = 0.0
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
@@ -105,6 +109,10 @@ def run(http_url: str, grpc_url: str, metrics_url: str, out_dir: Path, users: in
         rps=float(stats["Requests/s"]),
         median_ms=float(stats["Median Response Time"]),
         p95_ms=float(stats["95%"]),
+        p90_ms=float(stats["90%"]),
+        p99_ms=float(stats["99%"]),
+        min_ms=float(stats["Min Response Time"] or 0),
+        max_ms=float(stats["Max Response Time"] or 0),
         per_model=per_model(before, after),
     )
     succeeded = report.rps * (report.requests - report.failures) / report.requests if report.requests else 0.0
@@ -127,8 +135,10 @@ def run(http_url: str, grpc_url: str, metrics_url: str, out_dir: Path, users: in
 
 
 def to_markdown(report: LoadTestReport) -> str:
-    lines = [f"requests {report.requests}, failures {report.failures}, {report.rps:.2f} req/s, "
-             f"median {report.median_ms:.0f} ms, p95 {report.p95_ms:.0f} ms", "",
+    spread = (report.max_ms - report.min_ms) / report.median_ms if report.median_ms else 0.0
+    lines = [f"requests {report.requests}, failures {report.failures}, {report.rps:.2f} req/s; latency p50 "
+             f"{report.median_ms:.0f} ms, p90 {report.p90_ms:.0f} ms, p95 {report.p95_ms:.0f} ms, p99 {report.p99_ms:.0f} ms, "
+             f"min {report.min_ms:.0f} ms, max {report.max_ms:.0f} ms (spread {100 * spread:.0f} % of p50)", "",
              "| model | requests | queue ms/request | compute ms/request |", "|---|---|---|---|"]
     lines += [f"| {m} | {v['requests']:.0f} | {v['queue_ms']:.2f} | {v['compute_ms']:.2f} |" for m, v in report.per_model.items()]
     from kiln.benchmarks.cost import Cost

@@ -29,6 +29,7 @@ from kiln.cli_choices import (
     Precision,
     PredictionType,
     Protocol,
+    Scenario,
     Target,
     TinyFamily,
     TorchDevice,
@@ -1024,6 +1025,38 @@ def loadtest(
     typer.echo(to_markdown(report))
     console.print(f"CSV, HTML and JSON in {out}")
     raise typer.Exit(1 if report.violations else 0)
+
+
+LOADGEN = declared("kiln.benchmarks.loadgen", "LoadGenSpec")
+
+
+@app.command()
+def loadgen(
+    scenario: Scenario = typer.Option(Scenario(LOADGEN.scenario), "--scenario", help="MLPerf Inference's scenario: "
+                                      "SingleStream (one at a time, p90), Server (Poisson arrivals at --target-qps, VALID "
+                                      "when p99 <= --target-latency-ms), Offline (all at once, samples per second)"),
+    url: Optional[str] = typer.Option(None, "--url", help="the server (default: this machine's gRPC or HTTP port)"),
+    protocol: Protocol = typer.Option(Protocol(LOADGEN.protocol), "--protocol"),
+    samples: int = typer.Option(LOADGEN.samples, "--samples", help="prompts in the query sample library"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the server's)"),
+    min_duration: float = typer.Option(LOADGEN.min_duration_s, "--min-duration", help="seconds"),
+    min_queries: int = typer.Option(LOADGEN.min_queries, "--min-queries", help="LoadGen's early stopping needs about 460 "
+                                    "for a VALID Server p99, 64 for SingleStream"),
+    target_qps: float = typer.Option(LOADGEN.target_qps, "--target-qps", help="Server: arrival rate; Offline: expected rate"),
+    target_latency_ms: float = typer.Option(LOADGEN.target_latency_ms, "--target-latency-ms", help="Server: the p99 bound"),
+    workers: int = typer.Option(LOADGEN.workers, "--workers", help="requests in flight at most (Server, Offline)"),
+    out: Path = typer.Option(Path("artifacts/loadgen"), "--out"),
+):
+    """MLPerf Inference's LoadGen against a running server; writes its logs and a Kiln report; exits 1 when INVALID."""
+    from kiln.benchmarks.loadgen import LoadGenSpec, run, to_markdown
+
+    spec = LoadGenSpec(scenario=scenario.value, protocol=protocol.value, samples=samples, steps=steps,
+                       min_duration_s=min_duration, min_queries=min_queries, target_qps=target_qps,
+                       target_latency_ms=target_latency_ms, workers=workers)
+    report = run(url or URLS[protocol.value], out, spec)
+    typer.echo(to_markdown(report))
+    console.print(f"LoadGen's logs and loadgen.json, loadgen.md in {out}")
+    raise typer.Exit(0 if report["valid"] else 1)
 
 
 def main() -> None:

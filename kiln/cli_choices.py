@@ -94,6 +94,7 @@ ControlKind = _choices("ControlKind", declared("kiln.dataset.control", "CONTROLS
 OrtAccelerator = _choices("OrtAccelerator", declared("kiln.model_repository.configs", "ORT_ACCELERATORS"))
 TorchDevice = _choices("TorchDevice", declared("kiln.pipeline.engines", "TORCH_DEVICES"))
 TorchDtype = _choices("TorchDtype", declared("kiln.pipeline.engines", "TORCH_DTYPES"))
+Scenario = _choices("Scenario", declared("kiln.benchmarks.loadgen", "SCENARIOS"))
 
 
 def scheduler_name(name: str) -> str:

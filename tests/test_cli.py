@@ -202,6 +202,12 @@ def test_option_defaults_are_the_library_defaults():
     check(("export", "qdq"), {"holdout": calibration.holdout, "steps": calibration.steps, "guidance": calibration.guidance,
                               "method": calibration.method})
     check(("export", "onnx"), {"opset": DEFAULT_OPSET})
+    from kiln.benchmarks.loadgen import LoadGenSpec
+
+    spec = LoadGenSpec()
+    check(("loadgen",), {"scenario": spec.scenario, "protocol": spec.protocol, "samples": spec.samples,
+                         "min_duration": spec.min_duration_s, "min_queries": spec.min_queries, "target_qps": spec.target_qps,
+                         "target_latency_ms": spec.target_latency_ms, "workers": spec.workers})
     bench = BenchSpec()
     check(("bench",), {"steps": bench.steps, "runs": bench.runs, "pipeline_instances": tuning.pipeline_instances,
                        "onnx_threads": tuning.onnx_threads, "peers": ",".join(bench.peers),
