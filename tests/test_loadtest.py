@@ -19,7 +19,9 @@ def test_loadtest_reports_and_judges(triton, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads((tmp_path / "ok" / "loadtest.json").read_text())
     assert report["requests"] > 0 and report["failures"] == 0 and not report["violations"]
-    assert 0 < report["min_ms"] <= report["median_ms"] <= report["p90_ms"] <= report["p99_ms"] <= report["max_ms"]
+    assert 0 < report["min_ms"] <= report["max_ms"]
+    # Locust keeps percentiles of response times rounded to two significant digits (above 100 ms)
+    assert report["median_ms"] <= report["p90_ms"] <= report["p99_ms"] <= 1.05 * report["max_ms"]
     assert "p99" in (tmp_path / "ok" / "loadtest.md").read_text()
     assert report["images_per_hour"] == pytest.approx(report["rps"] * 3600)  # one image per request, none failed
     assert report["cost_per_1000_images"] == pytest.approx(24 / report["images_per_hour"] * 1000)
