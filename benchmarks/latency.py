@@ -351,6 +351,16 @@ def unet_rates(results: dict) -> dict:
             "gflops": {k: gflop / (v["stages"]["unet_step"]["median_ms"] / 1000) for k, v in results.items()}}
 
 
+def overlap(a: dict, b: dict) -> bool:
+    """Whether two timings' runs overlap (min to max): a ratio of their medians is then inconclusive, as
+    the runs spread wider than the difference it reports."""
+    return a["min_ms"] <= b["max_ms"] and b["min_ms"] <= a["max_ms"]
+
+
+def _ratio(value: float, a: dict, b: dict, fmt: str = "{:.2f}x") -> str:
+    return fmt.format(value) + (" (inconclusive: the runs overlap)" if overlap(a, b) else "")
+
+
 def _ms(timing: dict) -> str:
     return f"{timing['median_ms']:.1f} / {timing.get('p90_ms', timing['median_ms']):.1f}"
 
@@ -399,7 +409,8 @@ def settings_table(report: dict) -> list[str]:
         money = f" {c['per_1000_images']:.2f} |" if with_price and c.get("per_1000_images") is not None else (" - |" if with_price else "")
         lines.append(f"| {name} | {r['unet_rows']} | {_ms(r['triton_http'])} | {100 * r['triton_http'].get('spread', 0):.0f} % | "
                      f"{_ms(r['diffusers'])} | {r['image_max_abs_255']} / {r['image_mean_abs_255']:.3f} | "
-                     f"{r['speedup_vs_diffusers_same_setting']:.2f}x | {r['speedup_vs_pytorch']:.2f}x | "
+                     f"{_ratio(r['speedup_vs_diffusers_same_setting'], r['triton_http'], r['diffusers'])} | "
+                     f"{_ratio(r['speedup_vs_pytorch'], r['triton_http'], report['results']['pytorch']['end_to_end'])} | "
                      f"{c.get('images_per_hour', 0):,.0f} |{money}")
     return lines
 
@@ -433,8 +444,12 @@ def to_markdown(report: dict) -> str:
                   "from the same seed (0-255); speed relative to Kiln's ONNX Runtime path (> 1: faster)", "",
                   *parity_table(report)]
     r, u, priced = report["ratios"], report["unet_step"], report.get("cost", {})
-    lines += ["", f"- ONNX Runtime vs PyTorch end to end: {r['onnxruntime_speedup_vs_pytorch']:.2f}x",
-              f"- Triton overhead vs in-process: HTTP {100 * r['triton_http_overhead']:+.1f} %, gRPC {100 * r['triton_grpc_overhead']:+.1f} %",
+    end = {k: v["end_to_end"] for k, v in report["results"].items()}
+    lines += ["", "- ONNX Runtime vs PyTorch end to end: "
+              + _ratio(r["onnxruntime_speedup_vs_pytorch"], end["onnxruntime"], end["pytorch"]),
+              "- Triton overhead vs in-process: HTTP "
+              + _ratio(100 * r["triton_http_overhead"], end["triton_http"], end["onnxruntime"], "{:+.1f} %")
+              + ", gRPC " + _ratio(100 * r["triton_grpc_overhead"], end["triton_grpc"], end["onnxruntime"], "{:+.1f} %"),
               f"- UNet step: {u['gflop']:.1f} GFLOP, {u['onnxruntime_gflops']:.1f} GFLOP/s on ONNX Runtime "
               f"vs {u['matmul_gflops']:.1f} GFLOP/s float32 matmul on this machine", *notes(report)]
     if report.get("settings"):
@@ -464,6 +479,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0].legend(fontsize="small")
     axes[1].bar(names, [report["results"][n]["end_to_end"]["median_ms"] for n in names], color="tab:gray")
     axes[1].tick_params(axis="x", labelrotation=45)
+    axes[1].set_ylabel("ms (median)")
     axes[1].set_title(f"end to end, {report['spec']['steps']} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -123,3 +123,13 @@ def test_torch_compile_matches_eager_and_reports_compile_time_apart(tiny_model, 
     p = compiled.row(eager, manifest.family.spec("unet").onnx_tolerance("fp32"))["parity"]
     assert p["unet_step_within_tolerance"] and p["image_max_abs_255"] <= 1, p
     assert compiled.extra["compile_s"] > compiled.end_to_end["median_ms"] / 1000
+
+
+def test_a_ratio_of_runs_that_overlap_is_marked_inconclusive():
+    from kiln.benchmarks.latency import _ratio, overlap
+
+    fast = {"median_ms": 10.0, "min_ms": 9.0, "max_ms": 11.0}
+    slow = {"median_ms": 20.0, "min_ms": 19.0, "max_ms": 30.0}
+    noisy = {"median_ms": 12.0, "min_ms": 10.5, "max_ms": 40.0}
+    assert not overlap(fast, slow) and _ratio(2.0, fast, slow) == "2.00x"
+    assert overlap(fast, noisy) and _ratio(1.2, fast, noisy) == "1.20x (inconclusive: the runs overlap)"
