@@ -969,10 +969,19 @@ def bench(
     setting: Optional[list[str]] = typer.Option(None, "--setting", metavar="NAME=scheduler:steps[:guidance[:cutoff[:start[:end]]]]",
                                                 help="Kiln through Triton at another sampler setting too (for example the one "
                                                 "kiln eval --sweep chose), beside diffusers eager at that setting; repeatable"),
+    perf_analyzer_input: Optional[Path] = typer.Option(None, "--perf-analyzer-input", metavar="OUT",
+                                                       help="instead of timing: write perf_analyzer input data and a Model "
+                                                       "Analyzer configuration (BLS composing models) for ONNX_DIR's model"),
 ):
     """Latency and parity per stage and end to end: diffusers PyTorch (eager, torch.compile), Kiln on ONNX
     Runtime (plain and fused attention) and OpenVINO, Triton HTTP and gRPC; with --setting, Kiln at other
     sampler settings beside diffusers at the same."""
+    if perf_analyzer_input is not None:
+        from kiln.benchmarks.perf_inputs import write
+
+        files = write(onnx_dir, perf_analyzer_input, steps=steps)
+        console.print(f"perf_analyzer and Model Analyzer inputs: {', '.join(str(f) for f in files.values())}")
+        return
     from kiln.benchmarks.latency import BenchSpec, run, to_markdown
     from kiln.evaluation.settings import parse_setting
     from kiln.model_repository.configs import Tuning
