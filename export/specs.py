@@ -157,6 +157,11 @@ class ShapePoint:
         }
 
 
+# the shapes a component is warmed up at when it loads (python_models on the embedded target, Triton's
+# model_warmup on the ngc target): one image, 8x8 latents
+WARMUP_POINT = ShapePoint(batch=1, latent_height=8, latent_width=8)
+
+
 def concrete_shape(tensor: TensorSpec, point: ShapePoint, dims: ModelDims) -> tuple[int, ...]:
     values = {**point.axes(dims), **_model_constants(dims)}
     return tuple(d if isinstance(d, int) else axis_value(d, values) for d in tensor.shape)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -118,7 +119,29 @@ def ngc_component_config(spec: ComponentSpec, dims: ModelDims, tuning: Tuning, b
         # one cache per Triton model: ONNX Runtime keys cached engines by graph, so two fine-tunes of one
         # architecture sharing a folder could load each other's engines (weights and all)
         accelerator.parameters["trt_engine_cache_path"] = f"/tmp/kiln-trt-cache/{name}"
+    _warmup(config, spec, dims)
     return config
+
+
+def _warmup(config: mc.ModelConfig, spec: ComponentSpec, dims: ModelDims) -> None:
+    """Triton's model_warmup: one request of random data at WARMUP_POINT when the model loads, so the
+    first client request pays no engine build or CUDA initialisation. Dims as the config declares them
+    (the batch dimension is Triton's; a per-image scalar is [1], reshaped), -1 made concrete."""
+    from kiln.export.specs import WARMUP_POINT, concrete_shape
+
+    warmup = config.model_warmup.add(name=f"{spec.name}_warmup", batch_size=WARMUP_POINT.batch)
+    declared = {t.name: list(t.dims) for t in config.input}
+    for t in spec.inputs:
+        shape = concrete_shape(t, WARMUP_POINT, dims)
+        concrete = list(shape[1:] if t.shape and t.shape[0] == "batch" else shape)
+        wanted = declared[t.name]
+        data = warmup.inputs[t.name]
+        data.data_type = NUMPY_TO_TRITON[t.dtype]
+        data.dims.extend(concrete if len(concrete) == len(wanted) else wanted)  # [] per image is declared [1]
+        if np.dtype(t.dtype).kind in "iu":
+            data.zero_data = True  # token ids and sizes: zeros are always valid, random integers may not be
+        else:
+            data.random_data = True
 
 
 def field_dims(field) -> list[int]:

@@ -2,6 +2,8 @@
 (those that need a GPU aside), and the denoising loop's counters adding up to exactly the work of the
 requests sent."""
 
+from pathlib import Path
+
 import pytest
 
 from kiln.clients.client import KilnClient
@@ -39,6 +41,9 @@ def test_a_running_server_exports_what_the_dashboard_queries_and_the_loop_counts
         client.generate("a red digit 7", seed=3, steps=3, scheduler="euler", num_images=2, guidance_scale=5.0)
         client.generate("a blue digit 1", seed=4, steps=4, scheduler="euler", guidance_scale=5.0, guidance_end=0.5)
     after = metrics.scrape(info.metrics_url)
+    log = Path(info.log_file).read_text()
+    for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):  # at load, not in the first request
+        assert f"{component}: warmed up at load in" in log, component
     exported = {s.name for s in after} | {s.name.removesuffix("_total") for s in after}
     missing = sorted(queried_metrics() - set(GPU_METRICS) - exported)
     assert not missing, f"the dashboard queries metrics this server does not export: {missing}"

@@ -295,3 +295,24 @@ def test_cluster_settings_are_checked_before_rendering(field, value, message, tm
     with pytest.raises(ClusterError, match=message):
         render(replace(ClusterSpec(max_replicas=4), **{field: value}), tmp_path / "k8s")
     assert not (tmp_path / "k8s").exists()
+
+
+def test_ngc_components_warm_up_at_load_with_inputs_their_config_accepts():
+    """Triton's model_warmup on the ngc target: every input of each component, at concrete shapes that
+    fit the declared dims (-1 any size), so the first request pays no engine build."""
+    from kiln.export.specs import FAMILIES
+    from kiln.model_repository.configs import Tuning, ngc_component_config
+
+    dims = ModelDims(latent_channels=4, hidden_size=768, sequence=77, vocab_size=49408, vae_scale_factor=8, unet_factor=8,
+                     default_latent=64, hidden_size_2=1280, pooled_size=1280, cross_attention_dim=2048)
+    for family in FAMILIES.values():
+        for name in family.components:
+            spec = family.spec(name)
+            config = ngc_component_config(spec, dims, Tuning(), "onnxruntime")
+            (warmup,) = config.model_warmup
+            assert warmup.batch_size == 1 and set(warmup.inputs) == {t.name for t in config.input}, name
+            for declared in config.input:
+                data = warmup.inputs[declared.name]
+                assert data.data_type == declared.data_type and len(data.dims) == len(declared.dims), (name, declared.name)
+                assert all(d == w or d == -1 for d, w in zip(declared.dims, data.dims)), (name, declared.name)
+                assert data.zero_data or data.random_data
