@@ -50,9 +50,16 @@ class BenchSpec:
     settings: tuple[Setting, ...] = ()
 
     def __post_init__(self):
+        import math
+
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
             raise ValueError(f"peers {unknown}: expected some of {PEERS}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise KilnError(f"--guidance {self.guidance_scale}: expected a finite number >= 0 (1 or less: no guidance)")
+        for name in ("steps", "runs"):
+            if getattr(self, name) < 1:
+                raise KilnError(f"--{name} {getattr(self, name)}: expected at least 1")
 
 
 def timed(fn: Callable[[], object], runs: int, warmup: int) -> dict[str, float]:

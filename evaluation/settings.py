@@ -227,6 +227,20 @@ def parse_setting(text: str) -> Setting:
                         hint="for example --setting fast=dpmpp_2m:10:4:1:0:0.7")
     try:
         kinds = [str, int, float, float, float, float]
-        return replace(Setting(name), **{f: k(p) for f, k, p in zip(fields, kinds, parts)})
+        setting = replace(Setting(name), **{f: k(p) for f, k, p in zip(fields, kinds, parts)})
     except ValueError as exc:
         raise KilnError(f"--setting {text!r}: {exc}", hint="steps is an integer, the others numbers") from None
+    import math
+
+    s, problems = setting, []
+    if s.steps < 1:
+        problems.append(f"steps {s.steps}: at least 1")
+    if not (math.isfinite(s.guidance_scale) and s.guidance_scale >= 0):
+        problems.append(f"guidance {s.guidance_scale}: a finite number >= 0")
+    problems += [f"{f} {getattr(s, f)}: in [0, 1]" for f in ("guidance_cutoff", "guidance_start", "guidance_end")
+                 if not 0.0 <= getattr(s, f) <= 1.0]
+    if s.guidance_start >= s.guidance_end:
+        problems.append(f"guidance start {s.guidance_start} >= end {s.guidance_end}")
+    if problems:
+        raise KilnError(f"--setting {text!r}: {'; '.join(problems)}", hint="for example --setting fast=dpmpp_2m:10:4:1:0:0.7")
+    return setting

@@ -133,3 +133,14 @@ def test_a_ratio_of_runs_that_overlap_is_marked_inconclusive():
     noisy = {"median_ms": 12.0, "min_ms": 10.5, "max_ms": 40.0}
     assert not overlap(fast, slow) and _ratio(2.0, fast, slow) == "2.00x"
     assert overlap(fast, noisy) and _ratio(1.2, fast, noisy) == "1.20x (inconclusive: the runs overlap)"
+
+
+@pytest.mark.parametrize("field, value, named", [("guidance_scale", float("nan"), "--guidance nan"),
+                                                 ("guidance_scale", -1.0, "--guidance -1.0"), ("steps", 0, "--steps 0"),
+                                                 ("runs", 0, "--runs 0")])
+def test_bench_settings_out_of_range_are_refused_before_any_work(field, value, named):
+    from kiln.benchmarks.latency import BenchSpec
+    from kiln.errors import KilnError
+
+    with pytest.raises(KilnError, match=named):
+        BenchSpec(**{field: value})

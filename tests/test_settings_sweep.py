@@ -40,6 +40,10 @@ def test_settings_parse_by_position_and_bad_ones_are_named():
     for bad in ("fast", "fast=euler:ten", "=euler:10", "a=euler:1:2:3:4:5:6:7"):
         with pytest.raises(KilnError, match="--setting"):
             parse_setting(bad)
+    for bad, named in (("a=euler:0", "steps 0"), ("a=euler:8:nan", "guidance nan"), ("a=euler:8:4:1.5", "guidance_cutoff 1.5"),
+                       ("a=euler:8:4:1:0.6:0.3", "start 0.6 >= end 0.3"), ("a=euler:8:-inf", "guidance -inf")):
+        with pytest.raises(KilnError, match=named):
+            parse_setting(bad)
 
 
 def test_sweep_through_triton_beside_diffusers(triton, tiny_model, tmp_path):
