@@ -52,7 +52,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install --quiet -e ".[test,int8,gateway,ui,bench]"
+	$(VENV)/bin/pip install --quiet -e ".[test,embedded,train,eval,cluster,int8,gateway,ui,bench]"
 	# a real browser for the web page's test (Debian's chromium); without root or apt that test skips and says why
 	@if ! command -v chromedriver >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
