@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from kiln.errors import Cancelled, GenerationError, RequestError
-from kiln.serving.metrics import LOOP_METRICS
+from kiln.serving.metrics import COMPONENT_METRICS, LOOP_METRICS
 from kiln.export.specs import CONTROLNET_PREFIX, ComponentSpec, complete_feeds, served_family
 from kiln.pipeline.denoise import ModelConstants, generate_request
 from kiln.pipeline.engines import Engines
@@ -89,6 +90,25 @@ EMBEDDING_CACHE_BYTES = 256 << 20
 ADAPTER_FEED_SETS = 4  # the last adapter sets' feeds kept built (a request's every step reuses its own)
 
 
+def _triton():
+    """triton_adapter when Triton runs this model; None in-process (tests), where
+    triton_python_backend_utils cannot be imported."""
+    try:
+        from kiln.model_repository import triton_adapter
+    except ImportError:
+        return None
+    return triton_adapter
+
+
+def log_line(message: str) -> None:
+    """A line in Triton's log when Triton runs this model, in this module's log otherwise."""
+    triton = _triton()
+    if triton is None:
+        log.info("%s", message)
+    else:
+        triton.log_info(message)
+
+
 class OnnxComponentModel:
     """One exported component on ONNX Runtime. Each request's inputs are checked against the spec
     (internal models are reachable by any client); the valid requests Triton batched run as one call
@@ -102,7 +122,6 @@ class OnnxComponentModel:
         self.dims = ModelDims(**settings["dims"]) if "dims" in settings else None
         self.limits = Limits(**settings["limits"]) if "limits" in settings else Limits()
         self.cache = RowCache(EMBEDDING_CACHE_BYTES) if self.spec.cache_outputs else None
-        self.counters = None
         self.layers = self.session.layers  # None: exported without LoRA inputs
         self.repository = Path(version_dir).parent.parent
         self.store = None
@@ -117,19 +136,11 @@ class OnnxComponentModel:
         first request. Logged with its time."""
         if self.dims is None:
             return
-        import time
-
         from kiln.export.specs import WARMUP_POINT, dummy_inputs
 
         began = time.perf_counter()
         self.session.run(dummy_inputs(self.spec, WARMUP_POINT, self.dims))
-        message = f"{self.spec.name}: warmed up at load in {1000 * (time.perf_counter() - began):.0f} ms"
-        try:
-            from kiln.model_repository import triton_adapter as triton
-        except ImportError:  # run without Triton (tests)
-            log.info("%s", message)
-            return
-        triton.log_info(message)
+        log_line(f"{self.spec.name}: warmed up at load in {1000 * (time.perf_counter() - began):.0f} ms")
 
     def open_session(self, version_dir: Path, settings: dict):
         from kiln.pipeline.onnx_session import ComponentSession
@@ -256,14 +267,11 @@ class OnnxComponentModel:
         return responses
 
     def count_cache(self, hits: int) -> None:
-        """kiln_embedding_cache_hits on Triton's metrics endpoint."""
+        """kiln_embedding_cache_hits on Triton's metrics endpoint (made at the first batch, at 0)."""
         from kiln.model_repository import triton_adapter as triton
 
-        if self.counters is None:
-            self.counters = triton.Counter("kiln_embedding_cache_hits", "rows answered from Kiln's embedding cache",
-                                           {"model": self.spec.name})
-        if hits:
-            self.counters.increment(hits)
+        name = "kiln_embedding_cache_hits"
+        triton.count(name, COMPONENT_METRICS[name], {"model": self.spec.name}, hits)
 
     def finalize(self):
         self.session = None
@@ -277,11 +285,7 @@ class TorchComponentModel(OnnxComponentModel):
         from kiln.model_repository.torch_backend import load_component
 
         session = load_component(self.spec, version_dir, settings)
-        try:
-            from kiln.model_repository import triton_adapter as triton
-        except ImportError:  # run without Triton (tests): the module logger has it already
-            return session
-        triton.log_info(session.description)
+        log_line(session.description)
         return session
 
 
@@ -293,12 +297,7 @@ class OpenVinoComponentModel(OnnxComponentModel):
         from kiln.pipeline.openvino_runner import open_component
 
         session = open_component(self.spec, version_dir / "model.onnx", int(settings.get("onnx_threads", 0)))
-        try:
-            from kiln.model_repository import triton_adapter as triton
-        except ImportError:  # run without Triton (tests)
-            log.info("%s", session.description)
-            return session
-        triton.log_info(session.description)
+        log_line(session.description)
         return session
 
 
@@ -388,11 +387,9 @@ class PipelineModel:
             self.registry = Registry(Path(version_dir).parent / REGISTRY_FOLDER)
         self.model_name = settings.get("model", "this model")
         self._warm_up()
-        try:
-            from kiln.model_repository import triton_adapter as triton
-        except ImportError:  # run without Triton (tests)
-            return
-        triton.declare(LOOP_METRICS, {"model": self.model_name})
+        triton = _triton()
+        if triton is not None:  # counters exported from load, before the first generation
+            triton.declare(LOOP_METRICS, {"model": self.model_name})
 
     def _warm_up(self) -> None:
         """Do at load what a first request would otherwise pay for: import every scheduler class and
@@ -503,8 +500,6 @@ class LoopMeter:
     def __call__(self, spec, feeds: dict, outputs: list[str]) -> dict:
         if spec.name != "unet":
             return self.inner(spec, feeds, outputs)
-        import time
-
         began = time.perf_counter()
         out = self.inner(spec, feeds, outputs)
         self.tally.unet_seconds += time.perf_counter() - began

@@ -90,12 +90,9 @@ def _reference(model_dir, loras: list[tuple], prompt=PROMPT):
 
 
 def _cache_hits(info) -> float:
-    import re
-    import urllib.request
+    from kiln.serving.metrics import scrape, total
 
-    text = urllib.request.urlopen(info.metrics_url, timeout=10).read().decode()
-    match = re.search(r'kiln_embedding_cache_hits\{[^}]*model="text_encoder"[^}]*\} (\d+)', text)
-    return float(match.group(1)) if match else 0.0
+    return total(scrape(info.metrics_url), "kiln_embedding_cache_hits", model="text_encoder")
 
 
 def _diff(a, b) -> int:
