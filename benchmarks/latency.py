@@ -100,9 +100,14 @@ def parity(measured: Measured, reference: Measured, tolerance: Tolerance) -> dic
     result = {"unet_step_max_abs": diff.max_abs, "unet_step_rel_l2": diff.rel_l2,
               "unet_step_within_tolerance": diff.within(tolerance)}
     if measured.image is not None and reference.image is not None:
-        pixels = np.abs(measured.image.astype(int) - reference.image.astype(int))
-        result.update(image_max_abs_255=int(pixels.max()), image_mean_abs_255=float(pixels.mean()))
+        result.update(image_difference(measured.image, reference.image))
     return result
+
+
+def image_difference(image: np.ndarray, reference: np.ndarray) -> dict:
+    """Two uint8 images' largest and mean absolute difference, in 1/255 units."""
+    pixels = np.abs(image.astype(int) - reference.astype(int))
+    return {"image_max_abs_255": int(pixels.max()), "image_mean_abs_255": float(pixels.mean())}
 
 
 def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
@@ -246,10 +251,9 @@ def bench_settings(url: str, model_dir: Path, spec: BenchSpec, size: int, refere
             eager, expected = timed_keeping(lambda s=setting: diffusers_image(
                 pipe, s.scheduler, PROMPT, "", spec.seed, s.steps, s.guidance_scale, size, size,
                 **s.diffusers_callbacks()), spec.runs, spec.warmup)
-            pixels = np.abs(images.astype(int) - expected.astype(int))
             rows[setting.name] = {
                 "setting": asdict(setting), "unet_rows": setting.unet_rows(), "triton_http": served, "diffusers": eager,
-                "image_max_abs_255": int(pixels.max()), "image_mean_abs_255": float(pixels.mean()),
+                **image_difference(images, expected),
                 "speedup_vs_pytorch": reference_ms / served["median_ms"],
                 "speedup_vs_diffusers_same_setting": eager["median_ms"] / served["median_ms"]}
     return rows

@@ -28,12 +28,10 @@ def _tensor(array: np.ndarray) -> dict:
     return {"content": content, "shape": list(array.shape)}
 
 
-def requests(onnx_dir: Path, prompts: tuple[str, ...], fields: dict) -> tuple[list[dict], list[dict]]:
-    """(txt2img entries, pipeline entries) for perf_analyzer, one per prompt."""
-    from kiln.artifacts import read_export
+def requests(onnx_dir: Path, family, prompts: tuple[str, ...], fields: dict) -> tuple[list[dict], list[dict]]:
+    """(txt2img entries, pipeline entries) for perf_analyzer, one per prompt; `family`: the export's."""
     from kiln.model_repository.python_models import TokenizerModel
 
-    family = read_export(onnx_dir).family
     tokenizer = TokenizerModel(Path(onnx_dir), {"tokenizers": list(family.tokenizers)})
     types = _request_types()
     public, bls = [], []
@@ -75,7 +73,7 @@ def write(onnx_dir: Path, out_dir: Path, prompts: tuple[str, ...] = DEFAULT_PROM
 
     family = read_export(onnx_dir).family
     fields = {"steps": steps, "seed": 0}
-    public, bls = requests(Path(onnx_dir), prompts, fields)
+    public, bls = requests(Path(onnx_dir), family, prompts, fields)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"txt2img.json": {"data": public}, "pipeline.json": {"data": bls}}
