@@ -19,6 +19,7 @@ import numpy as np
 
 from kiln.artifacts import fingerprint, onnx_file, read_export, read_manifest, write_json_atomically
 from kiln.errors import ExportError
+from kiln.export.engine_runtime import Runtime, check_runtime
 from kiln.export.specs import SD, QDQ_PRECISION, ComponentSpec, Family, ShapePoint, concrete_shape
 from kiln.models.folder import ModelDims
 
@@ -178,48 +179,30 @@ def plan_engines(onnx_dir: Path, precision: str = "fp16", profiles: list[str] | 
 # ---------------------------------------------------------------- runtime identity and manifests
 
 
-@dataclass(frozen=True)
-class Runtime:
-    tensorrt: str
-    gpu: str
-    compute_capability: str
-
-    @classmethod
-    def detect(cls) -> "Runtime":
-        try:
-            import tensorrt as trt
-        except ImportError as exc:
-            raise ExportError("TensorRT is not installed", hint="pip install tensorrt (on a machine with an NVIDIA GPU), "
-                              "or serve ONNX Runtime: kiln repo build ... --target ngc --backend onnxruntime") from exc
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ExportError("no CUDA GPU is visible: TensorRT engines are built on the GPU that will run them")
-        major, minor = torch.cuda.get_device_capability(0)
-        return cls(trt.__version__, torch.cuda.get_device_name(0), f"{major}.{minor}")
-
-
 def engine_manifest(plan: EnginePlan, runtime: Runtime, parity: dict) -> dict:
     return {"format": ENGINE_FORMAT, "runtime": asdict(runtime), "plan": plan.to_json(), "parity": parity,
             "key": fingerprint({"plan": plan.to_json(), "runtime": asdict(runtime), "format": ENGINE_FORMAT})}
 
 
-def check_engines(engine_dir: Path, runtime: Runtime, export_key: str | None = None) -> dict:
-    """Refuse engines built by another TensorRT, for another GPU, or from another export."""
+def read_engines(engine_dir: Path, export_key: str | None = None) -> dict:
+    """An engine folder's manifest, refused when it is missing, of another Kiln engine format, or (with
+    `export_key`) built from another ONNX export; its runtime is checked where the engines run."""
     manifest = read_manifest(Path(engine_dir))
     if not manifest:
         raise ExportError(f"{engine_dir} has no engine manifest", hint="kiln export trt ONNX_DIR ENGINE_DIR")
     if manifest.get("format") != ENGINE_FORMAT:
         raise ExportError(f"{engine_dir} was written by another Kiln engine format ({manifest.get('format')})",
                           hint="rebuild: kiln export trt ONNX_DIR ENGINE_DIR")
-    built = manifest["runtime"]
-    for key, now in asdict(runtime).items():
-        if built.get(key) != now:
-            raise ExportError(f"stale engines in {engine_dir}: built with {key} {built.get(key)!r}, this machine has {now!r}",
-                              hint="TensorRT engines are tied to the TensorRT version and the GPU; rebuild them here")
     if export_key is not None and manifest["plan"]["export_key"] != export_key:
         raise ExportError(f"stale engines in {engine_dir}: built from another ONNX export",
                           hint="rebuild: kiln export trt ONNX_DIR ENGINE_DIR")
+    return manifest
+
+
+def check_engines(engine_dir: Path, runtime: Runtime, export_key: str | None = None) -> dict:
+    """Refuse engines built by another TensorRT, for another GPU, or from another export."""
+    manifest = read_engines(engine_dir, export_key)
+    check_runtime(Runtime(**manifest["runtime"]), runtime, f"in {engine_dir}")
     return manifest
 
 

@@ -165,6 +165,7 @@ def build_models_repository(
             model_limits = limits_for(limits, manifest.model.default_size)
             encoders = len(layout.text_encoders)
             component_models, adapted, layers = {}, [], []
+            built = _engine_record(engines[name], manifest.key) if backend == "tensorrt" else None
             controlled = {"controlnets": list(layout.controlnets)} if layout.controlnets else {}
             for component in exported_components(onnx_dir, layout):
                 declared = read_layers(onnx_dir / component)
@@ -221,6 +222,7 @@ def build_models_repository(
                 "model": PUBLIC_MODEL if single else name,
                 **({"adapted": adapted} if adapted else {}),
                 **({**controlled, "dims": asdict(dims)} if controlled else {}),
+                **({"engines": built["runtime"]} if built else {}),  # checked against the container's at load
             }
             config = configs.pipeline_config(tuning, pipeline_settings, gpu=target == "ngc", encoders=encoders)
             config.name = pipeline_name
@@ -240,7 +242,8 @@ def build_models_repository(
                                  "components": component_models, "tokenizer": tokenizer_name, "pipeline": pipeline_name,
                                  **({"controlnets": [n[len(CONTROLNET_PREFIX):] for n in layout.controlnets]}
                                     if controlled else {}),
-                                 **({"adapted": adapted, "adapter_layers": layers_digest(layers)} if adapted else {})}
+                                 **({"adapted": adapted, "adapter_layers": layers_digest(layers)} if adapted else {}),
+                                 **({"engines": built} if built else {})}
         write_json_atomically(
             tmp / MANIFEST_NAME,
             {
@@ -261,6 +264,16 @@ def build_models_repository(
     log.info("model repository (target %s, backend %s, %d model(s), %d components, %d shared) written to %s",
              target, backend, len(models), unique, references - unique, repo_dir)
     return repo_dir
+
+
+def _engine_record(engine_dir: Path, export_key: str) -> dict:
+    """What the repository keeps of a `kiln export trt` folder: its key and the runtime it was built on
+    (TensorRT, GPU, compute capability), which the BLS pipeline checks against the container's at load.
+    Engines without a manifest, or from another export, are refused here."""
+    from kiln.export.tensorrt import read_engines
+
+    manifest = read_engines(engine_dir, export_key)
+    return {"engine_dir": str(Path(engine_dir).resolve()), "key": manifest["key"], "runtime": manifest["runtime"]}
 
 
 def _torch_sources(models: dict[str, Path], manifests: dict, options: TorchOptions) -> dict[str, dict]:

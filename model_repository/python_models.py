@@ -386,6 +386,10 @@ class PipelineModel:
 
             self.registry = Registry(Path(version_dir).parent / REGISTRY_FOLDER)
         self.model_name = settings.get("model", "this model")
+        if settings.get("engines"):  # tensorrt_plan components: refuse engines of another TensorRT or GPU, clearly
+            from kiln.export.engine_runtime import check_served_engines
+
+            check_served_engines(settings["engines"], self.device, self.model_name)
         self._warm_up()
         triton = _triton()
         if triton is not None:  # counters exported from load, before the first generation

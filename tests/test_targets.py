@@ -17,6 +17,7 @@ from kiln.artifacts import write_json_atomically
 from kiln.model_repository import configs
 from kiln.model_repository.builder import build_models_repository, build_repository
 from kiln.serving import server
+from test_engine_runtime import H100, write_engine_folder
 
 REQUEST = dict(prompt="a red digit 7", negative_prompt="blurry", seed=3, steps=4, guidance_scale=6.0, height=64, width=64,
                scheduler="euler_a")
@@ -61,13 +62,19 @@ def test_ngc_onnxruntime_configs(onnx_dir, tmp_path, accelerator):
 
 def test_ngc_tensorrt_configs_take_the_engines(onnx_dir, tmp_path):
     engines = tmp_path / "engines"
-    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
-        (engines / name).mkdir(parents=True)
-        (engines / name / "model.plan").write_bytes(name.encode())  # placeholder bytes: configs only
+    write_engine_folder(onnx_dir("epsilon"), engines)
     repo = build_repository(onnx_dir("epsilon"), tmp_path / "repo", target="ngc", backend="tensorrt", engine_dir=engines)
     config = _config(repo, "unet")
     assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
     assert (repo / "unet" / "1" / "model.plan").read_bytes() == b"unet"
+    # the runtime the engines were built on travels to the pipeline, which checks it at load
+    pipeline = json.loads(_config(repo, "pipeline").parameters["kiln_settings"].string_value)
+    assert pipeline["engines"] == {"tensorrt": "10.3.0.26", "gpu": H100.gpu, "compute_capability": "9.0"}
+    manifest = json.loads((repo / "manifest.json").read_text())
+    assert manifest["ensembles"]["txt2img"]["engines"]["runtime"] == pipeline["engines"]
+    (engines / "manifest.json").unlink()
+    with pytest.raises(ExportError, match="has no engine manifest"):
+        build_repository(onnx_dir("epsilon"), tmp_path / "r1", target="ngc", backend="tensorrt", engine_dir=engines)
     with pytest.raises(RepositoryError, match="needs engines"):
         build_repository(onnx_dir("epsilon"), tmp_path / "r2", target="ngc", backend="tensorrt")
     with pytest.raises(RepositoryError, match="--backend 'tensorrt' is not available for --target embedded"):
