@@ -127,4 +127,9 @@ def check_served_engines(recorded: dict, device: str | None, model: str, detect=
 
 
 if __name__ == "__main__":  # `python3 -m kiln.export.engine_runtime`: the TensorRT version here (deploy/Dockerfile)
-    print(tensorrt_version())
+    import sys
+
+    try:
+        print(tensorrt_version())
+    except ExportError as exc:
+        sys.exit(f"error: {exc}")

@@ -432,6 +432,11 @@ def export_trt(
     profile: list[str] = typer.Option([], "--profile", help="IMAGESxSIZE:IMAGESxSIZE:IMAGESxSIZE (min:opt:max); "
                                       "repeat for several optimisation profiles. Default 1..4 images, half to 1.5x the native size"),
     plan_only: bool = typer.Option(False, "--plan", help="print the engine plan (shapes, precision) and stop: no GPU needed"),
+    reuse: bool = typer.Option(False, "--reuse", help="OUT_DIR is an engine store (a cluster's volume): engines go to "
+                               "OUT_DIR/<TensorRT>-sm<CC>-<GPU>/, and those there that fit this TensorRT, GPU, export "
+                               "and plan are kept (nothing is built)"),
+    repository: Optional[Path] = typer.Option(None, "--repository", help="then write the --target ngc repository "
+                                              "serving these engines here (kiln repo build's defaults)"),
 ):
     """Build TensorRT engines (on the GPU that will run them), checked against ONNX Runtime."""
     import json
@@ -442,12 +447,26 @@ def export_trt(
     if plan_only:
         console.print_json(json.dumps(plan.to_json()))
         return
-    export_engines(onnx_dir, out_dir, plan, trt_parity_check)
-    manifest = check_engines(out_dir, Runtime.detect(), plan.export_key)
+    runtime = Runtime.detect()
+    built = True
+    if reuse:
+        from kiln.export.engine_store import ensure_engines
+
+        out_dir, built = ensure_engines(onnx_dir, out_dir, plan, lambda o, d, p: export_engines(o, d, p, trt_parity_check),
+                                        runtime)
+    else:
+        export_engines(onnx_dir, out_dir, plan, trt_parity_check)
+    manifest = check_engines(out_dir, runtime, plan.export_key)
     for name, info in manifest["parity"].items():
         console.print(f"{name}: {info}")
-    console.print(f"engines written to {out_dir}; serve them with: kiln repo build {onnx_dir} REPO --target ngc "
-                  f"--backend tensorrt --engines {out_dir}")
+    console.print(f"engines {'written to' if built else 'reused from'} {out_dir}")
+    if repository is None:
+        console.print(f"serve them with: kiln repo build {onnx_dir} REPO --target ngc --backend tensorrt --engines {out_dir}")
+        return
+    from kiln.model_repository.builder import build_repository
+
+    build_repository(onnx_dir, repository, target="ngc", backend="tensorrt", engine_dir=out_dir)
+    console.print(f"model repository (ngc, tensorrt) written to {repository}")
 
 
 CLUSTER = declared("kiln.serving.kubernetes", "ClusterSpec")
@@ -464,12 +483,23 @@ def cluster_render(
     max_replicas: int = typer.Option(CLUSTER.max_replicas, "--max-replicas"),
     gpus_per_pod: int = typer.Option(CLUSTER.gpus_per_pod, "--gpus-per-pod", help="1: one Triton per GPU; the node's GPU count: one per node"),
     queue_target_ms: float = typer.Option(CLUSTER.queue_target_ms, "--queue-target-ms", help="scale out above this mean queue time per generation"),
+    engines: str = typer.Option(CLUSTER.engines, "--engines", help="prebuilt: the repository holds its models; build: an "
+                                "init container builds TensorRT engines on each pod's GPU into --repository pvc:CLAIM "
+                                "(ONNX export at onnx/), reused on restart, then the repository Triton serves"),
+    builder_image: str = typer.Option(CLUSTER.builder_image, "--builder-image", help="--engines build: deploy/Dockerfile "
+                                      "built with --build-arg KILN_EXTRAS=embedded --build-arg WITH_TENSORRT=1"),
+    engine_precision: str = typer.Option(CLUSTER.engine_precision, "--engine-precision", help="--engines build: fp32, "
+                                         "fp16 or int8 (onnx/ then a kiln export qdq folder)"),
+    engine_profile: list[str] = typer.Option([], "--engine-profile", help="--engines build: kiln export trt --profile, "
+                                             "repeatable"),
 ):
     """Render and validate (offline, against the Kubernetes schemas) the cluster manifests."""
     from kiln.serving.kubernetes import ClusterSpec, render
 
     spec = ClusterSpec(image=image, repository=repository, namespace=namespace, min_replicas=min_replicas,
-                       max_replicas=max_replicas, gpus_per_pod=gpus_per_pod, queue_target_ms=queue_target_ms)
+                       max_replicas=max_replicas, gpus_per_pod=gpus_per_pod, queue_target_ms=queue_target_ms,
+                       engines=engines, builder_image=builder_image, engine_precision=engine_precision,
+                       engine_profiles=tuple(engine_profile))
     paths = render(spec, out_dir)
     console.print(f"{len(paths)} manifests validated and written to {out_dir}: {', '.join(sorted(paths))}")
     console.print(f"apply with: kubectl create namespace {namespace}; "

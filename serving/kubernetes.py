@@ -2,7 +2,9 @@
 container: one Triton per GPU (a Deployment whose pods each ask for `gpus_per_pod` GPUs), a Service,
 readiness, liveness and startup probes on Triton's health endpoints, the model repository from
 object storage (Triton reads s3:// and gs:// itself) or a volume claim, and autoscaling on Triton's
-queue time per request through Prometheus (a ServiceMonitor and a prometheus-adapter rule).
+queue time per request through Prometheus (a ServiceMonitor and a prometheus-adapter rule). With
+engines='build', an init container builds TensorRT engines on the pod's GPU into the repository's
+claim (kept per runtime, reused on restart) and writes the repository Triton serves.
 
 The manifests are validated offline against the Kubernetes JSON schemas (kubernetes-validate);
 the two monitoring.coreos.com / adapter pieces are CRD-shaped and checked for their required keys.
@@ -27,6 +29,14 @@ QUEUE_METRIC = "kiln_queue_ms_per_request"
 NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
+ENGINE_MODES = ("prebuilt", "build")
+BUILD_MOUNT = "/kiln"  # the repository's claim, in the engine-building init container
+BUILD_ONNX = "onnx"  # the claim's ONNX export (a kiln export onnx or qdq folder)
+BUILD_ENGINES = "engines"  # the claim's engine store (kiln export trt --reuse)
+SCRATCH_MOUNT = "/run/kiln"  # the pod's own volume: the repository built at start, engines copied in
+BUILT_REPOSITORY = f"{SCRATCH_MOUNT}/repository"
+
+
 class ClusterError(ServeError):
     """A cluster setting is invalid, or a rendered manifest fails the Kubernetes schema."""
 
@@ -45,6 +55,14 @@ class ClusterSpec:
     storage_secret: str = "kiln-object-store"  # Secret with the object store's credentials (s3/gs)
     cpu: str = "8"
     memory: str = "32Gi"
+    # prebuilt: the repository holds its models (ONNX, or engines built elsewhere on the same GPU and
+    # TensorRT). build: an init container builds TensorRT engines on the pod's own GPU into the
+    # repository's claim (ONNX export at onnx/, engines kept per runtime under engines/), reused on
+    # restart, then writes the repository Triton serves into the pod's scratch volume.
+    engines: str = "prebuilt"
+    builder_image: str = "kiln-triton-builder:latest"  # deploy/Dockerfile with TensorRT's Python module (see README)
+    engine_precision: str = "fp16"  # fp32 | fp16 | int8 (int8: the claim's onnx/ is a kiln export qdq folder)
+    engine_profiles: tuple[str, ...] = ()  # kiln export trt --profile values (default: its own)
 
     def validate(self) -> "ClusterSpec":
         if not self.image.strip():
@@ -62,7 +80,37 @@ class ClusterSpec:
             raise ClusterError(f"gpus_per_pod={self.gpus_per_pod} is invalid: expected at least 1")
         if not self.queue_target_ms > 0:
             raise ClusterError(f"queue_target_ms={self.queue_target_ms} is invalid: expected a positive number")
+        self._validate_engines()
         return self
+
+    def _validate_engines(self) -> None:
+        if self.engines not in ENGINE_MODES:
+            raise ClusterError(f"engines={self.engines!r} is invalid: expected one of {list(ENGINE_MODES)}",
+                               hint="--engines build: TensorRT engines built on each pod's GPU at first start")
+        if self.engines == "prebuilt":
+            changed = [f for f in ("builder_image", "engine_precision", "engine_profiles")
+                       if getattr(self, f) != getattr(ClusterSpec, f)]
+            if changed:
+                raise ClusterError(f"{', '.join(changed)} apply to engines='build', not engines='prebuilt'",
+                                   hint="add --engines build, or leave them out")
+            return
+        if not self.repository.startswith("pvc:"):
+            raise ClusterError(f"repository={self.repository!r} cannot be used with engines='build': the engines are "
+                               "built into a volume claim", hint="--repository pvc:CLAIM, a claim holding the ONNX "
+                               f"export at {BUILD_ONNX}/ (ReadWriteMany when pods span nodes)")
+        if not self.builder_image.strip():
+            raise ClusterError("builder_image is empty", hint="--builder-image REGISTRY/kiln-triton-builder:TAG "
+                               "(deploy/Dockerfile built with --build-arg WITH_TENSORRT=1)")
+        if self.engine_precision not in ("fp32", "fp16", "int8"):
+            raise ClusterError(f"engine_precision={self.engine_precision!r} is invalid: expected fp32, fp16 or int8")
+        from kiln.errors import ExportError
+        from kiln.export.tensorrt import parse_profile
+
+        for profile in self.engine_profiles:
+            try:
+                parse_profile(profile, 1)  # the syntax here; the model's size multiple when the engines are planned
+            except ExportError as exc:
+                raise ClusterError(f"engine_profiles: {exc}", hint=exc.hint) from None
 
 
 def _labels(spec: ClusterSpec) -> dict:
@@ -74,7 +122,10 @@ def _meta(spec: ClusterSpec, name: str | None = None) -> dict:
 
 
 def triton_args(spec: ClusterSpec) -> list[str]:
-    repository = "/models" if spec.repository.startswith("pvc:") else spec.repository
+    if spec.engines == "build":
+        repository = BUILT_REPOSITORY
+    else:
+        repository = "/models" if spec.repository.startswith("pvc:") else spec.repository
     return [
         "tritonserver",
         f"--model-repository={repository}",
@@ -93,7 +144,11 @@ def triton_args(spec: ClusterSpec) -> list[str]:
 def deployment(spec: ClusterSpec) -> dict:
     env = [{"name": "KILN_ADMIN_KEY", "valueFrom": {"secretKeyRef": {"name": spec.admin_secret, "key": "key"}}}]
     volumes, mounts = [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}], [{"name": "shm", "mountPath": "/dev/shm"}]
-    if spec.repository.startswith("pvc:"):
+    if spec.engines == "build":  # the init container writes the repository into the pod's scratch volume
+        volumes += [{"name": "kiln-build", "persistentVolumeClaim": {"claimName": spec.repository[4:]}},
+                    {"name": "scratch", "emptyDir": {}}]
+        mounts.append({"name": "scratch", "mountPath": SCRATCH_MOUNT, "readOnly": True})
+    elif spec.repository.startswith("pvc:"):
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.repository[4:], "readOnly": True}})
         mounts.append({"name": "models", "mountPath": "/models", "readOnly": True})
     else:  # Triton reads object storage itself; credentials from the storage Secret
@@ -108,8 +163,7 @@ def deployment(spec: ClusterSpec) -> dict:
         "env": env,
         "ports": [{"name": "http", "containerPort": 8000}, {"name": "grpc", "containerPort": 8001},
                   {"name": "metrics", "containerPort": 8002}],
-        "resources": {"limits": {"nvidia.com/gpu": spec.gpus_per_pod, "cpu": spec.cpu, "memory": spec.memory},
-                      "requests": {"nvidia.com/gpu": spec.gpus_per_pod, "cpu": spec.cpu, "memory": spec.memory}},
+        "resources": _resources(spec),
         # loading (and on first start, TensorRT's accelerator builds) takes minutes: the startup probe allows 20
         "startupProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 10, "failureThreshold": 120},
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
@@ -128,6 +182,7 @@ def deployment(spec: ClusterSpec) -> dict:
                 "metadata": {"labels": _labels(spec),
                              "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "8002"}},
                 "spec": {
+                    **({"initContainers": [engine_builder(spec)]} if spec.engines == "build" else {}),
                     "containers": [container],
                     "volumes": volumes,
                     "terminationGracePeriodSeconds": 60,
@@ -138,6 +193,30 @@ def deployment(spec: ClusterSpec) -> dict:
                 },
             },
         },
+    }
+
+
+def _resources(spec: ClusterSpec) -> dict:
+    amounts = {"nvidia.com/gpu": spec.gpus_per_pod, "cpu": spec.cpu, "memory": spec.memory}
+    return {"limits": dict(amounts), "requests": dict(amounts)}
+
+
+def engine_builder(spec: ClusterSpec) -> dict:
+    """The init container of engines='build': `kiln export trt --reuse` keeps the claim's engines that
+    fit this pod's TensorRT and GPU (a restart builds nothing) or builds them on this GPU from the
+    claim's ONNX export, then writes the ngc repository Triton serves. It asks for the GPUs Triton
+    asks for; the kubelet hands an init container's devices on to the pod's containers."""
+    precision = {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8"]}[spec.engine_precision]
+    profiles = [arg for profile in spec.engine_profiles for arg in ("--profile", profile)]
+    return {
+        "name": "engines",
+        "image": spec.builder_image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["kiln", "export", "trt", f"{BUILD_MOUNT}/{BUILD_ONNX}", f"{BUILD_MOUNT}/{BUILD_ENGINES}", *precision,
+                 *profiles, "--reuse", "--repository", BUILT_REPOSITORY],
+        "resources": _resources(spec),
+        "volumeMounts": [{"name": "kiln-build", "mountPath": BUILD_MOUNT},
+                         {"name": "scratch", "mountPath": SCRATCH_MOUNT}],
     }
 
 

@@ -217,7 +217,7 @@ def test_option_defaults_are_the_library_defaults():
     cluster = ClusterSpec()
     check(("cluster", "render"), {name: getattr(cluster, name) for name in
                                   ("image", "repository", "namespace", "min_replicas", "max_replicas", "gpus_per_pod",
-                                   "queue_target_ms")})
+                                   "queue_target_ms", "engines", "builder_image", "engine_precision")})
     options = PrepareOptions()
     check(("data", "prepare"), {name: getattr(options, name) for name in
                                 ("resolution", "min_size", "dedup_distance", "crop", "min_clip_score", "min_aesthetic")})

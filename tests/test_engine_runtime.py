@@ -151,3 +151,15 @@ def test_the_store_builds_once_per_runtime_and_swaps_stale_engines(onnx_dir, tmp
     shutil.rmtree(folder)
     with pytest.raises(ExportError, match="do not pass their own check"):
         ensure_engines(onnx, store, plan, wrong, H100)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_the_build_step_without_tensorrt_stops_before_writing(onnx_dir, tmp_path):
+    """What the cluster's init container runs, on a host without TensorRT: one error line, nothing written."""
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "kiln.cli", "export", "trt", str(onnx_dir("epsilon")), str(tmp_path / "store"),
+                          "--fp16", "--reuse", "--repository", str(tmp_path / "repo")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "TensorRT is not installed" in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "store").exists() and not (tmp_path / "repo").exists()

@@ -49,7 +49,12 @@ def test_the_core_holds_only_what_serving_needs_and_setup_installs_every_extra_b
     installed = re.search(r'pip install --quiet -e "\.\[([^\]]+)\]"', (ROOT / "Makefile").read_text()).group(1).split(",")
     assert set(extras) - set(installed) == {"gpu", "serve", "openvino"}  # serve is the core; openvino is in bench
     docker = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert "pip install --no-cache-dir /opt/kiln " in docker and "/opt/kiln[" not in docker  # the core alone
+    # the serving image installs the core alone; only the builder image's build arguments add an extra
+    assert 'ARG KILN_EXTRAS=""' in docker and 'ARG WITH_TENSORRT=""' in docker and "/opt/kiln[" not in docker
+    target = re.search(r'pip install --no-cache-dir ("/opt/kiln[^"]*")', docker).group(1)
+    for extras, expanded in (("", "/opt/kiln"), ("embedded", "/opt/kiln[embedded]")):
+        shell = subprocess.run(["sh", "-c", f"KILN_EXTRAS={extras!r}; echo {target}"], capture_output=True, text=True)
+        assert shell.stdout.strip() == expanded, (extras, shell.stdout, shell.stderr)
 
 
 def test_the_serving_path_draws_an_image_without_any_extra(repo_dir, tiny_model, tmp_path):

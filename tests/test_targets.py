@@ -304,6 +304,71 @@ def test_cluster_settings_are_checked_before_rendering(field, value, message, tm
     assert not (tmp_path / "k8s").exists()
 
 
+def test_engines_built_at_first_start_by_an_init_container(tmp_path):
+    """--engines build: an init container on the pod's GPUs runs kiln export trt --reuse from the claim's
+    ONNX export into its engine store, then writes the repository into the pod's scratch volume, which
+    Triton serves read-only; the manifests pass the Kubernetes schemas."""
+    import yaml
+
+    from kiln.serving.kubernetes import ClusterSpec, render, validate_manifest
+
+    spec = ClusterSpec(image="registry.example/kiln-triton:1", repository="pvc:kiln-models", engines="build",
+                       builder_image="registry.example/kiln-triton-builder:1", engine_precision="int8",
+                       engine_profiles=("1x512:1x512:4x768",), gpus_per_pod=2)
+    paths = render(spec, tmp_path / "k8s")
+    deployment = yaml.safe_load(paths["deployment.yaml"].read_text())
+    assert validate_manifest(deployment) == "schema"
+    pod = deployment["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == "registry.example/kiln-triton-builder:1"
+    assert init["args"] == ["kiln", "export", "trt", "/kiln/onnx", "/kiln/engines", "--int8",
+                            "--profile", "1x512:1x512:4x768", "--reuse", "--repository", "/run/kiln/repository"]
+    assert init["resources"]["limits"]["nvidia.com/gpu"] == 2  # built on the GPUs Triton then gets
+    assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]} == {"kiln-build": "/kiln", "scratch": "/run/kiln"}
+    assert not any(m.get("readOnly") for m in init["volumeMounts"])
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["kiln-build"]["persistentVolumeClaim"] == {"claimName": "kiln-models"} and "emptyDir" in volumes["scratch"]
+    (triton,) = pod["containers"]
+    assert "--model-repository=/run/kiln/repository" in triton["args"]
+    assert {"name": "scratch", "mountPath": "/run/kiln", "readOnly": True} in triton["volumeMounts"]
+    assert not any(m["name"] == "kiln-build" for m in triton["volumeMounts"])
+    fp32 = render(ClusterSpec(repository="pvc:kiln-models", engines="build", engine_precision="fp32"), tmp_path / "fp32")
+    args = yaml.safe_load(fp32["deployment.yaml"].read_text())["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert args == ["kiln", "export", "trt", "/kiln/onnx", "/kiln/engines", "--reuse", "--repository", "/run/kiln/repository"]
+    prebuilt = yaml.safe_load(render(ClusterSpec(repository="pvc:kiln-models"), tmp_path / "pre")["deployment.yaml"].read_text())
+    assert "initContainers" not in prebuilt["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(engines="sometimes"), r"engines='sometimes' is invalid: expected one of \['prebuilt', 'build'\]"),
+    (dict(engines="build"), r"repository='s3://models/kiln/repository' cannot be used with engines='build'"),
+    (dict(engines="build", repository="pvc:m", engine_precision="int4"), "engine_precision='int4' is invalid"),
+    (dict(engines="build", repository="pvc:m", builder_image=""), "builder_image is empty"),
+    (dict(engines="build", repository="pvc:m", engine_profiles=("4x512:1x512:1x512",)), "engine_profiles: .*min <= opt <= max"),
+    (dict(engine_precision="int8"), "engine_precision apply to engines='build', not engines='prebuilt'"),
+])
+def test_engine_settings_are_checked_before_rendering(settings, message, tmp_path):
+    from kiln.serving.kubernetes import ClusterError, ClusterSpec, render
+
+    with pytest.raises(ClusterError, match=message):
+        render(ClusterSpec(**settings), tmp_path / "k8s")
+    assert not (tmp_path / "k8s").exists()
+
+
+def test_cluster_render_takes_the_engine_options(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    result = CliRunner().invoke(app, ["cluster", "render", str(tmp_path / "k8s"), "--repository", "pvc:kiln-models",
+                                      "--engines", "build", "--engine-precision", "fp16", "--engine-profile", "1x64:1x64:2x96"])
+    assert result.exit_code == 0, result.output
+    init = yaml.safe_load((tmp_path / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["args"][5:8] == ["--fp16", "--profile", "1x64:1x64:2x96"]
+    assert json.loads((tmp_path / "k8s" / "cluster.json").read_text())["engines"] == "build"
+
+
 def test_ngc_components_warm_up_at_load_with_inputs_their_config_accepts():
     """Triton's model_warmup on the ngc target: every input of each component, at concrete shapes that
     fit the declared dims (-1 any size), so the first request pays no engine build."""
