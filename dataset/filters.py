@@ -11,35 +11,21 @@ from PIL import Image
 
 from kiln.errors import DatasetError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_FILES = ("config.json", "model.safetensors | pytorch_model.bin", "vocab.json", "merges.txt")
-
-
-def _require_clip_folder(folder: Path) -> None:
-    folder = Path(folder)
-    weights = [folder / "model.safetensors", folder / "pytorch_model.bin"]
-    missing = [name for name in ("config.json", "vocab.json", "merges.txt") if not (folder / name).is_file()]
-    if not any(w.is_file() for w in weights):
-        missing.append("model.safetensors (or pytorch_model.bin)")
-    if missing:
-        raise DatasetError(
-            f"--clip-model {folder} lacks {missing}",
-            hint="give a local transformers CLIPModel folder (for example openai/clip-vit-large-patch14 saved with "
-            f"save_pretrained), holding {', '.join(CLIP_FILES)}",
-        )
-
 
 class ClipScorer:
-    """CLIPScore-style similarity: 100 x cosine(image embedding, caption embedding), floored at 0."""
+    """CLIPScore-style similarity: 100 x cosine(image embedding, caption embedding), floored at 0.
+    `folder`: local CLIP weights in transformers' or open_clip's layout (kiln.models.clip)."""
 
     def __init__(self, folder: Path):
-        from transformers import CLIPModel, CLIPTokenizer
+        from kiln.models.clip import ClipError, load_clip
 
-        _require_clip_folder(folder)
-        self.model = CLIPModel.from_pretrained(str(folder)).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-        self.image_size = self.model.config.vision_config.image_size
+        try:
+            clip = load_clip(folder)
+        except ClipError as exc:
+            raise DatasetError(str(exc), hint=exc.hint) from None
+        self.model, self.tokenizer, self.image_size = clip.model, clip.tokenizer, clip.image_size
+        self.mean, self.std, self.layout = np.array(clip.mean, np.float32), np.array(clip.std, np.float32), clip.layout
+        self.max_length = self.model.config.text_config.max_position_embeddings
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """CLIP's preprocessing: resize the short side, centre crop, normalise. (1, 3, S, S)"""
@@ -50,7 +36,7 @@ class ClipScorer:
         )
         left, top = (image.width - size) // 2, (image.height - size) // 2
         array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-        array = (array - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+        array = (array - self.mean) / self.std
         return torch.from_numpy(array.transpose(2, 0, 1)).unsqueeze(0)
 
     @torch.inference_mode()
@@ -61,7 +47,8 @@ class ClipScorer:
 
     @torch.inference_mode()
     def text_embedding(self, text: str) -> torch.Tensor:
-        tokens = self.tokenizer([text], padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        tokens = self.tokenizer([text], padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
         features = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         features = getattr(features, "pooler_output", features)
         return torch.nn.functional.normalize(features, dim=-1)

@@ -268,7 +268,7 @@ def to_markdown(report: dict) -> str:
             values = [r["digit_by_colour"].get(c) for c in colours] + [r["digit_by_background"].get(b) for b in backgrounds]
             lines.append(f"| {r['label']} | " + " | ".join(number(v, 3) for v in values) + " |")
     lines += ["", f"Features for FID/KID/IS: {report['feature_extractor']}; real images: {report['real_images']}.", ""]
-    lines += [f"- LPIPS (glyph features) {k}: {v:.4f}" for k, v in report["lpips"].items()]
+    lines += [f"- unweighted LPIPS-form distance (glyph-classifier features) {k}: {v:.4f}" for k, v in report["lpips"].items()]
     control = report.get("control")
     if control:
         lines += ["", f"Control following ({control['label']} with ControlNet {control['controlnet']}, {control['prompts']} "

@@ -890,18 +890,32 @@ EVAL = declared("kiln.evaluation.report", "EvalSpec")
 
 @app.command("eval")
 def evaluate(
-    endpoint: Optional[list[str]] = typer.Option(None, "--endpoint", help="LABEL=HOST:PORT, repeatable; the first is the reference"),
+    endpoint: Optional[list[str]] = typer.Option(None, "--endpoint", help="LABEL=HOST:PORT\\[/MODEL], repeatable; the first is "
+                                                 "the reference unless --against names one"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="any model: a prompt file (a prompt a line, or .jsonl rows "
+                                           "{prompt, negative_prompt, seed}); CLIP score, FID, LPIPS, PSNR as their weights are given"),
+    against: Optional[str] = typer.Option(None, "--against", help="with --prompts: the reference model, LABEL=HOST:PORT\\[/MODEL] "
+                                          "or a model name on the first endpoint's server; exits non-zero when a --gate window is left"),
+    gate: Optional[list[str]] = typer.Option(None, "--gate", metavar="METRIC=LIMIT", help="with --against: clip_score=0.01 and "
+                                             "fid=0.05 (fractions of the reference's value; the defaults), lpips=MAX, psnr=MIN_DB, "
+                                             "or METRIC=off; repeatable"),
     demo: bool = typer.Option(False, "--demo", help="serve and measure the demo's untrained, base and merged models"),
     classifier: Optional[Path] = typer.Option(None, "--classifier", help="glyph classifier folder (kiln eval --demo builds one)"),
-    real: Optional[Path] = typer.Option(None, "--real", help="folder of real renders FID is measured against"),
+    real: Optional[Path] = typer.Option(None, "--real", help="folder of reference images FID is measured against"),
     out: Path = typer.Option(Path("artifacts/eval"), "--out"),
     artifacts: Path = typer.Option(Path("artifacts"), "--artifacts"),
     protocol: Protocol = PROTOCOL,
-    seeds: int = typer.Option(EVAL.seeds, "--seeds"),
-    steps: int = typer.Option(EVAL.steps, "--steps"),
-    guidance: float = typer.Option(EVAL.guidance_scale, "--guidance"),
-    clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="local CLIP folder for CLIP score"),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="standard FID Inception weights"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, max=10_000, help=f"seeds per prompt (glyphs: {EVAL.seeds}; --prompts: 1)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help=f"(glyphs: {EVAL.steps}; --prompts: the server's default)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help=f"(glyphs: {EVAL.guidance_scale}; --prompts: the server's default)"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="--prompts: the sampler (default: the server's)"),
+    width: Optional[int] = typer.Option(None, "--width", help="--prompts: image width (default: the model's)"),
+    height: Optional[int] = typer.Option(None, "--height", help="--prompts: image height (default: the model's)"),
+    clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="local CLIP folder (transformers or open_clip layout) for CLIP score"),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="local FID Inception: NVIDIA's TorchScript "
+                                                     "inception-2015-12-05.pt or torch-fidelity's weights"),
+    lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="--prompts: torchvision's AlexNet weights "
+                                                 "(alexnet-owt-7be5be79.pth) for weighted LPIPS"),
     sweep: bool = typer.Option(False, "--sweep", help="cost and accuracy of sampler settings on one served model "
                                "(with --demo: the merged model), the fastest within --window named"),
     setting: Optional[list[str]] = typer.Option(None, "--setting", metavar="NAME=scheduler:steps[:guidance[:cutoff[:start[:end]]]]",
@@ -911,35 +925,81 @@ def evaluate(
                                              "to measure diffusers' own pipeline beside it"),
     window: float = typer.Option(0.01, "--window", help="--sweep: accuracy a setting may lose against the first (0.01: 1 point)"),
 ):
-    """FID, KID, IS, LPIPS, CLIP score and prompt accuracy of served models; writes a report."""
+    """Quality of served models: any model from a prompt file (CLIP score, FID, LPIPS, PSNR, and a gate
+    against a reference model), or the glyph demo's prompt accuracy, FID, KID, IS; writes a report."""
     from kiln.evaluation.report import EvalSpec, evaluate as run
 
+    if prompts is not None:
+        _evaluate_prompts(endpoint, prompts, against, gate, protocol.value, out, seeds or 1, real, clip_model, inception_weights,
+                          lpips_weights, {"steps": steps, "guidance_scale": guidance, "scheduler": scheduler,
+                                          "width": width, "height": height})
+        return
+    if against is not None or gate or lpips_weights is not None:
+        raise KilnError("--against, --gate and --lpips-weights go with --prompts FILE", hint="kiln eval --prompts FILE --endpoint "
+                        "new=localhost:8000 --against old=localhost:8000/OLD_MODEL")
+    glyphs = EvalSpec(seeds=seeds or EVAL.seeds, steps=steps or EVAL.steps,
+                      guidance_scale=EVAL.guidance_scale if guidance is None else guidance)
     if sweep:
-        _sweep(endpoint, demo, classifier, model_dir, out, artifacts, protocol.value, seeds, setting, window)
+        _sweep(endpoint, demo, classifier, model_dir, out, artifacts, protocol.value, glyphs.seeds, setting, window)
         return
     if demo:
+        from dataclasses import replace
+
         from kiln.demo import DemoSpec, evaluate_demo
 
         spec = DemoSpec()
-        report = evaluate_demo(artifacts, out, spec, EvalSpec(seeds=seeds, steps=steps, guidance_scale=guidance,
-                                                              colours=spec.base_colours, focus_colour=spec.taught_colour),
+        report = evaluate_demo(artifacts, out, replace(glyphs, colours=spec.base_colours, focus_colour=spec.taught_colour),
                                protocol.value)
     else:
         from kiln.training.config import parse_named
 
         if not endpoint or classifier is None or real is None:
-            raise KilnError("kiln eval needs --endpoint LABEL=HOST:PORT, --classifier DIR and --real DIR (or --demo)")
+            raise KilnError("kiln eval needs --prompts FILE and --endpoint LABEL=HOST:PORT (any model), or --endpoint, "
+                            "--classifier DIR and --real DIR (glyph models), or --demo")
         endpoints = parse_named(endpoint, "--endpoint", f"reference={URLS['http']}")
-        report = run(endpoints, protocol.value, classifier_dir=classifier, real_dir=real, out_dir=out,
-                     spec=EvalSpec(seeds=seeds, steps=steps, guidance_scale=guidance), clip_model=clip_model,
-                     inception_weights=inception_weights)
+        report = run(endpoints, protocol.value, classifier_dir=classifier, real_dir=real, out_dir=out, spec=glyphs,
+                     clip_model=clip_model, inception_weights=inception_weights)
     from kiln.evaluation.report import to_markdown
 
     typer.echo(to_markdown(report))
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; grids: {out}/grid-*.png")
+    _fail_on_bars(report, out)
+
+
+def _fail_on_bars(report: dict, out: Path) -> None:
     failed = [b["bar"] for b in report.get("bars", []) if not b["passed"]]
     if failed:
         raise KilnError(f"quality bars missed: {', '.join(failed)}", hint=f"see {out / 'report.md'}")
+
+
+def _evaluate_prompts(endpoint, prompts: Path, against, gate, protocol: str, out: Path, seeds: int, real, clip_model,
+                      inception_weights, lpips_weights, sampling: dict) -> None:
+    """kiln eval --prompts: every endpoint (and --against) draws the file's prompts; measured and gated."""
+    from kiln.evaluation.prompts import Measures, Window, evaluate_prompts, parse_endpoint, read_prompts, to_markdown
+    from kiln.training.config import parse_named
+
+    if not endpoint:
+        raise KilnError("kiln eval --prompts needs --endpoint LABEL=HOST:PORT[/MODEL]", hint=f"for example --endpoint new={URLS[protocol]}")
+    named = parse_named(endpoint, "--endpoint", f"new={URLS[protocol]}")
+    endpoints = [parse_endpoint(label, value) for label, value in named.items()]
+    reference = None
+    if against is not None:
+        label, sep, value = against.partition("=")
+        if not sep:
+            label, value = "reference", against
+        if label in named:
+            raise KilnError(f"--against {against!r}: the label {label!r} is also an --endpoint", hint="give it a label of its own")
+        reference = parse_endpoint(label, value, default_url=endpoints[0].url)
+        endpoints.insert(0, reference)
+    elif gate:
+        raise KilnError("--gate needs --against, the model the others are held to", hint="--against LABEL=HOST:PORT[/MODEL]")
+    window = Window.parse(gate or []) if reference else None
+    report = evaluate_prompts(endpoints, protocol, read_prompts(prompts), out, seeds=seeds, sampling=sampling,
+                              measures=Measures(clip=clip_model, real=real, inception=inception_weights, lpips=lpips_weights),
+                              reference=reference.label if reference else None, window=window)
+    typer.echo(to_markdown(report))
+    console.print(f"report: {out / 'report.md'}, {out / 'report.json'}; images: {report['images']}")
+    _fail_on_bars(report, out)
 
 
 def _sweep(endpoint, demo: bool, classifier, model_dir, out: Path, artifacts: Path, protocol: str, seeds: int,

@@ -213,7 +213,11 @@ def test_option_defaults_are_the_library_defaults():
                        "onnx_threads": tuning.onnx_threads, "peers": ",".join(bench.peers),
                        "guidance": bench.guidance_scale})
     evaluation = EvalSpec()
-    check(("eval",), {"seeds": evaluation.seeds, "steps": evaluation.steps, "guidance": evaluation.guidance_scale})
+    # kiln eval's sampler options default per mode: the glyph models' EvalSpec, or the server's own for --prompts
+    check(("eval",), {"seeds": None, "steps": None, "guidance": None})
+    help_text = flat(invoke("eval", "--help").output)
+    for option, value in (("seeds", evaluation.seeds), ("steps", evaluation.steps), ("guidance", evaluation.guidance_scale)):
+        assert f"--{option}" in help_text and f"glyphs: {value};" in help_text, option
     cluster = ClusterSpec()
     check(("cluster", "render"), {name: getattr(cluster, name) for name in
                                   ("image", "repository", "namespace", "min_replicas", "max_replicas", "gpus_per_pod",
