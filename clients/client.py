@@ -52,6 +52,7 @@ class KilnClient:
         self.model = model
         self.timeout_s = timeout_s
         self.admin_key = admin_key
+        self._batched: bool | None = None
         if protocol == "http":
             import tritonclient.http as module
 
@@ -82,8 +83,21 @@ class KilnClient:
                 hint="start one with: kiln serve REPO_DIR --background", unreachable=True,
             ) from None
 
-    def request_inputs(self, **values) -> list:
-        """Triton input tensors for the given request fields; absent fields take the server's defaults."""
+    def batched(self) -> bool:
+        """Whether the model takes a batch dimension before each input (the `pipeline` model, which a client
+        calls directly so that its cancellation reaches the loop); txt2img's ensemble does not. Asked once."""
+        if self._batched is None:
+            try:
+                config = self._client.get_model_config(self.model, **({"as_json": True} if self.protocol == "grpc" else {}))
+                config = config.get("config", config)
+                self._batched = int(config.get("max_batch_size", config.get("maxBatchSize", 0)) or 0) > 0
+            except Exception:  # noqa: BLE001 - an unknown model or an unreachable server: generate's call says which
+                return False
+        return self._batched
+
+    def request_inputs(self, batched: bool = False, **values) -> list:
+        """Triton input tensors for the given request fields; absent fields take the server's defaults.
+        `batched`: with the batch dimension of one request before each (KilnClient.batched)."""
         known = {f.name: f for f in TXT2IMG_INPUTS}
         unknown = set(values) - set(known)
         if unknown:
@@ -108,6 +122,8 @@ class KilnClient:
                 array = np.array([v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values], dtype=np.object_)
             else:
                 array = np.array(values, dtype=NUMPY_DTYPES[field.datatype])
+            if batched:
+                array = array[None]
             tensor = self._module.InferInput(name, list(array.shape), field.datatype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -155,7 +171,9 @@ class KilnClient:
             controlnet = ",".join(controlnet)
         if isinstance(loras, dict):
             loras = ",".join(f"{name}:{scale!r}" for name, scale in loras.items())
+        batched = self.batched()
         inputs = self.request_inputs(
+            batched,
             prompt=prompt,
             negative_prompt=negative_prompt,
             seed=seed,

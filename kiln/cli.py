@@ -738,7 +738,8 @@ def generate(
                                          exists=True, dir_okay=False, readable=True),
     strength: Optional[float] = typer.Option(None, "--strength", help="img2img: 0 keeps the image, 1 redraws it"),
     model: str = typer.Option(PUBLIC_MODEL, "--model", help=f"the ensemble to call: {PUBLIC_MODEL}, or a model's name in a "
-                              "repository serving several"),
+                              "repository serving several; pipeline (pipeline_NAME) for the loop itself, which a gRPC "
+                              "client's deadline or cancellation stops"),
     original_size: Optional[str] = typer.Option(None, "--original-size", metavar="HxW", parser=_pair_option("x"),
                                                 help="SDXL: the size conditioning's original size (default: the image's)"),
     crop: Optional[str] = typer.Option(None, "--crop", metavar="TOP,LEFT", parser=_pair_option(","),

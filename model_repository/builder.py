@@ -220,13 +220,15 @@ def build_models_repository(
                 "models": component_models,
                 "device": device,
                 "model": PUBLIC_MODEL if single else name,
+                "tokenizers": list(layout.tokenizers),  # a direct caller's prompt is tokenized in the loop's model
                 **({"adapted": adapted} if adapted else {}),
                 **({**controlled, "dims": asdict(dims)} if controlled else {}),
                 **({"engines": built["runtime"]} if built else {}),  # checked against the container's at load
             }
             config = configs.pipeline_config(tuning, pipeline_settings, gpu=target == "ngc", encoders=encoders)
             config.name = pipeline_name
-            _write_model(tmp, config, folders={"scheduler": onnx_dir / "scheduler"})
+            _write_model(tmp, config, folders={"scheduler": onnx_dir / "scheduler",
+                                               **{folder: onnx_dir / folder for folder in layout.tokenizers}})
             if adapted:
                 _keep_adapters(repo_dir / pipeline_name, tmp / pipeline_name, layers_digest(layers))
             ensemble = PUBLIC_MODEL if single else name

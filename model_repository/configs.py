@@ -163,7 +163,9 @@ def tokenizer_config(settings: dict, tuning: Tuning = Tuning(), encoders: int = 
 
 
 def pipeline_config(tuning: Tuning, settings: dict, gpu: bool = False, encoders: int = 1) -> mc.ModelConfig:
-    """The BLS model: the denoising loop around text_encoder, unet and vae_decoder.
+    """The BLS model: the denoising loop around text_encoder, unet and vae_decoder. It takes txt2img's
+    inputs with the tokenizer's outputs (the ensemble's second step) or without them (a client calling
+    it directly, whose cancellation Triton passes to the loop, unlike the ensemble's).
 
     Batch size 1 only so that it may have a queue policy: requests beyond `max_queue` waiting for an
     instance are rejected rather than left to pile up. Triton adds a leading 1 to its inputs.
@@ -175,8 +177,8 @@ def pipeline_config(tuning: Tuning, settings: dict, gpu: bool = False, encoders:
     policy.max_queue_size = tuning.max_queue
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.allow_timeout_override = True  # a client may bound its own wait (request timeout)
-    for name, wire in token_tensors(encoders).items():
-        _tensor(config.input.add(), name, WIRE_TO_TRITON[wire], [-1, -1])
+    for name, wire in token_tensors(encoders).items():  # the ensemble's tokenizer sends them; without them the
+        _tensor(config.input.add(), name, WIRE_TO_TRITON[wire], [-1, -1], optional=True)  # loop tokenizes itself
     for field in TXT2IMG_INPUTS:  # the prompts too: the pipeline validates the whole request
         _tensor(config.input.add(), field.name, WIRE_TO_TRITON[field.datatype], field_dims(field), optional=True)
     for name, wire, shape in TXT2IMG_OUTPUTS:

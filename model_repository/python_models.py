@@ -386,6 +386,9 @@ class PipelineModel:
 
             self.registry = Registry(Path(version_dir).parent / REGISTRY_FOLDER)
         self.model_name = settings.get("model", "this model")
+        # A client calling this model directly (its cancellation reaches the loop; through the ensemble it
+        # does not) sends the prompt without the tokenizer's outputs: the same tokenizer core runs here.
+        self.tokenizer = TokenizerModel(version_dir, settings) if settings.get("tokenizers") else None
         if settings.get("engines"):  # tensorrt_plan components: refuse engines of another TensorRT or GPU, clearly
             from kiln.export.engine_runtime import check_served_engines
 
@@ -428,6 +431,8 @@ class PipelineModel:
         adapters = self.adapter_set(raw)
         if adapters:
             engines = Engines(engines.run.with_adapters(adapters, self.adapted), engines.components, engines.family)
+        if self.tokenizer is not None and all(raw.get(name) is None for name in self.token_tensors):
+            raw = {**raw, **self.tokenizer.run(raw.get("prompt"), raw.get("negative_prompt"))}
         chunks = {}
         for side in PROMPT_SIDES:
             for encoder in range(len(self.family.text_encoders)):

@@ -43,63 +43,44 @@ def settled(metrics_url: str, wait_s: float = 1.0, limit_s: float = 60.0) -> flo
     raise AssertionError("the UNet kept running")
 
 
-def pipeline_inputs(grpc_url: str, prompt: str, **fields) -> list:
-    """The `pipeline` model's inputs as the txt2img ensemble builds them: the tokenizer's outputs, the prompt
-    and the request's fields, each with the batch dimension of one request."""
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-
-    from kiln.pipeline.request import NUMPY_DTYPES, TXT2IMG_INPUTS
-
-    client = grpcclient.InferenceServerClient(grpc_url)
-    text = grpcclient.InferInput("prompt", [1], "BYTES")
-    text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-    tokens = client.infer("tokenizer", [text])
-    inputs = []
-    for output in tokens.get_response(as_json=True)["outputs"]:
-        array = tokens.as_numpy(output["name"])[None]
-        tensor = grpcclient.InferInput(output["name"], list(array.shape), output["datatype"])
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    types = {f.name: f.datatype for f in TXT2IMG_INPUTS}
-    for name, value in {"prompt": prompt.encode(), **fields}.items():
-        array = np.array([[value]], dtype=NUMPY_DTYPES[types[name]])
-        tensor = grpcclient.InferInput(name, [1, 1], types[name])
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
 @pytest.mark.triton
 @pytest.mark.slow  # 150-step generations
 def test_a_generation_whose_deadline_passes_stops_at_the_next_step_and_frees_the_unet(triton):
     """The denoising loop asks Triton after each step whether its request was cancelled. Through the
     txt2img ensemble Triton 2.51 does not pass a cancellation on to a composing model already running
-    (README, Known limits), so this drives the loop's own model, as a BLS caller or Triton would."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+    (README, Known limits), so a client that may cancel sends txt2img's request to `pipeline`, which
+    tokenizes the prompt itself and draws the same image."""
+    import numpy as np
+
+    from kiln.errors import ClientError
 
     info = triton()
     metrics_url = f"http://{info.reach}:{info.ports.metrics}/metrics"
-    client = grpcclient.InferenceServerClient(info.grpc_url)
-    request = dict(steps=STEPS, height=SIZE, width=SIZE, seed=1, scheduler=b"euler")
+    request = dict(steps=STEPS, height=SIZE, width=SIZE, seed=1, scheduler="euler")
     before = settled(metrics_url)
     began = time.perf_counter()
-    client.infer("pipeline", pipeline_inputs(info.grpc_url, "a red digit 7", **request))
+    with KilnClient(info.grpc_url, "grpc", model="pipeline") as direct:
+        image = direct.generate("a (red:1.2) digit 7", negative_prompt="blurry", **request).images
     full_s = time.perf_counter() - began
     full = settled(metrics_url) - before
     assert full == STEPS  # one UNet execution a step (prompt and negative in one batch of 2)
+    with KilnClient(info.http_url, "http") as public:  # the ensemble's tokenizer and the loop's own: one image
+        assert np.array_equal(public.generate("a (red:1.2) digit 7", negative_prompt="blurry", **request).images, image)
+    full_with_ensemble = settled(metrics_url) - before
     cancelled_before = metric(metrics_url, "kiln_cancelled_requests")
 
-    with pytest.raises(InferenceServerException, match="Deadline"):
-        client.infer("pipeline", pipeline_inputs(info.grpc_url, "a red digit 7", **request), client_timeout=full_s / 5)
-    ran = settled(metrics_url) - before - full
+    with KilnClient(info.grpc_url, "grpc", model="pipeline", timeout_s=full_s / 5) as impatient:
+        with pytest.raises(ClientError, match="Deadline"):
+            impatient.generate("a red digit 7", **request)
+    ran = settled(metrics_url) - before - full_with_ensemble
     print(f"UNet executions: {full:.0f} run to the end ({full_s:.1f} s), {ran:.0f} cancelled after {full_s / 5:.1f} s")
     assert ran < STEPS / 2, f"a generation cancelled at a fifth of its time still ran {ran} of {STEPS} UNet steps"
     assert metric(metrics_url, "kiln_cancelled_requests") == cancelled_before + 1
     assert "request cancelled by its client" in Path(info.log_file).read_text()
     with KilnClient(info.grpc_url, "grpc") as served:  # the server goes on serving
         assert served.generate("a red digit 7", seed=1, steps=2).images.shape[0] == 1
+    with KilnClient(info.http_url, "http", model="pipeline") as direct:  # over HTTP too, several images a request
+        assert direct.generate("a red digit 7", seed=1, steps=2, num_images=2).seeds == [1, 2]
 
 
 def test_the_step_callback_stops_a_generation_once_cancelled():

@@ -107,6 +107,12 @@ def test_pipeline_core_without_triton_equals_the_in_process_pipeline(repo_dir, o
     expected = OnnxPipeline(onnx_dir("epsilon"))(GenerationRequest("a red digit 7", "", 5, 3, 7.5, 64, 64, "euler_a"))
     assert out["seeds"].tolist() == [5]
     assert np.array_equal(out["image"], expected)
+    untokenized = {k: v for k, v in raw.items() if k not in tokens}  # a direct caller: the loop tokenizes itself
+    assert np.array_equal(core.run(untokenized, onnx_engines(onnx_dir("epsilon")))["image"], expected)
+    with pytest.raises(RequestError, match="prompt=None is invalid"):
+        core.run({k: v for k, v in untokenized.items() if k != "prompt"}, onnx_engines(onnx_dir("epsilon")))
+    with pytest.raises(RequestError, match="negative_prompt_ids"):  # half the tokenizer's outputs: named, not guessed
+        core.run({**untokenized, **{k: v for k, v in tokens.items() if k.startswith("prompt_")}}, onnx_engines(onnx_dir("epsilon")))
     with pytest.raises(RequestError, match="steps=999"):
         core.run({**raw, "steps": np.array([999], np.int32)}, onnx_engines(onnx_dir("epsilon")))
 
