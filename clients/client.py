@@ -42,6 +42,9 @@ def _pair(names: tuple[str, str], values: tuple[int, int] | None) -> dict:
     return {} if values is None else dict(zip(names, values, strict=True))
 
 
+_BATCHED: dict[tuple[str, str, str], bool] = {}  # (protocol, url, model) -> whether it takes a batch dimension
+
+
 class KilnClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = PUBLIC_MODEL, timeout_s: float = 600.0,
                  admin_key: str | None = None):
@@ -52,7 +55,6 @@ class KilnClient:
         self.model = model
         self.timeout_s = timeout_s
         self.admin_key = admin_key
-        self._batched: bool | None = None
         if protocol == "http":
             import tritonclient.http as module
 
@@ -86,14 +88,15 @@ class KilnClient:
     def batched(self) -> bool:
         """Whether the model takes a batch dimension before each input (the `pipeline` model, which a client
         calls directly so that its cancellation reaches the loop); txt2img's ensemble does not. Asked once."""
-        if self._batched is None:
+        key = (self.protocol, self.url, self.model)
+        if key not in _BATCHED:  # once a process: a client made per request (the gateway's) asks no more
             try:
                 config = self._client.get_model_config(self.model, **({"as_json": True} if self.protocol == "grpc" else {}))
                 config = config.get("config", config)
-                self._batched = int(config.get("max_batch_size", config.get("maxBatchSize", 0)) or 0) > 0
+                _BATCHED[key] = int(config.get("max_batch_size", config.get("maxBatchSize", 0)) or 0) > 0
             except Exception:  # noqa: BLE001 - an unknown model or an unreachable server: generate's call says which
                 return False
-        return self._batched
+        return _BATCHED[key]
 
     def request_inputs(self, batched: bool = False, **values) -> list:
         """Triton input tensors for the given request fields; absent fields take the server's defaults.
