@@ -65,27 +65,34 @@ def inception(path: Path) -> torch.nn.Module:
                           f"weights ({INCEPTION_WEIGHTS})")
     try:
         detector = torch.jit.load(str(path), map_location="cpu").eval()
-    except (RuntimeError, ValueError):
+    except Exception:  # noqa: BLE001 - not TorchScript: a state dict, or neither
         detector = None
     if detector is not None:
         module = ScriptedInception(detector)
         try:
             with torch.no_grad():
-                features = module(torch.zeros(1, 3, 299, 299, dtype=torch.uint8))
+                features = module(torch.zeros(2, 3, 299, 299, dtype=torch.uint8))
         except Exception as e:  # noqa: BLE001 - any TorchScript module can be handed in
             raise MetricError(f"--inception-weights {path} is TorchScript but not an FID Inception: calling it with "
                               f"uint8 images and return_features=True failed: {str(e).splitlines()[0]}",
                               hint=f"give NVIDIA's {INCEPTION_TORCHSCRIPT}") from None
-        if features.ndim != 2:
-            raise MetricError(f"--inception-weights {path} returned features of shape {tuple(features.shape)}: "
-                              "expected (N, features)", hint=f"give NVIDIA's {INCEPTION_TORCHSCRIPT}")
+        if features.ndim != 2 or features.shape[0] != 2:
+            raise MetricError(f"--inception-weights {path} returned features of shape {tuple(features.shape)} for 2 "
+                              "images: expected (2, features)", hint=f"give NVIDIA's {INCEPTION_TORCHSCRIPT}")
         return module
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - text, a truncated file, a pickle of anything
+        state = None
+    if not isinstance(state, dict):
+        raise MetricError(f"--inception-weights {path} is neither TorchScript nor a state dict",
+                          hint=f"give NVIDIA's TorchScript {INCEPTION_TORCHSCRIPT} or torch-fidelity's {INCEPTION_WEIGHTS}")
     try:  # torch-fidelity's Inception, through torchmetrics (torch-fidelity imports torchvision)
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
     except (ImportError, RuntimeError) as e:
-        raise MetricError(f"{path} is not TorchScript, and torch-fidelity's Inception cannot load here: "
+        raise MetricError(f"--inception-weights {path} is a state dict, and torch-fidelity's Inception cannot load here: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
                           hint=f"use NVIDIA's TorchScript {INCEPTION_TORCHSCRIPT} (no extra package), or install "
                           "torch-fidelity beside a torchvision that matches torch") from None
@@ -191,15 +198,18 @@ class Lpips(torch.nn.Module):
                               hint=f"give torchvision's AlexNet weights ({ALEXNET_WEIGHTS}), LPIPS's backbone")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a pickle of anything
-            raise MetricError(f"--lpips-weights {path} is not a state dict: {str(e).splitlines()[0]}",
+        except Exception:  # noqa: BLE001 - a pickle of anything, TorchScript, text
+            raise MetricError(f"--lpips-weights {path} is not a state dict (a file torch.save wrote of tensors by name)",
                               hint=f"give torchvision's AlexNet weights ({ALEXNET_WEIGHTS})") from None
         self.features = _alexnet_features()
-        try:
-            self.features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
-        except RuntimeError as e:
-            raise MetricError(f"--lpips-weights {path} is not torchvision's AlexNet: {str(e).splitlines()[-1].strip()}",
-                              hint=f"give {ALEXNET_WEIGHTS}") from None
+        expected = {f"features.{k}": tuple(v.shape) for k, v in self.features.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)} if isinstance(state, dict) else {}
+        wrong = [f"{k} {'missing' if k not in found else f'of shape {found[k]}, expected {shape}'}"
+                 for k, shape in expected.items() if found.get(k) != shape]
+        if wrong:
+            raise MetricError(f"--lpips-weights {path} is not torchvision's AlexNet: {'; '.join(wrong[:3])}",
+                              hint=f"give {ALEXNET_WEIGHTS}")
+        self.features.load_state_dict({k.removeprefix("features."): state[k] for k in expected})
         self.scaling = tm.ScalingLayer()
         self.lins = torch.nn.ModuleList(torch.nn.Conv2d(c, 1, 1, bias=False) for c in (64, 192, 384, 256, 256))
         shipped = torch.load(Path(tm.__file__).parent / "lpips_models" / "alex.pth", map_location="cpu", weights_only=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,19 @@ MAX_PROMPTS = 100_000
 MAX_PROMPT_CHARS = 10_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ROW_KEYS = ("prompt", "negative_prompt", "seed")
+MAX_SEED = 2 ** 63 - 2 ** 20  # a row's first seed; --seeds more follow it within int64
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a label names folders and files under --out
+
+
+def _require(path: Path, option: str, file: bool, hint: str | None = None) -> None:
+    """A path option that must be a file (or a folder): missing and the wrong kind say which."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{option} {path} does not exist", hint=hint)
+    if file and not path.is_file():
+        raise ConfigError(f"{option} {path} is a folder: expected a file", hint=hint)
+    if not file and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file: expected a folder", hint=hint)
 
 
 @dataclass(frozen=True)
@@ -42,18 +57,19 @@ def read_prompts(path: Path) -> list[PromptRow]:
     """A prompt file: text (one prompt a line; blank lines and lines starting with # skipped) or JSON
     Lines (.jsonl: {"prompt": ..., "negative_prompt": ..., "seed": ...} a line)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--prompts {path} does not exist", hint="give a text file (one prompt a line) or a .jsonl file")
+    _require(path, "--prompts", file=True, hint="give a text file (one prompt a line) or a .jsonl file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except UnicodeDecodeError as e:
         raise ConfigError(f"--prompts {path} is not UTF-8 text: {e}", hint="save the prompt file as UTF-8") from None
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
+    json_lines = path.suffix.lower() in (".jsonl", ".json")
+    for number, line in enumerate(text.split("\n"), start=1):  # newlines only: U+2028 or a form feed is text
+        line = line.removesuffix("\r")
+        if not line.strip() or (not json_lines and line.lstrip().startswith("#")):
             continue
         where = f"--prompts {path}, line {number}"
-        rows.append(_json_row(line, where) if path.suffix == ".jsonl" else PromptRow(_prompt(line.strip(), where)))
+        rows.append(_json_row(line, where) if json_lines else PromptRow(_prompt(line.strip(), where)))
         if len(rows) > MAX_PROMPTS:
             raise ConfigError(f"{where}: more than {MAX_PROMPTS} prompts", hint="split the file")
     if not rows:
@@ -84,8 +100,9 @@ def _json_row(line: str, where: str) -> PromptRow:
     if negative is not None and not isinstance(negative, str):
         raise ConfigError(f"{where}: negative_prompt={negative!r} is invalid: expected text")
     seed = row.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63 - 2 ** 20):
-        raise ConfigError(f"{where}: seed={seed!r} is invalid: expected a whole number from 0 below 2^63")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"{where}: seed={seed!r} is invalid: expected a whole number in [0, {MAX_SEED}] "
+                          "(room for the seeds that follow it)")
     return PromptRow(_prompt(row.get("prompt"), where), negative, seed)
 
 
@@ -97,17 +114,48 @@ class Endpoint:
 
 
 def parse_endpoint(label: str, value: str, default_url: str | None = None) -> Endpoint:
-    """HOST:PORT[/MODEL], or /MODEL or MODEL alone on `default_url`'s server."""
+    """HOST:PORT[/MODEL], or MODEL alone on `default_url`'s server. The label names this model's
+    folder and files under --out: letters, digits, `_`, `.`, `-`."""
     from kiln.clients.client import PUBLIC_MODEL
 
+    if not LABEL.fullmatch(label or ""):
+        raise ConfigError(f"endpoint label {label!r} is invalid: expected letters, digits, _ . - (at most 64, not "
+                          "starting with . or -)", hint="for example --endpoint int8=localhost:8000/sd15-int8")
+    example = "for example localhost:8000 or localhost:8000/sd15-int8 (no scheme)"
+    if "://" in value:
+        raise ConfigError(f"endpoint {label}={value!r} is invalid: give HOST:PORT without a scheme", hint=example)
     if ":" in value.split("/", 1)[0]:
         url, _, model = value.partition("/")
+        host, _, port = url.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"endpoint {label}={value!r} is invalid: expected HOST:PORT with a port in [1, 65535]", hint=example)
     else:  # a served model's name alone, on the first endpoint's server
         url, model = default_url, value.strip("/")
-        if default_url is None or not model or "/" in model:
-            raise ConfigError(f"endpoint {label}={value!r} is invalid: expected HOST:PORT[/MODEL]",
-                              hint="for example localhost:8000 or localhost:8000/sd15-int8")
+        if default_url is None or not model:
+            raise ConfigError(f"endpoint {label}={value!r} is invalid: expected HOST:PORT[/MODEL]", hint=example)
+    if "/" in model or any(c.isspace() for c in model):
+        raise ConfigError(f"endpoint {label}={value!r} is invalid: model {model!r} is not a model name", hint=example)
     return Endpoint(label, url, model or PUBLIC_MODEL)
+
+
+def check_endpoints(endpoints: list[Endpoint], protocol: str) -> None:
+    """Every server answers and serves its model, before anything is drawn."""
+    from kiln.clients.client import KilnClient
+    from kiln.errors import ClientError
+
+    for endpoint in endpoints:
+        with KilnClient(endpoint.url, protocol, model=endpoint.model, timeout_s=30) as client:
+            try:
+                ready = client._call("model readiness", client._client.is_model_ready, endpoint.model)
+            except ClientError as exc:
+                raise ConfigError(f"endpoint {endpoint.label}: {exc}", hint=exc.hint) from None
+            except Exception as exc:  # noqa: BLE001 - a port that speaks another protocol, say
+                raise ConfigError(f"endpoint {endpoint.label}: {protocol}://{endpoint.url} does not answer as Triton's "
+                                  f"{protocol} endpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                                  hint="the HTTP port for --protocol http (8000), the gRPC port for --protocol grpc (8001)") from None
+        if not ready:
+            raise ConfigError(f"endpoint {endpoint.label}: {protocol}://{endpoint.url} serves no ready model {endpoint.model!r}",
+                              hint="kiln models lists the served models; a repository of several names each after its model")
 
 
 # ---------------------------------------------------------------- the gate
@@ -125,16 +173,19 @@ class Window:
 
     @classmethod
     def parse(cls, items: list[str]) -> "Window":
-        values = asdict(cls())
+        values, seen = asdict(cls()), set()
         for item in items:
             name, _, text = item.partition("=")
+            if name in seen:
+                raise ConfigError(f"--gate {item!r}: {name} is given twice", hint="give each metric once")
+            seen.add(name)
             if name not in values:
                 raise ConfigError(f"--gate {item!r}: unknown metric {name!r}", hint=f"one of {', '.join(values)}, e.g. --gate fid=0.05")
             if text.lower() in ("off", "none"):
                 values[name] = None
                 continue
             try:
-                value = float(text)
+                value = float(text) if re.fullmatch(r"[0-9.eE+-]+", text) else math.nan
             except ValueError:
                 value = math.nan
             if not math.isfinite(value) or value < 0 or (name in ("clip_score", "fid") and value > 1):
@@ -152,36 +203,59 @@ def gate(reference: dict, candidate: dict, pair: dict, window: Window) -> list[d
     if window.clip_score is not None and reference.get("clip_score") is not None:
         need = reference["clip_score"] * (1 - window.clip_score)
         bars.append({"bar": f"{label}: CLIP score", "value": candidate["clip_score"], "need": f">= {need:.3f}",
-                     "passed": candidate["clip_score"] >= need})
+                     "limit": need, "passed": candidate["clip_score"] >= need})
     if window.fid is not None and reference.get("fid") is not None:
         need = reference["fid"] * (1 + window.fid)
-        bars.append({"bar": f"{label}: FID", "value": candidate["fid"], "need": f"<= {need:.3f}", "passed": candidate["fid"] <= need})
+        bars.append({"bar": f"{label}: FID", "value": candidate["fid"], "need": f"<= {need:.3f}", "limit": need,
+                     "passed": candidate["fid"] <= need})
     if window.lpips is not None and pair.get("lpips") is not None:
         bars.append({"bar": f"{label}: LPIPS to reference", "value": pair["lpips"], "need": f"<= {window.lpips}",
-                     "passed": pair["lpips"] <= window.lpips})
+                     "limit": window.lpips, "passed": pair["lpips"] <= window.lpips})
     if window.psnr is not None:
         bars.append({"bar": f"{label}: PSNR to reference (dB)", "value": pair["psnr_db"], "need": f">= {window.psnr}",
-                     "passed": pair["identical"] or pair["psnr_db"] >= window.psnr})
+                     "limit": window.psnr, "passed": pair["identical"] or pair["psnr_db"] >= window.psnr})
     return bars
 
 
 # ---------------------------------------------------------------- images in and out
 
-def reference_images(folder: Path, size: tuple[int, int], limit: int) -> np.ndarray:
-    """Up to `limit` images of `folder` (sorted, sub-folders included), centre-cropped to the aspect of
-    `size` (height, width) and resized to it: FID compares like with like."""
+def reference_files(folder: Path, limit: int) -> list[Path]:
+    """Up to `limit` image files of `folder` (sorted, sub-folders included, hidden files skipped), each
+    opened once so that an unreadable one is named before anything is drawn."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"--real {folder} is not a folder", hint="give a folder of reference images (PNG, JPEG, WebP)")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    _require(folder, "--real", file=False, hint="give a folder of reference images (PNG, JPEG, WebP)")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))[:limit]
     if len(files) < 2:
-        raise ConfigError(f"--real {folder} holds {len(files)} images: FID needs at least 2 (thousands for a stable figure)")
+        raise ConfigError(f"--real {folder} holds {len(files)} images: FID needs at least 2 (thousands for a stable figure)",
+                          hint=f"PNG, JPEG or WebP files ({', '.join(IMAGE_SUFFIXES)})")
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.size  # the header, read now
+        except (OSError, Image.DecompressionBombError) as e:
+            raise ConfigError(f"--real {file} is not a readable image: {e}", hint="remove it from the folder") from None
+    return files
+
+
+def _rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB, 16-bit greyscale scaled rather than clipped (PIL's convert clips it to white)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.int64)
+        shift = 8 if array.max(initial=0) > 255 else 0
+        return Image.fromarray((np.clip(array, 0, 65535) >> shift).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def reference_images(files: list[Path], size: tuple[int, int]) -> np.ndarray:
+    """`files` centre-cropped to the aspect of `size` (height, width) and resized to it: FID compares
+    like with like."""
     height, width = size
     out = np.empty((len(files), height, width, 3), np.uint8)
     for i, file in enumerate(files):
         try:
             with Image.open(file) as image:
-                image = image.convert("RGB")
+                image = _rgb8(image)
         except (OSError, Image.DecompressionBombError) as e:
             raise ConfigError(f"--real {file} is not a readable image: {e}") from None
         scale = max(width / image.width, height / image.height)
@@ -191,8 +265,10 @@ def reference_images(folder: Path, size: tuple[int, int], limit: int) -> np.ndar
     return out
 
 
-def draw(endpoint: Endpoint, protocol: str, rows: list[PromptRow], seeds: int, sampling: dict, out_dir: Path) -> tuple[np.ndarray, list[str]]:
-    """Every row x seeds through `endpoint`, saved as PNGs under out_dir/LABEL/; (images, prompts)."""
+def draw(endpoint: Endpoint, protocol: str, rows: list[PromptRow], seeds: int, sampling: dict, out_dir: Path,
+         shape: tuple | None = None) -> tuple[np.ndarray, list[str]]:
+    """Every row x seeds through `endpoint`, saved as PNGs under out_dir/LABEL/; (images, prompts).
+    `shape`: the size every image must have (the models before this one drew it), checked at the first."""
     from tqdm import tqdm
 
     from kiln.clients.client import KilnClient
@@ -204,6 +280,10 @@ def draw(endpoint: Endpoint, protocol: str, rows: list[PromptRow], seeds: int, s
     with KilnClient(endpoint.url, protocol, model=endpoint.model) as client:
         for i, (row, seed) in enumerate(tqdm(jobs, desc=f"generate {endpoint.label} ({endpoint.model} @ {endpoint.url})", unit="image")):
             image = client.generate(row.prompt, negative_prompt=row.negative_prompt, seed=seed, **sampling).images[0]
+            if shape is not None and image.shape != shape:
+                raise ConfigError(f"{endpoint.label} draws {image.shape[1]}x{image.shape[0]} images, the models before it "
+                                  f"{shape[1]}x{shape[0]}: pairs and FID compare like with like",
+                                  hint="pass --width and --height")
             Image.fromarray(image).save(folder / f"{i:05d}-seed{seed}.png")
             images.append(image)
     sizes = {image.shape for image in images}
@@ -222,24 +302,31 @@ class Measures:
     lpips: Path | None = None  # torchvision's AlexNet weights
     real_limit: int = 5000
 
-    def check(self, window: Window | None) -> None:
-        """Refuse, before anything is drawn, what cannot be measured as asked."""
+    def check(self, window: Window | None, images: int) -> list[Path] | None:
+        """Refuse, before anything is drawn, what cannot be measured as asked; the reference files for FID."""
         if (self.real is None) != (self.inception is None):
             raise ConfigError("FID needs both --real DIR (reference images) and --inception-weights FILE",
                               hint=f"NVIDIA's TorchScript {metrics.INCEPTION_TORCHSCRIPT} or torch-fidelity's {metrics.INCEPTION_WEIGHTS}")
-        for name, path, is_file in (("--clip-model", self.clip, False), ("--inception-weights", self.inception, True),
-                                    ("--lpips-weights", self.lpips, True), ("--real", self.real, False)):
-            if path is not None and not (Path(path).is_file() if is_file else Path(path).is_dir()):
-                raise ConfigError(f"{name} {path} does not exist")
-        if window is None:
-            return
-        if window.lpips is not None and self.lpips is None:
-            raise ConfigError("--gate lpips=... needs --lpips-weights FILE", hint=f"torchvision's {metrics.ALEXNET_WEIGHTS}")
-        gated = [(window.clip_score, self.clip), (window.fid, self.inception), (window.lpips, self.lpips), (window.psnr, True)]
-        if not any(limit is not None and measured is not None for limit, measured in gated):
-            raise ConfigError("--against gates nothing: no gated metric can be measured",
-                              hint="give --clip-model DIR (CLIP score), --real DIR --inception-weights FILE (FID), or state "
-                              "--gate psnr=MIN_DB / --gate lpips=MAX (with --lpips-weights)")
+        if self.clip is not None:
+            _require(self.clip, "--clip-model", file=False)
+        for name, path in (("--inception-weights", self.inception), ("--lpips-weights", self.lpips)):
+            if path is not None:
+                _require(path, name, file=True)
+        if self.lpips is not None and window is None:
+            raise ConfigError("--lpips-weights measures each model against the reference: name it with --against",
+                              hint="--against LABEL=HOST:PORT[/MODEL]")
+        if self.real is not None and images < 2:
+            raise ConfigError(f"FID needs at least 2 drawn images a model; the prompts and seeds give {images}",
+                              hint="more prompts, or --seeds 2 or more")
+        if window is not None:
+            if window.lpips is not None and self.lpips is None:
+                raise ConfigError("--gate lpips=... needs --lpips-weights FILE", hint=f"torchvision's {metrics.ALEXNET_WEIGHTS}")
+            gated = [(window.clip_score, self.clip), (window.fid, self.inception), (window.lpips, self.lpips), (window.psnr, True)]
+            if not any(limit is not None and measured is not None for limit, measured in gated):
+                raise ConfigError("--against gates nothing: no gated metric can be measured",
+                                  hint="give --clip-model DIR (CLIP score), --real DIR --inception-weights FILE (FID), or state "
+                                  "--gate psnr=MIN_DB / --gate lpips=MAX (with --lpips-weights)")
+        return reference_files(self.real, self.real_limit) if self.real is not None else None
 
 
 @dataclass
@@ -258,9 +345,10 @@ def evaluate_prompts(endpoints: list[Endpoint], protocol: str, rows: list[Prompt
                      window: Window | None = None) -> dict:
     """Draw `rows` x `seeds` on every endpoint, measure each, and (with `reference`, a label among
     them) compare every other with it and gate. Writes report.json and report.md in `out_dir`."""
-    measures.check(window)
+    real_files = measures.check(window, len(rows) * seeds)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file: expected a folder for the report and images")
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     scorer = extractor = lpips_model = None
     if measures.clip is not None:  # loaded before drawing: a bad folder fails in seconds, not after the images
@@ -271,17 +359,29 @@ def evaluate_prompts(endpoints: list[Endpoint], protocol: str, rows: list[Prompt
         extractor = metrics.inception(measures.inception)
     if measures.lpips is not None:
         lpips_model = metrics.Lpips(measures.lpips)
-    drawn, results, real = {}, [], None
+    check_endpoints(endpoints, protocol)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir} cannot be written: {e.strerror}") from None
+    shutil.rmtree(out_dir / "images", ignore_errors=True)  # an earlier run's images and grids are not this run's
+    for stale in [*out_dir.glob("grid-*.png"), out_dir / "report.json", out_dir / "report.md"]:
+        stale.unlink(missing_ok=True)
+    drawn, results, real, shape = {}, [], None, None
     for endpoint in endpoints:
-        images, prompts = draw(endpoint, protocol, rows, seeds, sampling, out_dir / "images")
+        images, prompts = draw(endpoint, protocol, rows, seeds, sampling, out_dir / "images", shape)
+        shape = images.shape[1:]
         drawn[endpoint.label] = images
         result = PromptModelResult(endpoint.label, endpoint.url, endpoint.model, len(images))
         if scorer is not None:
             result.clip_score = metrics.clip_score(images, prompts, scorer)
         if extractor is not None:
             if real is None:
-                real = reference_images(measures.real, images.shape[1:3], measures.real_limit)
+                real = reference_images(real_files, images.shape[1:3])
             result.fid = metrics.fid(real, images, extractor)
+            if not math.isfinite(result.fid):
+                raise metrics.MetricError(f"FID of {endpoint.label} is {result.fid}: --inception-weights {measures.inception} "
+                                          "gave features that are not finite", hint="check the Inception file")
         from kiln.evaluation.report import grid
 
         grid(images[:16], min(8, len(images))).save(out_dir / f"grid-{endpoint.label}.png")

@@ -891,8 +891,8 @@ EVAL = declared("kiln.evaluation.report", "EvalSpec")
 
 @app.command("eval")
 def evaluate(
-    endpoint: Optional[list[str]] = typer.Option(None, "--endpoint", help="LABEL=HOST:PORT\\[/MODEL], repeatable; the first is "
-                                                 "the reference unless --against names one"),
+    endpoint: Optional[list[str]] = typer.Option(None, "--endpoint", help="LABEL=HOST:PORT\\[/MODEL], repeatable (glyph "
+                                                 "models: the first is the reference; --prompts: --against names it)"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="any model: a prompt file (a prompt a line, or .jsonl rows "
                                            "{prompt, negative_prompt, seed}); CLIP score, FID, LPIPS, PSNR as their weights are given"),
     against: Optional[str] = typer.Option(None, "--against", help="with --prompts: the reference model, LABEL=HOST:PORT\\[/MODEL] "
@@ -968,9 +968,11 @@ def evaluate(
 
 
 def _fail_on_bars(report: dict, out: Path) -> None:
+    from kiln.errors import QualityBarsMissed
+
     failed = [b["bar"] for b in report.get("bars", []) if not b["passed"]]
     if failed:
-        raise KilnError(f"quality bars missed: {', '.join(failed)}", hint=f"see {out / 'report.md'}")
+        raise QualityBarsMissed(f"quality bars missed: {', '.join(failed)}", hint=f"see {out / 'report.md'}")
 
 
 def _evaluate_prompts(endpoint, prompts: Path, against, gate, protocol: str, out: Path, seeds: int, real, clip_model,
@@ -1166,10 +1168,12 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except KilnError as e:
-        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False)
         if e.hint:
-            console.print(f"next: {e.hint}", highlight=False)
-        sys.exit(1)
+            console.print(f"next: {e.hint}", markup=False, highlight=False)
+        sys.exit(getattr(e, "exit_code", 1))
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except typer.Abort:

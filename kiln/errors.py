@@ -74,3 +74,10 @@ class ClientError(KilnError):
         super().__init__(message, hint)
         self.detail = detail if detail is not None else message
         self.rejected, self.unreachable, self.status = rejected, unreachable, status
+
+
+class QualityBarsMissed(KilnError):
+    """Measured quality left a stated window (kiln eval's bars and gate): exit code 3, so that CI tells
+    a model that got worse from a run that failed."""
+
+    exit_code = 3

@@ -18,7 +18,7 @@ from PIL import Image
 
 from kiln.errors import ConfigError
 from kiln.evaluation import metrics
-from kiln.evaluation.prompts import Window, parse_endpoint, read_prompts
+from kiln.evaluation.prompts import PromptRow, Window, parse_endpoint, read_prompts
 from kiln.models.clip import ClipError, load_clip
 
 TINY_CLIP = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
@@ -189,8 +189,45 @@ def test_prompt_files_and_options_are_checked_before_any_image(tmp_path):
             Window.parse([item])
     assert parse_endpoint("a", "localhost:8000/sd15-int8").model == "sd15-int8"
     assert parse_endpoint("a", "sd15", default_url="localhost:9000") == parse_endpoint("a", "localhost:9000/sd15")
-    with pytest.raises(ConfigError, match="HOST:PORT"):
-        parse_endpoint("a", "sd15")
+    for label, value, needle in (("a", "sd15", "HOST:PORT"), ("a", "localhost:abc", "port in"), ("a", "localhost:99999", "port in"),
+                                 ("a", "localhost:", "port in"), ("a", "http://localhost:8000", "without a scheme"),
+                                 ("../../evil", "localhost:8000", "label"), ("a/b", "localhost:8000", "label"),
+                                 ("", "localhost:8000", "label"), ("a|b", "localhost:8000", "label")):
+        with pytest.raises(ConfigError, match=needle):
+            parse_endpoint(label, value)
+    with pytest.raises(ConfigError, match="given twice"):
+        Window.parse(["psnr=10", "psnr=off"])
+    marked = tmp_path / "marked.JSONL"  # the suffix in any case; a byte-order mark and U+2028 inside a prompt
+    marked.write_text('\ufeff{"prompt": "a cat\u2028on a mat", "seed": 3}\r\n', encoding="utf-8")
+    assert read_prompts(marked) == [PromptRow("a cat\u2028on a mat", None, 3)]
+    text.write_text("\ufeffa cat\x0con a mat\n", encoding="utf-8")
+    assert read_prompts(text) == [PromptRow("a cat\x0con a mat")]
+
+
+def test_reference_images_are_checked_up_front_and_16_bit_ones_scaled(tmp_path):
+    from kiln.evaluation.prompts import Measures, reference_files, reference_images
+
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(real / "grey16.png")  # 16-bit mid grey
+    (real / "._grey16.png").write_bytes(b"resource fork")  # a hidden sidecar: skipped
+    with pytest.raises(ConfigError, match="holds 1 images"):
+        reference_files(real, 100)
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(real / "rgba.png")
+    files = reference_files(real, 100)
+    assert [f.name for f in files] == ["grey16.png", "rgba.png"]
+    assert reference_images(files, (4, 4))[0].tolist() == [[[128] * 3] * 4] * 4
+    (real / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ConfigError, match="broken.png is not a readable image"):
+        reference_files(real, 100)
+    torch.save(_alexnet_state(), tmp_path / "alexnet.pth")
+    for measures, window, images, needle in (
+            (Measures(real=real, inception=tmp_path / "inception.pt"), None, 1, "at least 2 drawn images"),
+            (Measures(lpips=tmp_path / "alexnet.pth"), None, 4, "name it with --against"),
+            (Measures(clip=tmp_path / "alexnet.pth"), None, 4, "is a file: expected a folder")):
+        torch.jit.script(_Detector()).save(str(tmp_path / "inception.pt"))
+        with pytest.raises(ConfigError, match=needle):
+            measures.check(window, images)
 
 
 def _tiny_transformers_clip(folder):
@@ -206,6 +243,10 @@ def _tiny_transformers_clip(folder):
     CLIPModel(config).save_pretrained(folder)
     write_clip_tokenizer(folder)
     return folder
+
+
+def _refuse(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _kiln_eval(*args, cwd):
@@ -244,14 +285,20 @@ def test_eval_gates_a_served_model_against_a_reference(triton, sdxl_triton, tmp_
     assert all(b["passed"] for b in report["bars"])
 
     other = _kiln_eval("--endpoint", f"xl={sdxl}", "--against", f"ref={sd}", "--gate", "psnr=60", "--gate", "lpips=0.0001",
-                       *common, "--out", tmp_path / "other", cwd=tmp_path)
-    assert other.returncode != 0 and "quality bars missed" in other.stdout + other.stderr
-    report = json.loads((tmp_path / "other" / "report.json").read_text())
+                       *common, "--out", tmp_path / "same", cwd=tmp_path)  # the same --out: the last run's files go
+    assert other.returncode == 3 and "quality bars missed" in other.stdout + other.stderr  # 3: the gate, not a failure
+    assert not (tmp_path / "same" / "images" / "again").exists() and not (tmp_path / "same" / "grid-again.png").exists()
+    report = json.loads((tmp_path / "same" / "report.json").read_text(), parse_constant=_refuse)  # strict JSON
     failed = {b["bar"] for b in report["bars"] if not b["passed"]}
     assert {"xl: PSNR to reference (dB)", "xl: LPIPS to reference"} <= failed
-    assert report["results"][1]["versus"]["lpips"] > 0 and "| FAIL |" in (tmp_path / "other" / "report.md").read_text()
+    assert report["results"][1]["versus"]["lpips"] > 0 and "| FAIL |" in (tmp_path / "same" / "report.md").read_text()
 
     nothing = _kiln_eval("--endpoint", f"a={sd}", "--against", "txt2img", "--prompts", prompts, "--gate", "clip_score=off",
                          "--out", tmp_path / "nothing", cwd=tmp_path)
     assert nothing.returncode != 0 and "gates nothing" in nothing.stdout + nothing.stderr
     assert not (tmp_path / "nothing" / "images").exists()  # refused before any image was drawn
+    for args, needle in ((("--endpoint", "a=localhost"), "HOST:PORT[/MODEL]"),  # a hint with brackets is printed as is
+                         (("--endpoint", f"a={sd}/nosuch", "--against", f"ref={sd}"), "serves no ready model 'nosuch'")):
+        refused = _kiln_eval(*args, "--prompts", prompts, "--gate", "psnr=10", "--out", tmp_path / "refused", cwd=tmp_path)
+        assert refused.returncode == 1 and needle in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert not (tmp_path / "refused" / "images").exists()

@@ -47,8 +47,20 @@ class Clip:
 
 
 def load_clip(folder: Path, what: str = "--clip-model") -> Clip:
-    """The CLIP in `folder`, either layout; a folder that is neither names both layouts' files."""
-    folder = Path(folder)
+    """The CLIP in `folder`, either layout; a folder that is neither names both layouts' files, and one
+    whose files do not load names the file's problem."""
+    try:
+        return _load_clip(Path(folder), what)
+    except ClipError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - JSON, pickle, safetensors, tokenizer files: each fails its own way
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ClipError(f"{what} {folder} does not load: {type(exc).__name__}: {detail}"[:500],
+                        hint="a CLIP folder saved by transformers' save_pretrained, or open_clip's checkpoint with its "
+                        "open_clip_config.json, unmodified") from None
+
+
+def _load_clip(folder: Path, what: str) -> Clip:
     if (folder / OPEN_CLIP_CONFIG).is_file():
         return _load_open_clip(folder, what)
     missing = [name for name in ("config.json", "vocab.json", "merges.txt") if not (folder / name).is_file()]
@@ -61,6 +73,9 @@ def load_clip(folder: Path, what: str = "--clip-model") -> Clip:
                         f"({OPEN_CLIP_CONFIG} and {' | '.join(OPEN_CLIP_WEIGHTS)})")
     from transformers import CLIPModel, CLIPTokenizer
 
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != "clip":
+        raise ClipError(f"{what} {folder} holds a {model_type!r} model, not CLIP", hint="give a CLIPModel folder")
     model = CLIPModel.from_pretrained(str(folder)).eval()
     processor = folder / "preprocessor_config.json"
     mean, std = OPENAI_MEAN, OPENAI_STD
@@ -76,7 +91,10 @@ def _load_open_clip(folder: Path, what: str) -> Clip:
     if weights is None:
         raise ClipError(f"{what} {folder} has {OPEN_CLIP_CONFIG} but no weights", hint=f"expected {' or '.join(OPEN_CLIP_WEIGHTS)}")
     settings = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
-    config = settings.get("model_cfg", settings)
+    config = settings.get("model_cfg", settings) if isinstance(settings, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("embed_dim"), int):
+        raise ClipError(f"{what} {folder / OPEN_CLIP_CONFIG} is not an open_clip model config",
+                        hint='expected {"model_cfg": {"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}}')
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
 
