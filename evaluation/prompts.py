@@ -345,6 +345,8 @@ def evaluate_prompts(endpoints: list[Endpoint], protocol: str, rows: list[Prompt
                      window: Window | None = None) -> dict:
     """Draw `rows` x `seeds` on every endpoint, measure each, and (with `reference`, a label among
     them) compare every other with it and gate. Writes report.json and report.md in `out_dir`."""
+    from kiln.evaluation.report import grid
+
     real_files = measures.check(window, len(rows) * seeds)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -382,8 +384,6 @@ def evaluate_prompts(endpoints: list[Endpoint], protocol: str, rows: list[Prompt
             if not math.isfinite(result.fid):
                 raise metrics.MetricError(f"FID of {endpoint.label} is {result.fid}: --inception-weights {measures.inception} "
                                           "gave features that are not finite", hint="check the Inception file")
-        from kiln.evaluation.report import grid
-
         grid(images[:16], min(8, len(images))).save(out_dir / f"grid-{endpoint.label}.png")
         results.append(result)
         log.info("%s: %d images, CLIP score %s, FID %s", endpoint.label, len(images), result.clip_score, result.fid)
