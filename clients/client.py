@@ -221,6 +221,10 @@ class KilnClient:
             "ready": bool(self._call("health", self._client.is_server_ready)),
         }
 
+    def model_ready(self) -> bool:
+        """Whether the server serves this client's model, ready for requests."""
+        return bool(self._call("model readiness", self._client.is_model_ready, self.model))
+
     def _admin_headers(self) -> dict[str, str]:
         from kiln.serving.server import ADMIN_HEADER
 

@@ -29,13 +29,9 @@ class ClipScorer:
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """CLIP's preprocessing: resize the short side, centre crop, normalise. (1, 3, S, S)"""
-        size = self.image_size
-        scale = size / min(image.size)
-        image = image.convert("RGB").resize(
-            (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC
-        )
-        left, top = (image.width - size) // 2, (image.height - size) // 2
-        array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+        from kiln.dataset.prepare import cover
+
+        array = np.asarray(cover(image.convert("RGB"), self.image_size, self.image_size, Image.BICUBIC), dtype=np.float32) / 255.0
         array = (array - self.mean) / self.std
         return torch.from_numpy(array.transpose(2, 0, 1)).unsqueeze(0)
 

@@ -44,14 +44,20 @@ class PrepareReport:
     drops: list[dict] = field(default_factory=list)
 
 
+def cover(image: Image.Image, width: int, height: int, resample) -> Image.Image:
+    """`image` scaled until it covers width x height, then its centre cut to that size."""
+    scale = max(width / image.width, height / image.height)
+    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), resample)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
 def resize_for_training(image: Image.Image, resolution: int, crop: str) -> Image.Image:
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.LANCZOS)
     if crop == "center":
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    return image
+        return cover(image, resolution, resolution, Image.LANCZOS)
+    scale = resolution / min(image.size)
+    return image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+                        Image.LANCZOS)
 
 
 def perceptual_hash(image: Image.Image) -> np.ndarray:

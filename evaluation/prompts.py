@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from kiln.artifacts import write_json_atomically
+from kiln.dataset.prepare import cover
 from kiln.errors import ConfigError
 from kiln.evaluation import metrics
 
@@ -32,7 +33,6 @@ MAX_PROMPT_CHARS = 10_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ROW_KEYS = ("prompt", "negative_prompt", "seed")
 MAX_SEED = 2 ** 63 - 2 ** 20  # a row's first seed; --seeds more follow it within int64
-LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a label names folders and files under --out
 
 
 def _require(path: Path, option: str, file: bool, hint: str | None = None) -> None:
@@ -118,7 +118,9 @@ def parse_endpoint(label: str, value: str, default_url: str | None = None) -> En
     folder and files under --out: letters, digits, `_`, `.`, `-`."""
     from kiln.clients.client import PUBLIC_MODEL
 
-    if not LABEL.fullmatch(label or ""):
+    from kiln.pipeline.adapters import NAME  # a plain name: it names folders and files under --out
+
+    if not NAME.fullmatch(label or ""):
         raise ConfigError(f"endpoint label {label!r} is invalid: expected letters, digits, _ . - (at most 64, not "
                           "starting with . or -)", hint="for example --endpoint int8=localhost:8000/sd15-int8")
     example = "for example localhost:8000 or localhost:8000/sd15-int8 (no scheme)"
@@ -146,7 +148,7 @@ def check_endpoints(endpoints: list[Endpoint], protocol: str) -> None:
     for endpoint in endpoints:
         with KilnClient(endpoint.url, protocol, model=endpoint.model, timeout_s=30) as client:
             try:
-                ready = client._call("model readiness", client._client.is_model_ready, endpoint.model)
+                ready = client.model_ready()
             except ClientError as exc:
                 raise ConfigError(f"endpoint {endpoint.label}: {exc}", hint=exc.hint) from None
             except Exception as exc:  # noqa: BLE001 - a port that speaks another protocol, say
@@ -258,10 +260,7 @@ def reference_images(files: list[Path], size: tuple[int, int]) -> np.ndarray:
                 image = _rgb8(image)
         except (OSError, Image.DecompressionBombError) as e:
             raise ConfigError(f"--real {file} is not a readable image: {e}") from None
-        scale = max(width / image.width, height / image.height)
-        image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC)
-        left, top = (image.width - width) // 2, (image.height - height) // 2
-        out[i] = np.asarray(image.crop((left, top, left + width, top + height)))
+        out[i] = np.asarray(cover(image, width, height, Image.BICUBIC))
     return out
 
 

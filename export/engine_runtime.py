@@ -104,13 +104,18 @@ def mismatches(built: Runtime, running: Runtime) -> list[tuple[str, str, str]]:
     return out
 
 
+def mismatch_text(built: Runtime, running: Runtime, here: str = "this machine") -> str | None:
+    """The mismatches in words (`built with tensorrt '10.3.0', this machine has '10.5.0'; ...`), or None."""
+    found = mismatches(built, running)
+    return "; ".join(f"built with {name} {then!r}, {here} has {now!r}" for name, then, now in found) or None
+
+
 def check_runtime(built: Runtime, running: Runtime, where: str, here: str = "this machine",
                   hint: str = REBUILD) -> None:
     """Refuse engines built by another TensorRT or for another GPU, naming both sides and the fix."""
-    found = mismatches(built, running)
+    found = mismatch_text(built, running, here)
     if found:
-        raise ExportError(f"stale engines {where}: " + "; ".join(f"built with {name} {then!r}, {here} has {now!r}"
-                                                              for name, then, now in found), hint=hint)
+        raise ExportError(f"stale engines {where}: {found}", hint=hint)
 
 
 def check_served_engines(recorded: dict, device: str | None, model: str, detect=Runtime.serving) -> Runtime:

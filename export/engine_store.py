@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kiln.artifacts import read_manifest
 from kiln.errors import ExportError
-from kiln.export.engine_runtime import Runtime, mismatches
+from kiln.export.engine_runtime import Runtime, mismatch_text
 from kiln.export.tensorrt import ENGINE_FORMAT, ENGINE_NAME, EnginePlan
 
 log = logging.getLogger("kiln.export")
@@ -35,11 +35,11 @@ def stale_reason(manifest: dict, runtime: Runtime, plan: EnginePlan, components:
     if manifest.get("format") != ENGINE_FORMAT:
         return f"engine format {manifest.get('format')}, this Kiln writes {ENGINE_FORMAT}"
     try:
-        found = mismatches(Runtime(**manifest["runtime"]), runtime)
+        found = mismatch_text(Runtime(**manifest["runtime"]), runtime)
     except (TypeError, KeyError, ExportError) as exc:
         return f"unreadable runtime in the manifest ({exc})"
     if found:
-        return "; ".join(f"built with {name} {then!r}, this machine has {now!r}" for name, then, now in found)
+        return found
     if manifest.get("plan", {}).get("export_key") != plan.export_key:
         return "built from another ONNX export"
     if manifest["plan"] != json.loads(json.dumps(plan.to_json())):  # as written: tuples read back as lists
