@@ -949,8 +949,9 @@ def evaluate(
         from kiln.demo import DemoSpec, evaluate_demo
 
         spec = DemoSpec()
-        report = evaluate_demo(artifacts, out, replace(glyphs, colours=spec.base_colours, focus_colour=spec.taught_colour),
-                               protocol.value)
+        report = evaluate_demo(artifacts, out, spec=spec, eval_spec=replace(glyphs, colours=spec.base_colours,
+                                                                       focus_colour=spec.taught_colour),
+                               protocol=protocol.value)
     else:
         from kiln.training.config import parse_named
 
