@@ -70,26 +70,41 @@ def render_batch(count: int, rng: np.random.Generator, colours=tuple(COLOURS)):
     return to_input(images), digits, colour_ids
 
 
-def soften(x: torch.Tensor) -> torch.Tensor:
-    """Half of a batch blurred (sigma 0.3-1.0 px) and lightly noised: a render seen through an
-    autoencoder is softer than the render, and the judge must read the digit, not the sharpness."""
+def degrade(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Four in five of a batch as a generated glyph looks: blurred (sigma 0.3-1.5 px), its contrast
+    lowered (to 50-100 % about the image's mean), speckled with per-pixel colour noise (std up to 0.08)
+    and with smooth colour noise at the latent grid's scale (8x8, std up to 0.10). The judge must read
+    the digit and colour a model drew, not the sharpness of a render: a judge trained on sharp renders
+    changed its verdict on 13 % of the demo's generated digits with nothing but its seed changed, one
+    trained so agrees with a re-seeded copy of itself on 96-97 % (benchmarks/results/demo-eval/judge.md)."""
     from kornia.filters import gaussian_blur2d
 
-    picked = torch.rand(len(x)) < 0.5
-    if not picked.any():
+    picked = torch.rand(len(x), generator=generator) < 0.8
+    count = int(picked.sum())
+    if not count:
         return x
     x = x.clone()
-    sigma = torch.empty(int(picked.sum()), 2).uniform_(0.3, 1.0)
-    blurred = gaussian_blur2d(x[picked], (5, 5), sigma)
-    x[picked] = (blurred + 0.02 * torch.randn_like(blurred)).clamp(0, 1)
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return torch.empty(count, *shape).uniform_(low, high, generator=generator)
+
+    y = gaussian_blur2d(x[picked], (7, 7), uniform(0.3, 1.5, 2))
+    mean = y.mean(dim=(2, 3), keepdim=True)
+    y = mean + (y - mean) * uniform(0.5, 1.0, 1, 1, 1)
+    y = y + uniform(0.0, 0.08, 1, 1, 1) * torch.randn(y.shape, generator=generator)
+    smooth = F.interpolate(torch.randn(count, 3, 8, 8, generator=generator), size=y.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    x[picked] = (y + uniform(0.0, 0.10, 1, 1, 1) * smooth).clamp(0, 1)
     return x
 
 
 @dataclass
 class ClassifierReport:
     path: Path
-    digit_accuracy: float
+    digit_accuracy: float  # on clean held-out renders
     colour_accuracy: float
+    degraded_digit_accuracy: float  # on the same renders through `degrade` (a generator of their own)
+    degraded_colour_accuracy: float
 
 
 @torch.no_grad()
@@ -100,7 +115,8 @@ def accuracy(model: GlyphClassifier, x, digits, colours) -> tuple[float, float]:
 
 
 def train_classifier(out_dir: Path, samples: int = 8000, steps: int = 600, seed: int = 0) -> ClassifierReport:
-    """Train on `samples` fresh renders (seeded), report accuracy on 2,000 other renders, save."""
+    """Train on `samples` fresh renders (seeded) seen through `degrade`, report accuracy on 2,000 other
+    renders as rendered and as degraded, save."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -114,20 +130,23 @@ def train_classifier(out_dir: Path, samples: int = 8000, steps: int = 600, seed:
     for _ in tqdm(range(steps), desc="train glyph classifier", unit="step"):
         model.train()
         idx = torch.randint(0, samples, (64,))
-        d, c = model(soften(x[idx]))
+        d, c = model(degrade(x[idx]))
         loss = F.cross_entropy(d, digits[idx]) + F.cross_entropy(c, colours[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
     digit_acc, colour_acc = accuracy(model, *test)
+    degraded = degrade(test[0], torch.Generator().manual_seed(seed + 1))
+    degraded_digit_acc, degraded_colour_acc = accuracy(model, degraded, *test[1:])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(out_dir / WEIGHTS))
     (out_dir / CONFIG).write_text(json.dumps({"colours": list(model.colours), "seed": seed, "samples": samples,
-                                              "steps": steps, "digit_accuracy": digit_acc,
-                                              "colour_accuracy": colour_acc}, indent=2))
-    return ClassifierReport(out_dir, digit_acc, colour_acc)
+                                              "steps": steps, "augmentation": "degrade", "digit_accuracy": digit_acc,
+                                              "colour_accuracy": colour_acc, "degraded_digit_accuracy": degraded_digit_acc,
+                                              "degraded_colour_accuracy": degraded_colour_acc}, indent=2))
+    return ClassifierReport(out_dir, digit_acc, colour_acc, degraded_digit_acc, degraded_colour_acc)
 
 
 def load_classifier(folder: Path) -> GlyphClassifier:
