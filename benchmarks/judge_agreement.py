@@ -53,7 +53,7 @@ def measure(model_dir: Path, seeds: list[int], images: int, steps: int) -> dict:
             judge = load_classifier(report.path)
             predicted = {k: [p.digit for p in metrics.predict(x, judge)] for k, (x, _) in cells.items()}
             verdicts[seed] = np.concatenate([predicted[k] for k in cells])
-            judges[seed] = {
+            judges[str(seed)] = {
                 "renders": {"digit": report.digit_accuracy, "digit_degraded": report.degraded_digit_accuracy},
                 "cells": {f"{c}/{b}": float(np.mean(np.equal(predicted[c, b], cells[c, b][1]))) for c, b in cells},
             }
