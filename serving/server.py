@@ -144,15 +144,25 @@ def _port_free(port: int, host: str = HOST) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def free_port(exclude: tuple[int, ...] = ()) -> int:
+    """A port nothing listens on now and not in `exclude` (ports chosen but not yet bound: the OS may
+    hand a just-closed port out again)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in exclude:
+            return port
 
 
 def free_ports() -> Ports:
-    """Three ports nothing listens on now (HTTP, gRPC, metrics), for a server beside others."""
-    return Ports(free_port(), free_port(), free_port())
+    """Three different ports nothing listens on now (HTTP, gRPC, metrics), for a server beside others:
+    all three held open while chosen, so the OS cannot hand one out twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(3)]
+        for s in sockets:
+            s.bind((HOST, 0))
+        return Ports(*(s.getsockname()[1] for s in sockets))
 
 
 def state_file(ports: Ports) -> Path:

@@ -51,7 +51,8 @@ class Supervision:
 
     def __post_init__(self):
         # Triton's own HTTP port is private; clients reach it through the guard on ports.http.
-        self.backend = server.Ports(server.free_port(), self.ports.grpc, self.ports.metrics)
+        taken = (self.ports.http, self.ports.grpc, self.ports.metrics)  # chosen, not yet bound by tritonserver
+        self.backend = server.Ports(server.free_port(exclude=taken), self.ports.grpc, self.ports.metrics)
 
     def note(self, message: str) -> None:
         """One line in the server's log, beside Triton's own."""
