@@ -76,7 +76,7 @@ def degrade(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.
     and with smooth colour noise at the latent grid's scale (8x8, std up to 0.10). The judge must read
     the digit and colour a model drew, not the sharpness of a render: a judge trained on sharp renders
     changed its verdict on 13 % of the demo's generated digits with nothing but its seed changed, one
-    trained so agrees with a re-seeded copy of itself on 96-97 % (benchmarks/results/demo-eval/judge.md)."""
+    trained so agrees with re-seeded copies of itself on 96-98 % (benchmarks/results/demo-judge/judge.md)."""
     from kornia.filters import gaussian_blur2d
 
     picked = torch.rand(len(x), generator=generator) < 0.8
